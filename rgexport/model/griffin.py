@@ -1,0 +1,97 @@
+"""Griffin as a stateful step function: (tokens, position, state) -> (logits, state).
+
+`forward` runs a chunk of t <= window tokens starting at `position`; `step` is the one-token case and
+`prefill` the chunk case. Nothing is mutated: state goes in and comes out, and mapping it onto mutable
+buffers or graph inputs/outputs is each backend's job (see rgexport.backends).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rgexport.config import RECURRENT, GriffinConfig
+from rgexport.model.blocks import ResidualBlock
+from rgexport.model.layers import RMSNorm, RotaryEmbedding
+from rgexport.model.state import State, TensorSpec, init_state, state_spec
+
+
+class Embedder(nn.Module):
+    """Input embedding (scaled by bf16-rounded sqrt(width)) and the tied output projection."""
+
+    def __init__(self, config: GriffinConfig):
+        super().__init__()
+        self.input_embedding = nn.Parameter(torch.zeros(config.vocab_size, config.width))
+        self.scale = config.embedding_scale
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(tokens, self.input_embedding) * self.scale
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.input_embedding)
+
+
+class Griffin(nn.Module):
+    """Griffin / RecurrentGemma language model with explicit decode state."""
+
+    def __init__(self, config: GriffinConfig):
+        super().__init__()
+        self.config = config
+        self.embedder = Embedder(config)
+        self.blocks = nn.ModuleList([ResidualBlock(config, bt) for bt in config.block_types])
+        self.final_norm = RMSNorm(config.width, config.rms_norm_eps)
+        self._state_names = [
+            (f"blocks.{i}.rg_lru", f"blocks.{i}.conv1d") if bt == RECURRENT
+            else (f"blocks.{i}.keys", f"blocks.{i}.values")
+            for i, bt in enumerate(config.block_types)
+        ]
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """tokens: [b t] int; position: [b] int, the position of tokens[:, 0] -> (logits [b t v], state).
+
+        Position 0 starts a new sequence whatever the state holds.
+        """
+        t = tokens.shape[1]
+        positions = position.to(torch.float32)[:, None] + torch.arange(t, dtype=torch.float32)
+        x = self.embedder.encode(tokens)
+        new_state: State = {}
+        for block, (n0, n1) in zip(self.blocks, self._state_names):
+            x, new_state[n0], new_state[n1] = block(x, positions, state[n0], state[n1])
+        logits = self.embedder.decode(self.final_norm(x))
+        cap = self.config.logits_soft_cap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits, new_state
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One token: token [b], position [b] -> (logits [b v], state)."""
+        logits, state = self.forward(token[:, None], position, state)
+        return logits[:, 0], state
+
+    def prefill(self, tokens: torch.Tensor, position: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """A chunk of t <= window tokens starting at `position` -> (logits [b t v], state)."""
+        return self.forward(tokens, position, state)
+
+    def materialize_buffers(self) -> None:
+        """Recomputes non-persistent buffers (rotary frequencies) after loading onto a meta model."""
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_buffers()
+
+    def init_state(self, batch_size: int = 1) -> State:
+        return init_state(self.config, batch_size)
+
+    def state_spec(self, batch_size: int = 1) -> list[TensorSpec]:
+        return state_spec(self.config, batch_size)
+
+    @torch.no_grad()
+    def score(self, tokens: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Teacher-forced logits for a whole sequence [b n] from position 0, run in chunks -> [b n v]."""
+        chunk = chunk or self.config.attention_window_size
+        state = self.init_state(tokens.shape[0])
+        out = []
+        for s in range(0, tokens.shape[1], chunk):
+            position = torch.full((tokens.shape[0],), s, dtype=torch.long)
+            logits, state = self.forward(tokens[:, s : s + chunk], position, state)
+            out.append(logits)
+        return torch.cat(out, dim=1)
