@@ -103,7 +103,7 @@ class GriffinConfig:
             return 1.0
         import torch
 
-        return float(torch.tensor(math.sqrt(self.width)).to(torch.bfloat16).float())
+        return float(torch.tensor(math.sqrt(self.width), device="cpu").to(torch.bfloat16).float())
 
     def num_parameters(self) -> int:
         """Parameter count with the output head tied to the embedding."""

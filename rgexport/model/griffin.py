@@ -7,6 +7,8 @@ buffers or graph inputs/outputs is each backend's job (see rgexport.backends).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -71,6 +73,49 @@ class Griffin(nn.Module):
     def prefill(self, tokens: torch.Tensor, position: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """A chunk of t <= window tokens starting at `position` -> (logits [b t v], state)."""
         return self.forward(tokens, position, state)
+
+    @torch.no_grad()
+    def reset_parameters_(self, generator: torch.Generator | None = None) -> Griffin:
+        """Initialises weights as the Griffin paper and DeepMind's code do (for training from scratch)."""
+        c = self.config
+        final_scale = 2.0 / c.num_layers
+
+        def normal_(t: torch.Tensor, std: float) -> None:
+            t.normal_(0.0, std, generator=generator)
+
+        normal_(self.embedder.input_embedding, math.sqrt(1.0 / c.width))
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.scale.zero_()
+        for block in self.blocks:
+            mlp = block.mlp_block
+            normal_(mlp.ffw_gate.weight, math.sqrt(1.0 / c.width))
+            normal_(mlp.ffw_up.weight, math.sqrt(1.0 / c.width))
+            normal_(mlp.ffw_down.weight, math.sqrt(final_scale / c.mlp_expanded_width))
+            for lin in (mlp.ffw_gate, mlp.ffw_up, mlp.ffw_down):
+                lin.bias.zero_()
+            if block.block_type == RECURRENT:
+                rb = block.recurrent_block
+                for lin in (rb.linear_x, rb.linear_y):
+                    normal_(lin.weight, math.sqrt(1.0 / c.width))
+                    lin.bias.zero_()
+                normal_(rb.linear_out.weight, math.sqrt(final_scale / c.lru_width))
+                rb.linear_out.bias.zero_()
+                normal_(rb.conv_1d.w, math.sqrt(0.01 / c.conv1d_width))
+                rb.conv_1d.b.zero_()
+                for gate in (rb.rg_lru.input_gate, rb.rg_lru.a_gate):
+                    normal_(gate.w, math.sqrt(1.0 / c.lru_block_width))
+                    gate.b.zero_()
+                # a = sigma(Lambda)^c spread uniformly on the ring 0.9 <= |a| <= 0.999 (softplus inverse).
+                u = torch.rand(c.lru_width, generator=generator) * (0.999**2 - 0.9**2) + 0.9**2 + 1e-8
+                rb.rg_lru.a_param.copy_(torch.log(torch.exp(-0.5 * torch.log(u)) - 1.0))
+            else:
+                ab = block.attention_block
+                for lin in (ab.proj_q, ab.proj_k, ab.proj_v):
+                    normal_(lin.weight, math.sqrt(1.0 / c.width))
+                normal_(ab.proj_final.weight, math.sqrt(final_scale / c.width))
+                ab.proj_final.bias.zero_()
+        return self
 
     def materialize_buffers(self) -> None:
         """Recomputes non-persistent buffers (rotary frequencies) after loading onto a meta model."""

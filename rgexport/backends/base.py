@@ -1,0 +1,212 @@
+"""What every backend provides: recipes, the export stages, and a runner in its own runtime.
+
+A backend is a small class with four stage methods the build pipeline calls in order
+(quantize -> export -> lower -> write), an `io_contract` for the manifest, and `load`, which returns a
+`Runner` that executes the artifact in the backend's runtime. Backend libraries are imported inside
+these methods, never at module import, and a missing one raises `MissingDependencyError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from rgexport.config import GriffinConfig
+from rgexport.errors import MissingDependencyError
+from rgexport.graphs import input_name, output_name
+from rgexport.model import Griffin, TensorSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named way of building an artifact. `quantized` recipes are judged on agreement, not logits."""
+
+    name: str
+    description: str
+    quantized: bool = False
+    calibrated: bool = False
+
+
+@dataclasses.dataclass
+class BuildContext:
+    """Everything a backend's stages may need, and where they leave facts for the manifest."""
+
+    config: GriffinConfig
+    recipe: str
+    work_dir: Path  # the backend writes its artifact files here
+    prefill_chunk: int
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # from the target profile
+    calibration_tokens: list[list[int]] | None = None  # tokenised calibration text (calibrated recipes)
+    notes: list[str] = dataclasses.field(default_factory=list)  # sentences for the manifest and report
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend-specific manifest fields
+
+
+class Runner(abc.ABC):
+    """Runs one artifact in its runtime. Numpy in, numpy out; one sequence at a time (batch 1)."""
+
+    prefill_chunk: int
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget the current sequence (zero the state). Position 0 also starts a new sequence."""
+
+    @abc.abstractmethod
+    def decode(self, token: int, position: int) -> np.ndarray:
+        """One token at `position` -> logits [vocab] float32."""
+
+    @abc.abstractmethod
+    def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
+        """Exactly `prefill_chunk` tokens starting at `position` -> logits [chunk, vocab] float32."""
+
+    def state(self) -> dict[str, np.ndarray] | None:
+        """The current state by name (float32), where the runtime exposes it; else None."""
+        return None
+
+    def memory(self) -> dict[str, int]:
+        """The runtime's own allocation figures in bytes, where it reports them."""
+        return {}
+
+
+def feed(runner: Runner, tokens: Sequence[int], position: int = 0) -> np.ndarray:
+    """Runs a prompt of any length: whole chunks through `prefill`, the rest through `decode`.
+
+    Returns the logits for every token [n, vocab].
+    """
+    out = []
+    i = 0
+    chunk = runner.prefill_chunk
+    while len(tokens) - i >= chunk > 1:
+        out.append(runner.prefill(tokens[i : i + chunk], position + i))
+        i += chunk
+    for j in range(i, len(tokens)):
+        out.append(runner.decode(tokens[j], position + j)[None])
+    return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
+
+
+class Backend(abc.ABC):
+    """One runtime. Subclasses set the class attributes and implement the abstract methods."""
+
+    name: ClassVar[str]
+    extra: ClassVar[str]  # pip extra that installs the runtime
+    artifact_suffix: ClassVar[str]  # e.g. ".pte"
+    recipes: ClassVar[dict[str, Recipe]]
+    default_recipe: ClassVar[str]
+    packages: ClassVar[tuple[str, ...]] = ()  # distributions whose versions go into the manifest
+
+    # Availability ------------------------------------------------------------------------------
+    def require(self, module: str) -> Any:
+        """Imports `module` or raises an error naming this backend's extra."""
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            raise MissingDependencyError(module.split(".")[0], self.extra, e) from None
+
+    def runtime_versions(self) -> dict[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        out = {}
+        for p in self.packages:
+            try:
+                out[p] = version(p)
+            except PackageNotFoundError:
+                out[p] = "not installed"
+        return out
+
+    # Build stages --------------------------------------------------------------------------------
+    def quantize(self, model: Griffin, ctx: BuildContext) -> Any:
+        """Applies the recipe's torch-level quantisation; returns what `export` takes."""
+        return model
+
+    @abc.abstractmethod
+    def export(self, prepared: Any, ctx: BuildContext) -> Any:
+        """Captures the graphs (decode and prefill)."""
+
+    def lower(self, exported: Any, ctx: BuildContext) -> Any:
+        """Lowers/converts to the runtime's format; returns what `write` takes."""
+        return exported
+
+    @abc.abstractmethod
+    def write(self, lowered: Any, ctx: BuildContext) -> list[Path]:
+        """Writes the artifact file(s) into `ctx.work_dir`; returns their paths."""
+
+    @abc.abstractmethod
+    def io_contract(self, ctx: BuildContext) -> dict[str, Any]:
+        """Inputs, outputs and state of each method, for the manifest (see `functional_io_contract`)."""
+
+    # Runtime -------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
+        """Loads the artifact described by `manifest` from `artifact_dir` into a runner."""
+
+    def check_recipe(self, recipe: str) -> None:
+        from rgexport.errors import RgexportError
+
+        if recipe not in self.recipes:
+            raise RgexportError(
+                f"Backend {self.name} has no recipe {recipe!r}; expected one of {sorted(self.recipes)}"
+            )
+
+
+def tensor_io(name: str, shape: Sequence[int], dtype: str) -> dict[str, Any]:
+    return {"name": name, "shape": list(shape), "dtype": dtype}
+
+
+def state_tensors(specs: list[TensorSpec], placement: str, dtype: str = "float32") -> list[dict[str, Any]]:
+    """Manifest entries for the state. placement: "internal" (kept by the runtime) or "io"."""
+    out = []
+    for s in specs:
+        d = s.to_dict()
+        d["dtype"] = dtype
+        itemsize = np.dtype(dtype).itemsize
+        d["bytes"] = s.numel * itemsize
+        d["placement"] = placement
+        if placement == "io":
+            d["input"] = input_name(s)
+            d["output"] = output_name(s)
+        out.append(d)
+    return out
+
+
+def standard_io_contract(
+    config: GriffinConfig, chunk: int, specs: list[TensorSpec], placement: str,
+    state_dtype: str = "float32", token_dtype: str = "int32",
+) -> dict[str, Any]:
+    """The I/O contract of a decode/prefill pair built from `rgexport.graphs`."""
+    v = config.vocab_size
+    state_in = [tensor_io(input_name(s), s.shape, state_dtype) for s in specs] if placement == "io" else []
+    state_out = [tensor_io(output_name(s), s.shape, state_dtype) for s in specs] if placement == "io" else []
+    tensors = state_tensors(specs, placement, state_dtype)
+    return {
+        "methods": {
+            "decode": {
+                "inputs": [tensor_io("token", [1], token_dtype), tensor_io("position", [1], token_dtype),
+                           *state_in],
+                "outputs": [tensor_io("logits", [1, v], "float32"), *state_out],
+            },
+            "prefill": {
+                "inputs": [tensor_io("tokens", [1, chunk], token_dtype),
+                           tensor_io("position", [1], token_dtype), *state_in],
+                "outputs": [tensor_io("logits", [1, chunk, v], "float32"), *state_out],
+            },
+        },
+        "state": {
+            "placement": placement,
+            "tensors": tensors,
+            "total_bytes": sum(t["bytes"] for t in tensors),
+        },
+        "new_sequence": (
+            "Start every sequence at position 0: the graph clears the recurrence and the Conv1D window "
+            "and masks every cached key there, whatever the state holds. Positions must then increase by "
+            "one per token; prefill takes exactly `chunk` tokens starting at `position`."
+            + (" Feed each call's new_state.* outputs back as the next call's state.* inputs; zeros are a "
+               "valid initial state." if placement == "io" else
+               " The state lives inside the program and persists between calls of either method.")
+        ),
+        "prefill_chunk": chunk,
+    }

@@ -1,0 +1,93 @@
+"""The graphs that backends export, built around one Griffin step model.
+
+Two ways to carry the decode state across calls; each backend picks the one its runtime supports:
+- functional (`DecodeIO`, `PrefillIO`): state tensors are graph inputs and outputs, in `state_spec`
+  order, inputs named `state.<name>` and outputs `new_state.<name>` (ONNX, LiteRT, Core ML fp32-state).
+- stateful (`StatefulModel`): state tensors are module buffers updated in place, so the runtime keeps
+  them inside the program (ExecuTorch mutable buffers, Core ML `StateType`).
+Tokens and positions are int32 at every boundary: phones' runtimes and LiteRT prefer it and a 2^31
+position limit is far beyond any sequence. Logits are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rgexport.model import Griffin, TensorSpec
+
+
+def input_name(spec: TensorSpec) -> str:
+    return f"state.{spec.name}"
+
+
+def output_name(spec: TensorSpec) -> str:
+    return f"new_state.{spec.name}"
+
+
+def buffer_name(spec: TensorSpec) -> str:
+    """Module attribute names cannot hold dots: blocks.0.rg_lru -> blocks_0_rg_lru."""
+    return spec.name.replace(".", "_")
+
+
+class DecodeIO(nn.Module):
+    """(token [1] int32, position [1] int32, *state) -> (logits [1, v], *new_state)."""
+
+    def __init__(self, model: Griffin):
+        super().__init__()
+        self.model = model
+        self.specs = model.state_spec(1)
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, *state: torch.Tensor):
+        named = {s.name: t for s, t in zip(self.specs, state)}
+        logits, new = self.model.step(token.to(torch.long), position, named)
+        return (logits, *[new[s.name] for s in self.specs])
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                *[torch.zeros(s.shape, dtype=s.dtype) for s in self.specs])
+
+
+class PrefillIO(DecodeIO):
+    """(tokens [1, chunk] int32, position [1] int32, *state) -> (logits [1, chunk, v], *new_state)."""
+
+    def __init__(self, model: Griffin, chunk: int):
+        super().__init__(model)
+        self.chunk = chunk
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, *state: torch.Tensor):
+        named = {s.name: t for s, t in zip(self.specs, state)}
+        logits, new = self.model.prefill(tokens.to(torch.long), position, named)
+        return (logits, *[new[s.name] for s in self.specs])
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, self.chunk, dtype=torch.int32), *super().example_inputs()[1:])
+
+
+class StatefulModel(nn.Module):
+    """Decode and prefill with the state held in buffers (`buffer_name`), written back in place.
+
+    `forward(tokens [1, t] int32, position [1] int32) -> logits [1, t, v]`; export it once with t = 1
+    (decode) and once with t = chunk (prefill). Both share the same buffers. `assign_slices` writes
+    `buf[:] = new` instead of `buf.copy_(new)`, the form Core ML's TorchScript path recognises.
+    """
+
+    def __init__(self, model: Griffin, assign_slices: bool = False, state_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model
+        self.specs = model.state_spec(1)
+        self.assign_slices = assign_slices
+        for s in self.specs:
+            self.register_buffer(buffer_name(s), torch.zeros(s.shape, dtype=state_dtype))
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        state = {s.name: getattr(self, buffer_name(s)).to(torch.float32) for s in self.specs}
+        logits, new = self.model.forward(tokens.to(torch.long), position, state)
+        for s in self.specs:
+            buf = getattr(self, buffer_name(s))
+            value = new[s.name].to(buf.dtype)
+            if self.assign_slices:
+                buf[:] = value
+            else:
+                buf.copy_(value)
+        return logits

@@ -1,0 +1,59 @@
+"""Shared fixtures: a small random Griffin (every term exercised) and the shipped model.
+
+Artifacts are expensive to build (XNNPACK lowering alone takes about a minute here), so each backend's
+test module builds its artifacts once per session in module- or session-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rgexport.config import GriffinConfig
+from rgexport.model import Griffin
+
+# Small enough to export in seconds, shaped so every path is exercised: two attention blocks, a window
+# that wraps several times within a short test, lru_width == width (the HF reference needs that).
+SMALL = GriffinConfig(
+    vocab_size=512, width=64, mlp_expanded_width=128, num_heads=2, lru_width=64,
+    block_types=("recurrent", "recurrent", "attention", "recurrent", "recurrent", "attention"),
+    attention_window_size=16, logits_soft_cap=30.0,
+)
+
+
+def perturbed_random_model(config: GriffinConfig, seed: int = 0) -> Griffin:
+    """Paper initialisation, then biases and norm scales (zero at init) perturbed so every term counts."""
+    g = torch.Generator().manual_seed(seed)
+    model = Griffin(config).reset_parameters_(g)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".b", ".bias", ".scale")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+            elif p.dim() >= 2:
+                p.mul_(1.5)  # larger activations than at init, so errors are not hidden by tiny logits
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def small_config() -> GriffinConfig:
+    return SMALL
+
+
+@pytest.fixture(scope="session")
+def small_model() -> Griffin:
+    return perturbed_random_model(SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_tokens() -> torch.Tensor:
+    """Five windows' worth of tokens (batch 1), so the ring buffer wraps four times."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, SMALL.vocab_size, (1, 5 * SMALL.attention_window_size), generator=g)
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """The shipped tiny model, loaded through the same loader as a user's checkpoint."""
+    from rgexport.checkpoint import load_checkpoint
+
+    return load_checkpoint()

@@ -1,0 +1,75 @@
+"""The step model against itself: chunking, state reuse, the explicit state spec."""
+
+from __future__ import annotations
+
+import torch
+
+from rgexport.config import get_preset
+from rgexport.model import Griffin, init_state, state_bytes, state_spec
+
+
+def test_chunked_prefill_equals_token_by_token(small_model, small_tokens):
+    one = small_model.score(small_tokens, chunk=1)
+    for chunk in (4, 16):
+        assert (small_model.score(small_tokens, chunk=chunk) - one).abs().max() < 1e-4
+
+
+def test_state_is_reusable_for_a_new_sequence(small_model, small_tokens):
+    """Starting at position 0 from a dirty state equals starting from zeros (conv window cleared too)."""
+    state = small_model.init_state()
+    with torch.no_grad():
+        _, dirty = small_model.prefill(small_tokens[:, :16], torch.tensor([0]), state)
+        _, dirty = small_model.prefill(small_tokens[:, 16:32], torch.tensor([16]), dirty)
+        seq = small_tokens[:, 40:56]
+        fresh_logits, fresh_state = small_model.prefill(seq, torch.tensor([0]), small_model.init_state())
+        reused_logits, reused_state = small_model.prefill(seq, torch.tensor([0]), dirty)
+        assert torch.equal(fresh_logits, reused_logits)
+        for k in fresh_state:
+            assert torch.equal(fresh_state[k], reused_state[k]), k
+        # Token by token as well: the conv window must be cleared at position 0 in decode too.
+        a = b = None
+        s1, s2 = dirty, small_model.init_state()
+        for i in range(4):
+            a, s1 = small_model.step(seq[:, i], torch.tensor([i]), s1)
+            b, s2 = small_model.step(seq[:, i], torch.tensor([i]), s2)
+        assert torch.equal(a, b)
+
+
+def test_state_spec_is_exact_for_recurrentgemma_2b():
+    config = get_preset("recurrentgemma-2b")
+    specs = state_spec(config)
+    recurrent = sum(1 for b in config.block_types if b == "recurrent")
+    attention = config.num_layers - recurrent
+    assert (recurrent, attention) == (18, 8)
+    expected = recurrent * (2560 + 3 * 2560) * 4 + attention * 2 * 2048 * 256 * 4
+    assert state_bytes(config) == expected == sum(s.nbytes for s in specs)
+    assert [s.name for s in specs[:3]] == ["blocks.0.rg_lru", "blocks.0.conv1d", "blocks.1.rg_lru"]
+    state = init_state(config.replace(vocab_size=8))
+    assert {k: tuple(v.shape) for k, v in state.items()} == {s.name: s.shape for s in specs}
+
+
+def test_chunk_longer_than_window_is_refused(small_model, small_config):
+    import pytest
+
+    tokens = torch.zeros(1, small_config.attention_window_size + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="longer than the attention window"):
+        small_model.prefill(tokens, torch.tensor([0]), small_model.init_state())
+
+
+def test_gelu_is_the_tanh_formula():
+    from rgexport.model.layers import gelu_tanh
+
+    x = torch.linspace(-6, 6, 1001)
+    assert (gelu_tanh(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs().max() < 1e-6
+    # Differs from exact GELU by more than the errors we test for: a backend that swaps them is caught.
+    assert (gelu_tanh(x) - torch.nn.functional.gelu(x)).abs().max() > 1e-4
+
+
+def test_griffin_builds_every_preset_on_meta():
+    from rgexport.config import PRESETS
+
+    for name, config in PRESETS.items():
+        with torch.device("meta"):
+            model = Griffin(config)
+        n = sum(p.numel() for p in model.parameters())
+        assert n == config.num_parameters(), name
