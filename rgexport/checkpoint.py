@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pickle
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,7 +26,7 @@ from rgexport.errors import CheckpointError, RgexportError
 from rgexport.model import Griffin
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
-_IDENTITY: Transform = lambda t: t  # noqa: E731
+_IDENTITY: Transform = lambda t: t
 
 
 @dataclasses.dataclass
@@ -191,13 +192,14 @@ def _sha256_files(paths: Iterable[Path]) -> str:
 
 
 def _read_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
     for p in paths:
         try:
             out.update(load_file(str(p)))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
+        except (SafetensorError, OSError) as e:
             raise CheckpointError(f"Cannot read safetensors file {p}: {e}") from None
     return out
 
@@ -258,7 +260,7 @@ def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = 
     else:
         try:
             dm = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # unpickling errors come in many types
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
             raise CheckpointError(
                 f"Cannot read {file} as a state dict with torch.load(weights_only=True): {e}"
             ) from None

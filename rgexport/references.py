@@ -38,7 +38,7 @@ def _import_recurrentgemma_torch() -> types.ModuleType:
         package = types.ModuleType("recurrentgemma")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["recurrentgemma"] = package
-    import recurrentgemma.torch as rgt  # noqa: PLC0415
+    import recurrentgemma.torch as rgt
 
     return rgt
 

@@ -1,0 +1,219 @@
+"""`rgexport build`: one checkpoint -> one validated artifact folder.
+
+Stages, in order (each shown with progress, each timed into the manifest):
+  1. load       read the checkpoint (or the shipped model) and its tokenizer
+  2. model      build the export-friendly step model (fp32, eval, no grad)
+  3. quantise   the recipe's torch-level quantisation (backend)
+  4. export     capture decode and prefill graphs (backend)
+  5. lower      lower/convert for the runtime (backend)
+  6. write      write the artifact files into a temporary folder beside the output
+  7. validate   run the artifact in its runtime against the fp32 reference (unless --no-validate)
+  8. manifest   write manifest.json, then move the folder into place
+The output appears only when every stage has passed; an existing output is replaced only with
+`force=True`, and a failure leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rgexport.backends import BuildContext, get_backend
+from rgexport.checkpoint import Checkpoint, load_checkpoint
+from rgexport.errors import RgexportError
+from rgexport.manifest import file_entries, now, rgexport_version, write_manifest
+from rgexport.progress import StageFailed, Stages
+
+SHIPPED_SOURCE = "shipped:tiny"
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    backend: str
+    recipe: str | None = None  # None: the backend's default
+    checkpoint: str | None = None  # None: the shipped model
+    preset: str | None = None  # for DeepMind state-dict checkpoints
+    tokenizer: str | None = None
+    out: Path | None = None  # None: rgexport-out/<backend>-<recipe>
+    force: bool = False
+    validate: bool = True
+    prefill_chunk: int | None = None
+    validation_tokens: int | None = None  # None: 4x the attention window
+    validation_text: Path | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend options (target profile)
+
+
+@dataclasses.dataclass
+class BuildResult:
+    out: Path
+    manifest: dict[str, Any]
+    report: Any  # ValidationReport | None
+
+
+class BuildError(RgexportError):
+    def __init__(self, stage: str, cause: BaseException, out: Path):
+        kept = f" {out} is untouched." if out.exists() else ""
+        super().__init__(f"build failed at stage '{stage}': {type(cause).__name__}: {cause}.{kept}")
+        self.stage = stage
+        self.cause = cause
+
+
+def default_out(backend: str, recipe: str) -> Path:
+    return Path("rgexport-out") / f"{backend}-{recipe}"
+
+
+def _partial_dirs(out: Path) -> list[Path]:
+    return list(out.parent.glob(f".{out.name}.partial-*")) if out.parent.exists() else []
+
+
+def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoint | None = None) -> BuildResult:
+    """Builds, validates and writes one artifact folder. Raises RgexportError (BuildError) on failure."""
+    stages = stages or Stages(quiet=True)
+    backend = get_backend(opts.backend)
+    recipe_name = opts.recipe or backend.default_recipe
+    backend.check_recipe(recipe_name)
+    recipe = backend.recipes[recipe_name]
+    out = Path(opts.out) if opts.out else default_out(backend.name, recipe_name)
+    if out.exists() and not opts.force:
+        raise RgexportError(f"{out} already exists; pass --force to replace it (or choose another --out)")
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise RgexportError(f"{out} exists and is not an rgexport artifact folder; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _partial_dirs(out):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        result = _build_into(work, out, opts, backend, recipe, stages, checkpoint)
+        _move_into_place(work, out)
+        return dataclasses.replace(result, out=out)
+    except StageFailed as e:
+        raise BuildError(e.stage, e.cause, out) from e.cause
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    """Renames the finished folder onto `out`; an old output is swapped out first, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(work, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildResult:
+    from rgexport.tokenizer import Tokenizer
+
+    with stages.stage("load", opts.checkpoint or "shipped model"):
+        backend.runtime_versions()  # fails early if metadata is broken
+        ckpt = checkpoint or load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
+        tokenizer = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
+        if tokenizer is not None and tokenizer.vocab_size > ckpt.config.vocab_size:
+            raise RgexportError(
+                f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+                f"{ckpt.config.vocab_size}: they do not belong together"
+            )
+    config = ckpt.config
+    chunk = opts.prefill_chunk or min(32, config.attention_window_size)
+    if not 1 <= chunk <= config.attention_window_size:
+        raise RgexportError(f"--prefill-chunk must be between 1 and the window ({config.attention_window_size})")
+    ctx = BuildContext(config=config, recipe=recipe.name, work_dir=work, prefill_chunk=chunk,
+                       options=dict(opts.options))
+    if recipe.calibrated:
+        from rgexport.calibration import calibration_token_sequences
+
+        ctx.calibration_tokens = calibration_token_sequences(tokenizer, config, opts.options.get("calibration"))
+
+    with stages.stage("model", f"{config.num_parameters() / 1e6:.2f} M parameters"):
+        model = ckpt.model.eval()
+        model.requires_grad_(False)
+    with stages.stage("quantise", recipe.name), torch.no_grad():
+        prepared = backend.quantize(_fresh_copy(model), ctx)
+    with stages.stage("export", backend.name):
+        exported = backend.export(prepared, ctx)
+    with stages.stage("lower", backend.name):
+        lowered = backend.lower(exported, ctx)
+    with stages.stage("write", str(out)):
+        files = backend.write(lowered, ctx)
+        if not files:
+            raise RgexportError(f"backend {backend.name} wrote no files")
+        tok_entry = None
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer.path, work / "tokenizer.model")
+            tok_entry = {"file": "tokenizer.model", "type": "sentencepiece", "vocab_size": tokenizer.vocab_size,
+                         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+        entries = file_entries(work, [*files, *([work / "tokenizer.model"] if tokenizer else [])])
+        manifest = {
+            "format": "rgexport-manifest",
+            "format_version": 1,
+            "created": now(),
+            "rgexport_version": rgexport_version(),
+            "runtime": backend.runtime_versions(),
+            "backend": backend.name,
+            "recipe": dataclasses.asdict(recipe),
+            "model": {
+                "config": config.to_dict(),
+                "parameters": config.num_parameters(),
+                "checkpoint": {
+                    "source": SHIPPED_SOURCE if opts.checkpoint is None and checkpoint is None else ckpt.source,
+                    "format": ckpt.format,
+                    "sha256": ckpt.digest,
+                    **({"preset": opts.preset} if opts.preset else {}),
+                },
+            },
+            "artifact": {
+                "file": files[0].relative_to(work).as_posix(),
+                "files": entries,
+                "total_bytes": sum(e["bytes"] for e in entries if e["path"] != "tokenizer.model"),
+            },
+            "tokenizer": tok_entry,
+            "io": backend.io_contract(ctx),
+            "backend_facts": ctx.facts,
+            "notes": ctx.notes,
+            "build": {},
+            "validation": {"status": "unvalidated"},
+        }
+
+    report = None
+    if opts.validate:
+        from rgexport.validate import heldout_tokens, run_validation
+
+        if tokenizer is None:
+            raise RgexportError("validation needs a tokenizer (tokenizer.model); pass --tokenizer or --no-validate")
+        n = opts.validation_tokens or 4 * config.attention_window_size
+        tokens = heldout_tokens(tokenizer, n, opts.validation_text)
+        with stages.stage("validate", f"{n} tokens, teacher-forced + greedy"):
+            runner = backend.load(work, manifest)
+            with stages.bar("validating", 2 * n) as advance:
+                report = run_validation(runner, model, tokens, backend=backend.name, recipe=recipe.name,
+                                        quantized=recipe.quantized, progress=advance)
+            manifest["validation"] = report.to_dict()
+            if not report.passed:
+                from rgexport.validate import ValidationFailed
+
+                raise ValidationFailed(report)
+    with stages.stage("manifest"):
+        manifest["build"] = {"stages_seconds": dict(stages.timings)}
+        write_manifest(work, manifest)
+    return BuildResult(out=work, manifest=manifest, report=report)
+
+
+def _fresh_copy(model):
+    """Quantisation changes modules in place; keep the reference model intact for validation."""
+    import copy
+
+    return copy.deepcopy(model)

@@ -1,0 +1,209 @@
+"""The `rgexport` command line: a thin layer over the library (each command builds options and calls one
+function). Errors a user can fix print one line and exit 1; no tracebacks."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rgexport.errors import RgexportError
+
+app = typer.Typer(
+    help="Export Griffin / RecurrentGemma models to validated on-device artifacts.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _friendly(fn):
+    """Turns RgexportError into one clear line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RgexportError as e:
+            report = getattr(getattr(e, "cause", None), "report", None) or getattr(e, "report", None)
+            if report is not None:
+                from rgexport.validate import format_report
+
+                err.print(format_report(report), highlight=False)
+            err.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/red]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+CheckpointOpt = Annotated[str | None, typer.Option(
+    "--checkpoint", "-c", help="Hugging Face folder or DeepMind state-dict file. Default: the shipped model.")]
+PresetOpt = Annotated[str | None, typer.Option(help="Preset name (needed for DeepMind state-dict files).")]
+
+
+@app.command()
+@_friendly
+def info(
+    path: Annotated[Path | None, typer.Argument(help="An artifact folder, manifest.json or .onnx file.")] = None,
+    preset: PresetOpt = None,
+    checkpoint: CheckpointOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Config, parameter count, the decode state layout in bytes, and a transformer's KV cache beside it."""
+    if path is not None:
+        _artifact_info(path, as_json)
+        return
+    from rgexport.config import get_preset
+    from rgexport.info import human_bytes, model_info
+
+    if preset and checkpoint is None:
+        config, title = get_preset(preset), f"preset {preset}"
+    else:
+        from rgexport.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint, preset)
+        config, title = ckpt.config, checkpoint or "shipped model (tiny)"
+    data = model_info(config)
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    c = config
+    out.print(f"[bold]{title}[/bold]: {data['parameters'] / 1e6:,.1f} M parameters "
+              f"({human_bytes(data['weights_bytes_fp32'])} in fp32), width {c.width}, {c.num_layers} blocks "
+              f"({c.block_types.count('recurrent')} recurrent, {c.block_types.count('attention')} attention), "
+              f"window {c.attention_window_size}, vocab {c.vocab_size}")
+    table = Table(title="Decode state (fixed size, batch 1, float32)")
+    for col in ("tensor", "shape", "dtype", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for s in data["state"]:
+        table.add_row(s["name"], "x".join(map(str, s["shape"])), s["dtype"], f"{s['bytes']:,}")
+    table.add_row("[bold]total[/bold]", "", "", f"[bold]{data['state_total_bytes']:,}[/bold]")
+    out.print(table)
+    by_kind = ", ".join(f"{k} {human_bytes(v)}" for k, v in data["state_by_kind"].items() if v)
+    out.print(f"State total: {human_bytes(data['state_total_bytes'])} ({by_kind}), the same at every length.")
+    kv = Table(title="A transformer's KV cache grows instead (float32)")
+    kv.add_column("model")
+    for n in ("2048", "8192", "32768"):
+        kv.add_column(f"{int(n) // 1024}k tokens", justify="right")
+    kv.add_row("this model's state", *[human_bytes(data["state_total_bytes"])] * 3)
+    for row in data["kv_cache_comparison"]:
+        kv.add_row(row["model"], *[human_bytes(v) for v in row["at_tokens"].values()])
+    out.print(kv)
+
+
+def _artifact_info(path: Path, as_json: bool) -> None:
+    if path.suffix == ".onnx":
+        from rgexport.backends.onnx import describe_onnx
+
+        data = describe_onnx(path)
+    else:
+        from rgexport.manifest import read_manifest
+
+        _, data = read_manifest(path)
+    out.print_json(json.dumps(data)) if as_json or path.suffix != ".onnx" else _print_onnx(data)
+
+
+def _print_onnx(data: dict) -> None:
+    out.print_json(json.dumps(data))
+
+
+@app.command()
+@_friendly
+def generate(
+    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer.model, if the checkpoint has none.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    seed: int = 0,
+) -> None:
+    """Generates text eagerly with the step model, streaming it."""
+    from rgexport.checkpoint import load_checkpoint
+    from rgexport.generate import generate_text
+    from rgexport.tokenizer import Tokenizer
+
+    ckpt = load_checkpoint(checkpoint, preset, tokenizer)
+    if ckpt.tokenizer_path is None:
+        raise RgexportError("the checkpoint has no tokenizer.model; pass --tokenizer PATH")
+    tok = Tokenizer(ckpt.tokenizer_path)
+    sys.stdout.write(prompt)
+    generate_text(ckpt.model, tok, prompt, on_piece=lambda p: (sys.stdout.write(p), sys.stdout.flush()),
+                  max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    sys.stdout.write("\n")
+
+
+@app.command()
+@_friendly
+def build(
+    target: Annotated[str, typer.Option("--target", "-t", help="Backend (executorch, coreml, onnx, tflite).")],
+    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Default: the backend's.")] = None,
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer.model, if the checkpoint has none.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Default: rgexport-out/<target>-<recipe>")]
+    = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    validate: Annotated[bool, typer.Option(help="Validate in the runtime (default).")] = True,
+    prefill_chunk: Annotated[int | None, typer.Option(min=1, help="Tokens per prefill call.")] = None,
+    tokens: Annotated[int | None, typer.Option(min=1, help="Validation tokens (default 4x window).")] = None,
+    text: Annotated[Path | None, typer.Option(help="Validation text (default: held-out corpus).")] = None,
+) -> None:
+    """Builds one artifact: load, quantise, export, lower, write, validate, manifest."""
+    from rgexport.build import BuildOptions
+    from rgexport.build import build as run_build
+    from rgexport.progress import Stages
+    from rgexport.validate import format_report
+
+    opts = BuildOptions(backend=target, recipe=recipe, checkpoint=checkpoint, preset=preset, tokenizer=tokenizer,
+                        out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
+                        validation_tokens=tokens, validation_text=text)
+    result = run_build(opts, Stages(err))
+    if result.report is not None:
+        err.print(format_report(result.report), highlight=False)
+    else:
+        err.print("[yellow]not validated (--no-validate): the manifest says so[/yellow]")
+    size = result.manifest["artifact"]["total_bytes"]
+    out.print(f"{result.out}  ({size / 1e6:.2f} MB, {result.manifest['artifact']['file']})", highlight=False)
+
+
+@app.command()
+@_friendly
+def validate(
+    path: Annotated[Path, typer.Argument(help="Artifact folder (or its manifest.json).")],
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    tokens: Annotated[int | None, typer.Option(min=1, help="Tokens to compare (default 4x window).")] = None,
+    text: Annotated[Path | None, typer.Option(help="Text file (default: held-out corpus).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Runs an artifact in its runtime beside the fp32 reference; exit 0 only if it passes."""
+    from rgexport.progress import Stages
+    from rgexport.validate import format_report, validate_artifact
+
+    report = validate_artifact(path, checkpoint=checkpoint, preset=preset, tokens=tokens, text=text,
+                               stages=Stages(err, quiet=as_json))
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+    else:
+        out.print(format_report(report), highlight=False)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

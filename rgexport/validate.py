@@ -1,0 +1,318 @@
+"""Validation: run an artifact in its own runtime beside the fp32 reference step model.
+
+Over held-out text, teacher-forced (one prefill chunk, then one decode step per token, so both entry
+points are checked), for 4x the attention window by default:
+  max / mean |logit error|, mean KL(reference || artifact), top-1 agreement, perplexity of both,
+  and the state difference at the end where the runtime exposes state.
+Then free-running greedy generation from the same prompt with each, reporting the first step where
+they diverge. Pass/fail bounds are data (rgexport/thresholds.toml), per recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rgexport.backends.base import Runner
+from rgexport.errors import RgexportError
+from rgexport.model import Griffin
+
+
+class EagerRunner(Runner):
+    """Our fp32 step model behind the Runner interface: the reference, and the eager benchmark."""
+
+    def __init__(self, model: Griffin, prefill_chunk: int):
+        self.model = model.eval()
+        self.prefill_chunk = prefill_chunk
+        self._state = model.init_state()
+
+    def reset(self) -> None:
+        self._state = self.model.init_state()
+
+    @torch.no_grad()
+    def decode(self, token: int, position: int) -> np.ndarray:
+        logits, self._state = self.model.step(torch.tensor([token]), torch.tensor([position]), self._state)
+        return logits[0].numpy()
+
+    @torch.no_grad()
+    def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
+        logits, self._state = self.model.prefill(torch.tensor([list(tokens)]), torch.tensor([position]),
+                                                 self._state)
+        return logits[0].numpy()
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {k: v[0].numpy() if v.shape[0] == 1 else v.numpy() for k, v in self._state.items()}
+
+
+def teacher_forced(runner: Runner, tokens: Sequence[int], on_token: Callable[[], None] | None = None) -> np.ndarray:
+    """Logits [n, v] for `tokens` from position 0: the first chunk by prefill, the rest by decode."""
+    runner.reset()
+    chunk = runner.prefill_chunk
+    out = []
+    start = 0
+    if chunk > 1 and len(tokens) >= chunk:
+        out.append(np.asarray(runner.prefill(tokens[:chunk], 0), dtype=np.float32))
+        start = chunk
+        if on_token:
+            for _ in range(chunk):
+                on_token()
+    for i in range(start, len(tokens)):
+        out.append(np.asarray(runner.decode(tokens[i], i), dtype=np.float32)[None])
+        if on_token:
+            on_token()
+    return np.concatenate(out, axis=0)
+
+
+def greedy(runner: Runner, prompt: Sequence[int], steps: int) -> list[int]:
+    """Greedy continuation of `prompt` for `steps` tokens."""
+    logits = teacher_forced(runner, prompt)[-1]
+    out = []
+    for i in range(steps):
+        token = int(np.argmax(logits))
+        out.append(token)
+        logits = runner.decode(token, len(prompt) + i)
+    return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(reference: np.ndarray, artifact: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Metrics over positions: reference/artifact [n, v]; targets [n] next tokens (-1 where unknown)."""
+    diff = np.abs(reference.astype(np.float64) - artifact.astype(np.float64))
+    lp_ref, lp_art = _log_softmax(reference), _log_softmax(artifact)
+    kl = (np.exp(lp_ref) * (lp_ref - lp_art)).sum(axis=-1)
+    known = targets >= 0
+    idx = np.arange(len(targets))[known]
+    nll_ref = -lp_ref[idx, targets[known]].mean()
+    nll_art = -lp_art[idx, targets[known]].mean()
+    per_position = diff.max(axis=-1)
+    return {
+        "max_abs_logit_error": float(diff.max()),
+        "mean_abs_logit_error": float(diff.mean()),
+        "max_abs_logit_error_first_window": None,  # filled by the caller, who knows the window
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1_agreement": float((reference.argmax(-1) == artifact.argmax(-1)).mean()),
+        "ppl_reference": float(math.exp(nll_ref)),
+        "ppl_artifact": float(math.exp(nll_art)),
+        "ppl_ratio": float(math.exp(nll_art - nll_ref)),
+        "_per_position_max_error": per_position,
+    }
+
+
+def load_thresholds(recipe: str, quantized: bool) -> dict[str, float]:
+    from rgexport.assets import thresholds_path
+
+    table = tomllib.loads(thresholds_path().read_text())
+    key = recipe if recipe in table else ("quantized" if quantized else "fp32")
+    return dict(table[key]) | {"table_entry": key}  # type: ignore[return-value]
+
+
+def judge(metrics: dict[str, Any], thresholds: dict[str, Any]) -> list[str]:
+    """Human-readable failures; empty when every bound holds."""
+    failures = []
+    checks = [
+        ("max_abs_logit_error", "max_abs_logit_error", "<="),
+        ("max_mean_kl", "mean_kl", "<="),
+        ("min_top1_agreement", "top1_agreement", ">="),
+        ("max_ppl_ratio", "ppl_ratio", "<="),
+    ]
+    for bound, metric, op in checks:
+        if bound not in thresholds:
+            continue
+        value, limit = metrics[metric], thresholds[bound]
+        ok = value <= limit if op == "<=" else value >= limit
+        if not (ok and math.isfinite(value)):
+            failures.append(f"{metric} = {value:.6g}, needs {op} {limit:g}")
+    return failures
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    backend: str
+    recipe: str
+    tokens: int
+    metrics: dict[str, Any]
+    thresholds: dict[str, Any]
+    failures: list[str]
+    state_errors: dict[str, float] | None
+    greedy_tokens: int
+    greedy_divergence: int | None  # first step where greedy outputs differ; None if never
+    notes: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        metrics = {k: v for k, v in self.metrics.items() if not k.startswith("_")}
+        return {
+            "status": "passed" if self.passed else "failed",
+            "backend": self.backend,
+            "recipe": self.recipe,
+            "tokens": self.tokens,
+            "metrics": metrics,
+            "thresholds": self.thresholds,
+            "failures": self.failures,
+            "state_max_abs_error": self.state_errors,
+            "greedy": {"tokens": self.greedy_tokens, "first_divergence": self.greedy_divergence},
+            "notes": self.notes,
+        }
+
+
+def heldout_tokens(tokenizer, n: int, text_file: Path | None = None) -> list[int]:
+    """The first n tokens of the held-out text (bos first), or of `text_file`."""
+    from rgexport.assets import corpus_path
+
+    path = Path(text_file) if text_file else corpus_path("heldout.txt")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RgexportError(f"Cannot read validation text {path}: {e}") from None
+    ids = tokenizer.encode(text)
+    if len(ids) < n + 1:
+        raise RgexportError(
+            f"{path} gives {len(ids)} tokens, validation needs {n + 1}: give a longer text or fewer --tokens"
+        )
+    return ids[: n + 1]
+
+
+def run_validation(
+    runner: Runner, model: Griffin, tokens: Sequence[int], *, backend: str, recipe: str, quantized: bool,
+    greedy_tokens: int = 64, progress: Callable[[int], None] | None = None,
+) -> ValidationReport:
+    """Compares `runner` with the fp32 eager model on `tokens` (n + 1 ids: inputs and next-token targets)."""
+    inputs, targets = list(tokens[:-1]), np.asarray(tokens[1:])
+    reference = EagerRunner(model, runner.prefill_chunk)
+    tick = (lambda: progress(1)) if progress else None
+    ref_logits = teacher_forced(reference, inputs, tick)
+    art_logits = teacher_forced(runner, inputs, tick)
+    metrics = compare_logits(ref_logits, art_logits, targets)
+    window = model.config.attention_window_size
+    per_pos = metrics["_per_position_max_error"]
+    metrics["max_abs_logit_error_first_window"] = float(per_pos[:window].max())
+    metrics["max_abs_logit_error_after_window"] = float(per_pos[window:].max()) if len(per_pos) > window else None
+
+    state_errors = None
+    art_state = runner.state()
+    if art_state is not None:
+        ref_state = reference.state()
+        state_errors = {}
+        for name, ref in ref_state.items():
+            if name in art_state:
+                a = np.asarray(art_state[name], dtype=np.float64).reshape(ref.shape)
+                state_errors[name] = float(np.abs(a - ref).max())
+
+    prompt = inputs[: runner.prefill_chunk]
+    g_ref = greedy(reference, prompt, greedy_tokens)
+    g_art = greedy(runner, prompt, greedy_tokens)
+    divergence = next((i for i, (a, b) in enumerate(zip(g_ref, g_art)) if a != b), None)
+
+    thresholds = load_thresholds(recipe, quantized)
+    failures = judge(metrics, thresholds)
+    notes = []
+    if divergence is not None:
+        notes.append(f"greedy outputs diverge at step {divergence} of {greedy_tokens}")
+    return ValidationReport(backend, recipe, len(inputs), metrics, thresholds, failures, state_errors,
+                            greedy_tokens, divergence, notes)
+
+
+class ValidationFailed(RgexportError):
+    """An artifact missed a threshold; carries the full report."""
+
+    def __init__(self, report: ValidationReport):
+        super().__init__("artifact failed validation: " + "; ".join(report.failures))
+        self.report = report
+
+
+def validate_artifact(
+    path: str | Path, *, checkpoint: str | None = None, preset: str | None = None, tokens: int | None = None,
+    text: Path | None = None, greedy_tokens: int = 64, stages=None,
+) -> ValidationReport:
+    """Validates an artifact folder written by `rgexport build` against its checkpoint.
+
+    The checkpoint defaults to the one recorded in the manifest (the shipped model, or the path it was
+    built from); its digest must match the manifest's.
+    """
+    from rgexport.backends import get_backend
+    from rgexport.build import SHIPPED_SOURCE
+    from rgexport.checkpoint import load_checkpoint
+    from rgexport.manifest import read_manifest, verify_files
+    from rgexport.progress import Stages
+    from rgexport.tokenizer import Tokenizer
+
+    stages = stages or Stages(quiet=True)
+    folder, manifest = read_manifest(path)
+    problems = verify_files(folder, manifest)
+    if problems:
+        raise RgexportError(f"{folder}: files do not match the manifest: " + "; ".join(problems))
+    recorded = manifest["model"]["checkpoint"]
+    with stages.stage("load", "checkpoint and runtime"):
+        if checkpoint is None:
+            source = recorded["source"]
+            if source == SHIPPED_SOURCE:
+                ckpt = load_checkpoint()
+            elif Path(source).exists():
+                ckpt = load_checkpoint(source, preset or recorded.get("preset"))
+            else:
+                raise RgexportError(
+                    f"the artifact was built from {source}, which is not here; pass --checkpoint PATH"
+                )
+        else:
+            ckpt = load_checkpoint(checkpoint, preset or recorded.get("preset"))
+        if ckpt.digest != recorded["sha256"]:
+            raise RgexportError(
+                f"checkpoint {ckpt.source} (sha256 {ckpt.digest[:12]}…) is not the one the artifact was built "
+                f"from ({recorded['source']}, sha256 {recorded['sha256'][:12]}…)"
+            )
+        backend = get_backend(manifest["backend"])
+        runner = backend.load(folder, manifest)
+        tok_file = manifest["tokenizer"]["file"] if manifest["tokenizer"] else None
+        if tok_file is None and ckpt.tokenizer_path is None:
+            raise RgexportError("no tokenizer in the artifact or the checkpoint; validation needs one")
+        tokenizer = Tokenizer(folder / tok_file if tok_file else ckpt.tokenizer_path)
+    n = tokens or 4 * ckpt.config.attention_window_size
+    ids = heldout_tokens(tokenizer, n, text)
+    recipe = manifest["recipe"]
+    with stages.stage("validate", f"{n} tokens"), stages.bar("validating", 2 * n) as advance:
+        return run_validation(runner, ckpt.model, ids, backend=manifest["backend"], recipe=recipe["name"],
+                              quantized=recipe["quantized"], greedy_tokens=greedy_tokens, progress=advance)
+
+
+def format_report(report: ValidationReport) -> str:
+    """A summary a person can read."""
+    m = report.metrics
+    status = "PASSED" if report.passed else "FAILED"
+    lines = [
+        (f"{report.backend} / {report.recipe}: {status} over {report.tokens} tokens "
+         f"(thresholds: [{report.thresholds.get('table_entry')}] in thresholds.toml)"),
+        (f"  logits      max |err| {m['max_abs_logit_error']:.3g}  mean |err| {m['mean_abs_logit_error']:.3g}"
+         f"  (first window {m['max_abs_logit_error_first_window']:.3g}"
+         + (f", after {m['max_abs_logit_error_after_window']:.3g})" if m.get("max_abs_logit_error_after_window")
+            is not None else ")")),
+        f"  agreement   top-1 {100 * m['top1_agreement']:.2f}%   mean KL {m['mean_kl']:.3g} nats",
+        (f"  perplexity  reference {m['ppl_reference']:.3f}   artifact {m['ppl_artifact']:.3f}"
+         f"   ratio {m['ppl_ratio']:.4f}"),
+        "  greedy      " + (f"identical for all {report.greedy_tokens} tokens" if report.greedy_divergence is None
+                             else f"diverges at step {report.greedy_divergence} of {report.greedy_tokens}"),
+    ]
+    if report.state_errors:
+        worst = max(report.state_errors, key=report.state_errors.get)
+        lines.append(f"  state       max |err| {report.state_errors[worst]:.3g} ({worst}), "
+                     f"{len(report.state_errors)} tensors compared")
+    else:
+        lines.append("  state       not exposed by this runtime")
+    for f in report.failures:
+        lines.append(f"  FAIL        {f}")
+    return "\n".join(lines)
