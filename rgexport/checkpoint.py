@@ -26,7 +26,8 @@ from rgexport.errors import CheckpointError, RgexportError
 from rgexport.model import Griffin
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
-_IDENTITY: Transform = lambda t: t
+def _IDENTITY(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 @dataclasses.dataclass
