@@ -46,6 +46,7 @@ class BuildOptions:
     prefill_chunk: int | None = None
     validation_tokens: int | None = None  # None: 4x the attention window
     validation_text: Path | None = None
+    calibration: Path | None = None  # text or JSONL for calibrated recipes (default: calibration corpus)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend options (target profile)
 
 
@@ -134,9 +135,11 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
     ctx = BuildContext(config=config, recipe=recipe.name, work_dir=work, prefill_chunk=chunk,
                        options=dict(opts.options))
     if recipe.calibrated:
-        from rgexport.calibration import calibration_token_sequences
+        from rgexport.calibrate import calibration_token_sequences
 
-        ctx.calibration_tokens = calibration_token_sequences(tokenizer, config, opts.options.get("calibration"))
+        if tokenizer is None:
+            raise RgexportError(f"recipe {recipe.name} is calibrated on text, which needs a tokenizer")
+        ctx.calibration_tokens = calibration_token_sequences(tokenizer, config, opts.calibration)
 
     with stages.stage("model", f"{config.num_parameters() / 1e6:.2f} M parameters"):
         model = ckpt.model.eval()

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rgexport.errors import RgexportError
@@ -199,6 +200,102 @@ def validate(
         out.print(format_report(report), highlight=False)
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def targets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Lists the target profiles (targets/*.toml) and the backends."""
+    from rgexport.backends import BACKENDS, get_backend
+    from rgexport.profiles import list_profiles
+
+    profiles = list_profiles()
+    if as_json:
+        out.print_json(json.dumps([p.to_dict() for p in profiles]))
+        return
+    table = Table(title="Target profiles (--target NAME)")
+    for col in ("name", "artifacts (backend / default recipe)", "minimum", "memory budget"):
+        table.add_column(col)
+    for p in profiles:
+        arts = ", ".join(f"{a.backend} / {a.recipe or 'default'}" for a in p.artifacts)
+        budget = f"{p.memory_budget_mb:g} MB" if p.memory_budget_mb else "-"
+        table.add_row(f"[bold]{p.name}[/bold]\n[dim]{escape(p.description)}[/dim]", arts, p.min_runtime or "-", budget)
+    out.print(table)
+    backends = Table(title="Backends (--target NAME builds one artifact)")
+    backends.add_column("backend")
+    backends.add_column("recipes (default first)")
+    backends.add_column("install")
+    for name in BACKENDS:
+        try:
+            b = get_backend(name)
+        except RgexportError as e:
+            backends.add_row(name, str(e), "")
+            continue
+        recipes = [b.default_recipe, *[r for r in b.recipes if r != b.default_recipe]]
+        backends.add_row(name, ", ".join(recipes), escape(f'pip install "rgexport[{b.extra}]"'))
+    out.print(backends)
+
+
+@app.command()
+@_friendly
+def bench(
+    paths: Annotated[list[Path], typer.Argument(help="Artifact folders (same checkpoint).")],
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=8, help="Decode steps to time.")] = 256,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for every runtime.")] = None,
+    memory: Annotated[bool, typer.Option(help="Also profile peak memory vs tokens (fresh processes).")] = True,
+    hf: Annotated[bool, typer.Option(help="Also time Hugging Face's generate.")] = True,
+    report_dir: Annotated[Path | None, typer.Option("--report", help="Write bench.md/json and PNG charts here.")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Decode/prefill speed, first-token latency, load time and peak memory of artifacts, with eager
+    references measured in the same run."""
+    import os
+
+    if threads:
+        # Before any runtime loads: ONNX Runtime, XNNPACK, LiteRT and torch all read these.
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+    from rgexport.bench import bench_artifacts, markdown_report, memory_profile, plot_memory, plot_speed
+    from rgexport.progress import Stages
+
+    stages = Stages(err, quiet=as_json)
+    with stages.bar("timing", tokens * (len(paths) + 1)) as advance:
+        data = bench_artifacts(paths, decode_tokens=tokens, include_hf=hf, advance=advance)
+    profiles = []
+    if memory:
+        with stages.bar("memory (fresh process per N)", len(paths) * 8) as advance:
+            profiles = [memory_profile(p, advance=advance) for p in paths]
+        data["memory"] = profiles
+    md = markdown_report(data) + "".join(_memory_markdown(p) for p in profiles)
+    if report_dir:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        (report_dir / "bench.json").write_text(json.dumps(data, indent=1) + "\n")
+        (report_dir / "bench.md").write_text(md)
+        plot_speed(data, report_dir / "latency_vs_tokens.png")
+        if profiles:
+            plot_memory(profiles, report_dir / "memory_vs_tokens.png")
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        out.print(md, highlight=False, markup=False)
+    if profiles and not all(p["passed"] for p in profiles):
+        raise typer.Exit(1)
+
+
+def _memory_markdown(p: dict) -> str:
+    rows = "".join(
+        f"| {r['n']} | {r['peak_rss_bytes'] / 2**20:.1f} | {r['transformer_kv_bytes'] / 2**20:.1f} | "
+        f"{r['gemma_2b_kv_bytes'] / 2**20:.1f} |\n" for r in p["rows"])
+    verdict = "flat" if p["flat"] else "NOT flat"
+    return (f"\nMemory, {p['backend']} / {p['recipe']}: peak RSS {verdict} (grew {p['peak_growth_bytes'] / 2**20:.2f} "
+            f"MiB, tolerance {p['tolerance_bytes'] / 2**20:.0f} MiB); state {p['state_bytes_manifest']:,} bytes "
+            f"({', '.join(p['state_dtypes'])}), analytic fp32 {p['state_bytes_analytic_fp32']:,}: "
+            f"{'matches' if p['state_matches_analytic'] else 'DIFFERS'}.\n\n"
+            "| tokens | peak RSS MiB | same-width transformer KV MiB | Gemma-2B KV MiB |\n|---|---|---|---|\n" + rows)
 
 
 def main() -> None:  # pragma: no cover

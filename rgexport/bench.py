@@ -1,0 +1,346 @@
+"""Benchmarks: speed of every artifact in its runtime, and proof that its memory stays flat.
+
+Speed (`bench`): load time, first-token latency (a prompt of one prefill chunk), decode latency per token
+(median and p90) and tokens/s, prefill tokens/s, peak RSS; the eager PyTorch references (our step model,
+and Hugging Face's `generate`) are measured in the same run, so speed is reported as a ratio on the same
+machine. Each artifact's decode is also set against the physical limit of a weight-bound decode: bytes of
+weights read per token / memory bandwidth, with the bandwidth measured in the same run.
+
+Memory (`memory_profile`): in a fresh process per N, load the artifact and decode N tokens for N in a
+doubling series up to 16x the attention window; record peak RSS and the runtime's own figures. It passes
+only if peak memory is flat in N within the tolerance and the manifest's state bytes equal the analytic
+figure from the config. Beside it, what a transformer of the same width (and Gemma-2B) would hold as KV
+cache at the same N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rgexport.errors import RgexportError
+
+# Peak RSS may wander by allocator noise; a transformer's cache of the same width would grow by
+# 2 x layers x width x 4 bytes per token (18 MiB at 2048 tokens for the shipped model), far above this.
+FLAT_TOLERANCE_BYTES = 4 * 1024 * 1024
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_bandwidth_gbs(mbytes: int = 256, repeats: int = 5) -> float:
+    """Sustained read+write bandwidth of this machine (numpy copy of a large array), GB/s."""
+    a = np.ones(mbytes * 1024 * 1024 // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best / 1e9  # read a, write b
+
+
+@dataclasses.dataclass
+class SpeedResult:
+    name: str
+    kind: str  # artifact backend / "eager" / "huggingface"
+    recipe: str
+    bytes: int  # artifact bytes (weights read per token, roughly)
+    load_s: float
+    first_token_ms: float
+    decode_ms_median: float
+    decode_ms_p90: float
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float | None
+    peak_rss_bytes: int
+    decode_ms_by_position: list[tuple[int, float]]  # (position, median ms over the bucket)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def time_runner(name: str, kind: str, recipe: str, nbytes: int, load: Callable[[], Any], tokens: list[int],
+                decode_tokens: int, advance: Callable[[int], None] = lambda n=1: None) -> SpeedResult:
+    """Times a Runner: load, one prefill chunk (first token), then `decode_tokens` single steps."""
+    t = time.perf_counter()
+    runner = load()
+    load_s = time.perf_counter() - t
+    chunk = runner.prefill_chunk
+    prompt = tokens[:chunk]
+    runner.reset()
+    t = time.perf_counter()
+    if chunk > 1:
+        runner.prefill(prompt, 0)
+    else:
+        runner.decode(prompt[0], 0)
+    first_ms = (time.perf_counter() - t) * 1e3
+    prefill_tps = None
+    if chunk > 1:
+        reps = []
+        for r in range(3):
+            runner.reset()
+            t = time.perf_counter()
+            runner.prefill(tokens[:chunk], 0)
+            reps.append(time.perf_counter() - t)
+        prefill_tps = chunk / statistics.median(reps)
+    runner.reset()
+    if chunk > 1:
+        runner.prefill(prompt, 0)
+    times = []
+    for i in range(decode_tokens):
+        pos = len(prompt) + i
+        token = tokens[pos % len(tokens)]
+        t = time.perf_counter()
+        runner.decode(token, pos)
+        times.append(time.perf_counter() - t)
+        advance(1)
+    ms = np.array(times) * 1e3
+    buckets = max(1, min(8, decode_tokens // 32))
+    by_pos = []
+    for b in np.array_split(np.arange(decode_tokens), buckets):
+        by_pos.append((int(len(prompt) + b[0]), float(np.median(ms[b]))))
+    return SpeedResult(name, kind, recipe, nbytes, load_s, first_ms, float(np.median(ms)),
+                       float(np.percentile(ms, 90)), float(1e3 / np.median(ms)), prefill_tps, peak_rss_bytes(), by_pos)
+
+
+def time_hf_generate(model, tokens: list[int], new_tokens: int) -> dict[str, float]:
+    """Hugging Face's RecurrentGemma `generate` (greedy) on the same weights: tokens/s after the prompt."""
+    import torch
+
+    from rgexport.references import hf_causal_lm
+
+    hf = hf_causal_lm(model, window=model.config.attention_window_size)
+    ids = torch.tensor([tokens[:32]])
+    with torch.no_grad():
+        hf.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, do_sample=False)
+        prompt_s = time.perf_counter() - t
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+        total = time.perf_counter() - t
+    per_token = max(total - prompt_s, 1e-9) / max(1, new_tokens - 1)
+    return {"decode_ms_median": per_token * 1e3, "decode_tokens_per_s": 1.0 / per_token,
+            "first_token_ms": prompt_s * 1e3}
+
+
+# Memory -------------------------------------------------------------------------------------------------
+def _probe(artifact: Path, n: int) -> dict[str, Any]:
+    """Runs in a fresh process: load the artifact, decode n tokens, report peak RSS and runtime figures."""
+    from rgexport.backends import get_backend
+    from rgexport.manifest import read_manifest
+
+    folder, manifest = read_manifest(artifact)
+    rss_start = peak_rss_bytes()
+    runner = get_backend(manifest["backend"]).load(folder, manifest)
+    rss_loaded = peak_rss_bytes()
+    vocab = manifest["model"]["config"]["vocab_size"]
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, vocab, size=n)
+    runner.reset()
+    for i in range(n):
+        runner.decode(int(tokens[i]), i)
+    return {"n": n, "peak_rss_bytes": peak_rss_bytes(), "rss_after_load": rss_loaded, "rss_before_load": rss_start,
+            "runtime": runner.memory()}
+
+
+def memory_profile(artifact: Path, max_multiple: int = 16, start: int | None = None,
+                   advance: Callable[[int], None] = lambda n=1: None) -> dict[str, Any]:
+    """Peak memory vs decoded tokens, each N in a fresh process; flat within FLAT_TOLERANCE_BYTES passes."""
+    from rgexport.config import GriffinConfig
+    from rgexport.info import gemma_2b, transformer_of_same_width
+    from rgexport.manifest import read_manifest
+    from rgexport.model import state_bytes
+
+    folder, manifest = read_manifest(artifact)
+    config = GriffinConfig.from_dict(manifest["model"]["config"])
+    w = config.attention_window_size
+    ns = []
+    n = start or max(1, w // 4)
+    while n <= max_multiple * w:
+        ns.append(n)
+        n *= 2
+    rows = []
+    for n in ns:
+        env = dict(os.environ)
+        proc = subprocess.run([sys.executable, "-m", "rgexport.bench", str(folder), str(n)], capture_output=True,
+                              text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise RgexportError(f"memory probe for N={n} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        advance(1)
+    peaks = [r["peak_rss_bytes"] for r in rows]
+    growth = max(peaks) - min(peaks)
+    analytic = state_bytes(config)
+    manifest_state = manifest["io"]["state"]["total_bytes"]
+    # Manifest state may be held in another dtype (Core ML keeps fp16 states): compare element counts.
+    itemsizes = {t["dtype"] for t in manifest["io"]["state"]["tensors"]}
+    elems = sum(int(np.prod(t["shape"])) for t in manifest["io"]["state"]["tensors"])
+    state_ok = elems * 4 == analytic
+    transformer, gemma = transformer_of_same_width(config), gemma_2b()
+    return {
+        "artifact": str(folder),
+        "backend": manifest["backend"],
+        "recipe": manifest["recipe"]["name"],
+        "rows": [r | {"transformer_kv_bytes": transformer.at(r["n"]), "gemma_2b_kv_bytes": gemma.at(r["n"])}
+                 for r in rows],
+        "peak_growth_bytes": growth,
+        "tolerance_bytes": FLAT_TOLERANCE_BYTES,
+        "flat": growth <= FLAT_TOLERANCE_BYTES,
+        "state_bytes_manifest": manifest_state,
+        "state_dtypes": sorted(itemsizes),
+        "state_bytes_analytic_fp32": analytic,
+        "state_matches_analytic": state_ok,
+        "weights_bytes": manifest["artifact"]["total_bytes"],
+        "passed": growth <= FLAT_TOLERANCE_BYTES and state_ok,
+    }
+
+
+if __name__ == "__main__":  # the fresh-process memory probe: python -m rgexport.bench ARTIFACT N
+    print(json.dumps(_probe(Path(sys.argv[1]), int(sys.argv[2]))))
+
+
+def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: bool = True,
+                    advance: Callable[[int], None] = lambda n=1: None) -> dict[str, Any]:
+    """Times every artifact and the eager references in one process; returns data for reports."""
+    import torch
+
+    from rgexport.backends import get_backend
+    from rgexport.checkpoint import load_checkpoint
+    from rgexport.manifest import read_manifest
+    from rgexport.validate import EagerRunner, heldout_tokens
+
+    loaded = [read_manifest(p) for p in paths]
+    if not loaded:
+        raise RgexportError("give at least one artifact folder to benchmark")
+    digests = {m["model"]["checkpoint"]["sha256"] for _, m in loaded}
+    if len(digests) > 1:
+        raise RgexportError("the artifacts come from different checkpoints; benchmark one model at a time")
+    first = loaded[0][1]
+    source = first["model"]["checkpoint"]["source"]
+    ckpt = load_checkpoint(None if source == "shipped:tiny" else source, first["model"]["checkpoint"].get("preset"))
+    from rgexport.tokenizer import Tokenizer
+
+    tok_file = loaded[0][0] / first["tokenizer"]["file"] if first["tokenizer"] else ckpt.tokenizer_path
+    tokens = heldout_tokens(Tokenizer(tok_file), decode_tokens + 64)
+    bandwidth = memory_bandwidth_gbs()
+    results = []
+    chunk = first["io"]["prefill_chunk"]
+    eager_bytes = 4 * ckpt.config.num_parameters()
+    results.append(time_runner("eager (rgexport step model)", "eager", "fp32", eager_bytes,
+                               lambda: EagerRunner(ckpt.model, chunk), tokens, decode_tokens, advance))
+    for folder, manifest in loaded:
+        backend = get_backend(manifest["backend"])
+        results.append(time_runner(f"{manifest['backend']} / {manifest['recipe']['name']}", manifest["backend"],
+                                   manifest["recipe"]["name"], manifest["artifact"]["total_bytes"],
+                                   lambda f=folder, m=manifest, b=backend: b.load(f, m), tokens, decode_tokens,
+                                   advance))
+    hf = time_hf_generate(ckpt.model, tokens, min(decode_tokens, 128)) if include_hf else None
+    eager_ms = results[0].decode_ms_median
+    rows = []
+    for r in results:
+        limit_ms = r.bytes / (bandwidth * 1e9) * 1e3  # every weight byte read once per token
+        rows.append(r.to_dict() | {
+            "speedup_vs_eager": eager_ms / r.decode_ms_median,
+            "bandwidth_limit_ms": limit_ms,
+            "fraction_of_bandwidth_limit": limit_ms / r.decode_ms_median,
+        })
+    return {
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "memory_bandwidth_gbs": bandwidth},
+        "model": {"parameters": ckpt.config.num_parameters(), "source": source},
+        "decode_tokens": decode_tokens,
+        "results": rows,
+        "huggingface_generate": hf | {"speedup_vs_eager": eager_ms / hf["decode_ms_median"]} if hf else None,
+    }
+
+
+def markdown_report(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    lines = [
+        f"Decode over {data['decode_tokens']} tokens; {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
+        f"measured memory bandwidth {m['memory_bandwidth_gbs']:.1f} GB/s.",
+        "",
+        "| artifact | MB | load s | first token ms | decode ms (median / p90) | tok/s | prefill tok/s "
+        "| x eager | % of bandwidth limit | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        prefill = f"{r['prefill_tokens_per_s']:.0f}" if r["prefill_tokens_per_s"] else "-"
+        lines.append(
+            f"| {r['name']} | {r['bytes'] / 1e6:.2f} | {r['load_s']:.2f} | {r['first_token_ms']:.2f} | "
+            f"{r['decode_ms_median']:.3f} / {r['decode_ms_p90']:.3f} | {r['decode_tokens_per_s']:.0f} | {prefill} | "
+            f"{r['speedup_vs_eager']:.1f} | {100 * r['fraction_of_bandwidth_limit']:.1f} | "
+            f"{r['peak_rss_bytes'] / 1e6:.0f} |")
+    hf = data.get("huggingface_generate")
+    if hf:
+        lines.append(f"| Hugging Face generate (eager) | | | {hf['first_token_ms']:.2f} | "
+                     f"{hf['decode_ms_median']:.3f} | {hf['decode_tokens_per_s']:.0f} | | "
+                     f"{hf['speedup_vs_eager']:.2f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speed(data: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in data["results"]:
+        pos, ms = zip(*r["decode_ms_by_position"])
+        ax.plot(pos, ms, marker="o", label=r["name"])
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel("decode latency, median ms")
+    ax.set_yscale("log")
+    ax.set_title("Decode latency does not grow with length")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(profiles: list[dict[str, Any]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p in profiles:
+        ns = [r["n"] for r in p["rows"]]
+        ax.plot(ns, [r["peak_rss_bytes"] / 2**20 for r in p["rows"]], marker="o",
+                label=f"{p['backend']} / {p['recipe']} peak RSS")
+    if profiles:
+        rows = profiles[0]["rows"]
+        base = rows[0]["peak_rss_bytes"] / 2**20
+        ns = [r["n"] for r in rows]
+        ax.plot(ns, [base + r["transformer_kv_bytes"] / 2**20 for r in rows], "--",
+                label="same-width transformer: + its KV cache")
+        ax.plot(ns, [base + r["gemma_2b_kv_bytes"] / 2**20 for r in rows], ":", label="Gemma-2B KV cache (fp32)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens decoded")
+    ax.set_ylabel("MiB")
+    ax.set_title("Memory stays flat as the sequence grows")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,95 @@
+"""Calibration data for quantisation recipes that need activation ranges.
+
+A stateful step is not calibrated with random inputs: we run the fp32 model over real text and capture
+real (tokens, position, state) samples along the trajectory, including positions past the attention
+window (where the ring buffer has wrapped and every slot is live), so activation ranges cover the states
+a device will actually see.
+
+Text comes from calibration/corpus/calibration.txt (disjoint from the training and held-out text) or a
+user's file: plain text (documents separated by blank lines) or JSONL with a "text" or "prompt" field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from rgexport.config import GriffinConfig
+from rgexport.errors import RgexportError
+from rgexport.model import Griffin, State
+
+
+def calibration_texts(path: Path | None = None) -> list[str]:
+    from rgexport.assets import corpus_path
+
+    p = Path(path) if path else corpus_path("calibration.txt")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RgexportError(f"Cannot read calibration text {p}: {e}") from None
+    if p.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RgexportError(f"{p}:{n} is not JSON: {e}") from None
+            text = record.get("text") or record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise RgexportError(f'{p}:{n} has no "text" or "prompt" string field')
+            texts.append(text)
+    else:
+        texts = [t for t in raw.split("\n\n") if t.strip()]
+    if not texts:
+        raise RgexportError(f"{p} holds no text to calibrate on")
+    return texts
+
+
+def calibration_token_sequences(
+    tokenizer, config: GriffinConfig, path: Path | None = None, sequences: int = 4, length: int | None = None,
+) -> list[list[int]]:
+    """`sequences` token sequences of `length` (default 3x the window, so calibration sees it wrap)."""
+    length = length or 3 * config.attention_window_size
+    stream: list[int] = []
+    for text in calibration_texts(path):
+        stream.extend(tokenizer.encode(text, bos=False))
+        stream.append(tokenizer.eos_id)
+    if len(stream) < length:
+        raise RgexportError(f"calibration text gives {len(stream)} tokens; at least {length} are needed")
+    step = max(1, (len(stream) - length) // max(1, sequences - 1))
+    return [[tokenizer.bos_id, *stream[i * step : i * step + length - 1]] for i in range(sequences)]
+
+
+@dataclasses.dataclass
+class Sample:
+    """One calibration input of a decode (t = 1) or prefill (t = chunk) graph."""
+
+    tokens: torch.Tensor  # [1, t] int32
+    position: torch.Tensor  # [1] int32
+    state: State  # float32, batch 1
+
+
+@torch.no_grad()
+def capture_samples(
+    model: Griffin, sequences: list[list[int]], chunk: int = 1, every: int = 1, max_samples: int = 256
+) -> list[Sample]:
+    """Runs each sequence through the fp32 model in steps of `chunk` tokens, keeping the inputs of every
+    `every`-th call (the state *before* the call), spread over all positions including past the window."""
+    samples: list[Sample] = []
+    for seq in sequences:
+        state = model.init_state()
+        for n, s in enumerate(range(0, len(seq) - chunk + 1, chunk)):
+            tokens = torch.tensor([seq[s : s + chunk]], dtype=torch.int32)
+            position = torch.tensor([s], dtype=torch.int32)
+            if n % every == 0:
+                samples.append(Sample(tokens, position, {k: v.clone() for k, v in state.items()}))
+            _, state = model(tokens.long(), position, state)
+    if len(samples) > max_samples:  # keep an even spread over positions
+        stride = len(samples) / max_samples
+        samples = [samples[int(i * stride)] for i in range(max_samples)]
+    return samples

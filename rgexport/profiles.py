@@ -1,0 +1,106 @@
+"""Target profiles (targets/*.toml): which artifacts a device target ships, and its memory budget.
+
+`resolve_target(name)` accepts a profile name, a path to a user's profile file, or a single backend name
+(which becomes a one-artifact profile with the backend's default recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from rgexport.errors import RgexportError
+
+PLATFORMS = ("ios", "android", "linux", "web")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactSpec:
+    backend: str
+    recipe: str | None
+    options: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str
+    platform: str | None
+    min_runtime: str | None
+    memory_budget_mb: float | None
+    artifacts: tuple[ArtifactSpec, ...]
+    source: str  # file path, or "backend"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["artifacts"] = [dataclasses.asdict(a) for a in self.artifacts]
+        return d
+
+
+def _parse(data: dict[str, Any], source: str) -> TargetProfile:
+    from rgexport.backends import BACKENDS
+
+    def need(key: str, kind: type) -> Any:
+        if key not in data:
+            raise RgexportError(f"target profile {source} lacks '{key}'")
+        if not isinstance(data[key], kind):
+            raise RgexportError(f"target profile {source}: '{key}' must be a {kind.__name__}")
+        return data[key]
+
+    name = need("name", str)
+    arts = need("artifacts", list)
+    if not arts:
+        raise RgexportError(f"target profile {source} lists no [[artifacts]]")
+    specs = []
+    for i, a in enumerate(arts):
+        backend = a.get("backend")
+        if backend not in BACKENDS:
+            raise RgexportError(
+                f"target profile {source}: artifacts[{i}].backend is {backend!r}, expected one of {sorted(BACKENDS)}"
+            )
+        specs.append(ArtifactSpec(backend, a.get("recipe"), dict(a.get("options", {}))))
+    platform = data.get("platform")
+    if platform is not None and platform not in PLATFORMS:
+        raise RgexportError(f"target profile {source}: platform {platform!r}, expected one of {list(PLATFORMS)}")
+    budget = data.get("memory_budget_mb")
+    if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
+        raise RgexportError(f"target profile {source}: memory_budget_mb must be a positive number")
+    return TargetProfile(name, str(data.get("description", "")), platform, data.get("min_runtime"), budget,
+                         tuple(specs), source)
+
+
+def load_profile(path: str | Path) -> TargetProfile:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise RgexportError(f"Cannot read target profile {p}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RgexportError(f"Target profile {p} is not valid TOML: {e}") from None
+    return _parse(data, str(p))
+
+
+def list_profiles() -> list[TargetProfile]:
+    from rgexport.assets import targets_dir
+
+    return [load_profile(p) for p in sorted(targets_dir().glob("*.toml"))]
+
+
+def resolve_target(name: str) -> TargetProfile:
+    """A profile by name, a profile file, or a backend name as a one-artifact profile."""
+    from rgexport.backends import BACKENDS
+
+    if name in BACKENDS:
+        return TargetProfile(name, f"the {name} backend alone", None, None, None,
+                             (ArtifactSpec(name, None, {}),), "backend")
+    if name.endswith(".toml") or "/" in name:
+        return load_profile(name)
+    profiles = {p.name: p for p in list_profiles()}
+    if name in profiles:
+        return profiles[name]
+    raise RgexportError(
+        f"Unknown target {name!r}; expected a profile ({', '.join(sorted(profiles))}), "
+        f"a backend ({', '.join(sorted(BACKENDS))}) or a path to a profile .toml"
+    )
