@@ -62,6 +62,13 @@ def heldout_perplexity(model: Griffin, stream: torch.Tensor, bos: int, max_token
     return math.exp(nll.item())
 
 
+def _relative(p: Path) -> str:
+    try:
+        return p.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=ROOT / "calibration/corpus/train.txt")
@@ -129,9 +136,9 @@ def main() -> None:
     (args.out / "training.json").write_text(json.dumps({
         "preset": "tiny",
         "parameters": config.num_parameters(),
-        "corpus": str(args.corpus.relative_to(ROOT)),
+        "corpus": _relative(args.corpus),
         "train_tokens": len(train),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {k: _relative(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "torch": torch.__version__,
         "seconds": round(time.time() - t0, 1),
         "heldout_perplexity": round(ppl, 3),
