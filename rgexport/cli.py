@@ -36,7 +36,7 @@ def _friendly(fn):
             if report is not None:
                 from rgexport.validate import format_report
 
-                err.print(format_report(report), highlight=False)
+                err.print(format_report(report), highlight=False, markup=False)
             err.print(f"[red]error:[/red] {e}", highlight=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -171,7 +171,7 @@ def build(
                         validation_tokens=tokens, validation_text=text)
     result = run_build(opts, Stages(err))
     if result.report is not None:
-        err.print(format_report(result.report), highlight=False)
+        err.print(format_report(result.report), highlight=False, markup=False)
     else:
         err.print("[yellow]not validated (--no-validate): the manifest says so[/yellow]")
     size = result.manifest["artifact"]["total_bytes"]
@@ -197,7 +197,7 @@ def validate(
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
     else:
-        out.print(format_report(report), highlight=False)
+        out.print(format_report(report), highlight=False, markup=False)
     if not report.passed:
         raise typer.Exit(1)
 
