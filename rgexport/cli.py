@@ -147,7 +147,8 @@ def generate(
 @app.command()
 @_friendly
 def build(
-    target: Annotated[str, typer.Option("--target", "-t", help="Backend (executorch, coreml, onnx, tflite).")],
+    target: Annotated[str, typer.Option("--target", "-t", help=("A backend (executorch, coreml, onnx, tflite), a profile (ios, android, linux-arm64, web; "
+                       "see `rgexport targets`) or a profile .toml."))],
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Default: the backend's.")] = None,
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
@@ -159,16 +160,37 @@ def build(
     prefill_chunk: Annotated[int | None, typer.Option(min=1, help="Tokens per prefill call.")] = None,
     tokens: Annotated[int | None, typer.Option(min=1, help="Validation tokens (default 4x window).")] = None,
     text: Annotated[Path | None, typer.Option(help="Validation text (default: held-out corpus).")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="Calibration text or JSONL (calibrated recipes).")]
+    = None,
+    archive: Annotated[bool, typer.Option(help="Also write the bundle as one .zip.")] = False,
 ) -> None:
-    """Builds one artifact: load, quantise, export, lower, write, validate, manifest."""
+    """Builds one artifact (--target BACKEND) or an app bundle (--target PROFILE: ios, android, ...):
+    load, quantise, export, lower, write, validate, manifest."""
     from rgexport.build import BuildOptions
     from rgexport.build import build as run_build
+    from rgexport.profiles import resolve_target
     from rgexport.progress import Stages
     from rgexport.validate import format_report
 
-    opts = BuildOptions(backend=target, recipe=recipe, checkpoint=checkpoint, preset=preset, tokenizer=tokenizer,
+    profile = resolve_target(target)
+    backend = profile.artifacts[0].backend if profile.source == "backend" else target
+    opts = BuildOptions(backend=backend, recipe=recipe, checkpoint=checkpoint, preset=preset, tokenizer=tokenizer,
                         out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
-                        validation_tokens=tokens, validation_text=text)
+                        validation_tokens=tokens, validation_text=text, calibration=calibration)
+    if profile.source != "backend":
+        from rgexport.bundle import build_bundle
+
+        if recipe:
+            raise RgexportError("--recipe applies to one backend; a profile names its recipes (edit a copy of "
+                                "the profile, or build the backend alone with --target BACKEND --recipe NAME)")
+        bundle = build_bundle(profile, opts, Stages(err), archive=archive)
+        for art in bundle.manifest["artifacts"]:
+            err.print(f"  {art['backend']} / {art['recipe']}: {art['bytes'] / 1e6:.2f} MB, {art['validation']}",
+                      highlight=False, markup=False)
+        out.print(f"{bundle.out}" + (f"  (archive {bundle.archive})" if bundle.archive else ""), highlight=False)
+        return
+    if archive:
+        raise RgexportError("--archive applies to bundles (--target ios, android, ...)")
     result = run_build(opts, Stages(err))
     if result.report is not None:
         err.print(format_report(result.report), highlight=False, markup=False)
@@ -192,6 +214,9 @@ def validate(
     from rgexport.progress import Stages
     from rgexport.validate import format_report, validate_artifact
 
+    if path.suffix == ".zip" or (path / "bundle.json").is_file():
+        _validate_bundle(path, checkpoint, tokens, as_json)
+        return
     report = validate_artifact(path, checkpoint=checkpoint, preset=preset, tokens=tokens, text=text,
                                stages=Stages(err, quiet=as_json))
     if as_json:
@@ -199,6 +224,27 @@ def validate(
     else:
         out.print(format_report(report), highlight=False, markup=False)
     if not report.passed:
+        raise typer.Exit(1)
+
+
+def _validate_bundle(path: Path, checkpoint: str | None, tokens: int | None, as_json: bool) -> None:
+    from rgexport.bundle import validate_bundle
+    from rgexport.progress import Stages
+    from rgexport.validate import format_report
+
+    result = validate_bundle(path, checkpoint=checkpoint, tokens=tokens, stages=Stages(err, quiet=as_json))
+    if as_json:
+        out.print_json(json.dumps(result | {"artifacts": [
+            {k: (v.to_dict() if k == "report" else v) for k, v in a.items()} for a in result["artifacts"]]}))
+    else:
+        for a in result["artifacts"]:
+            out.print(format_report(a["report"]), highlight=False, markup=False)
+            budget = a["memory_budget_mb"]
+            verdict = "within" if a["within_budget"] else "OVER"
+            out.print(f"  memory      peak {a['peak_rss_bytes'] / 1e6:.0f} MB, {verdict} the {budget} MB budget",
+                      highlight=False, markup=False)
+        out.print(f"bundle {result['target']}: {'PASSED' if result['passed'] else 'FAILED'}", highlight=False)
+    if not result["passed"]:
         raise typer.Exit(1)
 
 

@@ -32,7 +32,7 @@ def test_info_json_is_data():
     [
         (["info", "--preset", "gpt-9"], "Unknown preset 'gpt-9'"),
         (["info", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
-        (["build", "--target", "nokia"], "Unknown backend 'nokia'"),
+        (["build", "--target", "nokia"], "Unknown target 'nokia'"),
         (["validate", "/nonexistent"], "no manifest.json"),
         (["generate", "--prompt", "x", "--checkpoint", "/nonexistent"], "does not exist"),
     ],
