@@ -144,11 +144,14 @@ def generate(
     sys.stdout.write("\n")
 
 
+TARGET_HELP = ("A backend (executorch, coreml, onnx, tflite), a profile (ios, android, linux-arm64, web; "
+               "see `rgexport targets`) or a profile .toml.")
+
+
 @app.command()
 @_friendly
 def build(
-    target: Annotated[str, typer.Option("--target", "-t", help=("A backend (executorch, coreml, onnx, tflite), a profile (ios, android, linux-arm64, web; "
-                       "see `rgexport targets`) or a profile .toml."))],
+    target: Annotated[str, typer.Option("--target", "-t", help=TARGET_HELP)],
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Default: the backend's.")] = None,
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
