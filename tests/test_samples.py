@@ -1,0 +1,66 @@
+"""Generated sample code: names and shapes come from the manifest, and the code parses."""
+
+from __future__ import annotations
+
+import pytest
+
+from rgexport.backends import BuildContext, get_backend
+from rgexport.samples import kotlin_executorch, kotlin_litert, swift_coreml, swift_executorch
+
+tree_sitter = pytest.importorskip("tree_sitter")
+
+
+def _manifest(backend_name: str, config, recipe: str | None = None) -> dict:
+    """A manifest as a build writes it, with the backend's real I/O contract (no export needed)."""
+    backend = get_backend(backend_name)
+    ctx = BuildContext(config=config, recipe=recipe or backend.default_recipe, work_dir=None, prefill_chunk=8)
+    return {
+        "rgexport_version": "test", "backend": backend_name, "recipe": {"name": ctx.recipe},
+        "model": {"config": config.to_dict()}, "artifact": {"file": f"model{backend.artifact_suffix}"},
+        "tokenizer": {"eos_id": 1}, "io": backend.io_contract(ctx),
+    }
+
+
+def _parse(language: str, code: str):
+    from tree_sitter import Language, Parser
+
+    if language == "swift":
+        import tree_sitter_swift as grammar
+    else:
+        import tree_sitter_kotlin as grammar
+    tree = Parser(Language(grammar.language())).parse(code.encode())
+    return tree.root_node
+
+
+def _errors(node) -> list[str]:
+    found = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.type == "ERROR" or n.is_missing:
+            found.append(f"line {n.start_point[0] + 1}: {n.text.decode()[:60]!r}")
+        stack.extend(n.children)
+    return found
+
+
+@pytest.mark.parametrize("backend, fn, language", [
+    ("coreml", swift_coreml, "swift"),
+    ("executorch", swift_executorch, "swift"),
+    ("tflite", kotlin_litert, "kotlin"),
+    ("executorch", kotlin_executorch, "kotlin"),
+])
+def test_sample_parses_and_uses_manifest_names(backend, fn, language, small_config):
+    manifest = _manifest(backend, small_config)
+    code = fn(f"{backend}-x", manifest)
+    assert not _errors(_parse(language, code)), _errors(_parse(language, code))
+    io = manifest["io"]
+    assert f"{io['prefill_chunk']}" in code and f"{small_config.vocab_size}" in code
+    if io["state"]["placement"] == "io":  # every state tensor is wired by its runtime name
+        for t in io["state"]["tensors"]:
+            assert t.get("litert_input", t["input"]) in code
+            assert t.get("litert_output", t["output"]) in code
+
+
+def test_a_broken_sample_is_caught():
+    assert _errors(_parse("kotlin", "fun f( { val x = }"))
+    assert _errors(_parse("swift", "func f( { let = }"))
