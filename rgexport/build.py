@@ -47,6 +47,7 @@ class BuildOptions:
     validation_tokens: int | None = None  # None: 4x the attention window
     validation_text: Path | None = None
     calibration: Path | None = None  # text or JSONL for calibrated recipes (default: calibration corpus)
+    require_pass: bool = True  # False: keep an artifact that fails validation (manifest says "failed")
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend options (target profile)
 
 
@@ -205,7 +206,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                 report = run_validation(runner, model, tokens, backend=backend.name, recipe=recipe.name,
                                         quantized=recipe.quantized, progress=advance)
             manifest["validation"] = report.to_dict()
-            if not report.passed:
+            if not report.passed and opts.require_pass:
                 from rgexport.validate import ValidationFailed
 
                 raise ValidationFailed(report)

@@ -196,7 +196,7 @@ def build(
         raise RgexportError("--archive applies to bundles (--target ios, android, ...)")
     result = run_build(opts, Stages(err))
     if result.report is not None:
-        err.print(format_report(result.report), highlight=False, markup=False)
+        err.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
     else:
         err.print("[yellow]not validated (--no-validate): the manifest says so[/yellow]")
     size = result.manifest["artifact"]["total_bytes"]
@@ -225,7 +225,7 @@ def validate(
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
     else:
-        out.print(format_report(report), highlight=False, markup=False)
+        out.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
     if not report.passed:
         raise typer.Exit(1)
 
@@ -330,7 +330,7 @@ def bench(
     if as_json:
         out.print_json(json.dumps(data))
     else:
-        out.print(md, highlight=False, markup=False)
+        out.print(md, highlight=False, markup=False, soft_wrap=True)
     if profiles and not all(p["passed"] for p in profiles):
         raise typer.Exit(1)
 
@@ -345,6 +345,32 @@ def _memory_markdown(p: dict) -> str:
             f"({', '.join(p['state_dtypes'])}), analytic fp32 {p['state_bytes_analytic_fp32']:,}: "
             f"{'matches' if p['state_matches_analytic'] else 'DIFFERS'}.\n\n"
             "| tokens | peak RSS MiB | same-width transformer KV MiB | Gemma-2B KV MiB |\n|---|---|---|---|\n" + rows)
+
+
+@app.command()
+@_friendly
+def evaluate(
+    targets_: Annotated[list[str] | None, typer.Option("--targets", help="Backends (default: all).")] = None,
+    recipes: Annotated[list[str] | None, typer.Option("--recipes", help="Recipes (default: each backend's all).")]
+    = None,
+    checkpoint: CheckpointOpt = None,
+    preset: PresetOpt = None,
+    tokens: Annotated[int | None, typer.Option(min=8, help="Held-out tokens per artifact (default 4x window).")]
+    = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Artifacts and matrix.md/json/png go here.")]
+    = Path("rgexport-out/evaluate"),
+) -> None:
+    """The accuracy matrix: builds every backend x recipe from one checkpoint and measures each on held-out
+    text; picks each backend's default recipe by rule (smallest within the quality budget)."""
+    from rgexport.evaluate import evaluate as run_evaluate
+    from rgexport.evaluate import markdown_table, write_reports
+    from rgexport.progress import Stages
+
+    result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
+                          tokens=tokens, stages=Stages(err))
+    paths = write_reports(result, out_dir)
+    out.print(markdown_table(result), highlight=False, markup=False, soft_wrap=True)
+    out.print("reports: " + ", ".join(str(p) for p in paths.values()), highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,158 @@
+"""The accuracy matrix: every backend x recipe built from one checkpoint and measured on held-out text.
+
+For each artifact: size, top-1 agreement with fp32, mean KL, perplexity and its change, and the first
+step where greedy generation diverges (all from the validation run in the artifact's own runtime).
+Each backend's default recipe is then chosen by rule: the smallest artifact within the quality budget
+([quality_budget] in rgexport/thresholds.toml).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rgexport.backends import BACKENDS, get_backend
+from rgexport.build import BuildOptions, build
+from rgexport.errors import RgexportError
+from rgexport.progress import Stages
+
+
+def quality_budget() -> dict[str, float]:
+    from rgexport.assets import thresholds_path
+
+    return dict(tomllib.loads(thresholds_path().read_text())["quality_budget"])
+
+
+def evaluate(
+    out_dir: Path, backends: list[str] | None = None, recipes: list[str] | None = None,
+    checkpoint: str | None = None, preset: str | None = None, tokens: int | None = None,
+    stages: Stages | None = None, on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Builds and measures every backend x recipe (recipes a backend lacks are skipped)."""
+    from rgexport.checkpoint import load_checkpoint
+
+    stages = stages or Stages(quiet=True)
+    backends = backends or list(BACKENDS)
+    for b in backends:
+        if b not in BACKENDS:
+            raise RgexportError(f"Unknown backend {b!r}; expected some of {sorted(BACKENDS)}")
+    ckpt = load_checkpoint(checkpoint, preset)
+    rows = []
+    for b in backends:
+        backend = get_backend(b)
+        wanted = [r for r in (recipes or backend.recipes) if r in backend.recipes]
+        for r in wanted:
+            opts = BuildOptions(backend=b, recipe=r, checkpoint=checkpoint, preset=preset,
+                                out=out_dir / f"{b}-{r}", force=True, validation_tokens=tokens, require_pass=False)
+            if not stages.quiet:
+                stages.console.print(f"[bold]{b} / {r}[/bold]")
+            try:
+                result = build(opts, stages, checkpoint=ckpt)
+            except RgexportError as e:
+                row = {"backend": b, "recipe": r, "status": "error", "error": str(e)}
+            else:
+                m = result.report.metrics
+                row = {
+                    "backend": b, "recipe": r, "status": "passed" if result.report.passed else "failed",
+                    "bytes": result.manifest["artifact"]["total_bytes"],
+                    "main_file_bytes": _main_file_bytes(result.manifest),
+                    "top1_agreement": m["top1_agreement"], "mean_kl": m["mean_kl"],
+                    "ppl_reference": m["ppl_reference"], "ppl_artifact": m["ppl_artifact"],
+                    "ppl_change_pct": 100 * (m["ppl_ratio"] - 1), "max_abs_logit_error": m["max_abs_logit_error"],
+                    "greedy_divergence": result.report.greedy_divergence,
+                    "greedy_tokens": result.report.greedy_tokens, "tokens": result.report.tokens,
+                    "calibrated": result.manifest["recipe"].get("calibrated", False),
+                }
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    budget = quality_budget()
+    return {"checkpoint": ckpt.source, "quality_budget": budget, "rows": rows,
+            "defaults": choose_defaults(rows, budget)}
+
+
+def _main_file_bytes(manifest: dict[str, Any]) -> int:
+    main = manifest["artifact"]["file"]
+    files = manifest["artifact"]["files"]
+    return sum(f["bytes"] for f in files if f["path"] == main or f["path"].startswith(main + "/"))
+
+
+def choose_defaults(rows: list[dict[str, Any]], budget: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per backend: the smallest artifact (main file) within the quality budget that passed validation."""
+    out = {}
+    for b in sorted({r["backend"] for r in rows}):
+        ok = [r for r in rows if r["backend"] == b and r["status"] == "passed"
+              and r["ppl_artifact"] / r["ppl_reference"] <= budget["max_ppl_ratio"]
+              and r["top1_agreement"] >= budget["min_top1_agreement"]]
+        if ok:
+            best = min(ok, key=lambda r: r["main_file_bytes"])
+            out[b] = {"recipe": best["recipe"], "bytes": best["main_file_bytes"],
+                      "why": f"smallest of {len(ok)} recipe(s) within the budget"}
+        else:
+            out[b] = {"recipe": None, "why": "no recipe within the budget"}
+    return out
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    b = result["quality_budget"]
+    lines = [
+        "| backend | recipe | MB | top-1 vs fp32 | mean KL | perplexity | change | greedy diverges at | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if r["status"] == "error":
+            lines.append(f"| {r['backend']} | {r['recipe']} | | | | | | | error: {r['error'][:80]} |")
+            continue
+        div = "never" if r["greedy_divergence"] is None else f"step {r['greedy_divergence']}"
+        lines.append(
+            f"| {r['backend']} | {r['recipe']} | {r['main_file_bytes'] / 1e6:.2f} | {100 * r['top1_agreement']:.1f}% | "
+            f"{r['mean_kl']:.4f} | {r['ppl_artifact']:.3f} | {r['ppl_change_pct']:+.2f}% | {div} | {r['status']} |")
+    lines += ["", f"Defaults (smallest within perplexity x{b['max_ppl_ratio']} and top-1 >= "
+                  f"{100 * b['min_top1_agreement']:.0f}%): " +
+              ", ".join(f"{k}: {v['recipe']}" for k, v in result["defaults"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in result["rows"] if r["status"] != "error"]
+    for b in sorted({r["backend"] for r in rows}):
+        pts = [r for r in rows if r["backend"] == b]
+        ax.scatter([r["main_file_bytes"] / 1e6 for r in pts], [r["ppl_change_pct"] for r in pts], label=b)
+        for r in pts:
+            ax.annotate(r["recipe"], (r["main_file_bytes"] / 1e6, r["ppl_change_pct"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    budget = result["quality_budget"]["max_ppl_ratio"]
+    ax.axhline(100 * (budget - 1), ls="--", c="grey", lw=1, label="quality budget")
+    ax.set_xlabel("artifact size (MB)")
+    ax.set_ylabel("perplexity change vs fp32 (%)")
+    ax.set_title("Size vs quality on held-out text")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_reports(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "matrix.json", "markdown": out_dir / "matrix.md"}
+    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    paths["markdown"].write_text(markdown_table(result))
+    png = plot(result, out_dir / "matrix.png")
+    if png:
+        paths["png"] = png
+    return paths
+
+
+__all__ = ["choose_defaults", "evaluate", "markdown_table", "write_reports"]
