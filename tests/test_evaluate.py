@@ -1,0 +1,35 @@
+"""The accuracy matrix: a small real run (ONNX fp32 and int8 on the shipped model) and the default rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from rgexport.evaluate import choose_defaults, evaluate, markdown_table, write_reports
+
+BUDGET = {"max_ppl_ratio": 1.05, "min_top1_agreement": 0.9}
+
+
+def _row(backend, recipe, size, ppl_ratio, top1, status="passed"):
+    return {"backend": backend, "recipe": recipe, "main_file_bytes": size, "ppl_reference": 10.0,
+            "ppl_artifact": 10.0 * ppl_ratio, "top1_agreement": top1, "status": status}
+
+
+def test_default_is_the_smallest_within_budget():
+    rows = [_row("x", "fp32", 100, 1.0, 1.0), _row("x", "int8", 30, 1.01, 0.97),
+            _row("x", "int4", 15, 1.20, 0.80), _row("x", "tiny", 5, 1.0, 1.0, status="failed"),
+            _row("y", "int4", 10, 1.5, 0.5)]
+    d = choose_defaults(rows, BUDGET)
+    assert d["x"]["recipe"] == "int8"  # int4 is smaller but over budget; "tiny" failed validation
+    assert d["y"]["recipe"] is None
+
+
+def test_small_matrix_end_to_end(tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = evaluate(tmp_path, backends=["onnx"], recipes=["fp32", "int8"], tokens=128)
+    rows = {r["recipe"]: r for r in result["rows"]}
+    assert rows["fp32"]["top1_agreement"] == 1.0 and abs(rows["fp32"]["ppl_change_pct"]) < 0.1
+    assert rows["int8"]["main_file_bytes"] < rows["fp32"]["main_file_bytes"] / 3
+    assert 0.0 < rows["int8"]["mean_kl"] < 0.1
+    paths = write_reports(result, tmp_path / "report")
+    assert "| onnx | int8 |" in markdown_table(result) and paths["json"].is_file()
+    assert result["defaults"]["onnx"]["recipe"] in ("fp32", "int8")
