@@ -218,7 +218,7 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
     import torch
 
     from rgexport.backends import get_backend
-    from rgexport.checkpoint import load_checkpoint
+    from rgexport.checkpoint import load_source
     from rgexport.manifest import read_manifest
     from rgexport.validate import EagerRunner, heldout_tokens
 
@@ -230,7 +230,7 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
         raise RgexportError("the artifacts come from different checkpoints; benchmark one model at a time")
     first = loaded[0][1]
     source = first["model"]["checkpoint"]["source"]
-    ckpt = load_checkpoint(None if source == "shipped:tiny" else source, first["model"]["checkpoint"].get("preset"))
+    ckpt = load_source(source, first["model"]["checkpoint"].get("preset"))
     from rgexport.tokenizer import Tokenizer
 
     tok_file = loaded[0][0] / first["tokenizer"]["file"] if first["tokenizer"] else ckpt.tokenizer_path

@@ -15,6 +15,7 @@ The output appears only when every stage has passed; an existing output is repla
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shutil
@@ -31,6 +32,7 @@ from rgexport.manifest import file_entries, now, rgexport_version, write_manifes
 from rgexport.progress import StageFailed, Stages
 
 SHIPPED_SOURCE = "shipped:tiny"
+LARGE_MODEL_BYTES = 2 * 1024**3  # fp32 weights above this are never copied during a build
 
 
 @dataclasses.dataclass
@@ -48,6 +50,8 @@ class BuildOptions:
     validation_text: Path | None = None
     calibration: Path | None = None  # text or JSONL for calibrated recipes (default: calibration corpus)
     require_pass: bool = True  # False: keep an artifact that fails validation (manifest says "failed")
+    random_weights: bool = False  # build `preset`'s shape with random weights (sizing, speed)
+    seed: int = 0
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend options (target profile)
 
 
@@ -122,7 +126,16 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
 
     with stages.stage("load", opts.checkpoint or "shipped model"):
         backend.runtime_versions()  # fails early if metadata is broken
-        ckpt = checkpoint or load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
+        if checkpoint is not None:
+            ckpt = checkpoint
+        elif opts.random_weights:
+            if not opts.preset or opts.checkpoint:
+                raise RgexportError("--random-weights needs --preset NAME and no --checkpoint")
+            from rgexport.checkpoint import random_checkpoint
+
+            ckpt = random_checkpoint(opts.preset, opts.seed)
+        else:
+            ckpt = load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
         tokenizer = Tokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else None
         if tokenizer is not None and tokenizer.vocab_size > ckpt.config.vocab_size:
             raise RgexportError(
@@ -146,7 +159,12 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         model = ckpt.model.eval()
         model.requires_grad_(False)
     with stages.stage("quantise", recipe.name), torch.no_grad():
-        prepared = backend.quantize(_fresh_copy(model), ctx)
+        # Quantisation rewrites modules in place, and validation needs the fp32 model afterwards. A small
+        # model is copied; a large one is not (a second copy of 2B weights is 10 GB): validation then
+        # reloads the reference from its source.
+        small = config.num_parameters() * 4 < LARGE_MODEL_BYTES
+        prepared = backend.quantize(copy.deepcopy(model) if small and recipe.quantized else model, ctx)
+        reference_intact = small or not recipe.quantized
     with stages.stage("export", backend.name):
         exported = backend.export(prepared, ctx)
     with stages.stage("lower", backend.name):
@@ -173,7 +191,8 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                 "config": config.to_dict(),
                 "parameters": config.num_parameters(),
                 "checkpoint": {
-                    "source": SHIPPED_SOURCE if opts.checkpoint is None and checkpoint is None else ckpt.source,
+                    "source": SHIPPED_SOURCE if opts.checkpoint is None and checkpoint is None
+                    and not opts.random_weights else ckpt.source,
                     "format": ckpt.format,
                     "sha256": ckpt.digest,
                     **({"preset": opts.preset} if opts.preset else {}),
@@ -201,6 +220,11 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         n = opts.validation_tokens or 4 * config.attention_window_size
         tokens = heldout_tokens(tokenizer, n, opts.validation_text)
         with stages.stage("validate", f"{n} tokens, teacher-forced + greedy"):
+            del prepared, exported, lowered  # free graph copies of the weights before loading the artifact
+            if not reference_intact:
+                from rgexport.checkpoint import load_source
+
+                model = load_source(manifest["model"]["checkpoint"]["source"], opts.preset).model
             runner = backend.load(work, manifest)
             with stages.bar("validating", 2 * n) as advance:
                 report = run_validation(runner, model, tokens, backend=backend.name, recipe=recipe.name,
@@ -215,9 +239,3 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         write_manifest(work, manifest)
     return BuildResult(out=work, manifest=manifest, report=report)
 
-
-def _fresh_copy(model):
-    """Quantisation changes modules in place; keep the reference model intact for validation."""
-    import copy
-
-    return copy.deepcopy(model)

@@ -332,3 +332,33 @@ def save_huggingface(
     if tokenizer is not None:
         (folder / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
     return folder
+
+
+RANDOM_PREFIX = "random:"
+
+
+def random_checkpoint(preset: str, seed: int = 0) -> Checkpoint:
+    """A model of `preset`'s shape with the paper's random initialisation, for sizing and speed work when
+    no real weights are at hand. Deterministic in (preset, seed), so validation can rebuild it; the
+    shipped tokenizer supplies token ids for validation text."""
+    from rgexport.assets import shipped_model_dir
+    from rgexport.config import get_preset
+
+    config = get_preset(preset)
+    model = _meta_model(config)
+    model.to_empty(device="cpu")
+    model.materialize_buffers()
+    model.reset_parameters_(torch.Generator().manual_seed(seed))
+    source = f"{RANDOM_PREFIX}{preset}:seed{seed}"
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    return Checkpoint(model.eval(), config, source, "random", digest, shipped_model_dir() / "tokenizer.model")
+
+
+def load_source(source: str, preset: str | None = None) -> Checkpoint:
+    """Loads what a manifest's checkpoint source names: the shipped model, a random preset, or a path."""
+    if source == "shipped:tiny":
+        return load_checkpoint()
+    if source.startswith(RANDOM_PREFIX):
+        name, _, seed = source[len(RANDOM_PREFIX):].rpartition(":seed")
+        return random_checkpoint(name, int(seed))
+    return load_checkpoint(source, preset)

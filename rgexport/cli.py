@@ -166,6 +166,9 @@ def build(
     calibration: Annotated[Path | None, typer.Option(help="Calibration text or JSONL (calibrated recipes).")]
     = None,
     archive: Annotated[bool, typer.Option(help="Also write the bundle as one .zip.")] = False,
+    random_weights: Annotated[bool, typer.Option(help="Random weights of --preset's shape (sizing, speed).")]
+    = False,
+    seed: Annotated[int, typer.Option(help="Seed for --random-weights.")] = 0,
 ) -> None:
     """Builds one artifact (--target BACKEND) or an app bundle (--target PROFILE: ios, android, ...):
     load, quantise, export, lower, write, validate, manifest."""
@@ -179,7 +182,8 @@ def build(
     backend = profile.artifacts[0].backend if profile.source == "backend" else target
     opts = BuildOptions(backend=backend, recipe=recipe, checkpoint=checkpoint, preset=preset, tokenizer=tokenizer,
                         out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
-                        validation_tokens=tokens, validation_text=text, calibration=calibration)
+                        validation_tokens=tokens, validation_text=text, calibration=calibration,
+                        random_weights=random_weights, seed=seed)
     if profile.source != "backend":
         from rgexport.bundle import build_bundle
 

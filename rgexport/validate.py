@@ -247,7 +247,7 @@ def validate_artifact(
     """
     from rgexport.backends import get_backend
     from rgexport.build import SHIPPED_SOURCE
-    from rgexport.checkpoint import load_checkpoint
+    from rgexport.checkpoint import RANDOM_PREFIX, load_checkpoint, load_source
     from rgexport.manifest import read_manifest, verify_files
     from rgexport.progress import Stages
     from rgexport.tokenizer import Tokenizer
@@ -261,14 +261,11 @@ def validate_artifact(
     with stages.stage("load", "checkpoint and runtime"):
         if checkpoint is None:
             source = recorded["source"]
-            if source == SHIPPED_SOURCE:
-                ckpt = load_checkpoint()
-            elif Path(source).exists():
-                ckpt = load_checkpoint(source, preset or recorded.get("preset"))
-            else:
+            if not (source == SHIPPED_SOURCE or source.startswith(RANDOM_PREFIX) or Path(source).exists()):
                 raise RgexportError(
                     f"the artifact was built from {source}, which is not here; pass --checkpoint PATH"
                 )
+            ckpt = load_source(source, preset or recorded.get("preset"))
         else:
             ckpt = load_checkpoint(checkpoint, preset or recorded.get("preset"))
         if ckpt.digest != recorded["sha256"]:
