@@ -1,0 +1,40 @@
+"""Benchmarks print figures; these tests check their structure and the memory verdict, not timings."""
+
+from __future__ import annotations
+
+import pytest
+
+from rgexport.bench import bench_artifacts, markdown_report, memory_bandwidth_gbs, memory_profile
+from rgexport.build import BuildOptions, build
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "onnx-fp32"
+    return build(BuildOptions(backend="onnx", recipe="fp32", out=out, validation_tokens=64)).out
+
+
+def test_bench_reports_every_artifact_beside_eager(onnx_artifact):
+    data = bench_artifacts([onnx_artifact], decode_tokens=16, include_hf=False)
+    names = [r["name"] for r in data["results"]]
+    assert names == ["eager (rgexport step model)", "onnx / fp32"]
+    for r in data["results"]:
+        assert r["decode_ms_median"] > 0 and r["decode_ms_p90"] >= r["decode_ms_median"]
+        assert 0 < r["fraction_of_bandwidth_limit"]
+    assert data["machine"]["memory_bandwidth_gbs"] > 0
+    assert "| onnx / fp32 |" in markdown_report(data)
+
+
+def test_memory_is_flat_and_state_matches_the_config(onnx_artifact):
+    profile = memory_profile(onnx_artifact)  # 32 .. 2048 tokens (16x the window), a fresh process each
+    assert [r["n"] for r in profile["rows"]] == [32, 64, 128, 256, 512, 1024, 2048]
+    assert profile["state_matches_analytic"]
+    assert profile["flat"], profile["peak_growth_bytes"]
+    # What a transformer of the same width would have added by the last N: far above the tolerance.
+    assert profile["rows"][-1]["transformer_kv_bytes"] > 2 * profile["tolerance_bytes"]
+
+
+def test_bandwidth_is_plausible():
+    assert 0.5 < memory_bandwidth_gbs(mbytes=64, repeats=2) < 1000
