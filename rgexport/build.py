@@ -213,7 +213,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
 
     report = None
     if opts.validate:
-        from rgexport.validate import heldout_tokens, run_validation
+        from rgexport.validate import heldout_tokens, run_validation, validate_variants
 
         if tokenizer is None:
             raise RgexportError("validation needs a tokenizer (tokenizer.model); pass --tokenizer or --no-validate")
@@ -229,6 +229,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
             with stages.bar("validating", 2 * n) as advance:
                 report = run_validation(runner, model, tokens, backend=backend.name, recipe=recipe.name,
                                         quantized=recipe.quantized, progress=advance)
+            validate_variants(report, backend, work, manifest, model, tokens, Stages(quiet=True))
             manifest["validation"] = report.to_dict()
             if not report.passed and opts.require_pass:
                 from rgexport.validate import ValidationFailed

@@ -150,10 +150,11 @@ class ValidationReport:
     greedy_tokens: int
     greedy_divergence: int | None  # first step where greedy outputs differ; None if never
     notes: list[str]
+    variants: dict[str, ValidationReport] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return not self.failures and all(v.passed for v in self.variants.values())
 
     def to_dict(self) -> dict[str, Any]:
         metrics = {k: v for k, v in self.metrics.items() if not k.startswith("_")}
@@ -168,6 +169,7 @@ class ValidationReport:
             "state_max_abs_error": self.state_errors,
             "greedy": {"tokens": self.greedy_tokens, "first_divergence": self.greedy_divergence},
             "notes": self.notes,
+            "variants": {k: v.to_dict() for k, v in self.variants.items()},
         }
 
 
@@ -232,7 +234,8 @@ class ValidationFailed(RgexportError):
     """An artifact missed a threshold; carries the full report."""
 
     def __init__(self, report: ValidationReport):
-        super().__init__("artifact failed validation: " + "; ".join(report.failures))
+        failures = report.failures + [f"[{k}] {f}" for k, v in report.variants.items() for f in v.failures]
+        super().__init__("artifact failed validation: " + "; ".join(failures))
         self.report = report
 
 
@@ -283,8 +286,22 @@ def validate_artifact(
     ids = heldout_tokens(tokenizer, n, text)
     recipe = manifest["recipe"]
     with stages.stage("validate", f"{n} tokens"), stages.bar("validating", 2 * n) as advance:
-        return run_validation(runner, ckpt.model, ids, backend=manifest["backend"], recipe=recipe["name"],
-                              quantized=recipe["quantized"], greedy_tokens=greedy_tokens, progress=advance)
+        report = run_validation(runner, ckpt.model, ids, backend=manifest["backend"], recipe=recipe["name"],
+                                quantized=recipe["quantized"], greedy_tokens=greedy_tokens, progress=advance)
+    validate_variants(report, backend, folder, manifest, ckpt.model, ids, stages)
+    return report
+
+
+def validate_variants(report: ValidationReport, backend, folder: Path, manifest: dict[str, Any], model: Griffin,
+                      ids: Sequence[int], stages, greedy_tokens: int = 64) -> None:
+    """Validates each of the backend's other ways of loading the artifact into `report.variants`."""
+    recipe = manifest["recipe"]
+    for name, kwargs in backend.variants(folder, manifest).items():
+        with stages.stage("validate", f"variant {name}"):
+            runner = backend.load(folder, manifest, **kwargs)
+            report.variants[name] = run_validation(
+                runner, model, ids, backend=f"{manifest['backend']} ({name})", recipe=recipe["name"],
+                quantized=recipe["quantized"], greedy_tokens=greedy_tokens)
 
 
 def format_report(report: ValidationReport) -> str:
@@ -312,4 +329,10 @@ def format_report(report: ValidationReport) -> str:
         lines.append("  state       not exposed by this runtime")
     for f in report.failures:
         lines.append(f"  FAIL        {f}")
+    for name, v in report.variants.items():
+        vm = v.metrics
+        verdict = "passed" if v.passed else "FAILED"
+        lines.append(f"  variant {name}: {verdict}: max |err| {vm['max_abs_logit_error']:.3g}, "
+                     f"top-1 {100 * vm['top1_agreement']:.2f}%, perplexity ratio {vm['ppl_ratio']:.4f}")
+        lines += [f"  FAIL        [{name}] {f}" for f in v.failures]
     return "\n".join(lines)

@@ -144,6 +144,11 @@ class Backend(abc.ABC):
     def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
         """Loads the artifact described by `manifest` from `artifact_dir` into a runner."""
 
+    def variants(self, artifact_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Other ways to load the same artifact that validation checks too: name -> `load` keyword
+        arguments (ONNX's .ort files for ONNX Runtime Mobile, say)."""
+        return {}
+
     def check_recipe(self, recipe: str) -> None:
         from rgexport.errors import RgexportError
 

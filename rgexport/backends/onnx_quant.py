@@ -1,0 +1,442 @@
+"""Graph passes on exported ONNX models: tidying, the tied output head, and each recipe's precision.
+
+The passes work on `ModelProto`s from `torch.onnx.export(dynamo=True)` (static shapes, a value_info entry
+for every intermediate tensor). Only `onnx` and, for int8/int4, `onnxruntime.quantization` are needed;
+both are imported inside the functions. What `OnnxBackend.lower` does per recipe:
+- fp32: `tie_head_as_gemm`: the output head reads the tied embedding through `Gemm(transB=1)`.
+- fp16: the same, then `to_fp16`: weights and activations in float16 except the RG-LRU, the RMSNorms and
+  the position arithmetic; graph inputs and outputs stay float32, so the I/O contract does not change.
+- int8: `quantize_int8`: ONNX Runtime's dynamic quantisation (uint8 weights, uint8 activations per call).
+- int4: `quantize_int4`: `MatMulNBits` (4-bit, block 32, symmetric) for every 2-D MatMul, the head
+  included, and `GatherBlockQuantized` for the embedding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rgexport.errors import RgexportError
+
+# Node metadata the torch exporter writes: which nn.Module classes a node came from.
+_CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
+# Modules kept in float32 by the fp16 recipe: the recurrence (h = a * h + x over many steps) and RMSNorm
+# (mean of x * x, which overflows float16 once |x| > 256).
+FP32_MODULES = ("rgexport.model.layers.RGLRU", "rgexport.model.layers.RMSNorm")
+INT4_BLOCK_SIZE = 32
+# Whole-model shape inference serialises the model: only below protobuf's limit.
+_INFER_LIMIT = 1 << 30
+
+
+# Small helpers -----------------------------------------------------------------------------------
+def _onnx() -> Any:
+    import onnx
+
+    return onnx
+
+
+def _consumers(graph) -> dict[str, list]:
+    out: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            out[name].append(node)
+    return out
+
+
+def _shape_of(graph, name: str) -> list[int] | None:
+    for vi in (*graph.value_info, *graph.input, *graph.output):
+        if vi.name == name:
+            dims = vi.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                return [d.dim_value for d in dims]
+            return None
+    return None
+
+
+def _unique_name(taken: set[str], base: str) -> str:
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def _all_names(graph) -> set[str]:
+    names = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    for node in graph.node:
+        names.update(node.output)
+        names.add(node.name)
+    return names
+
+
+# Tidying ----------------------------------------------------------------------------------------
+def drop_initializer_value_info(model) -> None:
+    """Removes value_info entries that restate an initializer's shape (in place).
+
+    onnx-ir, which writes the dynamo exporter's output, records every initializer's type and shape in
+    `graph.value_info` as well as in the tensor itself. ONNX Runtime's dynamic quantiser rewrites
+    `Gemm(transB=1)` as MatMul by transposing the weight initializer in place under the same name and
+    leaves that value_info alone; its next shape inference then fails with "[ShapeInferenceError]
+    Inferred shape and existing shape differ in dimension 0: (128) vs (192)" for a [192, 128] weight.
+    The tensor's own dims are authoritative, so the copy can only ever go stale.
+    """
+    initializers = {i.name for i in model.graph.initializer}
+    keep = [vi for vi in model.graph.value_info if vi.name not in initializers]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+
+
+def strip_debug_metadata(model) -> None:
+    """Removes the exporter's per-node metadata (stack traces, FX nodes): about 40% of a small file."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+
+
+def node_classes(node) -> str:
+    for prop in node.metadata_props:
+        if prop.key == _CLASS_HIERARCHY:
+            return prop.value
+    return ""
+
+
+# The tied output head -----------------------------------------------------------------------------
+def _tied_heads(model) -> list[tuple[Any, list, Any]]:
+    """(Transpose, its MatMul users, E) for each `MatMul(x, Transpose(E))` with E a 2-D initializer."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers = _consumers(graph)
+    found = []
+    for node in graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in inits:
+            continue
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if len(inits[node.input[0]].dims) != 2 or perm not in ([[1, 0]], []):
+            continue
+        users = consumers[node.output[0]]
+        if users and all(u.op_type == "MatMul" and list(u.input).index(node.output[0]) == 1 for u in users):
+            found.append((node, users, inits[node.input[0]]))
+    return found
+
+
+def tie_head_as_gemm(model) -> int:
+    """Rewrites `MatMul(x, Transpose(E))` as `Reshape -> Gemm(x2d, E, transB=1) -> Reshape` (in place).
+
+    The exporter writes the tied head as a Transpose of the embedding; ONNX Runtime folds it into a
+    transposed copy at session start and the ORT-format converter stores that copy, so every .ort file
+    would carry the embedding twice. Gemm reads E transposed in place. Returns the number rewritten.
+    Not for the int8 recipe: the dynamic quantiser turns Gemm(transB=1) back into MatMul by transposing
+    E in place, which would break the embedding Gather that shares it.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    taken = _all_names(graph)
+    new_nodes: dict[int, list] = {}
+    dead = set()
+    for transpose, matmuls, emb in _tied_heads(model):
+        shapes = [(_shape_of(graph, m.input[0]), _shape_of(graph, m.output[0])) for m in matmuls]
+        if any(x is None or y is None for x, y in shapes):
+            continue  # dynamic shapes: leave the MatMuls
+        vocab, width = emb.dims
+        for matmul, (x_shape, y_shape) in zip(matmuls, shapes):
+            x, y = matmul.input[0], matmul.output[0]
+            rows = int(np.prod(x_shape[:-1]))
+            shape_in = _unique_name(taken, f"{y}_gemm_in_shape")
+            shape_out = _unique_name(taken, f"{y}_gemm_out_shape")
+            x2d, y2d = _unique_name(taken, f"{x}_2d"), _unique_name(taken, f"{y}_2d")
+            graph.initializer.extend([
+                numpy_helper.from_array(np.array([rows, width], np.int64), shape_in),
+                numpy_helper.from_array(np.array(y_shape, np.int64), shape_out),
+            ])
+            graph.value_info.extend([
+                helper.make_tensor_value_info(x2d, emb.data_type, [rows, width]),
+                helper.make_tensor_value_info(y2d, emb.data_type, [rows, vocab]),
+            ])
+            replacement = [
+                helper.make_node("Reshape", [x, shape_in], [x2d], name=_unique_name(taken, f"{matmul.name}_in")),
+                helper.make_node("Gemm", [x2d, emb.name], [y2d], name=_unique_name(taken, f"{matmul.name}_gemm"),
+                                 transB=1),
+                helper.make_node("Reshape", [y2d, shape_out], [y], name=_unique_name(taken, f"{matmul.name}_out")),
+            ]
+            for node in replacement:  # keep the provenance that the fp16 pass reads
+                node.metadata_props.extend(matmul.metadata_props)
+            new_nodes[id(matmul)] = replacement
+        dead.add(id(transpose))
+    if new_nodes:
+        nodes = [n for node in graph.node if id(node) not in dead for n in new_nodes.get(id(node), [node])]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return len(new_nodes)
+
+
+def untie_head(model) -> int:
+    """Replaces `Transpose(E)` feeding the head MatMul by a transposed initializer (in place).
+
+    Weight-only quantisers only quantise a MatMul whose weight is an initializer; this gives the head one.
+    Returns the number of heads untied.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    taken = _all_names(graph)
+    dead = set()
+    for transpose, matmuls, emb in _tied_heads(model):
+        name = _unique_name(taken, "lm_head.weight_t")
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(emb).T.copy(), name))
+        for matmul in matmuls:
+            matmul.input[1] = name
+        dead.add(id(transpose))
+    nodes = [n for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(dead)
+
+
+# fp16 -------------------------------------------------------------------------------------------
+# Ops whose float output dtype is set by an attribute rather than by their inputs.
+_TYPED_BY_ATTRIBUTE = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype"}
+
+
+def position_only_nodes(model, position_inputs: tuple[str, ...] = ("position",)) -> set[str]:
+    """Names of nodes that depend on no graph input but the position (masks, rotary angles, resets).
+
+    They run once per call on a handful of values, and they must stay float32: float16 holds integers
+    exactly only up to 2048, and the mask and ring-buffer slot arithmetic works on positions as floats.
+    """
+    graph = model.graph
+    activation = {i.name for i in graph.input if i.name not in position_inputs}
+    out = set()
+    for node in graph.node:
+        if any(name in activation for name in node.input):
+            activation.update(node.output)
+        else:
+            out.add(node.name)
+    return out
+
+
+def to_fp16(model, keep_fp32: Callable[[Any], bool] | None = None):
+    """A float16 copy of `model`: float32 tensors become float16 except in nodes `keep_fp32` selects.
+
+    Graph inputs and outputs keep float32 (Casts at the boundary); a Cast is inserted wherever a tensor
+    crosses between the float16 and float32 regions; float32 initializers become float16 where float16
+    nodes read them. The default `keep_fp32` keeps `FP32_MODULES` and the position arithmetic
+    (`position_only_nodes`) in float32. It finds the modules through the exporter's class-hierarchy
+    metadata; a model without that metadata is refused rather than converted whole, since the
+    recurrence would then silently run in float16.
+    """
+    onnx = _onnx()
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+    if keep_fp32 is None:
+        if not any(node_classes(n) for n in model.graph.node):
+            raise RgexportError(
+                "The fp16 recipe needs the exporter's node metadata (pkg.torch.onnx.class_hierarchy) to keep "
+                "the RG-LRU recurrence in float32; this model has none (was it tidied before lowering?)"
+            )
+        positional = position_only_nodes(model)
+
+        def keep_fp32(node) -> bool:
+            classes = node_classes(node)
+            return node.name in positional or any(m in classes for m in FP32_MODULES)
+
+    model = copy.deepcopy(model)
+    if model.ByteSize() < _INFER_LIMIT:
+        model = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    taken = _all_names(graph)
+    elem: dict[str, int] = {}
+    for vi in (*graph.input, *graph.output, *graph.value_info):
+        elem[vi.name] = vi.type.tensor_type.elem_type
+    inits = {i.name: i for i in graph.initializer}
+    for name, t in inits.items():
+        elem[name] = t.data_type
+    graph_outputs = {o.name for o in graph.output}
+
+    actual: dict[str, int] = dict(elem)  # dtype of each tensor after conversion
+    casts: dict[tuple[str, int], str] = {}
+    half_inits: dict[str, str] = {}
+    new_inits = []
+    nodes = []
+
+    def as_dtype(name: str, want: int) -> str:
+        """`name`, or a tensor holding it converted to `want` (a converted initializer or a Cast)."""
+        if not name or actual.get(name) not in (FLOAT, HALF) or actual[name] == want:
+            return name
+        if name in inits and want == HALF:
+            if name not in half_inits:
+                array = numpy_helper.to_array(inits[name])
+                array = np.clip(array, -65504.0, 65504.0).astype(np.float16)
+                new = _unique_name(taken, f"{name}_fp16")
+                new_inits.append(numpy_helper.from_array(array, new))
+                actual[new] = HALF
+                half_inits[name] = new
+            return half_inits[name]
+        key = (name, want)
+        if key not in casts:
+            out = _unique_name(taken, f"{name}_{'fp16' if want == HALF else 'fp32'}")
+            nodes.append(helper.make_node("Cast", [name], [out], to=want, name=_unique_name(taken, f"cast_{out}")))
+            actual[out] = want
+            casts[key] = out
+        return casts[key]
+
+    for node in graph.node:
+        unknown = [o for o in node.output if o and o not in elem]
+        if unknown:
+            raise RgexportError(f"fp16: no dtype recorded for {unknown} (node {node.name}); run shape inference first")
+        region = FLOAT if keep_fp32(node) else HALF
+        if region == HALF:
+            for i, name in enumerate(node.input):
+                node.input[i] = as_dtype(name, HALF)
+            for attr in node.attribute:
+                if node.op_type in _TYPED_BY_ATTRIBUTE and attr.name == _TYPED_BY_ATTRIBUTE[node.op_type]:
+                    if attr.i == FLOAT:
+                        attr.i = HALF
+                elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT:
+                    attr.t.CopyFrom(numpy_helper.from_array(
+                        numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+            for out in node.output:
+                if elem.get(out) == FLOAT:
+                    actual[out] = HALF
+        else:
+            for i, name in enumerate(node.input):
+                node.input[i] = as_dtype(name, FLOAT)
+        nodes.append(node)
+
+    # Graph outputs keep float32: the producer writes a float16 tensor under a new name, a Cast restores it.
+    renames = {}
+    for name in graph_outputs:
+        if elem.get(name) == FLOAT and actual.get(name) == HALF:
+            renames[name] = _unique_name(taken, f"{name}_fp16")
+    if renames:
+        for node in nodes:
+            for i, out in enumerate(node.output):
+                if out in renames:
+                    node.output[i] = renames[out]
+            for i, inp in enumerate(node.input):
+                if inp in renames:
+                    node.input[i] = renames[inp]
+        for name, new in renames.items():
+            nodes.append(helper.make_node("Cast", [new], [name], to=FLOAT, name=_unique_name(taken, f"cast_{name}")))
+            actual[new] = HALF
+            actual[name] = FLOAT
+
+    # Initializers no float32 node reads any more are dropped in favour of their float16 copies.
+    still_read = {name for node in nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name in still_read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + [t for t in new_inits if t.name in still_read])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    value_info = []
+    for vi in graph.value_info:
+        if vi.name in actual and vi.name in still_read | {o for n in nodes for o in n.output}:
+            vi.type.tensor_type.elem_type = actual[vi.name]
+            value_info.append(vi)
+    for name, new in renames.items():
+        vi = helper.make_tensor_value_info(new, HALF, _shape_of(graph, name))
+        value_info.append(vi)
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+    return model
+
+
+# int8 / int4 ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_quantizer_logs() -> Iterator[None]:
+    """Silences the root-logger warning ORT's quantisers print on every call ("consider pre-processing")."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def quantize_int8(model, large: bool = False, signed_weights: bool = False):
+    """ONNX Runtime dynamic quantisation: uint8 weights (per tensor), uint8 activations quantised per call.
+
+    Unsigned weights by default: with int8 weights and uint8 activations ONNX Runtime's x86 kernels use
+    VPMADDUBSW, whose 16-bit pair sums saturate on CPUs without VNNI (AVX2): a random 128-192-128 MLP
+    came out 0.19 off (of 0.65) instead of 0.007 with uint8 weights. This is likely why ORT's int8 errors
+    on x86 were about three times those on Arm in FINDINGS.md (0.194 vs 0.059). Per tensor, not per
+    channel: per-channel zero points fail at run time on the RG-LRU gates' 3-D weights ("b zero point is
+    not valid"). The tied embedding is quantised once and shared by the embedding Gather and the head's
+    Transpose (the head then multiplies dequantised weights in float).
+    """
+    onnx = _onnx()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="rgexport-int8-") as tmp, _quiet_quantizer_logs():
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(model, out, weight_type=QuantType.QInt8 if signed_weights else QuantType.QUInt8,
+                         per_channel=False, use_external_data_format=large)
+        return onnx.load(out)
+
+
+def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
+    """4-bit symmetric block quantisation of every 2-D MatMul weight (`MatMulNBits`) and the embedding.
+
+    Runs on the exported graph as is: after `quant_pre_process` fuses MatMul + Add into Gemm, which
+    `MatMulNBits` does not handle, most weights would stay float. The head is untied first so that its
+    weight is an initializer; the embedding Gather becomes `GatherBlockQuantized` (blocks along width).
+    """
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = copy.deepcopy(model)
+    untie_head(model)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
+    with _quiet_quantizer_logs():
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+        quantizer.process()
+    model = quantizer.model.model
+    _pack_int4_gathers(model)
+    return model
+
+
+def _pack_int4_gathers(model) -> int:
+    """Stores `GatherBlockQuantized` data as uint8 holding two 4-bit values (`bits=4`) instead of INT4.
+
+    The ORT format has no INT4 tensors ("Unsupported tensor data type ... Invalid ORT format model").
+    Symmetric int4 v in [-8, 7] becomes the unsigned nibble v + 8 (flipping the top bit of each nibble),
+    which is what uint8 data means to the kernel when no zero points are given (default zero point 8);
+    both pack two values per byte, low nibble first. Returns the number of tensors repacked.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "GatherBlockQuantized" or node.input[0] not in inits:
+            continue
+        data = inits[node.input[0]]
+        if data.data_type != TensorProto.INT4:
+            continue
+        if len(node.input) > 3 and node.input[3]:
+            raise RgexportError(f"{node.name}: int4 data with zero points; the int4 recipe is symmetric")
+        rows, cols = data.dims
+        packed = np.frombuffer(data.raw_data, np.uint8) ^ np.uint8(0x88)
+        data.CopyFrom(numpy_helper.from_array(packed.reshape(rows, (cols + 1) // 2).copy(), data.name))
+        kept = [a for a in node.attribute if a.name != "bits"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, helper.make_attribute("bits", 4)])
+        count += 1
+    return count
