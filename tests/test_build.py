@@ -1,0 +1,111 @@
+"""The build pipeline: atomic output, failures that name their stage, the manifest and its schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rgexport.build import BuildError, BuildOptions, build
+from rgexport.errors import RgexportError
+from rgexport.manifest import check_manifest, read_manifest
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "onnx-fp32"
+    return build(BuildOptions(backend="onnx", recipe="fp32", out=out, validation_tokens=64))
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_manifest_is_complete_and_matches_the_schema(good):
+    folder, m = read_manifest(good.out)
+    assert m["backend"] == "onnx" and m["recipe"]["name"] == "fp32"
+    assert m["validation"]["status"] == "passed"
+    assert m["model"]["checkpoint"]["source"] == "shipped:tiny"
+    names = {f["path"] for f in m["artifact"]["files"]}
+    assert m["artifact"]["file"] in names and "tokenizer.model" in names
+    state = m["io"]["state"]
+    assert state["total_bytes"] == sum(t["bytes"] for t in state["tensors"]) > 0
+    assert {"decode", "prefill"} <= set(m["io"]["methods"])
+    assert set(m["build"]["stages_seconds"]) >= {"load", "quantise", "export", "lower", "write", "validate"}
+    broken = json.loads(json.dumps(m))
+    del broken["io"]["state"]["tensors"][0]["shape"]
+    with pytest.raises(RgexportError, match="manifest.json is invalid at io/state/tensors/0"):
+        check_manifest(broken)
+
+
+def test_existing_output_needs_force(good):
+    with pytest.raises(RgexportError, match="already exists"):
+        build(BuildOptions(backend="onnx", recipe="fp32", out=good.out))
+
+
+def test_failed_stage_is_named_and_leaves_the_old_output(good, monkeypatch):
+    from rgexport.backends.onnx import OnnxBackend
+
+    before = _snapshot(good.out)
+
+    def broken_export(self, prepared, ctx):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(OnnxBackend, "export", broken_export)
+    with pytest.raises(BuildError) as e:
+        build(BuildOptions(backend="onnx", recipe="fp32", out=good.out, force=True))
+    assert e.value.stage == "export" and "exporter exploded" in str(e.value) and "untouched" in str(e.value)
+    assert _snapshot(good.out) == before
+    assert not list(good.out.parent.glob(".onnx-fp32.partial-*"))
+
+
+def test_failed_validation_fails_the_build(tmp_path, monkeypatch):
+    """An artifact whose logits are off by 1e-2 must not be written (fp32 allows 1e-3)."""
+    from rgexport.backends.onnx import OnnxBackend
+
+    real_load = OnnxBackend.load
+
+    def skewed_load(self, folder, manifest, **kw):
+        runner = real_load(self, folder, manifest, **kw)
+        decode, prefill = runner.decode, runner.prefill
+        runner.decode = lambda t, p: decode(t, p) + np.float32(1e-2)
+        runner.prefill = lambda ts, p: prefill(ts, p) + np.float32(1e-2)
+        return runner
+
+    monkeypatch.setattr(OnnxBackend, "load", skewed_load)
+    out = tmp_path / "skewed"
+    with pytest.raises(BuildError) as e:
+        build(BuildOptions(backend="onnx", recipe="fp32", out=out, validation_tokens=32))
+    assert e.value.stage == "validate" and "max_abs_logit_error" in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".skewed.partial-*"))
+
+
+def test_killed_build_leaves_the_earlier_output_intact(good):
+    before = _snapshot(good.out)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rgexport.cli", "build", "--target", "onnx", "--out", str(good.out), "--force"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(good.out.parent.glob(".onnx-fp32.partial-*")):
+        time.sleep(0.2)
+    assert list(good.out.parent.glob(".onnx-fp32.partial-*")), "the build never started writing"
+    time.sleep(2)  # well inside export, which takes ~10 s or more
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _snapshot(good.out) == before  # the earlier output is byte for byte what it was
+    folder, manifest = read_manifest(good.out)
+    assert manifest["validation"]["status"] == "passed"
+
+
+def test_no_validate_is_recorded(tmp_path):
+    result = build(BuildOptions(backend="onnx", recipe="fp32", out=tmp_path / "nv", validate=False))
+    assert result.report is None
+    assert read_manifest(result.out)[1]["validation"] == {"status": "unvalidated"}
