@@ -27,11 +27,11 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from rgexport.build import BuildOptions, _move_into_place, _partial_dirs, build
+from rgexport.build import BuildError, BuildOptions, _move_into_place, _partial_dirs, build
 from rgexport.errors import RgexportError
 from rgexport.manifest import file_entries, now, rgexport_version, sha256_file
 from rgexport.profiles import TargetProfile
-from rgexport.progress import Stages
+from rgexport.progress import StageFailed, Stages
 
 BUNDLE_MANIFEST = "bundle.json"
 
@@ -84,14 +84,19 @@ def build_bundle(
             manifest = _bundle_manifest(work, profile, artifacts, samples)
             (work / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _move_into_place(work, out)
+    except StageFailed as e:
+        raise BuildError(e.stage, e.cause, out) from e.cause
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     archive_path = None
     if archive:
         archive_path = out.with_suffix(".zip")
-        with stages.stage("archive", str(archive_path)):
-            _write_zip(out, archive_path)
+        try:
+            with stages.stage("archive", str(archive_path)):
+                _write_zip(out, archive_path)
+        except StageFailed as e:
+            raise BuildError(e.stage, e.cause, out) from e.cause
     return BundleResult(out, manifest, archive_path)
 
 

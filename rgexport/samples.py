@@ -167,6 +167,7 @@ def swift_executorch(folder: str, m: dict[str, Any]) -> str:
     head = HEADER.format(version=m["rgexport_version"], folder=folder, backend=m["backend"],
                          recipe=m["recipe"]["name"])
     reset = "        _ = try module.execute(\"reset\", [Value]())\n" if "reset" in io["methods"] else ""
+    loads = "".join(f'        try module.load("{name}")\n' for name in io["methods"])
     return f"""// {head}
 import ExecuTorch
 
@@ -179,9 +180,8 @@ final class RecurrentGemmaExecuTorch {{
 
     init(path: String) throws {{
         module = Module(filePath: path)
-        try module.load("decode")
-        try module.load("prefill")
-    }}
+        // Load every method before running any: loading a method re-initialises the shared state.
+{loads}    }}
 
     /// Position 0 starts a new sequence whatever the state holds.
     func reset() throws {{
@@ -347,6 +347,7 @@ def kotlin_executorch(folder: str, m: dict[str, Any]) -> str:
     head = HEADER.format(version=m["rgexport_version"], folder=folder, backend=m["backend"],
                          recipe=m["recipe"]["name"])
     reset = '        module.execute("reset")\n' if "reset" in io["methods"] else ""
+    methods = ", ".join(f'"{name}"' for name in io["methods"])
     return f"""// {head}
 package ai.rgexport.sample
 
@@ -365,6 +366,11 @@ class RecurrentGemmaExecuTorch(path: String) {{
     }}
 
     private val module: Module = Module.load(path)
+
+    init {{
+        // Load every method before running any: loading a method re-initialises the shared state.
+        for (method in listOf({methods})) module.loadMethod(method)
+    }}
 
     /** Position 0 starts a new sequence whatever the state holds. */
     fun reset() {{
@@ -466,8 +472,12 @@ def integration_guide(profile: TargetProfile, artifacts, samples: list[Path], bu
         for method, spec in m["io"]["methods"].items():
             ins = ", ".join(f"`{t.get('litert_name', t['name'])}` {t['dtype']}{t['shape']}" for t in spec["inputs"][:2])
             more = len(spec["inputs"]) - 2
-            lines.append(f"- `{method}`: {ins}" + (f" and {more} state inputs" if more > 0 else "") +
-                         f" → `{spec['outputs'][0]['name']}` {spec['outputs'][0]['dtype']}{spec['outputs'][0]['shape']}")
+            outs = spec["outputs"]
+            result = (f"`{outs[0]['name']}` {outs[0]['dtype']}{outs[0]['shape']}" if outs else "nothing")
+            if len(outs) > 1:
+                result += f" and {len(outs) - 1} more"
+            lines.append(f"- `{method}`: {ins or 'no inputs'}" + (f" and {more} state inputs" if more > 0 else "")
+                         + f" → {result}")
         lines.append("")
     if samples:
         lines += ["## Sample code", "",
