@@ -245,7 +245,7 @@ def _validate_bundle(path: Path, checkpoint: str | None, tokens: int | None, as_
             {k: (v.to_dict() if k == "report" else v) for k, v in a.items()} for a in result["artifacts"]]}))
     else:
         for a in result["artifacts"]:
-            out.print(format_report(a["report"]), highlight=False, markup=False)
+            out.print(format_report(a["report"]), highlight=False, markup=False, soft_wrap=True)
             budget = a["memory_budget_mb"]
             verdict = "within" if a["within_budget"] else "OVER"
             out.print(f"  memory      peak {a['peak_rss_bytes'] / 1e6:.0f} MB, {verdict} the {budget} MB budget",

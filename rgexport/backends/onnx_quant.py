@@ -440,3 +440,79 @@ def _pack_int4_gathers(model) -> int:
         node.attribute.extend([*kept, helper.make_attribute("bits", 4)])
         count += 1
     return count
+
+
+# Static int8 (qdq8) ---------------------------------------------------------------------------------
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+# Op groups of the sensitivity study (notes/onnx.md), by the module a node came from.
+QDQ_GROUPS = {
+    "embedding": "the token embedding Gather (the tied embedding matrix)",
+    "head": "the output head (tied embedding, MatMul/Gemm)",
+    "mlp": "MLP linears (ffw_gate, ffw_up, ffw_down)",
+    "recurrent_linear": "recurrent block linears (linear_x, linear_y, linear_out)",
+    "lru_gates": "RG-LRU gate layers (input_gate, a_gate: block-diagonal MatMuls)",
+    "attention_proj": "attention projections (proj_q, proj_k, proj_v, proj_final)",
+    "attention_scores": "attention scores and weighted values against the cached keys/values (Einsum, Softmax)",
+    "ring_write": "the ring-buffer write of the new key/value into the cache state (one-hot MatMul)",
+    "attention_other": "attention masks, cache concat and blend",
+    "rope": "rotary embedding",
+    "rglru": "the RG-LRU recurrence (gates' sigmoid/exp, h = a * h + x on the state)",
+    "conv1d": "the Conv1D over the conv state",
+    "norms": "RMSNorms",
+    "gating": "GELU and the gating products (MLP and recurrent block)",
+    "residual": "residual additions",
+    "top": "embedding scale and logit soft-cap",
+    "position": "position arithmetic (masks, slots, resets): never quantised",
+}
+_LINEAR_GROUPS = {"linear_x": "recurrent_linear", "linear_y": "recurrent_linear", "linear_out": "recurrent_linear",
+                  "ffw_gate": "mlp", "ffw_up": "mlp", "ffw_down": "mlp", "proj_q": "attention_proj",
+                  "proj_k": "attention_proj", "proj_v": "attention_proj", "proj_final": "attention_proj"}
+_CLASS_GROUPS = {"BlockDiagonalLinear": "lru_gates", "RGLRU": "rglru", "Conv1D": "conv1d", "RMSNorm": "norms",
+                 "RotaryEmbedding": "rope", "MLPBlock": "gating", "RecurrentBlock": "gating",
+                 "ResidualBlock": "residual"}
+
+
+def _literal_list(node, key: str) -> list[str]:
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == key:
+            return list(ast.literal_eval(prop.value))
+    return []
+
+
+def qdq_groups(model) -> dict[str, str]:
+    """Node name -> op group (`QDQ_GROUPS`), from the exporter's module metadata.
+
+    Raises RgexportError for a model without that metadata (it is stripped after lowering).
+    """
+    graph = model.graph
+    if not any(node_classes(n) for n in graph.node):
+        raise RgexportError("qdq8 needs the exporter's node metadata (pkg.torch.onnx.class_hierarchy) to tell the "
+                            "recurrence from the linears; this model has none (was it tidied before lowering?)")
+    inits = {t.name: t for t in graph.initializer}
+    heads = {m.name for _, users, _ in _tied_heads(model) for m in users}
+    positional = position_only_nodes(model)
+    groups = {}
+    for node in graph.node:
+        classes = _literal_list(node, _CLASS_HIERARCHY)
+        scopes = _literal_list(node, _NAME_SCOPES)
+        owner = classes[-2].rsplit(".", 1)[-1] if len(classes) >= 2 else ""
+        module = scopes[-2].rsplit(".", 1)[-1] if len(scopes) >= 2 else ""
+        if node.name in positional:
+            group = "position"
+        elif owner == "Linear" and module in _LINEAR_GROUPS:
+            group = _LINEAR_GROUPS[module]
+        elif owner in _CLASS_GROUPS:
+            group = _CLASS_GROUPS[owner]
+        elif owner == "LocalAttentionBlock":
+            group = {"Einsum": "attention_scores", "Softmax": "attention_scores",
+                     "MatMul": "ring_write"}.get(node.op_type, "attention_other")
+        elif node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
+            group = "embedding"
+        elif node.name in heads or (node.op_type in ("MatMul", "Gemm") and len(scopes) <= 2):
+            group = "head"
+        else:
+            group = "top"
+        groups[node.name] = group
+    return groups
