@@ -1,0 +1,506 @@
+"""Core ML backend: a multifunction ML program (.mlpackage, iOS 18) with `decode` and `prefill` functions.
+
+Stages: export traces the step model twice with TorchScript (one token; one prefill chunk) -> lower
+converts each with coremltools (fp16 compute with float32 islands, see below) and compresses its weights
+per recipe -> write merges the two programs into one multifunction package whose functions share their
+weights and their state.
+
+State, two ways (option `state_dtype`):
+- "float16": Core ML states (`ct.StateType`), kept inside the program; Core ML only stores states in
+  fp16, so the RG-LRU hidden state and the K/V window are held in fp16 between calls.
+- "float32": functional state, passed in and out as float32 tensors (`state_*` -> `new_state_*`).
+Default "float16": over 4096 tokens of the shipped model, fp16 state adds no measurable drift (error
+flat with position, perplexity equal to 4 digits; notes/coreml.md), and Core ML states avoid copying
+the state through every call.
+
+Float32 islands in the fp16 program (`fp32_islands`):
+- Position arithmetic (attention mask, rotary angles, ring-buffer slots, the reset at position 0):
+  fp16 has integers exactly only up to 2048, and rotary angles of position p are p * inv_freq.
+- The RG-LRU: its decay a = exp(log_a) lies just below 1, where fp16's spacing (4.9e-4) is as large as
+  1 - a itself; sqrt(1 - a^2) cancels catastrophically; the recurrence h = a * h + x compounds every
+  rounding. The island is everything elementwise feeding the RG-LRU state (gates' arithmetic after the
+  sigmoid, Conv1D, recurrence); the matmuls stay fp16.
+
+Weights: fp16 (default), or compressed with coremltools.optimize.coreml (int8 per channel, int4 per block
+of 32, 4-bit k-means palettes). An all-zero row (an embedding padding row kept at zero) gets a zero scale
+from coremltools' quantiser, which divides 0/0 and casts the NaN to int (a platform-dependent value):
+`_fix_zero_scales` rewrites such blocks as scale 1 over zero data, so they dequantise to exact zeros.
+
+Running on Linux: `predict()` needs macOS, so `load` returns a runner backed by rgexport's MIL
+interpreter (`mil_interpreter`); on macOS it uses `MLModel.predict` with `make_state()`.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rgexport.backends.base import Backend, BuildContext, Recipe, Runner, standard_io_contract
+from rgexport.errors import RgexportError
+from rgexport.graphs import StatefulModel, buffer_name
+from rgexport.model import Griffin, TensorSpec
+
+STATE_DTYPES = ("float16", "float32")
+DEFAULT_STATE_DTYPE = "float16"
+ARTIFACT_FILE = "model.mlpackage"
+FUNCTIONS = ("decode", "prefill")
+
+# Ops that only move, combine or apply elementwise arithmetic: the RG-LRU island grows through them.
+_ELEMENTWISE = frozenset({
+    "add", "sub", "mul", "real_div", "exp", "sqrt", "rsqrt", "clip", "abs", "maximum", "minimum",
+    "slice_by_index", "slice_update", "expand_dims", "squeeze", "reshape", "concat", "stack", "cast",
+})
+
+
+def state_input_name(spec: TensorSpec) -> str:
+    """Core ML feature names cannot hold dots: state.blocks.0.rg_lru -> state_blocks_0_rg_lru."""
+    return f"state_{buffer_name(spec)}"
+
+
+def state_output_name(spec: TensorSpec) -> str:
+    return f"new_state_{buffer_name(spec)}"
+
+
+# Graphs -----------------------------------------------------------------------------------------
+def _graphs(model: Griffin, chunk: int, state_dtype: str) -> dict[str, tuple[Any, tuple]]:
+    """The torch modules to trace, with example inputs: {function: (module, example inputs)}."""
+    import torch
+    from torch import nn
+
+    specs = model.state_spec(1)
+
+    class StatefulDecode(StatefulModel):
+        """token [1], position [1] -> logits [1, v]; state in fp16 buffers (Core ML states)."""
+
+        def forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            return super().forward(token[:, None], position)[:, 0]
+
+    class FunctionalStep(nn.Module):
+        """tokens [1, t] (or token [1]), position [1], *state -> logits, *new_state (float32 state I/O)."""
+
+        def __init__(self, decode: bool):
+            super().__init__()
+            self.model, self.decode = model, decode
+
+        def forward(self, tokens: torch.Tensor, position: torch.Tensor, *state: torch.Tensor):
+            if self.decode:
+                tokens = tokens[:, None]
+            named = {s.name: t for s, t in zip(specs, state)}
+            logits, new = self.model.forward(tokens.to(torch.long), position, named)
+            return (logits[:, 0] if self.decode else logits, *[new[s.name] for s in specs])
+
+    position = torch.zeros(1, dtype=torch.int32)
+    token, tokens = torch.zeros(1, dtype=torch.int32), torch.zeros(1, chunk, dtype=torch.int32)
+    if state_dtype == "float16":
+        return {
+            "decode": (StatefulDecode(model, assign_slices=True, state_dtype=torch.float16).eval(),
+                       (token, position)),
+            "prefill": (StatefulModel(model, assign_slices=True, state_dtype=torch.float16).eval(),
+                        (tokens, position)),
+        }
+    zeros = tuple(torch.zeros(s.shape) for s in specs)
+    return {
+        "decode": (FunctionalStep(decode=True).eval(), (token, position, *zeros)),
+        "prefill": (FunctionalStep(decode=False).eval(), (tokens, position, *zeros)),
+    }
+
+
+# Float32 islands --------------------------------------------------------------------------------
+def fp32_islands(block: Any) -> dict[str, set[Any]]:
+    """Ops of a MIL function (before fp16 casting) that must compute in float32, by reason.
+
+    "position": ops computing only from the `position` input and constants.
+    "rg_lru": elementwise ops on a path into an RG-LRU state write (or `new_state_*rg_lru` output).
+    """
+    position_var = block.inputs.get("position")
+    position: set[Any] = set()
+    for op in block.operations:
+        if op.op_type == "const":
+            continue
+        variables = [v for vs in op.inputs.values() for v in (vs if isinstance(vs, (list, tuple)) else [vs])]
+        dynamic = [v for v in variables if v.val is None]
+        if dynamic and all(v is position_var or (v.op is not None and v.op in position) for v in dynamic):
+            position.add(op)
+
+    seeds = []
+    for op in block.operations:
+        if op.op_type == "coreml_update_state" and "rg_lru" in op.state.name:
+            seeds.append(op.value)
+    seeds += [v for v in block.outputs if "rg_lru" in v.name]
+    rg_lru: set[Any] = set()
+    stack = list(seeds)
+    while stack:
+        var = stack.pop()
+        op = var.op
+        if op is None or op in rg_lru or op in position or op.op_type not in _ELEMENTWISE:
+            continue
+        rg_lru.add(op)
+        for vs in op.inputs.values():
+            for v in vs if isinstance(vs, (list, tuple)) else [vs]:
+                if v.val is None:
+                    stack.append(v)
+    return {"position": position, "rg_lru": rg_lru}
+
+
+class _IslandSelector:
+    """op_selector for `FP16ComputePrecision`: True (cast to fp16) for every op outside the islands."""
+
+    def __init__(self) -> None:
+        self._islands: dict[int, set[int]] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, op: Any) -> bool:
+        block = op.enclosing_block
+        key = id(block)
+        if key not in self._islands:
+            islands = fp32_islands(block)
+            self.counts = {k: len(v) for k, v in islands.items()}
+            self._islands[key] = {id(o) for ops in islands.values() for o in ops}
+        return id(op) not in self._islands[key]
+
+
+# Weight compression -----------------------------------------------------------------------------
+def _compression_config(recipe: str) -> Any:
+    from coremltools.optimize import coreml as cto
+
+    if recipe == "int8":
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    elif recipe == "int4":
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32
+        )
+    elif recipe == "palette4":
+        op = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16)
+    else:
+        return None
+    return cto.OptimizationConfig(global_config=op)
+
+
+def _compress(mlmodel: Any, recipe: str) -> Any:
+    import warnings
+
+    from coremltools.optimize import coreml as cto
+
+    config = _compression_config(recipe)
+    if config is None:
+        return mlmodel
+    with warnings.catch_warnings():
+        # The padding row's zero scale (0/0 in coremltools' quantiser) is repaired below.
+        warnings.filterwarnings("ignore", message="invalid value encountered in (divide|cast)")
+        if recipe == "palette4":
+            return cto.palettize_weights(mlmodel, config)
+        compressed = cto.linear_quantize_weights(mlmodel, config)
+    return _fix_zero_scales(compressed)
+
+
+def _fix_zero_scales(mlmodel: Any) -> Any:
+    """Rows that are all zero (the embedding's padding row) get scale 0; make them scale 1 over zeros.
+
+    A zero scale dequantises to exact zeros, but any division by it (coremltools' own re-quantisation,
+    a runtime that inverts scales) gives NaN. With scale 1 and zero data the row is still exactly zero.
+    """
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.models.utils import _apply_graph_pass
+
+    def zero_scale(op: Any) -> bool:
+        return op.op_type == "constexpr_blockwise_shift_scale" and bool(np.any(op.scale.val == 0))
+
+    prog = getattr(mlmodel, "_mil_program", None)
+    if prog is not None and not any(zero_scale(op) for f in prog.functions.values() for op in f.operations):
+        return mlmodel  # nothing to repair: skip the spec -> program -> spec round trip
+    fixed: list[str] = []
+
+    class FixZeroScales(AbstractGraphPass):
+        def apply(self, prog: Any) -> None:
+            for f in prog.functions.values():
+                for op in list(f.operations):
+                    if not zero_scale(op):
+                        continue
+                    zero = op.scale.val == 0
+                    # Symmetric quantisation gives scale 0 only to blocks whose weights are all 0, so zero
+                    # data is exact there whatever the quantiser wrote (it casts 0/0 = NaN to int).
+                    data = op.data.val.copy()  # keeps coremltools' int4 dtype marker
+                    mask = zero
+                    for axis, (d, s) in enumerate(zip(data.shape, zero.shape)):
+                        mask = np.repeat(mask, d // s, axis)
+                    data[mask] = 0
+                    scale = np.where(zero, np.ones_like(op.scale.val), op.scale.val)
+                    offset = {} if op.offset is None else {"offset": op.offset.val}
+                    with f:
+                        new = mb.constexpr_blockwise_shift_scale(
+                            data=data, scale=scale, before_op=op, name=op.name + "_nonzero_scale", **offset
+                        )
+                    f.replace_uses_of_var_after_op(
+                        anchor_op=op, old_var=op.outputs[0], new_var=new, force_replace=True
+                    )
+                    f.remove_ops([op])
+                    fixed.append(op.name)
+
+    out = _apply_graph_pass(mlmodel, FixZeroScales(), skip_model_load=True)
+    return out if fixed else mlmodel
+
+
+# Backend ----------------------------------------------------------------------------------------
+class CoreMLBackend(Backend):
+    name = "coreml"
+    extra = "coreml"
+    artifact_suffix = ".mlpackage"
+    packages = ("coremltools", "torch")
+    recipes = {
+        "fp16": Recipe("fp16", "fp16 weights and compute; positions and the RG-LRU in float32"),
+        "int8": Recipe("int8", "int8 weights per output channel (linear_quantize_weights), fp16 compute",
+                       quantized=True),
+        "int4": Recipe("int4", "int4 weights in blocks of 32 input channels (iOS 18), fp16 compute",
+                       quantized=True),
+        "palette4": Recipe("palette4", "4-bit k-means palettised weights, a 16-entry table per 16 output "
+                           "channels, fp16 compute", quantized=True),
+    }
+    default_recipe = "fp16"
+
+    def state_dtype(self, ctx: BuildContext) -> str:
+        value = ctx.options.get("state_dtype", DEFAULT_STATE_DTYPE)
+        if value not in STATE_DTYPES:
+            raise RgexportError(f"Core ML option state_dtype is {value!r}, expected one of {list(STATE_DTYPES)}")
+        return value
+
+    def quantize(self, model: Griffin, ctx: BuildContext) -> Griffin:
+        """Core ML compresses the converted program (in `lower`), not the torch model."""
+        self.check_recipe(ctx.recipe)
+        self.state_dtype(ctx)
+        return model
+
+    def export(self, prepared: Griffin, ctx: BuildContext) -> dict[str, Any]:
+        """Traces decode and prefill (TorchScript: the route whose state writes coremltools maps to states)."""
+        import torch
+
+        self.require("coremltools")
+        model = prepared.eval().requires_grad_(False)
+        traced = {}
+        with torch.no_grad():
+            for fn, (module, example) in _graphs(model, ctx.prefill_chunk, self.state_dtype(ctx)).items():
+                traced[fn] = (torch.jit.trace(module, example, check_trace=False), example)
+        return {"traced": traced, "specs": model.state_spec(1)}
+
+    def lower(self, exported: dict[str, Any], ctx: BuildContext) -> dict[str, Any]:
+        ct = self.require("coremltools")
+        specs: list[TensorSpec] = exported["specs"]
+        stateful = self.state_dtype(ctx) == "float16"
+        lowered, seconds, islands = {}, {}, {}
+        for fn, (traced, example) in exported["traced"].items():
+            token_name = "token" if fn == "decode" else "tokens"
+            inputs = [ct.TensorType(name=token_name, shape=tuple(example[0].shape), dtype=np.int32),
+                      ct.TensorType(name="position", shape=(1,), dtype=np.int32)]
+            outputs = [ct.TensorType(name="logits", dtype=np.float32)]
+            states = None
+            if stateful:
+                states = [ct.StateType(wrapped_type=ct.TensorType(shape=s.shape, dtype=np.float16),
+                                       name=buffer_name(s)) for s in specs]
+            else:
+                inputs += [ct.TensorType(name=state_input_name(s), shape=s.shape, dtype=np.float32)
+                           for s in specs]
+                outputs += [ct.TensorType(name=state_output_name(s), dtype=np.float32) for s in specs]
+            selector = _IslandSelector()
+            start = time.perf_counter()
+            mlmodel = ct.convert(
+                traced,
+                inputs=inputs,
+                outputs=outputs,
+                states=states,
+                minimum_deployment_target=ct.target.iOS18,
+                compute_precision=ct.transform.FP16ComputePrecision(op_selector=selector),
+                skip_model_load=True,
+            )
+            mlmodel = _compress(mlmodel, ctx.recipe)
+            seconds[fn] = round(time.perf_counter() - start, 2)
+            islands[fn] = selector.counts
+            if not selector.counts.get("position") or (
+                any(s.kind == "rg_lru" for s in specs) and not selector.counts.get("rg_lru")
+            ):
+                raise RgexportError(f"Core ML {fn}: float32 islands not found ({selector.counts}); the "
+                                    "converted graph no longer has the shape rgexport expects")
+            lowered[fn] = mlmodel
+        ctx.facts["coreml"] = {
+            "functions": list(FUNCTIONS),
+            "default_function": "decode",
+            "minimum_deployment_target": "iOS18",
+            "state_dtype": self.state_dtype(ctx),
+            "compute_precision": "float16 with float32 islands",
+            "fp32_island_ops": islands,
+            "conversion_seconds": seconds,
+        }
+        ctx.notes.append(
+            "Core ML: one multifunction .mlpackage (functions decode and prefill share weights and state); "
+            f"state held as {self.state_dtype(ctx)}"
+            + (" in Core ML states." if stateful else " tensors passed in and out of each call.")
+            + " Position arithmetic and the RG-LRU run in float32 inside the fp16 program."
+        )
+        return lowered
+
+    def write(self, lowered: dict[str, Any], ctx: BuildContext) -> list[Path]:
+        ct = self.require("coremltools")
+        out = Path(ctx.work_dir) / ARTIFACT_FILE
+        if out.exists():
+            shutil.rmtree(out)
+        with tempfile.TemporaryDirectory(dir=ctx.work_dir, prefix=".coreml-") as tmp:
+            desc = ct.utils.MultiFunctionDescriptor()
+            for fn, mlmodel in lowered.items():
+                path = str(Path(tmp) / f"{fn}.mlpackage")
+                mlmodel.save(path)
+                desc.add_function(path, src_function_name="main", target_function_name=fn)
+            desc.default_function_name = "decode"
+            ct.utils.save_multifunction(desc, str(out))
+        return [out]
+
+    def io_contract(self, ctx: BuildContext) -> dict[str, Any]:
+        from rgexport.model import state_spec
+
+        specs = state_spec(ctx.config, 1)
+        stateful = self.state_dtype(ctx) == "float16"
+        contract = standard_io_contract(
+            ctx.config, ctx.prefill_chunk, specs, "internal" if stateful else "io",
+            state_dtype="float16" if stateful else "float32",
+        )
+        # Core ML feature names: dots are not allowed, so the state names use underscores.
+        by_name = {s.name: s for s in specs}
+        for t in contract["state"]["tensors"]:
+            s = by_name[t["name"]]
+            if stateful:
+                t["coreml_state"] = buffer_name(s)
+            else:
+                t["input"], t["output"] = state_input_name(s), state_output_name(s)
+        if not stateful:
+            for method in contract["methods"].values():
+                for io in method["inputs"] + method["outputs"]:
+                    for s in specs:
+                        if io["name"] == f"state.{s.name}":
+                            io["name"] = state_input_name(s)
+                        elif io["name"] == f"new_state.{s.name}":
+                            io["name"] = state_output_name(s)
+        contract["functions"] = {"decode": "decode", "prefill": "prefill", "default": "decode"}
+        return contract
+
+    def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
+        self.require("coremltools")
+        path = Path(artifact_dir) / manifest["artifact"]["file"]
+        io = manifest["io"]
+        chunk = int(io["prefill_chunk"])
+        specs = _specs_from_contract(io)
+        stateful = io["state"]["placement"] == "internal"
+        if platform.system() == "Darwin":
+            return CoreMLRunner(path, specs, chunk, stateful)
+        return InterpreterRunner(path, specs, chunk, stateful)
+
+
+def _specs_from_contract(io: dict[str, Any]) -> list[TensorSpec]:
+    import torch
+
+    return [TensorSpec(t["name"], tuple(t["shape"]), torch.float32, t["kind"]) for t in io["state"]["tensors"]]
+
+
+# Runners ----------------------------------------------------------------------------------------
+class _StepRunner(Runner):
+    """Shared input building and state handling; subclasses run one function."""
+
+    def __init__(self, specs: list[TensorSpec], chunk: int, stateful: bool):
+        self.specs = specs
+        self.prefill_chunk = chunk
+        self.stateful = stateful
+        self.io_state: dict[str, np.ndarray] = {}
+
+    def _run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _call(self, function: str, token_name: str, tokens: np.ndarray, position: int) -> np.ndarray:
+        inputs = {token_name: tokens, "position": np.array([position], np.int32)}
+        if not self.stateful:
+            inputs.update({state_input_name(s): self.io_state[s.name] for s in self.specs})
+        out = self._run(function, inputs)
+        if not self.stateful:
+            self.io_state = {s.name: np.asarray(out[state_output_name(s)], np.float32) for s in self.specs}
+        return np.asarray(out["logits"], np.float32)
+
+    def reset(self) -> None:
+        self.io_state = {s.name: np.zeros(s.shape, np.float32) for s in self.specs}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Replaces the state (by state name, any float dtype); kept in the program's storage dtype."""
+        self.io_state = {s.name: np.asarray(state[s.name], np.float32).reshape(s.shape) for s in self.specs}
+
+    def decode(self, token: int, position: int) -> np.ndarray:
+        return self._call("decode", "token", np.array([token], np.int32), position)[0]
+
+    def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
+        if len(tokens) != self.prefill_chunk:
+            raise RgexportError(f"prefill takes exactly {self.prefill_chunk} tokens, got {len(tokens)}")
+        return self._call("prefill", "tokens", np.asarray(tokens, np.int32)[None], position)[0]
+
+
+class InterpreterRunner(_StepRunner):
+    """Runs the ML program in rgexport's numpy MIL interpreter (Linux, or anywhere)."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool):
+        from rgexport.backends.mil_interpreter import Program
+
+        super().__init__(specs, chunk, stateful)
+        self.program = Program.load(path)
+        missing = set(FUNCTIONS) - set(self.program.functions)
+        if missing:
+            raise RgexportError(f"{path} lacks functions {sorted(missing)}; has {sorted(self.program.functions)}")
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.states = self.program.new_state("decode")
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        for s in self.specs if self.stateful else ():
+            self.states[buffer_name(s)][...] = np.asarray(state[s.name]).reshape(s.shape)
+
+    def _run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.program.run(function, inputs, self.states)
+
+    def state(self) -> dict[str, np.ndarray]:
+        if not self.stateful:
+            return {k: v.copy() for k, v in self.io_state.items()}
+        return {s.name: self.states[buffer_name(s)].astype(np.float32) for s in self.specs}
+
+
+class CoreMLRunner(_StepRunner):
+    """Runs the package with Core ML itself (macOS 15+): one MLState shared by both functions."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool):
+        import coremltools as ct
+
+        super().__init__(specs, chunk, stateful)
+        self.models = {fn: ct.models.MLModel(str(path), function_name=fn) for fn in FUNCTIONS}
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.ml_state = self.models["decode"].make_state() if self.stateful else None
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state(state)
+        for s in self.specs if self.stateful else ():
+            self.ml_state.write_state(buffer_name(s), np.asarray(state[s.name], np.float16).reshape(s.shape))
+
+    def _run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.stateful:
+            return self.models[function].predict(inputs, state=self.ml_state)
+        return self.models[function].predict(inputs)
+
+    def state(self) -> dict[str, np.ndarray] | None:
+        if not self.stateful:
+            return {k: v.copy() for k, v in self.io_state.items()}
+        if not hasattr(self.ml_state, "read_state"):
+            return None
+        return {s.name: np.asarray(self.ml_state.read_state(buffer_name(s)), np.float32) for s in self.specs}

@@ -1,0 +1,526 @@
+"""A small, exact numpy interpreter of Core ML ML programs (MIL), to validate .mlpackage files on Linux.
+
+coremltools converts on Linux but `MLModel.predict` needs macOS, so rgexport executes the program itself:
+the protobuf spec is parsed from the package, constants and weights are read with coremltools' own value
+loader (`milproto.load._load_value`, which reads `weight.bin` through coremltools' blob reader), and each
+op runs with the semantics of the MIL op reference (coremltools' `mil.ops.defs`). An op type without an
+implementation here raises `MILError` naming it: nothing is skipped or approximated silently.
+
+Numerics, chosen to model a device that stores tensors in the program's dtypes:
+- Float values are held as float32 arrays whose values are exactly representable in their declared
+  dtype. Each op computes in float32 (exact on fp16 inputs) and its result is rounded once to the dtype
+  the program declares for that output, so an fp16 program is fp16 at every op boundary and an fp32 op
+  is plain IEEE float32. Sums inside one op (matmul, linear, reductions, softmax) accumulate in float32.
+  Real hardware may accumulate fp16 in other orders; that difference is below one fp16 rounding per op.
+- State (`read_state`/`write_state`) is stored in its declared dtype (fp16 for Core ML states).
+- Shapes and dtypes of every result are checked against the program's declarations.
+
+Usage: `program = Program.load(path)`; `state = program.new_state("decode")`;
+`outputs = program.run("decode", {"tokens": ..., "position": ...}, state)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rgexport.errors import RgexportError
+
+
+class MILError(RgexportError):
+    """The program cannot be interpreted: an unknown op, a shape or dtype that contradicts the program."""
+
+
+# MIL dtype names (as in `cast(dtype=...)`) to numpy.
+_DTYPES: dict[str, Any] = {
+    "fp16": np.float16, "fp32": np.float32, "fp64": np.float64,
+    "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16,
+    "int32": np.int32, "uint32": np.uint32, "int64": np.int64, "bool": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorType:
+    """Declared dtype (numpy) and shape (None for a symbolic dimension) of a value."""
+
+    dtype: Any
+    shape: tuple[int | None, ...]
+    is_state: bool = False
+
+    @property
+    def is_float(self) -> bool:
+        return np.issubdtype(self.dtype, np.floating)
+
+
+@dataclasses.dataclass
+class Op:
+    type: str
+    name: str
+    inputs: dict[str, Any]  # parameter -> ("var", name) | ("val", value) | list of those for tuple inputs
+    outputs: list[tuple[str, TensorType]]
+
+
+@dataclasses.dataclass
+class Function:
+    name: str
+    inputs: dict[str, TensorType]
+    ops: list[Op]
+    outputs: list[str]
+    consts: dict[str, np.ndarray]  # const and constexpr_* results, computed once at load
+    constexpr_types: set[str] = dataclasses.field(default_factory=set)  # evaluated at load, not per call
+
+    @property
+    def states(self) -> dict[str, TensorType]:
+        return {k: t for k, t in self.inputs.items() if t.is_state}
+
+
+def _round(value: Any, t: TensorType) -> np.ndarray:
+    """The value as held in the interpreter: floats as float32 carrying `t.dtype`'s precision."""
+    a = np.asarray(value)
+    if t.is_float:
+        if t.dtype == np.float16:
+            return a.astype(np.float16).astype(np.float32)
+        return a.astype(np.float32)
+    return a.astype(t.dtype)
+
+
+def _tensor_type(value_type: Any) -> TensorType:
+    """A proto ValueType (tensor or state) -> TensorType."""
+    from coremltools.converters.mil.mil import types
+
+    kind = value_type.WhichOneof("type")
+    if kind == "stateType":
+        inner = _tensor_type(value_type.stateType.wrappedType)
+        return dataclasses.replace(inner, is_state=True)
+    if kind != "tensorType":
+        raise MILError(f"Unsupported MIL value type {kind!r} (only tensors and states are implemented)")
+    tt = value_type.tensorType
+    builtin = types.PROTO_TO_BUILTIN_TYPE[tt.dataType]
+    if builtin == types.str:
+        return TensorType(np.str_, ())
+    dtype = np.dtype(types.nptype_from_builtin(builtin)).type
+    shape = tuple(d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in tt.dimensions)
+    return TensorType(dtype, shape)
+
+
+# Op implementations -------------------------------------------------------------------------------
+# Each takes the op's inputs as keyword arguments (numpy arrays, lists of them for tuple inputs, or
+# None where an optional input is absent) and returns the result (or a tuple for several outputs).
+OPS: dict[str, Callable[..., Any]] = {}
+
+
+def op(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for n in names:
+            OPS[n] = fn
+        return fn
+
+    return register
+
+
+def _scalar(v: Any, default: Any = None) -> Any:
+    return default if v is None else np.asarray(v).item()
+
+
+def _ints(v: Any) -> list[int]:
+    return [int(i) for i in np.asarray(v).reshape(-1)]
+
+
+def _bools(v: Any, n: int) -> list[bool]:
+    return [False] * n if v is None else [bool(b) for b in np.asarray(v).reshape(-1)]
+
+
+def _binary(fn: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+    return lambda x, y: fn(x, y)
+
+
+for _name, _fn in {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide, "pow": np.power,
+    "maximum": np.maximum, "minimum": np.minimum, "equal": np.equal, "not_equal": np.not_equal,
+    "less": np.less, "less_equal": np.less_equal, "greater": np.greater, "greater_equal": np.greater_equal,
+    "logical_and": np.logical_and, "logical_or": np.logical_or, "logical_xor": np.logical_xor,
+}.items():
+    OPS[_name] = _binary(_fn)
+
+
+@op("floor_div")
+def _floor_div(x, y):
+    return np.floor_divide(x, y)
+
+
+for _name, _fn in {
+    "abs": np.abs, "exp": np.exp, "floor": np.floor, "ceil": np.ceil, "sqrt": np.sqrt, "sin": np.sin,
+    "cos": np.cos, "tanh": np.tanh, "square": np.square, "sign": np.sign, "logical_not": np.logical_not,
+}.items():
+    OPS[_name] = (lambda f: lambda x: f(x))(_fn)
+
+
+@op("rsqrt")
+def _rsqrt(x, epsilon=None):
+    return 1.0 / np.sqrt(x + np.float32(_scalar(epsilon, 1e-12)))
+
+
+@op("inverse")
+def _inverse(x, epsilon=None):
+    return 1.0 / (x + np.float32(_scalar(epsilon, 1e-4)))
+
+
+@op("log")
+def _log(x, epsilon=None):
+    return np.log(x + np.float32(_scalar(epsilon, 1e-45)))
+
+
+@op("sigmoid")
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@op("relu")
+def _relu(x):
+    return np.maximum(x, 0)
+
+
+@op("silu")
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+@op("clip")
+def _clip(x, alpha, beta):
+    return np.minimum(np.maximum(x, alpha), beta)
+
+
+@op("softmax")
+def _softmax(x, axis=None):
+    axis = _scalar(axis, -1)
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _reduction(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(x, axes=None, keep_dims=None):
+        ax = None if axes is None else tuple(_ints(axes))
+        return fn(x, axis=ax, keepdims=bool(_scalar(keep_dims, False)))
+
+    return run
+
+
+for _name, _fn in {"reduce_sum": np.sum, "reduce_mean": np.mean, "reduce_max": np.max,
+                   "reduce_min": np.min, "reduce_prod": np.prod}.items():
+    OPS[_name] = _reduction(_fn)
+
+
+@op("cast")
+def _cast(x, dtype):
+    name = _scalar(dtype)
+    if name not in _DTYPES:
+        raise MILError(f"cast to unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return np.asarray(x).astype(_DTYPES[name])
+
+
+@op("identity")
+def _identity(x):
+    return x
+
+
+@op("select")
+def _select(cond, a, b):
+    return np.where(cond, a, b)
+
+
+@op("linear")
+def _linear(x, weight, bias=None):
+    y = np.matmul(x, weight.T)
+    return y if bias is None else y + bias
+
+
+@op("matmul")
+def _matmul(x, y, transpose_x=None, transpose_y=None):
+    if _scalar(transpose_x, False):
+        x = np.swapaxes(x, -1, -2)
+    if _scalar(transpose_y, False):
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+@op("concat")
+def _concat(values, axis, interleave=None):
+    if _scalar(interleave, False):
+        raise MILError("concat with interleave=True is not implemented")
+    return np.concatenate(values, axis=_scalar(axis))
+
+
+@op("stack")
+def _stack(values, axis):
+    return np.stack(values, axis=_scalar(axis))
+
+
+@op("transpose")
+def _transpose(x, perm):
+    return np.transpose(x, _ints(perm))
+
+
+@op("reshape")
+def _reshape(x, shape):
+    """iOS 17 semantics: a 0 copies the input dimension aligned from the right (1 when out of range)."""
+    target = _ints(shape)
+    rank = np.ndim(x)
+    for i, s in enumerate(target):
+        if s == 0:
+            j = rank - (len(target) - i)
+            target[i] = x.shape[j] if j >= 0 else 1
+    return np.reshape(x, target)
+
+
+@op("expand_dims")
+def _expand_dims(x, axes):
+    out_rank = np.ndim(x) + len(_ints(axes))
+    for a in sorted(a + out_rank if a < 0 else a for a in _ints(axes)):
+        x = np.expand_dims(x, a)
+    return x
+
+
+@op("squeeze")
+def _squeeze(x, axes=None):
+    if axes is None:
+        return np.squeeze(x)
+    return np.squeeze(x, axis=tuple(_ints(axes)))
+
+
+def _index_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
+    """Python slicing per axis, as the MIL slice_by_index reference defines it."""
+    rank = len(shape)
+    begin, end = _ints(begin), _ints(end)
+    stride = [1] * rank if stride is None else _ints(stride)
+    bm, em, sm = _bools(begin_mask, rank), _bools(end_mask, rank), _bools(squeeze_mask, rank)
+    slices = []
+    for i in range(rank):
+        if sm[i]:
+            b = begin[i] + shape[i] if begin[i] < 0 else begin[i]
+            slices.append(slice(b, b + 1, 1))
+        else:
+            slices.append(slice(None if bm[i] else begin[i], None if em[i] else end[i], stride[i]))
+    return tuple(slices), [i for i in range(rank) if sm[i]]
+
+
+@op("slice_by_index")
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    slices, squeeze = _index_slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    out = x[slices]
+    return np.squeeze(out, axis=tuple(squeeze)) if squeeze else out
+
+
+@op("slice_by_size")
+def _slice_by_size(x, begin, size):
+    slices = []
+    for b, s, d in zip(_ints(begin), _ints(size), x.shape):
+        b = b + d if b < 0 else b
+        slices.append(slice(b, d if s == -1 else b + s))
+    return x[tuple(slices)]
+
+
+@op("slice_update")
+def _slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    slices, _ = _index_slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    out = np.array(x, copy=True)
+    target = out[slices]
+    if int(np.prod(target.shape)) != int(np.size(update)):
+        raise MILError(f"slice_update: update of shape {np.shape(update)} for a slice of shape {target.shape}")
+    out[slices] = np.reshape(update, target.shape)
+    return out
+
+
+@op("gather")
+def _gather(x, indices, axis=None, batch_dims=None, validate_indices=None):
+    axis = _scalar(axis, 0)
+    if _scalar(batch_dims, 0) != 0:
+        raise MILError("gather with batch_dims != 0 is not implemented")
+    axis = axis + np.ndim(x) if axis < 0 else axis
+    idx = np.asarray(indices).astype(np.int64)
+    n = x.shape[axis]
+    # iOS 17+: negative indices are out of bounds; out-of-bounds behaviour is undefined on device.
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise MILError(f"gather index out of range [0, {n}): min {idx.min()}, max {idx.max()}")
+    return np.take(x, idx, axis=axis)
+
+
+@op("constexpr_blockwise_shift_scale")
+def _blockwise_shift_scale(data, scale, offset=None):
+    """output = scale * (data - offset), scale and offset repeated over blocks of data.shape / scale.shape."""
+    data = np.asarray(data).astype(np.float32)
+    for axis, (d, s) in enumerate(zip(data.shape, np.shape(scale))):
+        if d % s:
+            raise MILError(f"constexpr_blockwise_shift_scale: axis {axis} of size {d} is not divisible into {s}")
+        if d // s > 1:
+            scale = np.repeat(scale, d // s, axis)
+            if offset is not None:
+                offset = np.repeat(offset, d // s, axis)
+    if offset is not None:
+        data = data - offset
+    return scale * data
+
+
+@op("constexpr_lut_to_dense")
+def _lut_to_dense(indices, lut, vector_axis=None):
+    """iOS 18: lut [*blocks, palettes, vector]; each block of indices looks up its own table."""
+    indices = np.asarray(indices).astype(np.int64)
+    rank = indices.ndim
+    lut = np.asarray(lut)
+    if lut.ndim != rank + 2:
+        raise MILError(f"constexpr_lut_to_dense: lut rank {lut.ndim} for indices of rank {rank}")
+    vector = lut.shape[-1]
+    # Table coordinates of every element: its index divided by the block size on each axis.
+    grids = np.meshgrid(*[np.arange(d) // (d // lut.shape[a]) for a, d in enumerate(indices.shape)],
+                        indexing="ij")
+    values = lut[(*grids, indices)]  # [*indices.shape, vector]
+    if vector == 1:
+        return values[..., 0]
+    axis = _scalar(vector_axis)
+    axis = axis + rank if axis < 0 else axis
+    values = np.moveaxis(values, -1, axis + 1)  # the vector follows its index along vector_axis
+    shape = list(indices.shape)
+    shape[axis] *= vector
+    return values.reshape(shape)
+
+
+# Programs ----------------------------------------------------------------------------------------
+class Program:
+    """The functions of one ML program, with their constants loaded."""
+
+    def __init__(self, spec: Any, weights_dir: str | Path | None):
+        from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext, _load_value
+
+        if spec.WhichOneof("Type") != "mlProgram":
+            raise MILError(f"Not an ML program: the model is a {spec.WhichOneof('Type')!r}")
+        self.spec = spec
+        context = TranscriptionContext(str(weights_dir) if weights_dir else "")
+
+        def load_value(v: Any) -> Any:
+            value = _load_value(context, v)
+            return value if isinstance(value, str) else np.asarray(value)
+
+        self.functions: dict[str, Function] = {}
+        for fname, fspec in spec.mlProgram.functions.items():
+            block = fspec.block_specializations[fspec.opset]
+            inputs = {i.name: _tensor_type(i.type) for i in fspec.inputs}
+            ops: list[Op] = []
+            consts: dict[str, np.ndarray] = {}
+            constexpr_types: set[str] = set()
+            for o in block.operations:
+                if o.blocks:
+                    raise MILError(f"op {o.type} has nested blocks (control flow is not implemented)")
+                args: dict[str, Any] = {}
+                for param, arg in o.inputs.items():
+                    bound = [("var", b.name) if b.WhichOneof("binding") == "name" else ("val", load_value(b.value))
+                             for b in arg.arguments]
+                    args[param] = bound
+                outputs = [(out.name, _tensor_type(out.type)) for out in o.outputs]
+                name = load_value(o.attributes["name"]) if "name" in o.attributes else o.type
+                if o.type == "const":
+                    value = load_value(o.attributes["val"])
+                    consts[outputs[0][0]] = value if isinstance(value, str) else _round(value, outputs[0][1])
+                    continue
+                op_ = Op(o.type, str(name), args, outputs)
+                if o.type.startswith("constexpr_"):
+                    # Constant-only: evaluated once here, as Core ML decompresses at load time.
+                    consts.update(self._execute(op_, consts, {}))
+                    constexpr_types.add(o.type)
+                    continue
+                ops.append(op_)
+            self.functions[fname] = Function(fname, inputs, ops, list(block.outputs), consts, constexpr_types)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Program:
+        """Reads an .mlpackage (or an .mlmodel without external weights)."""
+        import coremltools as ct
+        from coremltools.models.utils import _try_get_weights_dir_path
+
+        path = str(path)
+        spec = ct.utils.load_spec(path)
+        return cls(spec, _try_get_weights_dir_path(path))
+
+    @property
+    def default_function(self) -> str:
+        name = self.spec.description.defaultFunctionName
+        return name or next(iter(self.functions))
+
+    def op_types(self, function: str | None = None) -> set[str]:
+        """Op types of one function (or all), constexpr_* included; const excluded."""
+        fns = [self.functions[function]] if function else self.functions.values()
+        return {o.type for f in fns for o in f.ops} | {t for f in fns for t in f.constexpr_types}
+
+    def new_state(self, function: str | None = None) -> dict[str, np.ndarray]:
+        """Zeroed state tensors of a function, in their declared dtypes (shared by functions alike)."""
+        f = self.functions[function or self.default_function]
+        return {k: np.zeros(t.shape, t.dtype) for k, t in f.states.items()}
+
+    def run(
+        self, function: str | None, inputs: Mapping[str, Any], state: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Runs one function. `state` is updated in place by write_state. Returns outputs by name."""
+        f = self.functions[function or self.default_function]
+        env: dict[str, Any] = dict(f.consts)
+        state = {} if state is None else state
+        for name, t in f.inputs.items():
+            if t.is_state:
+                if name not in state:
+                    raise MILError(f"{f.name}: state {name!r} was not given")
+                continue
+            if name not in inputs:
+                raise MILError(f"{f.name}: input {name!r} was not given; expected {sorted(f.inputs)}")
+            value = np.asarray(inputs[name])
+            if value.shape != t.shape:
+                raise MILError(f"{f.name}: input {name!r} has shape {value.shape}, expected {t.shape}")
+            env[name] = _round(value, t)
+        for o in f.ops:
+            env.update(self._execute(o, env, state, f))
+        return {k: np.asarray(env[k]) for k in f.outputs}
+
+    def _execute(self, o: Op, env: dict[str, Any], state: dict[str, np.ndarray],
+                 f: Function | None = None) -> dict[str, Any]:
+        def resolve(binding: tuple[str, Any]) -> Any:
+            kind, v = binding
+            if kind == "val":
+                return v
+            try:
+                return env[v]
+            except KeyError:
+                raise MILError(f"{o.type} {o.name!r}: unknown variable {v!r}") from None
+
+        if o.type == "read_state":
+            name = o.inputs["input"][0][1]
+            return {o.outputs[0][0]: _round(state[name], o.outputs[0][1])}
+        if o.type == "write_state":
+            name, data = o.inputs["input"][0][1], resolve(o.inputs["data"][0])
+            t = f.inputs[name] if f else None
+            if t is None or np.shape(data) != t.shape:
+                raise MILError(f"write_state {name!r}: data of shape {np.shape(data)} for state {t}")
+            state[name][...] = np.asarray(data).astype(t.dtype)
+            return {}
+        fn = OPS.get(o.type)
+        if fn is None:
+            raise MILError(f"MIL op {o.type!r} ({o.name}) is not implemented by rgexport's interpreter; "
+                           f"implemented: {sorted(OPS)}")
+        tuple_inputs = {"values"}  # concat, stack: a variadic tuple of tensors
+        kwargs = {p: [resolve(b) for b in bs] if p in tuple_inputs else resolve(bs[0])
+                  for p, bs in o.inputs.items()}
+        try:
+            result = fn(**kwargs)
+        except MILError:
+            raise
+        except Exception as e:  # an argument this implementation does not know is an error, not a skip
+            raise MILError(f"{o.type} {o.name!r} failed: {type(e).__name__}: {e}") from e
+        results = result if isinstance(result, tuple) else (result,)
+        if len(results) != len(o.outputs):
+            raise MILError(f"{o.type} {o.name!r}: {len(results)} results for {len(o.outputs)} outputs")
+        out = {}
+        for (name, t), value in zip(o.outputs, results):
+            value = _round(value, t)
+            if len(t.shape) != value.ndim or any(d is not None and d != s for d, s in zip(t.shape, value.shape)):
+                raise MILError(f"{o.type} {o.name!r}: result of shape {value.shape}, program declares {t.shape}")
+            out[name] = value
+        return out

@@ -1,0 +1,889 @@
+"""Validation on an emulated Arm device: the artifact in the aarch64 build of its runtime, under qemu.
+
+`rgexport validate --device emulated-arm64` runs `rgexport/device_runner.py` (a standalone program that
+drives an artifact from its manifest alone) with an arm64 Python and the aarch64 wheels of the runtime,
+under qemu user-mode emulation, on the same held-out tokens as host validation. Its logits are judged
+against the fp32 reference step model on this machine with the thresholds of `rgexport validate`, and
+compared with the same program running the same artifact natively on this machine (x86), so the report
+says where Arm results differ from x86 ones and by how much.
+
+Everything it needs is set up on first use and cached under `~/.cache/rgexport/emulated-arm64`
+(`$RGEXPORT_CACHE/emulated-arm64` when set):
+  qemu-aarch64-static   from Debian's qemu-user-static (installed with apt-get when missing and root)
+  root/                 an arm64 Python extracted with `dpkg -x` from Debian arm64 packages that
+                        `apt-get --download-only` fetches with the arm64 architecture given as options
+                        and a private state folder, so the system's dpkg configuration is not changed
+  site/<runtime>-<v>/   the runtime's aarch64 wheels (`pip install --target --platform ...`), the same
+                        version as on this machine, numpy pinned to this machine's version
+  views/<cpu>/          the root seen by one emulated CPU model: symlinks to root/ plus proc/cpuinfo.
+                        onnxruntime and LiteRT (through pytorch/cpuinfo) read /proc/cpuinfo and crash
+                        ("uncaught target signal 11") on the host's x86 one; qemu 7.2 does not emulate
+                        it for aarch64, but `-L` serves a guest's open("/proc/cpuinfo") from the root
+                        when the file exists there, so each view holds an Arm cpuinfo whose Features
+                        are the hwcaps the emulated CPU reports.
+
+The emulated CPU defaults to `cortex-a76` (Armv8.2 with dot product and fp16: a typical phone big
+core); `max` is qemu's Armv9 with SVE2, i8mm, bf16 and SME, where runtimes pick other kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rgexport.errors import RgexportError
+
+DEVICE = "emulated-arm64"
+DEVICES = ("host", DEVICE)
+DEFAULT_CPU = "cortex-a76"
+QEMU_CPUS = ("cortex-a76", "neoverse-n1", "cortex-a72", "cortex-a57", "cortex-a53", "cortex-a35", "a64fx", "max")
+DEBIAN_PACKAGES = ("python3", "libstdc++6")  # apt resolves the rest (libc6, libpython3.X-stdlib, ...)
+RUNNER_SCRIPT = Path(__file__).with_name("device_runner.py")
+_READY = ".rgexport-ready.json"
+
+# Per backend: the distributions its runtime needs on the device, and the module the runner imports.
+# Versions follow this machine's installed ones (the x86 runtime the artifact was validated with);
+# these are used only where a runtime is not installed here.
+RUNTIMES: dict[str, dict[str, Any]] = {
+    "onnx": {"dists": {"onnxruntime": "1.31.1"}, "module": "onnxruntime"},
+    "tflite": {"dists": {"ai-edge-litert": "2.3.0"}, "module": "ai_edge_litert.interpreter"},
+    # ExecuTorch's Python runtime takes torch tensors, so it needs torch; PyPI's aarch64 torch 2.13.0 is
+    # a CUDA 13 build whose libraries need libcudart, cuBLAS, cuDNN, NCCL... at load time (several GB
+    # of NVIDIA wheels, one of them not published for aarch64 in the pinned version). The CPU path never
+    # calls them, so `_build_cuda_stubs` links small aarch64 stand-ins that define each symbol torch
+    # imports from them (every function returns 100, cudaErrorNoDevice). Installed without
+    # dependencies: executorch's own list is its compiler's (pandas, torchao, hydra, ...); `extras` is
+    # what `import torch` and `executorch.runtime` import.
+    "executorch": {
+        "dists": {"executorch": "1.5.1", "torch": "2.13.0"},
+        "extras": {"ruamel.yaml": "0.18.10", "pyyaml": "6.0.2", "packaging": "25.0", "tabulate": "0.9.0",
+                   "flatbuffers": "25.2.10", "typing-extensions": "4.12.2", "sympy": "1.14.0", "mpmath": "1.3.0",
+                   "filelock": "3.18.0", "networkx": "3.4.2", "jinja2": "3.1.6", "markupsafe": "3.0.2",
+                   "fsspec": "2025.3.0"},
+        "no_deps": True,
+        "cuda_stubs": True,
+        "module": "executorch.runtime",
+    },
+}
+
+# The Features line of /proc/cpuinfo, by HWCAP / HWCAP2 bit (linux/arch/arm64/include/uapi/asm/hwcap.h).
+_HWCAP = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc "
+          "dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg").split()
+_HWCAP2 = ("dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm svef64mm "
+           "svebf16 i8mm bf16 dgh rng bti mte ecv afp rpres mte3 sme smei16i64 smef64f64 smei8i32 "
+           "smef16f32 smeb16f32 smef32f32 smefa64 wfxt ebf16 sveebf16 cssc rprfm sve2p1 sme2 sme2p1 "
+           "smei16i32 smebi32i32 smeb16b16 smef16f16").split()
+# MIDR fields for the cpuinfo of each model (implementer, variant, part, revision).
+_MIDR = {
+    "cortex-a35": (0x41, 0x0, 0xD04, 2), "cortex-a53": (0x41, 0x0, 0xD03, 4),
+    "cortex-a57": (0x41, 0x1, 0xD07, 1), "cortex-a72": (0x41, 0x0, 0xD08, 3),
+    "cortex-a76": (0x41, 0x4, 0xD0B, 1), "neoverse-n1": (0x41, 0x4, 0xD0C, 1),
+    "a64fx": (0x46, 0x1, 0x001, 0), "max": (0x41, 0x0, 0xD0C, 0),
+}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("RGEXPORT_CACHE")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "rgexport") / DEVICE
+
+
+class _Steps:
+    """Stage lines with rgexport.progress.Stages when given; a quiet no-op otherwise."""
+
+    def __init__(self, stages: Any | None):
+        self.stages = stages
+
+    @contextlib.contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        if self.stages is None:
+            yield
+            return
+        from rgexport.progress import StageFailed
+
+        try:
+            with self.stages.stage(name, detail):
+                yield
+        except StageFailed as e:  # keep our own errors' messages for the user
+            raise e.cause from None
+
+    @contextlib.contextmanager
+    def bar(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        if self.stages is None:
+            yield lambda n=1: None
+        else:
+            with self.stages.bar(description, total) as advance:
+                yield advance
+
+
+def _run_logged(cmd: Sequence[str], log: Path, what: str, fix: str, env: dict[str, str] | None = None,
+                timeout: float | None = None) -> None:
+    """Runs a setup command with its output appended to `log`; a failure names the step and the log."""
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(map(str, cmd))}\n")
+        f.flush()
+        try:
+            proc = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env,
+                                  timeout=timeout, check=False)
+        except FileNotFoundError as e:
+            raise RgexportError(f"{what}: {e.filename} not found. {fix}") from None
+        except subprocess.TimeoutExpired:
+            raise RgexportError(f"{what}: timed out after {timeout:.0f} s (log: {log}). {fix}") from None
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-12:]
+        raise RgexportError(f"{what} failed (exit {proc.returncode}). {fix}\nLast lines of {log}:\n  "
+                            + "\n  ".join(tail))
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+    return total
+
+
+def host_version(dist: str, default: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist).split("+")[0]
+    except PackageNotFoundError:
+        return default
+
+
+# The environment ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ArmEnvironment:
+    """A ready emulated aarch64 environment for one runtime and one CPU model."""
+
+    cache: Path
+    qemu: Path
+    qemu_version: str
+    root: Path
+    python: Path
+    python_version: str
+    view: Path
+    cpu: str
+    site: Path
+    runtime: dict[str, str]  # distribution -> version installed for aarch64
+    cpu_features: str
+
+    def command(self, args: Sequence[str]) -> list[str]:
+        """argv that runs `python -S args...` as the emulated aarch64 process."""
+        return [str(self.qemu), "-cpu", self.cpu, "-L", str(self.view), str(self.python), "-S", *map(str, args)]
+
+    def env(self, threads: int = 1) -> dict[str, str]:
+        stubs = self.site / STUBS_DIR
+        return ({"LD_LIBRARY_PATH": str(stubs)} if stubs.is_dir() else {}) | {
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(self.site),
+            "PYTHONNOUSERSITE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "LANG": "C.UTF-8",
+            "HOME": str(self.cache),
+            "OMP_NUM_THREADS": str(threads),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device": DEVICE,
+            "qemu": self.qemu_version,
+            "cpu": self.cpu,
+            "cpu_features": self.cpu_features,
+            "python": self.python_version,
+            "runtime": self.runtime,
+            "cache": str(self.cache),
+        }
+
+
+def find_qemu() -> Path | None:
+    for name in ("qemu-aarch64-static", "qemu-aarch64"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    return None
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def ensure_qemu(steps: _Steps, log: Path) -> Path:
+    qemu = find_qemu()
+    if qemu is not None:
+        return qemu
+    fix = "Install it with: sudo apt-get install qemu-user-static (Debian/Ubuntu), then run again."
+    if platform.system() != "Linux":
+        raise RgexportError(f"--device {DEVICE} needs Linux with qemu user-mode emulation (qemu-aarch64-static); "
+                            f"this is {platform.system()}.")
+    if not _is_root() or shutil.which("apt-get") is None:
+        raise RgexportError(f"--device {DEVICE} needs qemu-aarch64-static, which is not installed. {fix}")
+    with steps.stage("qemu", "apt-get install qemu-user-static"):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        try:
+            _run_logged(["apt-get", "install", "-y", "-q", "qemu-user-static"], log, "apt-get install", fix, env)
+        except RgexportError:
+            _run_logged(["apt-get", "update", "-q"], log, "apt-get update", fix, env)
+            _run_logged(["apt-get", "install", "-y", "-q", "qemu-user-static"], log, "apt-get install", fix, env)
+    qemu = find_qemu()
+    if qemu is None:
+        raise RgexportError(f"qemu-user-static installed but qemu-aarch64-static is not on PATH. {fix}")
+    return qemu
+
+
+def _python_in(root: Path) -> tuple[Path, str] | None:
+    found = sorted(root.glob("usr/bin/python3.[0-9]*"), key=lambda p: [int(x) for x in p.name[6:].split(".")
+                                                                         if x.isdigit()])
+    found = [p for p in found if re.fullmatch(r"python3\.\d+", p.name)]
+    return (found[-1], found[-1].name.removeprefix("python")) if found else None
+
+
+def ensure_root(cache: Path, steps: _Steps, log: Path) -> tuple[Path, Path, str]:
+    """The arm64 Python root: Debian's arm64 packages unpacked with dpkg -x."""
+    root = cache / "root"
+    ready = root / _READY
+    if ready.is_file() and (py := _python_in(root)):
+        return root, py[0], py[1]
+    fix = ("It needs apt-get and dpkg-deb (Debian or a Debian-based system whose apt sources serve arm64 "
+           "packages, e.g. deb.debian.org) and network access to them.")
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise RgexportError(f"Setting up {DEVICE} needs {tool}, which is not here. {fix}")
+    work = Path(tempfile.mkdtemp(prefix="root.partial-", dir=cache))
+    apt = work / "apt"
+    for d in ("lists/partial", "cache/archives/partial"):
+        (apt / d).mkdir(parents=True)
+    (apt / "status").touch()
+    opts = [
+        "-oAPT::Architecture=arm64", "-oAPT::Architectures::=arm64",
+        f"-oDir::State::Lists={apt / 'lists'}", f"-oDir::State::status={apt / 'status'}",
+        f"-oDir::Cache={apt / 'cache'}", "-oDebug::NoLocking=1", "-q",
+    ]
+    try:
+        with steps.stage("arm64 lists", "apt-get update with arm64 options and a private state folder"):
+            _run_logged(["apt-get", *opts, "update"], log, "apt-get update for arm64", fix)
+        with steps.stage("arm64 packages", f"apt-get --download-only {' '.join(DEBIAN_PACKAGES)}"):
+            _run_logged(["apt-get", *opts, "install", "-y", "--download-only", "--no-install-recommends",
+                         *DEBIAN_PACKAGES], log, "downloading arm64 packages", fix)
+        debs = sorted((apt / "cache" / "archives").glob("*.deb"))
+        if not debs:
+            raise RgexportError(f"apt-get downloaded no arm64 packages (log: {log}). {fix}")
+        tree = work / "root"
+        tree.mkdir()
+        with steps.stage("arm64 root", f"dpkg-deb -x {len(debs)} packages"):
+            for deb in debs:
+                _run_logged(["dpkg-deb", "-x", deb, tree], log, f"unpacking {deb.name}", fix)
+        py = _python_in(tree)
+        if py is None:
+            raise RgexportError(f"The arm64 packages hold no usr/bin/python3.X (log: {log}). {fix}")
+        # Empty dist-packages folders shadow the host's (x86) ones should anything look there.
+        for d in ("usr/lib/python3/dist-packages", f"usr/local/lib/python{py[1]}/dist-packages"):
+            (tree / d).mkdir(parents=True, exist_ok=True)
+        (tree / _READY).write_text(json.dumps({"packages": [d.name for d in debs], "created": time.time()}))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tree, root)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    py = _python_in(root)
+    assert py is not None
+    return root, py[0], py[1]
+
+
+def _glibc_minor(root: Path) -> int:
+    """glibc 2.N of the root (from the libc6 package it was unpacked from): wheels up to manylinux_2_N fit."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        for name in json.loads((root / _READY).read_text())["packages"]:
+            if m := re.match(r"libc6_2\.(\d+)", name):
+                return int(m.group(1))
+    return 28
+
+
+def ensure_site(
+    cache: Path, root: Path, python_version: str, backend: str, steps: _Steps, log: Path,
+) -> tuple[Path, dict[str, str]]:
+    """aarch64 wheels of `backend`'s runtime in their own folder (pip install --target --platform)."""
+    if backend not in RUNTIMES:
+        raise RgexportError(f"--device {DEVICE} runs {', '.join(sorted(RUNTIMES))} artifacts; this one is {backend}")
+    spec = RUNTIMES[backend]
+    versions = {d: host_version(d, v) for d, v in spec["dists"].items()}
+    numpy_version = np.__version__
+    name = "-".join(f"{d}-{v}" for d, v in versions.items()) + f"-numpy-{numpy_version}-py{python_version}"
+    site = cache / "site" / name
+    if (site / _READY).is_file():
+        return site, versions | {"numpy": numpy_version}
+    site.parent.mkdir(parents=True, exist_ok=True)
+    minor = _glibc_minor(root)
+    platforms = [f"manylinux_2_{m}_aarch64" for m in range(minor, 16, -1)] + ["manylinux2014_aarch64", "linux_aarch64"]
+    nodot = python_version.replace(".", "")
+    reqs = [f"{d}=={v}" for d, v in versions.items()] + [f"numpy=={numpy_version}"]
+    extras = [f"{d}=={host_version(d, v)}" for d, v in spec.get("extras", {}).items()]
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.partial-", dir=site.parent))
+    fix = (f"It needs pip and access to PyPI's aarch64 wheels of {', '.join(reqs)} for Python {python_version} "
+           f"(see {log}).")
+    try:
+        with steps.stage("arm64 wheels", " ".join(reqs)):
+            _run_logged(
+                [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-conflicts",
+                 "--no-input", "--target", tmp, "--only-binary=:all:", "--python-version", python_version,
+                 "--implementation", "cp", "--abi", f"cp{nodot}", "--abi", "abi3", "--abi", "none",
+                 *[a for p in platforms for a in ("--platform", p)],
+                 *(["--no-deps"] if spec.get("no_deps") else []), *reqs, *extras],
+                log, f"pip install of the aarch64 {backend} runtime", fix,
+            )
+        if spec.get("cuda_stubs"):
+            with steps.stage("cuda stubs", "aarch64 stand-ins for the CUDA libraries torch links"):
+                stubs = _build_cuda_stubs(tmp, root, tmp / STUBS_DIR, log)
+            (tmp / STUBS_DIR / "README").write_text(
+                "Stand-ins for CUDA libraries that PyPI's aarch64 torch links but the CPU path never calls; "
+                "every function returns 100 (cudaErrorNoDevice). Written by rgexport.emulate.\n" + "\n".join(stubs)
+            )
+        (tmp / _READY).write_text(json.dumps({"requirements": reqs + extras, "created": time.time()}))
+        if site.exists():
+            shutil.rmtree(site)
+        os.replace(tmp, site)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return site, versions | {"numpy": numpy_version}
+
+
+STUBS_DIR = "_cuda_stubs"
+
+
+def _ensure_cross_binutils(log: Path) -> None:
+    tools = ("readelf", "aarch64-linux-gnu-as", "aarch64-linux-gnu-ld")
+    if all(shutil.which(t) for t in tools):
+        return
+    fix = "Install them with: sudo apt-get install binutils binutils-aarch64-linux-gnu"
+    if not _is_root() or shutil.which("apt-get") is None:
+        missing = [t for t in tools if not shutil.which(t)]
+        raise RgexportError(f"ExecuTorch on {DEVICE} needs {', '.join(missing)} to link CUDA stand-ins. {fix}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    _run_logged(["apt-get", "install", "-y", "-q", "binutils", "binutils-aarch64-linux-gnu"], log,
+                "apt-get install binutils-aarch64-linux-gnu", fix, env)
+
+
+def _readelf(args: Sequence[str | Path]) -> str:
+    return subprocess.run(["readelf", "-W", *map(str, args)], capture_output=True, text=True, check=False).stdout
+
+
+def _build_cuda_stubs(site: Path, root: Path, out: Path, log: Path) -> list[str]:
+    """Links an aarch64 stand-in for every library that torch's and ExecuTorch's extensions need but that
+    is not here (libcudart.so.13, libcublas.so.13, ...), defining the symbols they import from it with
+    the versions they ask for. Returns the libraries written."""
+    _ensure_cross_binutils(log)
+    libdirs = [site / "torch" / "lib", site / "executorch" / "lib", site / "executorch" / "extension" / "pybindings",
+               root / "lib" / "aarch64-linux-gnu", root / "usr" / "lib" / "aarch64-linux-gnu"]
+    start = [*site.glob("torch/_C.*.so"), *site.glob("torch/lib/libtorch_global_deps.so"),
+             *site.glob("executorch/extension/pybindings/_C.*.so")]
+
+    def find(name: str) -> Path | None:
+        return next((d / name for d in libdirs if (d / name).exists()), None)
+
+    seen: dict[str, Path] = {}
+    missing: set[str] = set()
+    todo = list(start)
+    while todo:
+        f = todo.pop()
+        if str(f) in seen:
+            continue
+        seen[str(f)] = f
+        for name in re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", _readelf(["-d", f])):
+            found = find(name)
+            if found is None:
+                missing.add(name)
+            else:
+                todo.append(found)
+    if not missing:
+        return []
+    python = _python_in(root)
+    defined: set[str] = set()
+    symbols_of = {}
+    for f in [*seen.values(), *([python[0]] if python else [])]:
+        rows = [line.split() for line in _readelf(["--dyn-syms", f]).splitlines()]
+        symbols_of[f] = rows = [r for r in rows if len(r) >= 8 and r[0].endswith(":")]
+        defined |= {r[7].split("@")[0] for r in rows if r[6] != "UND"}
+    version_file: dict[str, str] = {}
+    for f in seen.values():
+        current = None
+        for line in _readelf(["-V", f]).splitlines():
+            if m := re.search(r"File: (\S+)\s+Cnt", line):
+                current = m.group(1)
+            elif (m := re.search(r"Name: (\S+)\s+Flags", line)) and current:
+                version_file[m.group(1)] = current
+    versioned: dict[str, dict[str, dict[str, str]]] = {lib: {} for lib in missing}  # lib -> version -> sym -> type
+    unversioned: dict[str, str] = {}
+    for f in seen.values():
+        for r in symbols_of[f]:
+            if r[6] != "UND":
+                continue
+            name, kind, bind = r[7], r[3], r[4]
+            if "@" in name:
+                sym, version = name.split("@")[0], name.split("@")[-1]
+                lib = version_file.get(version)
+                if lib in versioned:
+                    versioned[lib].setdefault(version, {})[sym] = kind
+            elif bind != "WEAK" and name not in defined:
+                unversioned[name] = kind  # e.g. NCCL and cuFile symbols: any stand-in may define them
+    out.mkdir(parents=True, exist_ok=True)
+    for lib in sorted(missing):
+        symbols = dict(unversioned)
+        for table in versioned[lib].values():
+            symbols.update(table)
+        text, data = [".text"], [".data"]
+        for sym, kind in sorted(symbols.items()):
+            if kind == "OBJECT":
+                data += [f".globl {sym}", f".type {sym},%object", f".size {sym},64", f"{sym}:", ".zero 64"]
+            else:
+                text += [f".globl {sym}", f".type {sym},%function", f"{sym}:", "mov w0, #100", "ret"]
+        asm, obj, vmap = out / f"{lib}.s", out / f"{lib}.o", out / f"{lib}.map"
+        asm.write_text("\n".join(text + data) + "\n")
+        nodes = list(versioned[lib]) or [lib]
+        own = {s for t in versioned[lib].values() for s in t}
+        lines = []
+        for i, version in enumerate(nodes):
+            names = sorted(versioned[lib].get(version, {})) + (sorted(set(unversioned) - own) if i == 0 else [])
+            lines.append(f"{version} {{ global: {' '.join(n + ';' for n in names)} }};")
+        vmap.write_text("\n".join(lines) + "\n")
+        fix = "Check that binutils-aarch64-linux-gnu works."
+        _run_logged(["aarch64-linux-gnu-as", asm, "-o", obj], log, f"assembling the {lib} stand-in", fix)
+        _run_logged(["aarch64-linux-gnu-ld", "-shared", "-soname", lib, "--version-script", vmap, "-o", out / lib, obj],
+                    log, f"linking the {lib} stand-in", fix)
+        for p in (asm, obj, vmap):
+            p.unlink()
+    return sorted(missing)
+
+
+def _probe_hwcaps(qemu: Path, cpu: str, root: Path, python: Path) -> tuple[int, int]:
+    code = ("import ctypes;l=ctypes.CDLL(None);f=l.getauxval;f.restype=ctypes.c_ulong;f.argtypes=[ctypes.c_ulong];"
+            "print(f(16),f(26))")
+    proc = subprocess.run([str(qemu), "-cpu", cpu, "-L", str(root), str(python), "-S", "-c", code],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                          timeout=300, check=False)
+    if proc.returncode != 0:
+        raise RgexportError(f"The arm64 Python does not start under {qemu.name} -cpu {cpu}: "
+                            f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+    hwcap, hwcap2 = (int(x) for x in proc.stdout.split())
+    return hwcap, hwcap2
+
+
+def cpuinfo_text(cpu: str, hwcap: int, hwcap2: int, processors: int) -> str:
+    """An aarch64 /proc/cpuinfo in Linux's format for `processors` cores of model `cpu`."""
+    features = [n for i, n in enumerate(_HWCAP) if hwcap >> i & 1]
+    features += [n for i, n in enumerate(_HWCAP2) if hwcap2 >> i & 1]
+    implementer, variant, part, revision = _MIDR.get(cpu, _MIDR["max"])
+    entries = [
+        f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {' '.join(features)}\n"
+        f"CPU implementer\t: 0x{implementer:02x}\nCPU architecture: 8\nCPU variant\t: 0x{variant:x}\n"
+        f"CPU part\t: 0x{part:03x}\nCPU revision\t: {revision}\n"
+        for i in range(processors)
+    ]
+    return "\n".join(entries) + "\n"
+
+
+def ensure_view(cache: Path, root: Path, python: Path, qemu: Path, cpu: str, steps: _Steps) -> tuple[Path, str]:
+    """root/ as seen by one CPU model: symlinks to root's top folders plus an Arm proc/cpuinfo."""
+    view = cache / "views" / cpu
+    info = view / _READY
+    if info.is_file():
+        return view, json.loads(info.read_text())["features"]
+    with steps.stage("arm cpuinfo", f"-cpu {cpu}"):
+        hwcap, hwcap2 = _probe_hwcaps(qemu, cpu, root, python)
+        processors = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        text = cpuinfo_text(cpu, hwcap, hwcap2, max(processors, 1))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{cpu}.partial-", dir=cache))
+        try:
+            for entry in root.iterdir():
+                if entry.name not in ("proc", _READY):
+                    os.symlink(os.path.relpath(entry, view), tmp / entry.name)
+            (tmp / "proc").mkdir()
+            (tmp / "proc" / "cpuinfo").write_text(text)
+            features = text.split("Features\t: ", 1)[1].split("\n", 1)[0]
+            (tmp / _READY).write_text(json.dumps({"cpu": cpu, "hwcap": hwcap, "hwcap2": hwcap2, "features": features}))
+            view.parent.mkdir(parents=True, exist_ok=True)
+            if view.exists():
+                shutil.rmtree(view)
+            os.replace(tmp, view)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return view, features
+
+
+@contextlib.contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_environment(backend: str, cpu: str = DEFAULT_CPU, stages: Any | None = None) -> ArmEnvironment:
+    """Sets up (first use) or finds (cached) everything to run `backend`'s runtime on emulated aarch64."""
+    if cpu not in QEMU_CPUS:
+        raise RgexportError(f"Unknown emulated CPU {cpu!r}; choose one of {', '.join(QEMU_CPUS)}")
+    if backend not in RUNTIMES:
+        raise RgexportError(
+            f"--device {DEVICE} runs {' and '.join(sorted(RUNTIMES))} artifacts; {backend} has no aarch64 "
+            "runtime set up here (see notes/emulate.md)"
+        )
+    steps = _Steps(stages)
+    cache = cache_root()
+    with _locked(cache):
+        log = cache / "setup.log"
+        fresh = not (cache / "root" / _READY).is_file()
+        if fresh and stages is not None and not getattr(stages, "quiet", False):
+            stages.console.print(f"[bold]Setting up {DEVICE}[/bold] in {cache} (first use; cached afterwards; "
+                                 f"log: {log})")
+        qemu = ensure_qemu(steps, log)
+        version = subprocess.run([str(qemu), "--version"], capture_output=True, text=True, check=False).stdout
+        qemu_version = version.splitlines()[0].strip() if version else "unknown"
+        root, python, python_version = ensure_root(cache, steps, log)
+        site, runtime = ensure_site(cache, root, python_version, backend, steps, log)
+        view, features = ensure_view(cache, root, python, qemu, cpu, steps)
+        env = ArmEnvironment(cache, qemu, qemu_version, root, python, python_version, view, cpu, site, runtime,
+                             features)
+        marker = site / f".smoke-{cpu}"
+        if not marker.is_file():
+            module = RUNTIMES[backend]["module"]
+            with steps.stage("smoke test", f"import {module} on emulated {cpu}"):
+                proc = subprocess.run(env.command(["-c", f"import {module}, numpy; print('ok')"]), env=env.env(),
+                                      capture_output=True, text=True, timeout=600, check=False)
+                if proc.returncode != 0 or "ok" not in proc.stdout:
+                    raise RgexportError(
+                        f"The aarch64 {module} does not load under {qemu.name} -cpu {cpu}: "
+                        f"{(proc.stderr or proc.stdout).strip()[-800:]}"
+                    )
+            marker.touch()
+    return env
+
+
+def cache_report() -> dict[str, Any]:
+    """Sizes of the cached parts, in bytes."""
+    cache = cache_root()
+    out = {"cache": str(cache)}
+    if not cache.exists():
+        return out
+    out["root"] = _dir_bytes(cache / "root")
+    for site in sorted((cache / "site").glob("*")):
+        out[f"site/{site.name}"] = _dir_bytes(site)
+    return out
+
+
+# Running -----------------------------------------------------------------------------------------
+def _run_runner(cmd: list[str], env: dict[str, str] | None, out: Path, advance: Callable[[int], None] | None,
+                timeout: float | None, what: str) -> dict[str, np.ndarray]:
+    """Runs device_runner.py (argv `cmd`, writing `out`), passing its progress lines to `advance`."""
+    start = time.monotonic()
+    stderr_file = tempfile.TemporaryFile(mode="w+")
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=stderr_file, text=True) as proc:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                if line.startswith("@progress ") and advance:
+                    advance(int(line.split()[1]))
+                if timeout is not None and time.monotonic() - start > timeout:
+                    proc.kill()
+                    raise RgexportError(f"{what} took longer than {timeout:.0f} s; use fewer --tokens")
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+    stderr_file.seek(0)
+    errors = stderr_file.read()
+    stderr_file.close()
+    if proc.returncode != 0 or not out.is_file():
+        signal = " (killed by a signal: a crash in the runtime)" if proc.returncode < 0 else ""
+        raise RgexportError(f"{what} failed with exit status {proc.returncode}{signal}:\n"
+                            + "\n".join(errors.strip().splitlines()[-15:]))
+    with np.load(out) as z:
+        return {k: z[k] for k in z.files}
+
+
+def run_on_device(env: ArmEnvironment, artifact_dir: Path, tokens: Sequence[int], *, threads: int = 1,
+                  greedy: int = 0, ort_format: bool = False, advance: Callable[[int], None] | None = None,
+                  timeout: float | None = None) -> dict[str, np.ndarray]:
+    """device_runner.py on the emulated aarch64 device -> its outputs (logits, state.*, greedy, info)."""
+    with tempfile.TemporaryDirectory(prefix="rgexport-arm-") as tmp:
+        tok, out = Path(tmp) / "tokens.npy", Path(tmp) / "out.npz"
+        np.save(tok, np.asarray(tokens, np.int64))
+        args = [RUNNER_SCRIPT, Path(artifact_dir).resolve(), tok, out, "--threads", threads, "--greedy", greedy,
+                "--progress"] + (["--ort-format"] if ort_format else [])
+        return _run_runner(env.command(args), env.env(threads), out, advance, timeout,
+                           f"The artifact on emulated {env.cpu}")
+
+
+def run_native(artifact_dir: Path, tokens: Sequence[int], *, threads: int = 1, greedy: int = 0,
+               ort_format: bool = False, advance: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """The same device_runner.py on this machine, with this Python and its runtimes."""
+    with tempfile.TemporaryDirectory(prefix="rgexport-host-") as tmp:
+        tok, out = Path(tmp) / "tokens.npy", Path(tmp) / "out.npz"
+        np.save(tok, np.asarray(tokens, np.int64))
+        cmd = [sys.executable, str(RUNNER_SCRIPT), str(Path(artifact_dir).resolve()), str(tok), str(out),
+               "--threads", str(threads), "--greedy", str(greedy), "--progress"]
+        cmd += ["--ort-format"] if ort_format else []
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="2")
+        return _run_runner(cmd, env, out, advance, None, f"The artifact on this machine ({platform.machine()})")
+
+
+def info_of(result: dict[str, np.ndarray]) -> dict[str, Any]:
+    return json.loads(str(result["info"]))
+
+
+def states_of(result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k.removeprefix("state."): v for k, v in result.items() if k.startswith("state.")}
+
+
+def compare_runs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How far run `a` (Arm) is from run `b` (x86) of the same artifact on the same tokens."""
+    la, lb = a["logits"].astype(np.float64), b["logits"].astype(np.float64)
+    diff = np.abs(la - lb)
+    per_position = diff.max(axis=-1)
+    sa, sb = states_of(a), states_of(b)
+    state = {k: float(np.abs(sa[k].astype(np.float64) - sb[k]).max()) for k in sa if k in sb}
+    out = {
+        "max_abs_logit_difference": float(diff.max()),
+        "mean_abs_logit_difference": float(diff.mean()),
+        "bitwise_identical": bool(np.array_equal(a["logits"], b["logits"])),
+        "positions_differing": int((per_position > 0).sum()),
+        "first_position_differing": int(np.argmax(per_position > 0)) if (per_position > 0).any() else None,
+        "top1_agreement": float((la.argmax(-1) == lb.argmax(-1)).mean()),
+        "max_abs_state_difference": max(state.values()) if state else None,
+    }
+    if "greedy" in a and "greedy" in b:
+        div = np.nonzero(a["greedy"] != b["greedy"])[0]
+        out["greedy_first_divergence"] = int(div[0]) if len(div) else None
+    return out
+
+
+# Validation --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class EmulatedValidation:
+    """The Arm run judged against the reference (`report`), and how it differs from the x86 run."""
+
+    report: Any  # rgexport.validate.ValidationReport, for the emulated Arm run
+    device: dict[str, Any]
+    arm_vs_x86: dict[str, Any] | None
+    x86_metrics: dict[str, Any] | None  # the native run against the same reference, for comparison
+    timings: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.report.to_dict() | {
+            "device": self.device,
+            "arm_vs_x86": self.arm_vs_x86,
+            "x86_metrics": self.x86_metrics,
+            "timings": self.timings,
+        }
+
+
+def _reference(folder: Path, manifest: dict[str, Any], checkpoint: str | None, preset: str | None):
+    """The checkpoint the artifact was built from, as `rgexport.validate.validate_artifact` finds it."""
+    from rgexport.build import SHIPPED_SOURCE
+    from rgexport.checkpoint import load_checkpoint
+
+    recorded = manifest["model"]["checkpoint"]
+    if checkpoint is None:
+        source = recorded["source"]
+        if source == SHIPPED_SOURCE:
+            ckpt = load_checkpoint()
+        elif Path(source).exists():
+            ckpt = load_checkpoint(source, preset or recorded.get("preset"))
+        else:
+            raise RgexportError(f"the artifact was built from {source}, which is not here; pass --checkpoint PATH")
+    else:
+        ckpt = load_checkpoint(checkpoint, preset or recorded.get("preset"))
+    if ckpt.digest != recorded["sha256"]:
+        raise RgexportError(
+            f"checkpoint {ckpt.source} (sha256 {ckpt.digest[:12]}…) is not the one the artifact was built "
+            f"from ({recorded['source']}, sha256 {recorded['sha256'][:12]}…)"
+        )
+    return ckpt
+
+
+def judge_run(run: dict[str, np.ndarray], reference_logits: np.ndarray, reference_state: dict[str, np.ndarray],
+              reference_greedy: list[int] | None, targets: np.ndarray, window: int, *, backend: str, recipe: str,
+              quantized: bool, greedy_tokens: int):
+    """A ValidationReport for one device run, with the metrics and thresholds of `rgexport validate`."""
+    from rgexport.validate import ValidationReport, compare_logits, judge, load_thresholds
+
+    metrics = compare_logits(reference_logits, run["logits"], targets)
+    per_pos = metrics["_per_position_max_error"]
+    metrics["max_abs_logit_error_first_window"] = float(per_pos[:window].max())
+    metrics["max_abs_logit_error_after_window"] = float(per_pos[window:].max()) if len(per_pos) > window else None
+    states = states_of(run)
+    state_errors = None
+    if states:
+        state_errors = {}
+        for name, ref in reference_state.items():
+            if name in states:
+                state_errors[name] = float(np.abs(states[name].astype(np.float64).reshape(ref.shape) - ref).max())
+    divergence = None
+    if reference_greedy is not None and "greedy" in run:
+        div = [i for i, (x, y) in enumerate(zip(reference_greedy, run["greedy"].tolist())) if x != y]
+        divergence = div[0] if div else None
+    thresholds = load_thresholds(recipe, quantized)
+    failures = judge(metrics, thresholds)
+    notes = [f"greedy outputs diverge at step {divergence} of {greedy_tokens}"] if divergence is not None else []
+    return ValidationReport(backend, recipe, len(targets), metrics, thresholds, failures, state_errors,
+                            greedy_tokens if reference_greedy is not None else 0, divergence, notes)
+
+
+def validate_emulated(
+    path: str | Path, *, checkpoint: str | None = None, preset: str | None = None, tokens: int | None = None,
+    text: Path | None = None, greedy_tokens: int = 64, cpu: str = DEFAULT_CPU, threads: int = 1,
+    compare_x86: bool = True, ort_format: bool = False, stages: Any | None = None, timeout: float | None = None,
+) -> EmulatedValidation:
+    """Validates an artifact folder on the emulated aarch64 device (see the module docstring).
+
+    Same tokens, metrics and thresholds as `rgexport.validate.validate_artifact`; `compare_x86` also runs
+    the artifact natively with the same driver and reports the Arm-vs-x86 differences.
+    """
+    import torch
+
+    from rgexport.manifest import read_manifest, verify_files
+    from rgexport.tokenizer import Tokenizer
+    from rgexport.validate import EagerRunner, greedy, heldout_tokens, teacher_forced
+
+    steps = _Steps(stages)
+    folder, manifest = read_manifest(path)
+    problems = verify_files(folder, manifest)
+    if problems:
+        raise RgexportError(f"{folder}: files do not match the manifest: " + "; ".join(problems))
+    backend, recipe = manifest["backend"], manifest["recipe"]
+    setup_start = time.perf_counter()
+    env = ensure_environment(backend, cpu, stages)
+    setup_seconds = time.perf_counter() - setup_start
+
+    with steps.stage("reference", "checkpoint and fp32 step model"):
+        ckpt = _reference(folder, manifest, checkpoint, preset)
+        tok_file = manifest["tokenizer"]["file"] if manifest["tokenizer"] else None
+        if tok_file is None and ckpt.tokenizer_path is None:
+            raise RgexportError("no tokenizer in the artifact or the checkpoint; validation needs one")
+        tokenizer = Tokenizer(folder / tok_file if tok_file else ckpt.tokenizer_path)
+        n = tokens or 4 * ckpt.config.attention_window_size
+        ids = heldout_tokens(tokenizer, n, text)
+        inputs, targets = list(ids[:-1]), np.asarray(ids[1:])
+        chunk = int(manifest["io"]["prefill_chunk"])
+        torch_threads = torch.get_num_threads()
+        # One thread: the step model's ops are small, and on a shared machine two spinning intra-op
+        # threads made it ~10x slower (1.07 s vs 0.11 s per token on 2 busy cores).
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                reference = EagerRunner(ckpt.model, chunk)
+                ref_logits = teacher_forced(reference, inputs)
+                ref_state = reference.state()
+                ref_greedy = greedy(reference, inputs[:chunk], greedy_tokens) if greedy_tokens else None
+        finally:
+            torch.set_num_threads(torch_threads)
+
+    total = n + greedy_tokens
+    runtime = ", ".join(f"{k} {v}" for k, v in env.runtime.items() if k != "numpy")
+    with steps.stage("emulated run", f"{n} + {greedy_tokens} greedy tokens, -cpu {cpu}, {runtime} aarch64"):
+        start = time.perf_counter()
+        with steps.bar(f"{DEVICE}", total) as advance:
+            arm = run_on_device(env, folder, inputs, threads=threads, greedy=greedy_tokens, ort_format=ort_format,
+                                advance=advance, timeout=timeout)
+        arm_seconds = time.perf_counter() - start
+    native = None
+    if compare_x86:
+        with steps.stage("native run", f"the same on this machine ({platform.machine()})"):
+            start = time.perf_counter()
+            native = run_native(folder, inputs, threads=threads, greedy=greedy_tokens, ort_format=ort_format)
+            native_seconds = time.perf_counter() - start
+
+    window = ckpt.config.attention_window_size
+    common = dict(backend=backend, recipe=recipe["name"], quantized=recipe["quantized"], greedy_tokens=greedy_tokens)
+    report = judge_run(arm, ref_logits, ref_state, ref_greedy, targets, window, **common)
+    arm_info = info_of(arm)
+    report.notes.insert(0, f"ran on {DEVICE}: {env.qemu_version}, -cpu {cpu}, Python {arm_info['python']} "
+                           f"aarch64, {arm_info['runtime']} {arm_info['runtime_version']}")
+    x86_metrics = arm_vs_x86 = None
+    timings: dict[str, Any] = {
+        "setup_seconds": round(setup_seconds, 2),
+        "arm_run_seconds": round(arm_seconds, 2),
+        "arm_load_seconds": round(arm_info["load_seconds"], 3),
+        "arm_decode_ms_per_token": _ms(arm_info["decode_seconds_per_token"]),
+        "arm_decode_cpu_ms_per_token": _ms(arm_info.get("decode_cpu_seconds_per_token")),
+    }
+    if native is not None:
+        x86_report = judge_run(native, ref_logits, ref_state, ref_greedy, targets, window, **common)
+        x86_metrics = {k: v for k, v in x86_report.metrics.items() if not k.startswith("_")}
+        x86_metrics["passed"] = x86_report.passed
+        arm_vs_x86 = compare_runs(arm, native)
+        native_info = info_of(native)
+        timings |= {
+            "x86_run_seconds": round(native_seconds, 2),
+            "x86_decode_ms_per_token": _ms(native_info["decode_seconds_per_token"]),
+            "x86_decode_cpu_ms_per_token": _ms(native_info.get("decode_cpu_seconds_per_token")),
+        }
+        # CPU time per token: wall time on a shared machine mostly measures the other processes.
+        arm_ms, x86_ms = timings["arm_decode_cpu_ms_per_token"], timings["x86_decode_cpu_ms_per_token"]
+        if arm_ms and x86_ms:
+            timings["emulation_slowdown"] = round(arm_ms / x86_ms, 1)
+        if not arm_vs_x86["bitwise_identical"]:
+            report.notes.append(
+                f"Arm and x86 logits differ: max |diff| {arm_vs_x86['max_abs_logit_difference']:.3g} at "
+                f"{arm_vs_x86['positions_differing']} of {n} positions (top-1 agreement "
+                f"{100 * arm_vs_x86['top1_agreement']:.2f}%)"
+            )
+    return EmulatedValidation(report, env.describe(), arm_vs_x86, x86_metrics, timings)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 3) if seconds else None
+
+
+def format_emulated(result: EmulatedValidation) -> str:
+    """The host report's lines, then the device and the Arm-vs-x86 comparison."""
+    from rgexport.validate import format_report
+
+    d, t = result.device, result.timings
+    lines = [format_report(result.report).replace(" over ", f" on {DEVICE} over ", 1)]
+    lines.append(f"  device      {d['qemu']}, -cpu {d['cpu']}, Python {d['python']}, "
+                 + ", ".join(f"{k} {v}" for k, v in d["runtime"].items()))
+    c = result.arm_vs_x86
+    if c is not None:
+        if c["bitwise_identical"]:
+            lines.append("  arm vs x86  logits bitwise identical")
+        else:
+            lines.append(f"  arm vs x86  max |diff| {c['max_abs_logit_difference']:.3g}  mean |diff| "
+                         f"{c['mean_abs_logit_difference']:.3g}  at {c['positions_differing']} positions "
+                         f"(first {c['first_position_differing']}), top-1 agreement {100 * c['top1_agreement']:.2f}%")
+        x = result.x86_metrics or {}
+        if x:
+            lines.append(f"  x86 run     max |err| {x['max_abs_logit_error']:.3g}  top-1 "
+                         f"{100 * x['top1_agreement']:.2f}%  mean KL {x['mean_kl']:.3g}  "
+                         f"ppl ratio {x['ppl_ratio']:.4f}")
+    speed = f"  speed       {t['arm_decode_ms_per_token']} ms/token emulated"
+    if t.get("x86_decode_ms_per_token"):
+        speed += f" vs {t['x86_decode_ms_per_token']} ms/token native"
+    if t.get("emulation_slowdown"):
+        speed += (f" (wall); CPU {t['arm_decode_cpu_ms_per_token']} vs {t['x86_decode_cpu_ms_per_token']} ms/token, "
+                  f"{t['emulation_slowdown']}x")
+    lines.append(speed)
+    return "\n".join(lines)

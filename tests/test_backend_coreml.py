@@ -1,0 +1,305 @@
+"""Core ML backend: the .mlpackage run by the MIL interpreter against eager PyTorch.
+
+Each artifact is built once per module (conversion takes tens of seconds here). Tolerances for the fp16
+programs come from fp16 arithmetic: every op rounds its result to 11 significant bits (unit roundoff
+u = 2^-11 = 4.9e-4 relative). The ~300 ops between the embedding and the logits of SMALL are rounded
+independently, so their errors add like a random walk: about sqrt(300) = 17 roundings of size u relative to
+the activation scale, i.e. 17 * u * max|logit| (0.066 for SMALL's logits of up to ~8). Measured: ~0.025.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ct = pytest.importorskip("coremltools")
+
+from rgexport.backends import BuildContext, feed, get_backend  # noqa: E402
+from rgexport.backends.coreml import state_input_name  # noqa: E402
+from rgexport.errors import RgexportError  # noqa: E402
+
+CHUNK = 8
+U16 = 2.0**-11
+
+
+def fp16_tolerance(ref: np.ndarray) -> float:
+    return 17 * U16 * float(np.abs(ref).max())
+
+
+def build(model, config, work_dir: Path, recipe: str = "fp16", state_dtype: str = "float16", chunk: int = CHUNK):
+    """quantize -> export -> lower -> write, then load: (runner, artifact path, context, manifest)."""
+    backend = get_backend("coreml")
+    ctx = BuildContext(config=config, recipe=recipe, work_dir=work_dir, prefill_chunk=chunk,
+                       options={"state_dtype": state_dtype})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        files = backend.write(backend.lower(backend.export(backend.quantize(model, ctx), ctx), ctx), ctx)
+    runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert not [m for m in runtime if "invalid value" in m or "divide" in m], runtime
+    manifest = {"artifact": {"file": files[0].name}, "io": backend.io_contract(ctx), "facts": ctx.facts}
+    json.dumps(manifest)  # the contract must be JSON
+    return backend.load(work_dir, manifest), files[0], ctx, manifest
+
+
+def decode_all(runner, tokens) -> np.ndarray:
+    runner.reset()
+    return np.stack([runner.decode(t, i) for i, t in enumerate(tokens)])
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in (path / "Data" / "com.apple.CoreML" / "weights").iterdir())
+
+
+@pytest.fixture(scope="module")
+def eager(small_model, small_tokens):
+    return small_model.score(small_tokens, chunk=1)[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def fp16(small_model, small_config, tmp_path_factory):
+    return build(small_model, small_config, tmp_path_factory.mktemp("coreml_fp16"))
+
+
+@pytest.fixture(scope="module")
+def fp16_decoded(fp16, small_tokens):
+    return decode_all(fp16[0], small_tokens[0].tolist())
+
+
+# fp16 program, fp16 states ---------------------------------------------------------------------
+def test_decode_matches_eager(fp16_decoded, eager):
+    err = np.abs(fp16_decoded - eager).max()
+    assert err < fp16_tolerance(eager), err
+    assert (fp16_decoded.argmax(-1) == eager.argmax(-1)).mean() >= 0.95
+
+
+def test_prefill_chunks_then_decode_match_eager(fp16, small_tokens, eager):
+    runner = fp16[0]
+    runner.reset()
+    tokens = small_tokens[0, :75].tolist()  # 9 prefill chunks of 8 and 3 decode steps
+    out = feed(runner, tokens)
+    assert out.shape == (75, eager.shape[-1])
+    assert np.abs(out - eager[:75]).max() < fp16_tolerance(eager)
+    assert (out.argmax(-1) == eager[:75].argmax(-1)).mean() >= 0.95
+
+
+def _eager_state_at(model, tokens, position):
+    """Eager state after `tokens` from position 0, rounded to fp16 as the program stores it."""
+    with torch.no_grad():
+        _, state = model.prefill(tokens[None], torch.tensor([0]), model.init_state())
+    return {k: v.to(torch.float16).to(torch.float32) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("start", [2049, 4097 + 16 * 3 + 5, 70_001])
+def test_positions_past_2048(fp16, small_model, small_tokens, start):
+    """Positions that fp16 cannot hold (odd ones above 2048): masks, rotary angles and ring slots stay exact.
+
+    The same state is placed in the program and in eager PyTorch, then both continue at `start`.
+    """
+    runner = fp16[0]
+    tokens = small_tokens[0]
+    state = _eager_state_at(small_model, tokens[:16], 16)
+    runner.load_state({k: v.numpy() for k, v in state.items()})
+    with torch.no_grad():
+        ref, _ = small_model.forward(tokens[16:16 + 2 * CHUNK][None], torch.tensor([start]), state)
+    ref = ref[0].numpy()
+    got = np.concatenate([runner.prefill(tokens[16:16 + CHUNK].tolist(), start),
+                          np.stack([runner.decode(int(t), start + CHUNK + i)
+                                    for i, t in enumerate(tokens[16 + CHUNK:16 + 2 * CHUNK])])])
+    assert np.abs(got - ref).max() < fp16_tolerance(ref)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_new_sequence_ignores_a_dirty_state(fp16, small_tokens):
+    """Position 0 clears the recurrence and the conv window and masks the cache (bug class: stale state)."""
+    runner = fp16[0]
+    seq = small_tokens[0, 40:52].tolist()
+    runner.reset()
+    fresh = np.stack([runner.decode(t, i) for i, t in enumerate(seq)])
+    feed(runner, small_tokens[0, :20].tolist())  # dirty: a window and more of another sequence
+    reused = np.stack([runner.decode(t, i) for i, t in enumerate(seq)])
+    np.testing.assert_array_equal(fresh, reused)
+
+
+def test_state_matches_eager(fp16, small_model, small_tokens):
+    runner = fp16[0]
+    runner.reset()
+    feed(runner, small_tokens[0, :37].tolist())
+    got = runner.state()
+    with torch.no_grad():
+        state = small_model.init_state()
+        for i in range(37):
+            _, state = small_model.step(small_tokens[:, i], torch.tensor([i]), state)
+    assert set(got) == set(state)
+    for name, ref in state.items():
+        ref = ref.numpy()
+        assert got[name].dtype == np.float32 and got[name].shape == ref.shape
+        assert np.abs(got[name] - ref).max() < 17 * U16 * max(1.0, np.abs(ref).max()), name
+
+
+def test_artifact_is_one_multifunction_package_sharing_weights(fp16, small_config):
+    runner, path, ctx, manifest = fp16
+    assert path.name == "model.mlpackage" and path.suffix == get_backend("coreml").artifact_suffix
+    program = runner.program
+    assert set(program.functions) == {"decode", "prefill"} and program.default_function == "decode"
+    # Both functions declare the same fp16 states: one MLState serves both.
+    states = {fn: {k: (t.shape, t.dtype) for k, t in f.states.items()} for fn, f in program.functions.items()}
+    assert states["decode"] == states["prefill"]
+    assert {dtype for _, dtype in states["decode"].values()} == {np.float16}
+    # Weights are stored once (fp16) although two functions use them.
+    assert weight_bytes(path) < 1.1 * 2 * small_config.num_parameters()
+    assert ctx.facts["coreml"]["state_dtype"] == "float16"
+
+
+def test_position_arithmetic_and_recurrence_are_float32(fp16):
+    """The fp16 program keeps its float32 islands: sin/cos of rotary angles, the ring-slot floor, h."""
+    program = fp16[0].program
+    for fn, f in program.functions.items():
+        dtypes = {}
+        for o in f.ops:
+            for _, t in o.outputs:
+                dtypes.setdefault(o.type, set()).add(t.dtype)
+        for op_type in ("sin", "cos", "floor", "sqrt"):
+            assert dtypes[op_type] == {np.float32}, (fn, op_type)
+        assert dtypes["linear"] == {np.float16} and dtypes["softmax"] == {np.float16}, fn
+        # The recurrence h = a * h + x: additions writing the RG-LRU state are fp32 before the final cast.
+        counts = fp16[2].facts["coreml"]["fp32_island_ops"][fn]
+        assert counts["position"] > 0 and counts["rg_lru"] > 0
+
+
+def test_io_contract(fp16, small_config):
+    io = fp16[3]["io"]
+    assert io["state"]["placement"] == "internal"
+    assert {t["dtype"] for t in io["state"]["tensors"]} == {"float16"}
+    assert io["state"]["total_bytes"] == sum(2 * math.prod(t["shape"]) for t in io["state"]["tensors"])
+    program = fp16[0].program
+    assert {t["coreml_state"] for t in io["state"]["tensors"]} == set(program.functions["decode"].states)
+    assert [i["name"] for i in io["methods"]["decode"]["inputs"]] == ["token", "position"]
+    assert set(program.functions["decode"].inputs) - set(program.functions["decode"].states) == {"token", "position"}
+    assert set(program.functions["prefill"].inputs) - set(program.functions["prefill"].states) == {"tokens", "position"}
+    assert io["prefill_chunk"] == CHUNK
+
+
+def test_bad_recipe_and_option_are_refused(small_model, small_config, tmp_path):
+    backend = get_backend("coreml")
+    with pytest.raises(RgexportError, match="no recipe 'int3'.*expected one of"):
+        backend.quantize(small_model, BuildContext(small_config, "int3", tmp_path, CHUNK))
+    with pytest.raises(RgexportError, match="state_dtype.*expected one of"):
+        backend.quantize(small_model, BuildContext(small_config, "fp16", tmp_path, CHUNK,
+                                                   options={"state_dtype": "bfloat16"}))
+
+
+def test_backend_attributes():
+    backend = get_backend("coreml")
+    assert (backend.name, backend.extra, backend.artifact_suffix) == ("coreml", "coreml", ".mlpackage")
+    assert backend.default_recipe == "fp16"
+    assert set(backend.recipes) == {"fp16", "int8", "int4", "palette4"}
+    assert all(backend.recipes[r].quantized for r in ("int8", "int4", "palette4"))
+    assert set(backend.packages) == {"coremltools", "torch"}
+
+
+# fp32 state passed in and out ------------------------------------------------------------------
+@pytest.mark.slow
+def test_float32_state_variant(small_model, small_config, small_tokens, eager, tmp_path):
+    runner, path, ctx, manifest = build(small_model, small_config, tmp_path, state_dtype="float32")
+    io = manifest["io"]
+    assert io["state"]["placement"] == "io" and {t["dtype"] for t in io["state"]["tensors"]} == {"float32"}
+    decode = runner.program.functions["decode"]
+    assert not decode.states
+    for spec in small_model.state_spec(1):
+        assert decode.inputs[state_input_name(spec)].dtype == np.float32
+        assert any(i["name"] == state_input_name(spec) for i in io["methods"]["decode"]["inputs"])
+    out = decode_all(runner, small_tokens[0].tolist())
+    assert np.abs(out - eager).max() < fp16_tolerance(eager)
+    runner.reset()
+    fed = feed(runner, small_tokens[0, :75].tolist())
+    assert np.abs(fed - eager[:75]).max() < fp16_tolerance(eager)
+    assert runner.state()["blocks.0.rg_lru"].dtype == np.float32
+
+
+# Quantised recipes -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def padded_model(small_model):
+    """SMALL with an all-zero padding row in the embedding, as trained models have (token 0)."""
+    model = copy.deepcopy(small_model)
+    with torch.no_grad():
+        model.embedder.input_embedding[0] = 0.0
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, max_ratio, min_top1", [("int8", 0.6, 0.9), ("int4", 0.4, 0.6),
+                                                         ("palette4", 0.4, 0.6)])
+def test_quantized_recipe(recipe, max_ratio, min_top1, padded_model, small_config, small_tokens, fp16,
+                          tmp_path):
+    runner, path, ctx, _ = build(padded_model, small_config, tmp_path, recipe=recipe)
+    assert weight_bytes(path) < max_ratio * weight_bytes(fp16[1])
+    tokens = small_tokens[0].tolist()
+    tokens[5] = 0  # the padding token itself
+    ref = padded_model.score(torch.tensor([tokens]), chunk=1)[0].numpy()
+    out = decode_all(runner, tokens)
+    assert np.isfinite(out).all()
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() >= min_top1
+    # The padding row dequantises to exact zeros with a usable (non-zero) scale.
+    embedding = [v for v in runner.program.functions["decode"].consts.values()
+                 if v.shape == (small_config.vocab_size, small_config.width)]
+    assert embedding and all(np.isfinite(e).all() and not e[0].any() for e in embedding)
+    expected = "constexpr_lut_to_dense" if recipe == "palette4" else "constexpr_blockwise_shift_scale"
+    assert expected in runner.program.op_types("decode")
+
+
+# The shipped model -----------------------------------------------------------------------------
+SHIPPED_CHUNK = 64
+
+
+@pytest.fixture(scope="module")
+def heldout_512(shipped):
+    from rgexport.tokenizer import Tokenizer
+
+    text = (Path(__file__).parents[1] / "calibration" / "corpus" / "heldout.txt").read_text()
+    tokens = Tokenizer(shipped.tokenizer_path).encode(text)[:512]
+    logits = shipped.model.score(torch.tensor([tokens]), chunk=128)[0].numpy()
+    return tokens, logits
+
+
+def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
+    lp = torch.log_softmax(torch.from_numpy(logits[:-1]).double(), -1)
+    return float(torch.exp(-lp[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].mean()))
+
+
+@pytest.fixture(scope="module")
+def shipped_fp16(shipped, tmp_path_factory):
+    return build(shipped.model, shipped.config, tmp_path_factory.mktemp("shipped_fp16"), chunk=SHIPPED_CHUNK)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, max_ratio, min_top1, max_ppl_ratio", [
+    ("fp16", 1.0, 0.99, 1.001), ("int8", 0.55, 0.97, 1.01), ("int4", 0.32, 0.85, 1.05),
+    ("palette4", 0.30, 0.80, 1.05),
+])
+def test_shipped_model_recipe(recipe, max_ratio, min_top1, max_ppl_ratio, shipped, heldout_512, shipped_fp16,
+                              tmp_path):
+    """Every recipe builds from the shipped model and holds up on 512 heldout tokens (8 prefill chunks).
+
+    Measured (notes/coreml.md): fp16 top-1 99.8 %, perplexity ratio 1.000; int8 99.2 %, 0.999;
+    int4 92.0 %, 1.020; palette4 87.5 %, 1.019; weights 0.51 / 0.29 / 0.26 of fp16.
+    """
+    tokens, ref = heldout_512
+    if recipe == "fp16":
+        runner, path = shipped_fp16[:2]
+    else:
+        runner, path, _, _ = build(shipped.model, shipped.config, tmp_path, recipe=recipe, chunk=SHIPPED_CHUNK)
+    assert weight_bytes(path) <= max_ratio * weight_bytes(shipped_fp16[1])
+    runner.reset()
+    out = feed(runner, tokens)
+    assert np.isfinite(out).all()
+    if recipe == "fp16":
+        assert np.abs(out - ref).max() < fp16_tolerance(ref)
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() >= min_top1
+    assert perplexity(out, tokens) <= max_ppl_ratio * perplexity(ref, tokens)
