@@ -216,11 +216,28 @@ def validate(
     tokens: Annotated[int | None, typer.Option(min=1, help="Tokens to compare (default 4x window).")] = None,
     text: Annotated[Path | None, typer.Option(help="Text file (default: held-out corpus).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    device: Annotated[str | None, typer.Option(
+        help="Run on another device: 'emulated-arm64' (the aarch64 runtime under qemu-user; set up and cached "
+             "on first use).")] = None,
 ) -> None:
     """Runs an artifact in its runtime beside the fp32 reference; exit 0 only if it passes."""
     from rgexport.progress import Stages
     from rgexport.validate import format_report, validate_artifact
 
+    if device is not None:
+        if device != "emulated-arm64":
+            raise RgexportError(f"Unknown device {device!r}; expected 'emulated-arm64'")
+        from rgexport.emulate import format_emulated, validate_emulated
+
+        result = validate_emulated(path, checkpoint=checkpoint, preset=preset, tokens=tokens, text=text,
+                                   stages=Stages(err, quiet=as_json))
+        if as_json:
+            out.print_json(json.dumps(result.to_dict(), default=str))
+        else:
+            out.print(format_emulated(result), highlight=False, markup=False, soft_wrap=True)
+        if not result.passed:
+            raise typer.Exit(1)
+        return
     if path.suffix == ".zip" or (path / "bundle.json").is_file():
         _validate_bundle(path, checkpoint, tokens, as_json)
         return
