@@ -183,6 +183,7 @@ class ArmEnvironment:
     site: Path
     runtime: dict[str, str]  # distribution -> version installed for aarch64
     cpu_features: str
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def command(self, args: Sequence[str]) -> list[str]:
         """argv that runs `python -S args...` as the emulated aarch64 process."""
@@ -208,6 +209,7 @@ class ArmEnvironment:
             "qemu": self.qemu_version,
             "cpu": self.cpu,
             "cpu_features": self.cpu_features,
+            "notes": self.notes,
             "python": self.python_version,
             "runtime": self.runtime,
             "cache": str(self.cache),
@@ -489,7 +491,7 @@ def cpuinfo_text(cpu: str, hwcap: int, hwcap2: int, processors: int) -> str:
     """An aarch64 /proc/cpuinfo in Linux's format for `processors` cores of model `cpu`."""
     features = [n for i, n in enumerate(_HWCAP) if hwcap >> i & 1]
     features += [n for i, n in enumerate(_HWCAP2) if hwcap2 >> i & 1]
-    implementer, variant, part, revision = _MIDR.get(cpu, _MIDR["max"])
+    implementer, variant, part, revision = _MIDR.get(cpu.split(",")[0], _MIDR["max"])
     entries = [
         f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {' '.join(features)}\n"
         f"CPU implementer\t: 0x{implementer:02x}\nCPU architecture: 8\nCPU variant\t: 0x{variant:x}\n"
@@ -527,6 +529,21 @@ def ensure_view(cache: Path, root: Path, python: Path, qemu: Path, cpu: str, ste
     return view, features
 
 
+def effective_cpu(cpu: str, qemu_version: str) -> tuple[str, list[str]]:
+    """The -cpu value to run with, and why it differs from the one asked for.
+
+    qemu 7.2's SME emulation (its first) computes wrong results: LiteRT 2.3.0's int8 model under
+    `-cpu max` was off by up to 21 in logits (top-1 77% against x86) while `max,sme=off`, every other
+    model and `-cpu max` under qemu 10.0 agree with x86 to 0.16 (notes/emulate.md). So SME stays off
+    for `max` on qemu < 8.
+    """
+    m = re.search(r"version (\d+)\.", qemu_version)
+    if cpu.split(",")[0] == "max" and "sme=" not in cpu and m and int(m.group(1)) < 8:
+        return cpu + ",sme=off", [f"-cpu {cpu} runs as {cpu},sme=off: the SME emulation of qemu {m.group(1)}.x "
+                                  "gives wrong results (use qemu >= 8 for SME)"]
+    return cpu, []
+
+
 @contextlib.contextmanager
 def _locked(cache: Path) -> Iterator[None]:
     cache.mkdir(parents=True, exist_ok=True)
@@ -540,8 +557,9 @@ def _locked(cache: Path) -> Iterator[None]:
 
 def ensure_environment(backend: str, cpu: str = DEFAULT_CPU, stages: Any | None = None) -> ArmEnvironment:
     """Sets up (first use) or finds (cached) everything to run `backend`'s runtime on emulated aarch64."""
-    if cpu not in QEMU_CPUS:
-        raise RgexportError(f"Unknown emulated CPU {cpu!r}; choose one of {', '.join(QEMU_CPUS)}")
+    if cpu.split(",")[0] not in QEMU_CPUS:
+        raise RgexportError(f"Unknown emulated CPU {cpu!r}; choose one of {', '.join(QEMU_CPUS)} "
+                            "(qemu options may follow, e.g. max,sve=off)")
     if backend not in RUNTIMES:
         raise RgexportError(
             f"--device {DEVICE} runs {' and '.join(sorted(RUNTIMES))} artifacts; {backend} has no aarch64 "
@@ -558,11 +576,12 @@ def ensure_environment(backend: str, cpu: str = DEFAULT_CPU, stages: Any | None 
         qemu = ensure_qemu(steps, log)
         version = subprocess.run([str(qemu), "--version"], capture_output=True, text=True, check=False).stdout
         qemu_version = version.splitlines()[0].strip() if version else "unknown"
+        cpu, notes = effective_cpu(cpu, qemu_version)
         root, python, python_version = ensure_root(cache, steps, log)
         site, runtime = ensure_site(cache, root, python_version, backend, steps, log)
         view, features = ensure_view(cache, root, python, qemu, cpu, steps)
         env = ArmEnvironment(cache, qemu, qemu_version, root, python, python_version, view, cpu, site, runtime,
-                             features)
+                             features, notes)
         marker = site / f".smoke-{cpu}"
         if not marker.is_file():
             module = RUNTIMES[backend]["module"]
@@ -803,7 +822,7 @@ def validate_emulated(
 
     total = n + greedy_tokens
     runtime = ", ".join(f"{k} {v}" for k, v in env.runtime.items() if k != "numpy")
-    with steps.stage("emulated run", f"{n} + {greedy_tokens} greedy tokens, -cpu {cpu}, {runtime} aarch64"):
+    with steps.stage("emulated run", f"{n} + {greedy_tokens} greedy tokens, -cpu {env.cpu}, {runtime} aarch64"):
         start = time.perf_counter()
         with steps.bar(f"{DEVICE}", total) as advance:
             arm = run_on_device(env, folder, inputs, threads=threads, greedy=greedy_tokens, ort_format=ort_format,
@@ -820,8 +839,8 @@ def validate_emulated(
     common = dict(backend=backend, recipe=recipe["name"], quantized=recipe["quantized"], greedy_tokens=greedy_tokens)
     report = judge_run(arm, ref_logits, ref_state, ref_greedy, targets, window, **common)
     arm_info = info_of(arm)
-    report.notes.insert(0, f"ran on {DEVICE}: {env.qemu_version}, -cpu {cpu}, Python {arm_info['python']} "
-                           f"aarch64, {arm_info['runtime']} {arm_info['runtime_version']}")
+    report.notes[:0] = [f"ran on {DEVICE}: {env.qemu_version}, -cpu {env.cpu}, Python {arm_info['python']} "
+                        f"aarch64, {arm_info['runtime']} {arm_info['runtime_version']}", *env.notes]
     x86_metrics = arm_vs_x86 = None
     timings: dict[str, Any] = {
         "setup_seconds": round(setup_seconds, 2),

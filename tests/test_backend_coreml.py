@@ -89,7 +89,7 @@ def test_prefill_chunks_then_decode_match_eager(fp16, small_tokens, eager):
     assert (out.argmax(-1) == eager[:75].argmax(-1)).mean() >= 0.95
 
 
-def _eager_state_at(model, tokens, position):
+def _eager_state_from(model, tokens):
     """Eager state after `tokens` from position 0, rounded to fp16 as the program stores it."""
     with torch.no_grad():
         _, state = model.prefill(tokens[None], torch.tensor([0]), model.init_state())
@@ -104,7 +104,7 @@ def test_positions_past_2048(fp16, small_model, small_tokens, start):
     """
     runner = fp16[0]
     tokens = small_tokens[0]
-    state = _eager_state_at(small_model, tokens[:16], 16)
+    state = _eager_state_from(small_model, tokens[:16])
     runner.load_state({k: v.numpy() for k, v in state.items()})
     with torch.no_grad():
         ref, _ = small_model.forward(tokens[16:16 + 2 * CHUNK][None], torch.tensor([start]), state)
@@ -248,7 +248,7 @@ def test_quantized_recipe(recipe, max_ratio, min_top1, padded_model, small_confi
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= min_top1
     # The padding row dequantises to exact zeros with a usable (non-zero) scale.
     embedding = [v for v in runner.program.functions["decode"].consts.values()
-                 if v.shape == (small_config.vocab_size, small_config.width)]
+                 if np.shape(v) == (small_config.vocab_size, small_config.width)]
     assert embedding and all(np.isfinite(e).all() and not e[0].any() for e in embedding)
     expected = "constexpr_lut_to_dense" if recipe == "palette4" else "constexpr_blockwise_shift_scale"
     assert expected in runner.program.op_types("decode")

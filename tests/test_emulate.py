@@ -230,3 +230,12 @@ def test_validate_on_emulated_arm64(backend, vocab_checkpoint, tmp_path):
     text = emulate.format_emulated(result)
     assert "emulated-arm64" in text and "arm vs x86" in text
     json.dumps(result.to_dict())
+
+
+def test_sme_is_off_for_max_on_qemu_7():
+    """qemu 7.2's SME emulation miscomputes LiteRT's int8 kernels (measured); newer qemu keeps it."""
+    cpu, notes = emulate.effective_cpu("max", "qemu-aarch64 version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)")
+    assert cpu == "max,sme=off" and "SME" in notes[0]
+    assert emulate.effective_cpu("max", "qemu-aarch64 version 10.0.13") == ("max", [])
+    assert emulate.effective_cpu("max,sme=on", "qemu-aarch64 version 7.2.22") == ("max,sme=on", [])
+    assert emulate.effective_cpu("cortex-a76", "qemu-aarch64 version 7.2.22") == ("cortex-a76", [])

@@ -291,6 +291,8 @@ class CoreMLBackend(Backend):
 
     def lower(self, exported: dict[str, Any], ctx: BuildContext) -> dict[str, Any]:
         ct = self.require("coremltools")
+        if ctx.recipe == "palette4":
+            self.require("sklearn")  # coremltools' k-means (kmeans1d, its other option, is not installed)
         specs: list[TensorSpec] = exported["specs"]
         stateful = self.state_dtype(ctx) == "float16"
         lowered, seconds, islands = {}, {}, {}
