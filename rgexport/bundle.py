@@ -173,12 +173,13 @@ def verify_bundle_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def peak_memory_of(artifact: Path, tokens: int) -> int:
-    """Peak RSS (bytes) of a fresh process that loads the artifact and decodes `tokens` tokens."""
+    """Peak RSS (bytes) of a fresh process that loads the artifact and decodes `tokens` tokens: the whole
+    process's peak, loading included, which is what a device's memory budget has to hold."""
     proc = subprocess.run([sys.executable, "-m", "rgexport.bench", str(artifact), str(tokens)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RgexportError(f"memory check of {artifact} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["process_peak_rss_bytes"]
 
 
 def validate_bundle(path: Path, checkpoint: str | None = None, tokens: int | None = None,
