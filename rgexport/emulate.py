@@ -136,6 +136,7 @@ def _run_logged(cmd: Sequence[str], log: Path, what: str, fix: str, env: dict[st
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(map(str, cmd))}\n")
         f.flush()
+        start = f.tell()
         try:
             proc = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env,
                                   timeout=timeout, check=False)
@@ -144,9 +145,11 @@ def _run_logged(cmd: Sequence[str], log: Path, what: str, fix: str, env: dict[st
         except subprocess.TimeoutExpired:
             raise RgexportError(f"{what}: timed out after {timeout:.0f} s (log: {log}). {fix}") from None
     if proc.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-12:]
-        raise RgexportError(f"{what} failed (exit {proc.returncode}). {fix}\nLast lines of {log}:\n  "
-                            + "\n  ".join(tail))
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            output = [line[:300] for line in f.read().strip().splitlines() if "is ignored: it is neither" not in line]
+        raise RgexportError(f"{what} failed (exit {proc.returncode}). {fix}\nIts last lines (all in {log}):\n  "
+                            + "\n  ".join(output[-8:]))
 
 
 def _dir_bytes(path: Path) -> int:

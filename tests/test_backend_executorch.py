@@ -214,6 +214,13 @@ def test_bad_recipe_lists_the_recipes(small_model, small_config, tmp_path):
         ExecuTorchBackend().quantize(small_model, ctx)
 
 
+def test_unknown_delegate_is_refused(small_model, small_config, tmp_path):
+    ctx = BuildContext(config=small_config, recipe="fp32", work_dir=tmp_path, prefill_chunk=CHUNK,
+                       options={"delegate": "coreml"})
+    with pytest.raises(RgexportError, match=r"delegate 'coreml'.*\['xnnpack'\]"):
+        ExecuTorchBackend().quantize(copy.deepcopy(small_model), ctx)
+
+
 def test_module_imports_without_executorch():
     """The backend module imports without its runtime; a stage then names the extra to install."""
     code = (

@@ -239,3 +239,16 @@ def test_sme_is_off_for_max_on_qemu_7():
     assert emulate.effective_cpu("max", "qemu-aarch64 version 10.0.13") == ("max", [])
     assert emulate.effective_cpu("max,sme=on", "qemu-aarch64 version 7.2.22") == ("max,sme=on", [])
     assert emulate.effective_cpu("cortex-a76", "qemu-aarch64 version 7.2.22") == ("cortex-a76", [])
+
+
+def test_a_failed_setup_step_shows_its_output_and_the_fix(tmp_path):
+    log = tmp_path / "setup.log"
+    emulate._run_logged(["sh", "-c", "echo earlier"], log, "first step", "n/a")
+    with pytest.raises(RgexportError) as e:
+        emulate._run_logged(["sh", "-c", "echo no network >&2; exit 3"], log, "downloading arm64 packages",
+                            "Check the apt sources.")
+    message = str(e.value)
+    assert "downloading arm64 packages failed (exit 3). Check the apt sources." in message
+    assert "no network" in message and "earlier" not in message and str(log) in message
+    with pytest.raises(RgexportError, match="not found. Install it"):
+        emulate._run_logged(["/nonexistent/tool"], log, "step", "Install it.")

@@ -11,9 +11,8 @@ Stages (each a method below, called in this order by the build pipeline):
 4. write: `model.pte`.
 
 ExecuTorch facts this relies on (measured with executorch 1.5.1, see notes/executorch.md):
-- Without `share_mutable_buffers`, each method plans its own copy of the state among its activations;
-  the Python runtime also lets host-only methods share one activation arena, so one method's
-  intermediates would overwrite the other's state.
+- Without `share_mutable_buffers`, each method plans its own copy of the state among its activations:
+  decode after a prefill then ignores the chunk (logits off by 4 on the test model).
 - Buffers marked by `InitializedMutableBufferPass` are (re)initialised from the program *when their
   method is loaded*, shared or not. The runner therefore loads every method before the first call; a
   method loaded later would silently zero the state of a sequence in progress.
@@ -72,8 +71,8 @@ def _tie_head_as_linear_(model: Griffin) -> nn.Linear:
     """Routes the tied output projection through an nn.Linear sharing the embedding table.
 
     Griffin computes logits with F.linear on the embedding parameter, which torchao's `quantize_` cannot
-    see. On this export copy, `embedder.decode` becomes a call of a real nn.Linear over the same tensor;
-    quantising it then replaces the head's weight only, and the input gather keeps the float table.
+    see. Here (in place, like all quantisation) `embedder.decode` becomes a call of a real nn.Linear over
+    the same tensor; quantising it then replaces the head's weight only, and the gather keeps the table.
     """
     embedder = model.embedder
     head = nn.Linear(model.config.width, model.config.vocab_size, bias=False)
@@ -319,8 +318,17 @@ class ExecuTorchBackend(Backend):
         )
         return contract
 
-    def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
+    def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        """A runner on ExecuTorch's Python runtime.
+
+        `threads` resizes XNNPACK's thread pool, which belongs to the process (all loaded programs) and
+        defaults to the number of cores; `torch.set_num_threads` does not reach it.
+        """
         self.require("executorch")
+        if threads is not None:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(int(threads))  # experimental API in 1.5.1
         path = Path(artifact_dir) / manifest["artifact"]["file"]
         names = [t["name"] for t in manifest["io"]["state"]["tensors"]]
         return ExecuTorchRunner(path, int(manifest["io"]["prefill_chunk"]), names)
