@@ -325,13 +325,22 @@ def markdown_report(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_speed(data: dict[str, Any], path: Path) -> Path | None:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None where matplotlib is not installed (charts
+    are then skipped; tables and JSON are still written)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_speed(data: dict[str, Any], path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in data["results"]:
@@ -349,12 +358,8 @@ def plot_speed(data: dict[str, Any], path: Path) -> Path | None:
 
 
 def plot_memory(profiles: list[dict[str, Any]], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for p in profiles:
