@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(not 0 <= t < driver.vocab for t in tokens):
             raise ContractError(f"token ids must lie in [0, {driver.vocab})")
         logits, t_prefill, t_decode = driver.teacher_forced(tokens)
+        decode_cpu = driver.decode_cpu_seconds  # before greedy's own teacher_forced overwrites it
         arrays = {"logits": logits}
         for name, value in (driver.final_state() or {}).items():
             arrays[f"state.{name}"] = np.asarray(value, np.float32)
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_seconds_per_token": t_decode / decoded if decoded else None,
         # CPU time of this process (all its threads; under qemu, the emulator's): steadier than wall time
         # on a shared machine.
-        "decode_cpu_seconds_per_token": driver.decode_cpu_seconds / decoded if decoded else None,
+        "decode_cpu_seconds_per_token": decode_cpu / decoded if decoded else None,
     }
     arrays["info"] = np.array(json.dumps(info))
     np.savez(args.out, **arrays)

@@ -100,6 +100,8 @@ def test_device_runner_reproduces_the_backend_runner(backend, artifacts, tokens,
     assert got["greedy"].tolist() == want_greedy
     info = emulate.info_of(got)
     assert info["tokens"] == N_TOKENS and info["machine"] and info["decode_seconds_per_token"] > 0
+    # CPU time of the teacher-forced decode, not of greedy's prompt (which decodes nothing).
+    assert info["decode_cpu_seconds_per_token"] > 0
 
 
 def test_device_runner_imports_nothing_from_rgexport_or_torch():
