@@ -193,6 +193,9 @@ def test_bad_recipe_and_option_are_refused(small_model, small_config, tmp_path):
     with pytest.raises(RgexportError, match="state_dtype.*expected one of"):
         backend.quantize(small_model, BuildContext(small_config, "fp16", tmp_path, CHUNK,
                                                    options={"state_dtype": "bfloat16"}))
+    with pytest.raises(RgexportError, match="compute_units.*expected one of"):
+        backend.quantize(small_model, BuildContext(small_config, "fp16", tmp_path, CHUNK,
+                                                   options={"compute_units": "NPU"}))
 
 
 def test_backend_attributes():
@@ -202,6 +205,55 @@ def test_backend_attributes():
     assert set(backend.recipes) == {"fp16", "int8", "int4", "palette4"}
     assert all(backend.recipes[r].quantized for r in ("int8", "int4", "palette4"))
     assert set(backend.packages) == {"coremltools", "torch"}
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4", "palette4"])
+def test_compression_keeps_an_all_zero_row_exactly_zero(recipe, tmp_path):
+    """The padding-row bug class: coremltools gives an all-zero row scale 0 (and NaN cast to int) or a
+    palette entry that is not 0; the backend makes the row dequantise to exact zeros, no scale 0."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.optimize import coreml as cto
+
+    from rgexport.backends.coreml import _compress, _compression_config
+    from rgexport.backends.mil_interpreter import Program
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(64, 128)).astype(np.float32)
+    weight[3] = 0.0
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 128))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.linear(x=x, weight=weight, name="y")
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       skip_model_load=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        compressed = _compress(model, recipe)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    with np.errstate(invalid="ignore"):  # coremltools alone, for comparison
+        raw = (cto.palettize_weights if recipe == "palette4" else cto.linear_quantize_weights)(
+            model, _compression_config(recipe))
+
+    def dense_weight(mlmodel, name):
+        mlmodel.save(str(tmp_path / name))
+        consts = Program.load(tmp_path / name).functions["main"].consts.values()
+        (dense,) = [v for v in consts if np.shape(v) == weight.shape]
+        return dense
+
+    dense, before = dense_weight(compressed, "fixed.mlpackage"), dense_weight(raw, "raw.mlpackage")
+    assert not dense[3].any() and np.isfinite(dense).all()
+    others = np.arange(len(weight)) != 3
+    if recipe == "palette4":
+        # Only the table entry nearest 0 (which the zero row used) moved, to 0.
+        moved = dense[others] != before[others]
+        assert np.all(dense[others][moved] == 0)
+        assert np.all(np.abs(before[others][moved]) <= np.abs(before[3]).max())
+    else:
+        np.testing.assert_array_equal(dense[others], before[others])
+    for op in compressed._mil_program.functions["main"].operations:
+        if op.op_type == "constexpr_blockwise_shift_scale":
+            assert (op.scale.val != 0).all()
 
 
 # fp32 state passed in and out ------------------------------------------------------------------

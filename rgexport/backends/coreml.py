@@ -20,11 +20,14 @@ Float32 islands in the fp16 program (`fp32_islands`):
   1 - a itself; sqrt(1 - a^2) cancels catastrophically; the recurrence h = a * h + x compounds every
   rounding. The island is everything elementwise feeding the RG-LRU state (gates' arithmetic after the
   sigmoid, Conv1D, recurrence); the matmuls stay fp16.
+The Neural Engine computes in fp16 only, so Core ML runs the islands on CPU or GPU whatever the option
+`compute_units` (recorded in the manifest, applied when loading on macOS) asks for.
 
 Weights: fp16 (default), or compressed with coremltools.optimize.coreml (int8 per channel, int4 per block
 of 32, 4-bit k-means palettes). An all-zero row (an embedding padding row kept at zero) gets a zero scale
 from coremltools' quantiser, which divides 0/0 and casts the NaN to int (a platform-dependent value):
-`_fix_zero_scales` rewrites such blocks as scale 1 over zero data, so they dequantise to exact zeros.
+`_zero_scale_to_one` rewrites such blocks as scale 1 over zero data; for palettes,
+`_zero_row_in_palette` gives the row an exact 0 entry. Either way the row dequantises to exact zeros.
 
 Running on Linux: `predict()` needs macOS, so `load` returns a runner backed by rgexport's MIL
 interpreter (`mil_interpreter`); on macOS it uses `MLModel.predict` with `make_state()`.
@@ -49,6 +52,7 @@ from rgexport.model import Griffin, TensorSpec
 
 STATE_DTYPES = ("float16", "float32")
 DEFAULT_STATE_DTYPE = "float16"
+COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # ct.ComputeUnit, used when loading
 ARTIFACT_FILE = "model.mlpackage"
 FUNCTIONS = ("decode", "prefill")
 
@@ -191,61 +195,106 @@ def _compress(mlmodel: Any, recipe: str) -> Any:
     config = _compression_config(recipe)
     if config is None:
         return mlmodel
+    zero_rows = _zero_rows(mlmodel)
     with warnings.catch_warnings():
-        # The padding row's zero scale (0/0 in coremltools' quantiser) is repaired below.
+        # coremltools' quantiser divides an all-zero block by its zero scale (0/0) and casts the NaN to
+        # int; `_zero_scale_to_one` makes those blocks exact zeros again.
         warnings.filterwarnings("ignore", message="invalid value encountered in (divide|cast)")
         if recipe == "palette4":
-            return cto.palettize_weights(mlmodel, config)
-        compressed = cto.linear_quantize_weights(mlmodel, config)
-    return _fix_zero_scales(compressed)
+            compressed = cto.palettize_weights(mlmodel, config)
+        else:
+            compressed = cto.linear_quantize_weights(mlmodel, config)
+    if recipe == "palette4":
+        return _replace_constexpr_ops(compressed, "constexpr_lut_to_dense",
+                                      lambda op: _zero_row_in_palette(op, zero_rows))
+    return _replace_constexpr_ops(compressed, "constexpr_blockwise_shift_scale", _zero_scale_to_one)
 
 
-def _fix_zero_scales(mlmodel: Any) -> Any:
-    """Rows that are all zero (the embedding's padding row) get scale 0; make them scale 1 over zeros.
+def _zero_rows(mlmodel: Any) -> dict[str, np.ndarray]:
+    """All-zero rows of the 2-D float weights (an embedding's padding row), by const op name."""
+    out = {}
+    for f in mlmodel._mil_program.functions.values():
+        for op in f.operations:
+            value = op.outputs[0].val if op.op_type == "const" else None
+            if isinstance(value, np.ndarray) and value.ndim == 2 and np.issubdtype(value.dtype, np.floating):
+                zero = ~value.any(axis=1)
+                if zero.any():
+                    out[op.name] = zero
+    return out
 
-    A zero scale dequantises to exact zeros, but any division by it (coremltools' own re-quantisation,
-    a runtime that inverts scales) gives NaN. With scale 1 and zero data the row is still exactly zero.
+
+def _block_mask(block_values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Repeats a per-block array over the blocks of a tensor of `shape`."""
+    for axis, (d, s) in enumerate(zip(shape, block_values.shape)):
+        block_values = np.repeat(block_values, d // s, axis)
+    return block_values
+
+
+def _zero_scale_to_one(op: Any) -> dict[str, Any] | None:
+    """Blocks with scale 0 (all-zero weights) -> scale 1 over zero data: still exact zeros, no 0 scale.
+
+    A zero scale dequantises to zeros, but the quantised data under it is whatever NaN cast to int gave,
+    and any runtime or tool that divides by the scale gets NaN.
     """
+    zero = op.scale.val == 0
+    if not zero.any():
+        return None
+    data = op.data.val.copy()  # a copy keeps coremltools' int4 dtype marker
+    data[_block_mask(zero, data.shape)] = 0
+    new = {"data": data, "scale": np.where(zero, np.ones_like(op.scale.val), op.scale.val)}
+    if op.offset is not None:
+        new["offset"] = op.offset.val
+    return new
+
+
+def _zero_row_in_palette(op: Any, zero_rows: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """An all-zero row of a palettised weight -> exact zeros: the entry nearest 0 of each of its tables is
+    set to 0 and the row points at it. Other weights on that entry move by less than the entry itself,
+    a fraction of their own quantisation error (k-means puts an entry near the row's zeros)."""
+    zero = zero_rows.get(op.name.removesuffix("_palettized"))
+    lut = np.array(op.lut.val)
+    if zero is None or lut.shape[-1] != 1:
+        return None
+    indices = op.indices.val.copy()  # keeps the uint4 dtype marker
+    rows_per_table = indices.shape[0] // lut.shape[0]
+    cols_per_table = indices.shape[1] // lut.shape[1]
+    for row in np.flatnonzero(zero):
+        for t1 in range(lut.shape[1]):
+            table = lut[row // rows_per_table, t1, :, 0]
+            k = int(np.argmin(np.abs(table)))
+            table[k] = 0.0
+            indices[row, t1 * cols_per_table:(t1 + 1) * cols_per_table] = k
+    return {"indices": indices, "lut": lut.astype(op.lut.val.dtype)}
+
+
+def _replace_constexpr_ops(mlmodel: Any, op_type: str, rewrite: Any) -> Any:
+    """Rebuilds each `op_type` op for which `rewrite(op)` returns new inputs; the model as is if none."""
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
     from coremltools.models.utils import _apply_graph_pass
 
-    def zero_scale(op: Any) -> bool:
-        return op.op_type == "constexpr_blockwise_shift_scale" and bool(np.any(op.scale.val == 0))
+    def targets(prog: Any) -> list[tuple[Any, Any, dict[str, Any]]]:
+        found = []
+        for f in prog.functions.values():
+            for op in list(f.operations):
+                new = rewrite(op) if op.op_type == op_type else None
+                if new is not None:
+                    found.append((f, op, new))
+        return found
 
-    prog = getattr(mlmodel, "_mil_program", None)
-    if prog is not None and not any(zero_scale(op) for f in prog.functions.values() for op in f.operations):
-        return mlmodel  # nothing to repair: skip the spec -> program -> spec round trip
-    fixed: list[str] = []
+    if not targets(mlmodel._mil_program):
+        return mlmodel  # nothing to rewrite: skip the spec -> program -> spec round trip
 
-    class FixZeroScales(AbstractGraphPass):
+    class Rewrite(AbstractGraphPass):
         def apply(self, prog: Any) -> None:
-            for f in prog.functions.values():
-                for op in list(f.operations):
-                    if not zero_scale(op):
-                        continue
-                    zero = op.scale.val == 0
-                    # Symmetric quantisation gives scale 0 only to blocks whose weights are all 0, so zero
-                    # data is exact there whatever the quantiser wrote (it casts 0/0 = NaN to int).
-                    data = op.data.val.copy()  # keeps coremltools' int4 dtype marker
-                    mask = zero
-                    for axis, (d, s) in enumerate(zip(data.shape, zero.shape)):
-                        mask = np.repeat(mask, d // s, axis)
-                    data[mask] = 0
-                    scale = np.where(zero, np.ones_like(op.scale.val), op.scale.val)
-                    offset = {} if op.offset is None else {"offset": op.offset.val}
-                    with f:
-                        new = mb.constexpr_blockwise_shift_scale(
-                            data=data, scale=scale, before_op=op, name=op.name + "_nonzero_scale", **offset
-                        )
-                    f.replace_uses_of_var_after_op(
-                        anchor_op=op, old_var=op.outputs[0], new_var=new, force_replace=True
-                    )
-                    f.remove_ops([op])
-                    fixed.append(op.name)
+            for f, op, new in targets(prog):
+                with f:
+                    var = getattr(mb, op_type)(**new, before_op=op, name=op.name + "_exact_zeros")
+                f.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=var,
+                                               force_replace=True)
+                f.remove_ops([op])
 
-    out = _apply_graph_pass(mlmodel, FixZeroScales(), skip_model_load=True)
-    return out if fixed else mlmodel
+    return _apply_graph_pass(mlmodel, Rewrite(), skip_model_load=True)
 
 
 # Backend ----------------------------------------------------------------------------------------
@@ -271,10 +320,17 @@ class CoreMLBackend(Backend):
             raise RgexportError(f"Core ML option state_dtype is {value!r}, expected one of {list(STATE_DTYPES)}")
         return value
 
+    def compute_units(self, ctx: BuildContext) -> str:
+        value = ctx.options.get("compute_units", "ALL")
+        if value not in COMPUTE_UNITS:
+            raise RgexportError(f"Core ML option compute_units is {value!r}, expected one of {list(COMPUTE_UNITS)}")
+        return value
+
     def quantize(self, model: Griffin, ctx: BuildContext) -> Griffin:
         """Core ML compresses the converted program (in `lower`), not the torch model."""
         self.check_recipe(ctx.recipe)
         self.state_dtype(ctx)
+        self.compute_units(ctx)
         return model
 
     def export(self, prepared: Griffin, ctx: BuildContext) -> dict[str, Any]:
@@ -334,6 +390,7 @@ class CoreMLBackend(Backend):
             "default_function": "decode",
             "minimum_deployment_target": "iOS18",
             "state_dtype": self.state_dtype(ctx),
+            "compute_units": self.compute_units(ctx),
             "compute_precision": "float16 with float32 islands",
             "fp32_island_ops": islands,
             "conversion_seconds": seconds,
@@ -397,7 +454,8 @@ class CoreMLBackend(Backend):
         specs = _specs_from_contract(io)
         stateful = io["state"]["placement"] == "internal"
         if platform.system() == "Darwin":
-            return CoreMLRunner(path, specs, chunk, stateful)
+            facts = manifest.get("backend_facts", manifest.get("facts", {})).get("coreml", {})
+            return CoreMLRunner(path, specs, chunk, stateful, facts.get("compute_units", "ALL"))
         return InterpreterRunner(path, specs, chunk, stateful)
 
 
@@ -479,11 +537,12 @@ class InterpreterRunner(_StepRunner):
 class CoreMLRunner(_StepRunner):
     """Runs the package with Core ML itself (macOS 15+): one MLState shared by both functions."""
 
-    def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool):
+    def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool, compute_units: str = "ALL"):
         import coremltools as ct
 
         super().__init__(specs, chunk, stateful)
-        self.models = {fn: ct.models.MLModel(str(path), function_name=fn) for fn in FUNCTIONS}
+        units = getattr(ct.ComputeUnit, compute_units)
+        self.models = {fn: ct.models.MLModel(str(path), function_name=fn, compute_units=units) for fn in FUNCTIONS}
         self.reset()
 
     def reset(self) -> None:
