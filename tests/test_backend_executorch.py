@@ -1,7 +1,7 @@
 """ExecuTorch backend: the .pte in ExecuTorch's runtime against the eager model.
 
-Each artifact is built once per module (XNNPACK lowering of the SMALL model takes one to two minutes on
-this machine); the quantised recipes are `slow`.
+Each artifact is built once per module: XNNPACK lowering of the SMALL model takes one to three minutes
+on a shared 2-core machine. The quantised recipes, a few minutes each, are `slow`.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def eager_decode_logits(module, config, tokens):
 
 
 def run_schedule(runner, tokens):
-    """Decode and prefill interleaved at unaligned positions, so every chunk follows decode steps and
-    every decode step follows a chunk; returns logits [n, v]."""
+    """Decode steps and prefill chunks interleaved at unaligned positions: chunks after decode steps,
+    decode steps after chunks, and two chunks in a row. Returns logits [n, v]."""
     toks = tokens[0].tolist()
     out, i, k = [], 0, 0
     pattern = [3, "p", 1, "p", "p", 2]  # ints: that many decode steps; "p": one prefill chunk
@@ -243,11 +243,12 @@ def test_module_imports_without_executorch():
 # Measured on the SMALL random model over the 80 tokens (notes/executorch.md). Against the fp32 model,
 # top-1 agreement is 0.65 for 8da4w (torchao's own eager int4 model agrees no better: random weights with
 # perturbed biases give flat logits, median top-2 margin 0.5) and 0.975 for int8. Against the torch-level
-# quantised model that was exported, the program agrees on 0.95 / 0.99 of tokens: that is the check on
-# the lowering; the fp32 bound is a floor on the recipe itself.
+# quantised module that was exported, which checks the lowering rather than the recipe: 8da4w agrees on
+# 0.96 of tokens (mean |error| 0.034: XNNPACK's dynamic activation quantisation rounds differently from
+# torchao's reference ops); int8 on all of them (mean |error| 2e-7: PT2E's reference ops are XNNPACK's).
 QUANTISED = {  # recipe: (min top-1 vs fp32 eager, min top-1 vs eager quantised, max mean |error| vs it)
     "8da4w": (0.55, 0.9, 0.1),
-    "int8": (0.9, 0.9, 0.1),
+    "int8": (0.9, 0.95, 1e-3),
 }
 
 

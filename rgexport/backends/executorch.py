@@ -275,7 +275,8 @@ class ExecuTorchBackend(Backend):
         for d in delegation.values():
             outside.update(d["non_delegated"])
         ctx.notes.append(
-            "XNNPACK runs {} of {} decode ops and {} of {} prefill ops; left to portable kernels: {}.".format(
+            "XNNPACK runs {} of {} decode ops and {} of {} prefill ops; left to portable kernels "
+            "(both methods): {}.".format(
                 delegation["decode"]["delegated_ops"],
                 delegation["decode"]["delegated_ops"] + delegation["decode"]["non_delegated_ops"],
                 delegation["prefill"]["delegated_ops"],

@@ -9,12 +9,16 @@ both are imported inside the functions. What `OnnxBackend.lower` does per recipe
 - int8: `quantize_int8`: ONNX Runtime's dynamic quantisation (uint8 weights, uint8 activations per call).
 - int4: `quantize_int4`: `MatMulNBits` (4-bit, block 32, symmetric) for every 2-D MatMul, the head
   included, and `GatherBlockQuantized` for the embedding.
+- qdq8: `quantize_qdq8`: static QDQ int8 (calibrated activations) on the MatMul/Gemm of the groups in
+  `QDQ8_GROUPS` (`qdq_groups` names each node's group from the exporter's module metadata); everything else
+  stays float.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import tempfile
 from collections import defaultdict
@@ -440,3 +444,181 @@ def _pack_int4_gathers(model) -> int:
         node.attribute.extend([*kept, helper.make_attribute("bits", 4)])
         count += 1
     return count
+
+
+# Static int8 (qdq8) ---------------------------------------------------------------------------------
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+# Op groups of the sensitivity study (notes/onnx.md), by the module a node came from.
+QDQ_GROUPS = {
+    "embedding": "the token embedding Gather: E in 8 bits (its output shares E's scale, so it adds no error)",
+    "head": "the output head (Gemm on the tied embedding; its int8 weight also feeds the embedding Gather)",
+    "mlp": "MLP linears (ffw_gate, ffw_up, ffw_down)",
+    "recurrent_linear": "recurrent block linears (linear_x, linear_y, linear_out)",
+    "lru_gates": "RG-LRU gate layers (input_gate, a_gate: block-diagonal MatMuls)",
+    "attention_proj": "attention projections (proj_q, proj_k, proj_v, proj_final)",
+    "attention_scores": "attention scores and softmax over the cached keys (Einsum, Softmax)",
+    "ring_write": "the ring-buffer write of the new key/value into the cache state (one-hot MatMul)",
+    "attention_other": "attention mask addition, cache concat and blend",
+    "rope": "rotary embedding",
+    "rglru": "the RG-LRU recurrence (sigmoid/exp gates, h = a * h + x on the state)",
+    "conv1d": "the Conv1D over the conv state",
+    "norms": "RMSNorms",
+    "gating": "GELU and the gating products (MLP and recurrent block)",
+    "residual": "residual additions",
+    "top": "embedding scale and logit soft-cap",
+    "position": "position arithmetic (masks, slots, resets)",
+}
+# What qdq8 quantises, decided by the sensitivity study on the shipped model (notes/onnx.md): the weight-bearing
+# MatMul/Gemm groups. Everything else (the recurrence and the state, the Conv1D, attention scores, masks and
+# the cache write, norms, gating, residuals, positions) stays float: those groups either cost accuracy for no
+# gain (elementwise work, no weights to shrink) or break outright (the -30000 attention mask).
+QDQ8_GROUPS = ("head", "mlp", "recurrent_linear", "lru_gates", "attention_proj")
+QDQ8_OP_TYPES = ("MatMul", "Gemm")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_CALIBRATION_METHOD = "minmax"
+# ORT's Entropy calibrator with its defaults (128 histogram bins, 128 quantised bins) has exactly one
+# candidate threshold, the full range: it is MinMax under another name. These give it a real search.
+_CALIBRATOR_OPTIONS = {
+    "minmax": {},
+    "entropy": {"num_bins": 512, "num_quantized_bins": 128},
+    # uint8 activations are asymmetric; ORT's percentile calibrator defaults to a symmetric range.
+    "percentile": {"percentile": 99.999, "symmetric": False},
+}
+_LINEAR_GROUPS = {"linear_x": "recurrent_linear", "linear_y": "recurrent_linear", "linear_out": "recurrent_linear",
+                  "ffw_gate": "mlp", "ffw_up": "mlp", "ffw_down": "mlp", "proj_q": "attention_proj",
+                  "proj_k": "attention_proj", "proj_v": "attention_proj", "proj_final": "attention_proj"}
+_CLASS_GROUPS = {"BlockDiagonalLinear": "lru_gates", "RGLRU": "rglru", "Conv1D": "conv1d", "RMSNorm": "norms",
+                 "RotaryEmbedding": "rope", "MLPBlock": "gating", "RecurrentBlock": "gating",
+                 "ResidualBlock": "residual"}
+
+
+def _literal_list(node, key: str) -> list[str]:
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == key:
+            return list(ast.literal_eval(prop.value))
+    return []
+
+
+def qdq_groups(model) -> dict[str, str]:
+    """Node name -> op group (a key of `QDQ_GROUPS`), from the exporter's module metadata.
+
+    Raises RgexportError for a model without that metadata (it is stripped at the end of lowering).
+    """
+    graph = model.graph
+    if not any(node_classes(n) for n in graph.node):
+        raise RgexportError("qdq8 needs the exporter's node metadata (pkg.torch.onnx.class_hierarchy) to tell the "
+                            "recurrence from the linears; this model has none (was it tidied before lowering?)")
+    inits = {t.name: t for t in graph.initializer}
+    heads = {m.name for _, users, _ in _tied_heads(model) for m in users}
+    positional = position_only_nodes(model)
+    groups = {}
+    for node in graph.node:
+        classes = _literal_list(node, _CLASS_HIERARCHY)
+        scopes = _literal_list(node, _NAME_SCOPES)
+        owner = classes[-2].rsplit(".", 1)[-1] if len(classes) >= 2 else ""
+        module = scopes[-2].rsplit(".", 1)[-1] if len(scopes) >= 2 else ""
+        if node.name in positional:
+            group = "position"
+        elif owner == "Linear" and module in _LINEAR_GROUPS:
+            group = _LINEAR_GROUPS[module]
+        elif owner in _CLASS_GROUPS:
+            group = _CLASS_GROUPS[owner]
+        elif owner == "LocalAttentionBlock":
+            group = {"Einsum": "attention_scores", "Softmax": "attention_scores",
+                     "MatMul": "ring_write"}.get(node.op_type, "attention_other")
+        elif node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
+            group = "embedding"
+        elif node.name in heads or (node.op_type in ("MatMul", "Gemm") and len(scopes) <= 2):
+            group = "head"  # the MatMul form, or the Gemm that tie_head_as_gemm made of it
+        else:
+            group = "top"
+        groups[node.name] = group
+    return groups
+
+
+def calibration_method(name: Any) -> str:
+    """Checks a `calibration_method` option: one of `CALIBRATION_METHODS` (case-insensitive)."""
+    method = str(name).lower() if isinstance(name, str) else None
+    if method not in CALIBRATION_METHODS:
+        raise RgexportError(f"calibration_method {name!r} is not one of {list(CALIBRATION_METHODS)} "
+                            f"(default {DEFAULT_CALIBRATION_METHOD!r})")
+    return method
+
+
+def _data_reader(feeds: list[dict[str, Any]]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._items = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self._items, None)
+
+        def __len__(self) -> int:
+            return len(feeds)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._items = iter(feeds[start_index:end_index])
+
+    return Reader()
+
+
+def quantize_qdq8(
+    model, feeds: list[dict[str, Any]], method: str = DEFAULT_CALIBRATION_METHOD,
+    groups: tuple[str, ...] = QDQ8_GROUPS, op_types: tuple[str, ...] = QDQ8_OP_TYPES, large: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """Static QDQ int8 of the nodes of `groups` whose op is in `op_types`, calibrated on `feeds`.
+
+    `feeds` are input dicts of this graph (real (token, position, state) samples); `method` one of
+    `CALIBRATION_METHODS`. The head is first rewritten as `Gemm(x, E, transB=1)` on the tied embedding, so
+    E is quantised once (as the head's weight) and the embedding Gather reads the same int8 tensor.
+    Activations uint8 (asymmetric, per tensor), weights uint8 (symmetric, per tensor): with int8 weights
+    ONNX Runtime's AVX2 kernels (no VNNI) saturate 16-bit pair sums, 3x the deviation from the QDQ
+    arithmetic (notes/onnx.md); per channel fails on the 3-D RG-LRU gate weights ("weight zero point must
+    be a scalar"). MatMul outputs are quantised too, which is what lets ONNX Runtime fuse
+    DQ -> MatMul -> Q into QLinearMatMul (integer kernels); without it the weights are folded back to float.
+    Returns (model, facts).
+    """
+    onnx = _onnx()
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    method = calibration_method(method)
+    if not feeds:
+        raise RgexportError("qdq8 needs calibration samples; got none")
+    model = copy.deepcopy(model)
+    tie_head_as_gemm(model)
+    group_of = qdq_groups(model)
+    unknown = set(groups) - set(QDQ_GROUPS)
+    if unknown:
+        raise RgexportError(f"unknown op groups {sorted(unknown)}; expected some of {list(QDQ_GROUPS)}")
+    nodes = [n.name for n in model.graph.node if group_of[n.name] in groups and n.op_type in op_types]
+    if not nodes:
+        raise RgexportError(f"no {'/'.join(op_types)} node in groups {list(groups)} to quantise")
+    enum = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory(prefix="rgexport-qdq8-") as tmp, _quiet_quantizer_logs(), \
+            contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+        src, out, cache = Path(tmp) / "float.onnx", Path(tmp) / "qdq8.onnx", Path(tmp) / "ranges.json"
+        onnx.save_model(model, str(src), save_as_external_data=large)
+        # Calibrated by hand rather than inside quantize_static, which passes no histogram sizes on.
+        calibrator = create_calibrator(src, list(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=enum, use_external_data_format=large,
+                                       extra_options=dict(_CALIBRATOR_OPTIONS[method]))
+        calibrator.collect_data(_data_reader(feeds))
+        save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
+        quantize_static(src, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
+                        nodes_to_quantize=nodes, per_channel=False, reduce_range=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8, calibrate_method=enum,
+                        use_external_data_format=large, calibration_cache_path=cache)
+        quantized = onnx.load(str(out))
+    ops = {n.op_type for n in quantized.graph.node}
+    if not {"QuantizeLinear", "DequantizeLinear"} <= ops:
+        raise RgexportError("quantize_static inserted no QuantizeLinear/DequantizeLinear nodes")
+    facts = {"calibration_method": method, "calibration_samples": len(feeds), "quantized_nodes": len(nodes),
+             "quantized_groups": list(groups), "op_types": list(op_types)}
+    return quantized, facts
