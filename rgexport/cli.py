@@ -219,8 +219,13 @@ def validate(
     device: Annotated[str | None, typer.Option(
         help="Run on another device: 'emulated-arm64' (the aarch64 runtime under qemu-user; set up and cached "
              "on first use).")] = None,
+    memory: Annotated[bool, typer.Option(
+        help="Also validate memory: peak RSS of a fresh process decoding N tokens must stay flat for N doubling "
+             "up to --memory-multiple x the window, and the state bytes must equal the analytic figure.")] = True,
+    memory_multiple: Annotated[int, typer.Option(min=1, help="Largest N of the memory check, in windows.")] = 16,
 ) -> None:
-    """Runs an artifact in its runtime beside the fp32 reference; exit 0 only if it passes."""
+    """Runs an artifact in its runtime beside the fp32 reference (logits, state, greedy tokens, and memory
+    against sequence length); exit 0 only if everything passes."""
     from rgexport.progress import Stages
     from rgexport.validate import format_report, validate_artifact
 
@@ -241,13 +246,22 @@ def validate(
     if path.suffix == ".zip" or (path / "bundle.json").is_file():
         _validate_bundle(path, checkpoint, tokens, as_json)
         return
-    report = validate_artifact(path, checkpoint=checkpoint, preset=preset, tokens=tokens, text=text,
-                               stages=Stages(err, quiet=as_json))
+    stages = Stages(err, quiet=as_json)
+    report = validate_artifact(path, checkpoint=checkpoint, preset=preset, tokens=tokens, text=text, stages=stages)
+    profile = None
+    if memory:
+        from rgexport.bench import memory_profile
+
+        runs = (4 * memory_multiple).bit_length()  # N = window/4, window/2, ... up to memory_multiple x window
+        with stages.bar(f"memory: a fresh process per N, up to {memory_multiple}x the window", runs) as advance:
+            profile = memory_profile(path, max_multiple=memory_multiple, advance=advance)
     if as_json:
-        out.print_json(json.dumps(report.to_dict()))
+        out.print_json(json.dumps(report.to_dict() | ({"memory": profile} if profile else {})))
     else:
         out.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
-    if not report.passed:
+        if profile:
+            out.print(_memory_markdown(profile), highlight=False, markup=False, soft_wrap=True)
+    if not report.passed or (profile and not profile["passed"]):
         raise typer.Exit(1)
 
 
@@ -382,6 +396,8 @@ def evaluate(
     = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Artifacts and matrix.md/json/png go here.")]
     = Path("rgexport-out/evaluate"),
+    reuse: Annotated[bool, typer.Option("--reuse", help="Measure artifacts already in --out from their manifests "
+                                        "(same checkpoint, recipe and tokens) instead of rebuilding them.")] = False,
 ) -> None:
     """The accuracy matrix: builds every backend x recipe from one checkpoint and measures each on held-out
     text; picks each backend's default recipe by rule (smallest within the quality budget)."""
@@ -390,7 +406,7 @@ def evaluate(
     from rgexport.progress import Stages
 
     result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
-                          tokens=tokens, stages=Stages(err))
+                          tokens=tokens, stages=Stages(err), reuse=reuse)
     paths = write_reports(result, out_dir)
     out.print(markdown_table(result), highlight=False, markup=False, soft_wrap=True)
     out.print("reports: " + ", ".join(str(p) for p in paths.values()), highlight=False)

@@ -29,9 +29,14 @@ def quality_budget() -> dict[str, float]:
 def evaluate(
     out_dir: Path, backends: list[str] | None = None, recipes: list[str] | None = None,
     checkpoint: str | None = None, preset: str | None = None, tokens: int | None = None,
-    stages: Stages | None = None, on_row: Callable[[dict[str, Any]], None] | None = None,
+    stages: Stages | None = None, on_row: Callable[[dict[str, Any]], None] | None = None, reuse: bool = False,
 ) -> dict[str, Any]:
-    """Builds and measures every backend x recipe (recipes a backend lacks are skipped)."""
+    """Builds and measures every backend x recipe (recipes a backend lacks are skipped).
+
+    With `reuse`, an artifact already in `out_dir` is measured from its manifest instead of rebuilt when it
+    is the same checkpoint (sha256), backend, recipe and number of validation tokens, was validated, and its
+    files still match their checksums: an interrupted matrix resumes where it stopped.
+    """
     from rgexport.checkpoint import load_checkpoint
 
     stages = stages or Stages(quiet=True)
@@ -45,33 +50,62 @@ def evaluate(
         backend = get_backend(b)
         wanted = [r for r in (recipes or backend.recipes) if r in backend.recipes]
         for r in wanted:
-            opts = BuildOptions(backend=b, recipe=r, checkpoint=checkpoint, preset=preset,
-                                out=out_dir / f"{b}-{r}", force=True, validation_tokens=tokens, require_pass=False)
-            if not stages.quiet:
-                stages.console.print(f"[bold]{b} / {r}[/bold]")
-            try:
-                result = build(opts, stages, checkpoint=ckpt)
-            except RgexportError as e:
-                row = {"backend": b, "recipe": r, "status": "error", "error": str(e)}
+            folder = out_dir / f"{b}-{r}"
+            n = tokens or 4 * ckpt.config.attention_window_size
+            manifest = _reusable(folder, ckpt.digest, b, backend.recipes[r], n) if reuse else None
+            if manifest is not None:
+                row = _row(b, r, manifest) | {"reused": True}
+                if not stages.quiet:
+                    stages.console.print(f"[bold]{b} / {r}[/bold]: reused {folder}")
             else:
-                m = result.report.metrics
-                row = {
-                    "backend": b, "recipe": r, "status": "passed" if result.report.passed else "failed",
-                    "bytes": result.manifest["artifact"]["total_bytes"],
-                    "main_file_bytes": _main_file_bytes(result.manifest),
-                    "top1_agreement": m["top1_agreement"], "mean_kl": m["mean_kl"],
-                    "ppl_reference": m["ppl_reference"], "ppl_artifact": m["ppl_artifact"],
-                    "ppl_change_pct": 100 * (m["ppl_ratio"] - 1), "max_abs_logit_error": m["max_abs_logit_error"],
-                    "greedy_divergence": result.report.greedy_divergence,
-                    "greedy_tokens": result.report.greedy_tokens, "tokens": result.report.tokens,
-                    "calibrated": result.manifest["recipe"].get("calibrated", False),
-                }
+                opts = BuildOptions(backend=b, recipe=r, checkpoint=checkpoint, preset=preset, out=folder,
+                                    force=True, validation_tokens=tokens, require_pass=False)
+                if not stages.quiet:
+                    stages.console.print(f"[bold]{b} / {r}[/bold]")
+                try:
+                    result = build(opts, stages, checkpoint=ckpt)
+                except RgexportError as e:
+                    row = {"backend": b, "recipe": r, "status": "error", "error": str(e)}
+                else:
+                    row = _row(b, r, result.manifest)
             rows.append(row)
             if on_row:
                 on_row(row)
     budget = quality_budget()
     return {"checkpoint": ckpt.source, "quality_budget": budget, "rows": rows,
             "defaults": choose_defaults(rows, budget)}
+
+
+def _row(backend: str, recipe: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """One matrix row from a validated artifact's manifest."""
+    v = manifest["validation"]
+    m = v["metrics"]
+    return {
+        "backend": backend, "recipe": recipe, "status": v["status"],
+        "bytes": manifest["artifact"]["total_bytes"], "main_file_bytes": _main_file_bytes(manifest),
+        "top1_agreement": m["top1_agreement"], "mean_kl": m["mean_kl"],
+        "ppl_reference": m["ppl_reference"], "ppl_artifact": m["ppl_artifact"],
+        "ppl_change_pct": 100 * (m["ppl_ratio"] - 1), "max_abs_logit_error": m["max_abs_logit_error"],
+        "greedy_divergence": v["greedy"]["first_divergence"], "greedy_tokens": v["greedy"]["tokens"],
+        "tokens": v["tokens"], "calibrated": manifest["recipe"].get("calibrated", False),
+    }
+
+
+def _reusable(folder: Path, digest: str, backend: str, recipe: Any, tokens: int) -> dict[str, Any] | None:
+    """The manifest of an earlier build in `folder` that measured the same thing, else None."""
+    import dataclasses
+
+    from rgexport.manifest import read_manifest, verify_files
+
+    try:
+        folder, manifest = read_manifest(folder)
+    except RgexportError:
+        return None
+    same = (manifest["model"]["checkpoint"]["sha256"] == digest and manifest["backend"] == backend
+            and manifest["recipe"] == dataclasses.asdict(recipe)
+            and manifest["validation"].get("status") in ("passed", "failed")
+            and manifest["validation"].get("tokens") == tokens)
+    return manifest if same and not verify_files(folder, manifest) else None
 
 
 def _main_file_bytes(manifest: dict[str, Any]) -> int:
@@ -99,7 +133,8 @@ def choose_defaults(rows: list[dict[str, Any]], budget: dict[str, float]) -> dic
 def markdown_table(result: dict[str, Any]) -> str:
     b = result["quality_budget"]
     lines = [
-        "| backend | recipe | MB | top-1 vs fp32 | mean KL | perplexity | change | greedy diverges at | status |",
+        "| backend | recipe | MB (decode program) | top-1 vs fp32 | mean KL | perplexity | change "
+        "| greedy diverges at | status |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -108,7 +143,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             continue
         div = "never" if r["greedy_divergence"] is None else f"step {r['greedy_divergence']}"
         lines.append(
-            f"| {r['backend']} | {r['recipe']} | {r['main_file_bytes'] / 1e6:.2f} | {100 * r['top1_agreement']:.1f}% | "
+            f"| {r['backend']} | {r['recipe']}{' (calibrated)' if r.get('calibrated') else ''} | "
+            f"{r['main_file_bytes'] / 1e6:.2f} | {100 * r['top1_agreement']:.1f}% | "
             f"{r['mean_kl']:.4f} | {r['ppl_artifact']:.3f} | {r['ppl_change_pct']:+.2f}% | {div} | {r['status']} |")
     lines += ["", f"Defaults (smallest within perplexity x{b['max_ppl_ratio']} and top-1 >= "
                   f"{100 * b['min_top1_agreement']:.0f}%): " +

@@ -48,3 +48,20 @@ def test_bad_recipe_lists_the_recipes(monkeypatch):
     result = runner.invoke(app, ["build", "--target", "onnx", "--recipe", "int3"])
     assert result.exit_code == 1
     assert "no recipe 'int3'" in result.output and "fp32" in result.output
+
+
+def test_validate_checks_memory_against_length(tmp_path):
+    """`rgexport validate` runs the memory check too: a fresh process per N, flat peak, analytic state."""
+    pytest.importorskip("onnxruntime")
+    from rgexport.build import BuildOptions, build
+
+    art = build(BuildOptions(backend="onnx", recipe="fp32", out=tmp_path / "onnx", validate=False)).out
+    result = runner.invoke(app, ["validate", str(art), "--tokens", "32", "--memory-multiple", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["status"] == "passed"
+    memory = data["memory"]
+    assert [r["n"] for r in memory["rows"]] == [32, 64, 128]  # window/4 .. 1x the window (128)
+    assert memory["passed"] and memory["state_matches_analytic"] and memory["flat"]
+    text = runner.invoke(app, ["validate", str(art), "--tokens", "32", "--no-memory"])
+    assert text.exit_code == 0 and "peak RSS" not in text.output

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from rgexport.evaluate import choose_defaults, evaluate, markdown_table, write_reports
+from rgexport.evaluate import _reusable, choose_defaults, evaluate, markdown_table, write_reports
 
 BUDGET = {"max_ppl_ratio": 1.05, "min_top1_agreement": 0.9}
 
@@ -33,3 +35,22 @@ def test_small_matrix_end_to_end(tmp_path):
     paths = write_reports(result, tmp_path / "report")
     assert "| onnx | int8 |" in markdown_table(result) and paths["json"].is_file()
     assert result["defaults"]["onnx"]["recipe"] in ("fp32", "int8")
+
+    # --reuse measures the artifacts already there from their manifests, without rebuilding...
+    again = evaluate(tmp_path, backends=["onnx"], recipes=["fp32", "int8"], tokens=128, reuse=True)
+    assert all(r.get("reused") for r in again["rows"])
+    strip = lambda r: {k: v for k, v in r.items() if k != "reused"}  # noqa: E731
+    assert [strip(r) for r in again["rows"]] == result["rows"]
+    # ...but only when they measured the same thing and their files are intact.
+    from rgexport.backends import get_backend
+
+    recipe = get_backend("onnx").recipes["int8"]
+    digest = json.loads((tmp_path / "onnx-int8" / "manifest.json").read_text())["model"]["checkpoint"]["sha256"]
+    assert _reusable(tmp_path / "onnx-int8", digest, "onnx", recipe, 128) is not None
+    assert _reusable(tmp_path / "onnx-int8", digest, "onnx", recipe, 256) is None  # other token count
+    assert _reusable(tmp_path / "onnx-int8", "0" * 64, "onnx", recipe, 128) is None  # other checkpoint
+    assert _reusable(tmp_path / "onnx-int8", digest, "onnx", get_backend("onnx").recipes["int4"], 128) is None
+    with open(tmp_path / "onnx-int8" / "decode.onnx", "r+b") as f:  # a damaged file is rebuilt, not trusted
+        f.seek(100)
+        f.write(b"\0" * 8)
+    assert _reusable(tmp_path / "onnx-int8", digest, "onnx", recipe, 128) is None
