@@ -8,6 +8,8 @@ run by the interpreter. Dequantisation ops are checked against coremltools' `dec
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,7 @@ GRIFFIN_OPS = {
     "linear", "matmul", "mul", "read_state", "reduce_mean", "reduce_sum", "reshape", "rsqrt", "select",
     "sigmoid", "sin", "slice_by_index", "slice_update", "softmax", "sqrt", "stack", "sub", "tanh", "transpose",
     "write_state", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense",
+    "quantize", "dequantize",  # recipe w8a8: coremltools' activation quantize/dequantize pairs
 }
 
 rng = np.random.default_rng(0)
@@ -39,6 +42,7 @@ BIG = np.array([2047.0, 2049.0, 4097.5, -3.25, 65519.0, 1.0 + 2.0**-12], np.floa
 H16 = (rng.normal(size=(2, 3, 8)) * 4).astype(np.float16)
 G16 = (rng.normal(size=(2, 3, 8)) * 4).astype(np.float16)
 W16 = rng.normal(size=(5, 8)).astype(np.float16)
+TIES = np.array([0.25, 0.75, -0.25, -1.25, 63.25, -64.25, 70.0, -70.0], np.float32)  # x / 0.5: halves, clipping
 
 # name -> (builder over named inputs, inputs, ulps). ulps 0: bit for bit. Otherwise the op sums, and the
 # reference rounds at other points: fp32 sums in another order (a few fp32 ulps); coremltools' fp16
@@ -136,6 +140,28 @@ CASES = {
     "linear_fp16": (lambda h, **_: mb.linear(x=h, weight=W16), {"h": H16}, 1),
     "reduce_mean_fp16": (lambda h, **_: mb.reduce_mean(x=h, axes=[-1], keep_dims=True), {"h": H16}, 2),
     "cast_fp16_to_fp32": (lambda h, **_: mb.cast(x=h, dtype="fp32"), {"h": H16}, 0),
+    # iOS 17 quantize (int8 out, cast to fp32 to compare): scales that clip (|X| / 0.02 > 127), ties,
+    # a zero point, a per-channel scale along an axis, and fp16 (the division rounds to fp16 first).
+    "quantize": (lambda x, **_: mb.cast(x=mb.quantize(input=x, scale=np.float32(0.02), output_dtype="int8"),
+                                        dtype="fp32"), {"x": X}, 0),
+    "quantize_ties": (lambda t, **_: mb.cast(x=mb.quantize(input=t, scale=np.float32(0.5), output_dtype="int8"),
+                                             dtype="fp32"), {"t": TIES}, 0),
+    "quantize_uint8_axis": (lambda x, **_: mb.cast(x=mb.quantize(
+        input=x, scale=np.array([0.01, 0.02, 0.05], np.float32), zero_point=np.array([128, 120, 3], np.uint8),
+        axis=1, output_dtype="uint8"), dtype="fp32"), {"x": X}, 0),
+    "quantize_fp16": (lambda h, **_: mb.cast(x=mb.quantize(input=h, scale=np.float16(0.0371), output_dtype="int8"),
+                                             dtype="fp32"), {"h": H16}, 0),
+    "dequantize": (lambda x, **_: mb.dequantize(input=mb.quantize(input=x, scale=np.float32(0.02),
+                                                                  output_dtype="int8"), scale=np.float32(0.02)),
+                   {"x": X}, 0),
+    "dequantize_uint8_axis": (lambda x, **_: mb.dequantize(
+        input=mb.quantize(input=x, scale=np.array([0.01, 0.02, 0.05], np.float32),
+                          zero_point=np.array([128, 120, 3], np.uint8), axis=1, output_dtype="uint8"),
+        scale=np.array([0.01, 0.02, 0.05], np.float32), zero_point=np.array([128, 120, 3], np.uint8), axis=1),
+        {"x": X}, 0),
+    "dequantize_fp16": (lambda h, **_: mb.dequantize(
+        input=mb.quantize(input=h, scale=np.float16(0.0371), output_dtype="int8"), scale=np.float16(0.0371)),
+        {"h": H16}, 0),
 }
 
 
@@ -154,7 +180,36 @@ def _torch_silu(x, **_):
     return torch.nn.functional.silu(torch.from_numpy(x)).numpy()
 
 
+def _coremltools_dequantize(case: str) -> Any:
+    """coremltools' own dequantisation (`dequantize_by_scale_and_zp`, what `dequantize` materialises to)
+    of the quantize case's value inference: dequantize has no value inference of its own."""
+    def reference(**inputs):
+        from coremltools.optimize import _utils as optimize_utils
+
+        build = CASES[case.removeprefix("de")][0]
+        quantized = _reference(lambda **v: build(**v).op.inputs["x"], inputs)  # under the cast: the quantize
+        (op,) = [o for o in _quantize_ops(CASES[case][0], inputs) if o.op_type == "dequantize"]
+        axis = None if op.axis is None else int(op.axis.val)
+        zero_point = None if op.zero_point is None else op.zero_point.val
+        return optimize_utils.dequantize_by_scale_and_zp(quantized, op.scale.val, zero_point, axis)
+    return reference
+
+
+def _quantize_ops(build, inputs):
+    ops = []
+
+    @mb.program(input_specs=[], opset_version=ct.target.iOS18)
+    def prog():
+        var = build(**{k: mb.const(val=v) for k, v in inputs.items()})
+        ops.extend(var.op.enclosing_block.operations)
+        return mb.identity(x=np.float32(0))
+
+    return ops
+
+
 TORCH_REFERENCES = {"softmax_fp16": _torch_softmax_fp16, "silu": _torch_silu}  # silu: no value inference
+TORCH_REFERENCES |= {c: _coremltools_dequantize(c) for c in ("dequantize", "dequantize_uint8_axis",
+                                                            "dequantize_fp16")}
 
 
 def _reference(build, inputs):

@@ -29,12 +29,18 @@ from coremltools' quantiser, which divides 0/0 and casts the NaN to int (a platf
 `_zero_scale_to_one` rewrites such blocks as scale 1 over zero data; for palettes,
 `_zero_row_in_palette` gives the row an exact 0 entry. Either way the row dequantises to exact zeros.
 
+Recipe `w8a8` (calibrated): int8 weights as recipe int8, then int8 activations around every linear layer,
+inserted by coremltools' own activation passes with ranges that rgexport's MIL interpreter measures on real
+(tokens, position, state) samples (coremltools' calibration needs `predict`, i.e. macOS, and passes no
+state; rgexport/backends/coreml_calibration.py has the details and the per-group decision).
+
 Running on Linux: `predict()` needs macOS, so `load` returns a runner backed by rgexport's MIL
 interpreter (`mil_interpreter`); on macOS it uses `MLModel.predict` with `make_state()`.
 """
 
 from __future__ import annotations
 
+import collections
 import platform
 import shutil
 import tempfile
@@ -297,6 +303,76 @@ def _replace_constexpr_ops(mlmodel: Any, op_type: str, rewrite: Any) -> Any:
     return _apply_graph_pass(mlmodel, Rewrite(), skip_model_load=True)
 
 
+# w8a8: calibrated int8 activations ----------------------------------------------------------------
+def _calibration_tokens(ctx: BuildContext) -> list[list[int]]:
+    tokens = ctx.calibration_tokens
+    if not tokens or not all(len(t) for t in tokens):
+        raise RgexportError(
+            f"Core ML recipe {ctx.recipe} is calibrated: it needs calibration token sequences "
+            "(BuildContext.calibration_tokens; `rgexport build` tokenises calibration/corpus/calibration.txt "
+            "or --calibration FILE)")
+    return tokens
+
+
+def _samples_facts(samples: dict[str, list[Any]], tokens: list[list[int]], window: int) -> dict[str, Any]:
+    positions = {fn: [int(s.position[0]) for s in rows] for fn, rows in samples.items()}
+    return {
+        "source": "fp32 trajectory over the calibration text (rgexport.calibrate.capture_samples)",
+        "sequences": len(tokens),
+        "tokens": sum(len(t) for t in tokens),
+        "samples": {fn: len(rows) for fn, rows in samples.items()},
+        "positions": {fn: [min(p), max(p)] for fn, p in positions.items()},
+        "samples_past_window": {fn: sum(p >= window for p in ps) for fn, ps in positions.items()},
+    }
+
+
+def _calibration_feeds(samples: list[Any], fn: str, specs: list[TensorSpec], stateful: bool):
+    """(inputs, Core ML states) of `fn` for each captured sample, named as the program names them."""
+    for sample in samples:
+        tokens = sample.tokens.numpy().astype(np.int32)
+        inputs = {"token" if fn == "decode" else "tokens": tokens.reshape(-1) if fn == "decode" else tokens,
+                  "position": sample.position.numpy().astype(np.int32).reshape(1)}
+        state = {s.name: sample.state[s.name].numpy().astype(np.float32) for s in specs}
+        if stateful:
+            yield inputs, {buffer_name(s): state[s.name] for s in specs}
+        else:
+            yield {**inputs, **{state_input_name(s): state[s.name] for s in specs}}, {}
+
+
+def _w8a8(mlmodel: Any, fn: str, samples: list[Any], specs: list[TensorSpec], stateful: bool,
+          ctx: BuildContext) -> Any:
+    """int8 weights (as recipe int8), then int8 activations around the ops of W8A8_GROUPS: ranges from the
+    interpreter running the weight-quantised program on the samples, pairs inserted by coremltools."""
+    from rgexport.backends import coreml_calibration as cal
+    from rgexport.backends.mil_interpreter import Program
+
+    groups = cal.op_groups(mlmodel)  # before any save: the module scopes live on the converted program
+    chosen = [name for name, group in groups.items() if group in cal.W8A8_GROUPS]
+    mlmodel = _compress(mlmodel, "int8")
+    start = time.perf_counter()
+    program = Program(mlmodel.get_spec(), mlmodel.weights_dir)
+    stats = cal.activation_ranges(program, "main", _calibration_feeds(samples, fn, specs, stateful))
+    calibrate_s = time.perf_counter() - start
+    names = {o.name for o in program.functions["main"].ops}
+    missing = [n for n in chosen if n not in names]
+    if missing:
+        raise RgexportError(f"Core ML {fn}: ops {missing[:3]} lost their names in weight compression")
+    quantized = cal.quantize_activations(mlmodel, chosen, stats)
+    counts = cal.quantized_op_counts(Program(quantized.get_spec(), quantized.weights_dir), "main")
+    if not counts.get("quantize"):
+        raise RgexportError(f"Core ML {fn}: coremltools inserted no quantize op for w8a8")
+    facts = ctx.facts.setdefault("coreml_w8a8", {})
+    facts.setdefault("groups_int8", list(cal.W8A8_GROUPS))
+    facts.setdefault("groups_float", dict(cal.FLOAT_GROUPS))
+    facts.setdefault("functions", {})[fn] = {
+        "ops_by_group": dict(sorted(collections.Counter(groups.values()).items())),
+        "ops_int8": len(chosen),
+        "program_ops": counts,
+        "calibration_seconds": round(calibrate_s, 2),
+    }
+    return quantized
+
+
 # Backend ----------------------------------------------------------------------------------------
 class CoreMLBackend(Backend):
     name = "coreml"
@@ -311,6 +387,15 @@ class CoreMLBackend(Backend):
                        quantized=True),
         "palette4": Recipe("palette4", "4-bit k-means palettised weights, a 16-entry table per 16 output "
                            "channels, fp16 compute", quantized=True),
+        "w8a8": Recipe(
+            "w8a8",
+            "int8 weights per output channel and int8 activations (quantize/dequantize pairs, symmetric, per "
+            "tensor) around every linear layer, for the Neural Engine; ranges calibrated by running the "
+            "program on (tokens, position, state) samples captured from the fp32 model over calibration "
+            "text. Float (fp16, with the float32 islands): the attention scores and mask, the RG-LRU "
+            "recurrence, the Conv1D, the state writes, the residual stream and the rest of the "
+            "elementwise ops, chosen by a per-group sensitivity study on the shipped model",
+            quantized=True, calibrated=True),
     }
     default_recipe = "fp16"
 
@@ -327,10 +412,13 @@ class CoreMLBackend(Backend):
         return value
 
     def quantize(self, model: Griffin, ctx: BuildContext) -> Griffin:
-        """Core ML compresses the converted program (in `lower`), not the torch model."""
+        """Core ML compresses the converted program (in `lower`), not the torch model. A calibrated
+        recipe's calibration tokens are checked here, before the conversion's cost."""
         self.check_recipe(ctx.recipe)
         self.state_dtype(ctx)
         self.compute_units(ctx)
+        if self.recipes[ctx.recipe].calibrated:
+            _calibration_tokens(ctx)
         return model
 
     def export(self, prepared: Griffin, ctx: BuildContext) -> dict[str, Any]:
@@ -343,7 +431,8 @@ class CoreMLBackend(Backend):
         with torch.no_grad():
             for fn, (module, example) in _graphs(model, ctx.prefill_chunk, self.state_dtype(ctx)).items():
                 traced[fn] = (torch.jit.trace(module, example, check_trace=False), example)
-        return {"traced": traced, "specs": model.state_spec(1)}
+        # A calibrated recipe runs the model itself over the calibration text in `lower`.
+        return {"traced": traced, "specs": model.state_spec(1), "model": model}
 
     def lower(self, exported: dict[str, Any], ctx: BuildContext) -> dict[str, Any]:
         ct = self.require("coremltools")
@@ -352,6 +441,19 @@ class CoreMLBackend(Backend):
         specs: list[TensorSpec] = exported["specs"]
         stateful = self.state_dtype(ctx) == "float16"
         lowered, seconds, islands = {}, {}, {}
+        samples = None
+        if ctx.recipe == "w8a8":
+            from rgexport.backends import coreml_calibration as cal
+
+            tokens = _calibration_tokens(ctx)
+            if exported.get("model") is None:
+                raise RgexportError("w8a8 calibrates by running the model: lower() needs export()'s result")
+            start = time.perf_counter()
+            samples = cal.calibration_samples(exported["model"], tokens, ctx.prefill_chunk)
+            ctx.facts["coreml_w8a8"] = {
+                "calibration": _samples_facts(samples, tokens, ctx.config.attention_window_size),
+                "capture_seconds": round(time.perf_counter() - start, 2),
+            }
         for fn, (traced, example) in exported["traced"].items():
             token_name = "token" if fn == "decode" else "tokens"
             inputs = [ct.TensorType(name=token_name, shape=tuple(example[0].shape), dtype=np.int32),
@@ -376,7 +478,10 @@ class CoreMLBackend(Backend):
                 compute_precision=ct.transform.FP16ComputePrecision(op_selector=selector),
                 skip_model_load=True,
             )
-            mlmodel = _compress(mlmodel, ctx.recipe)
+            if samples is not None:
+                mlmodel = _w8a8(mlmodel, fn, samples[fn], specs, stateful, ctx)
+            else:
+                mlmodel = _compress(mlmodel, ctx.recipe)
             seconds[fn] = round(time.perf_counter() - start, 2)
             islands[fn] = selector.counts
             if not selector.counts.get("position") or (
@@ -401,6 +506,10 @@ class CoreMLBackend(Backend):
             + (" in Core ML states." if stateful else " tensors passed in and out of each call.")
             + " Position arithmetic and the RG-LRU run in float32 inside the fp16 program."
         )
+        if samples is not None:
+            from rgexport.backends.coreml_calibration import W8A8_NOTE
+
+            ctx.notes.append(W8A8_NOTE)
         return lowered
 
     def write(self, lowered: dict[str, Any], ctx: BuildContext) -> list[Path]:

@@ -14,6 +14,11 @@ Numerics, chosen to model a device that stores tensors in the program's dtypes:
   Real hardware may accumulate fp16 in other orders; that difference is below one fp16 rounding per op.
 - State (`read_state`/`write_state`) is stored in its declared dtype (fp16 for Core ML states).
 - Shapes and dtypes of every result are checked against the program's declarations.
+- Activation quantisation (iOS 17 `quantize`/`dequantize`, recipe w8a8) follows coremltools' definitions
+  (`quantize_by_scale_and_zp`, `dequantize_by_scale_and_zp`): input / scale rounded to the source dtype,
+  then to the nearest integer (ties to even), plus the zero point, clipped to int8/uint8; dequantize is
+  (q - zero_point) * scale rounded once to the scale's dtype.
+- `run(..., observe=fn)` reports every input and op result as it is computed (activation calibration).
 
 Usage: `program = Program.load(path)`; `state = program.new_state("decode")`;
 `outputs = program.run("decode", {"tokens": ..., "position": ...}, state)`.
@@ -72,6 +77,7 @@ class Function:
     outputs: list[str]
     consts: dict[str, np.ndarray]  # const and constexpr_* results, computed once at load
     constexpr_types: set[str] = dataclasses.field(default_factory=set)  # evaluated at load, not per call
+    var_types: dict[str, TensorType] = dataclasses.field(default_factory=dict)  # every named value's type
 
     @property
     def states(self) -> dict[str, TensorType]:
@@ -387,6 +393,47 @@ def _lut_to_dense(indices, lut, vector_axis=None):
     return values.reshape(shape)
 
 
+def _per_axis(param: Any, rank: int, axis: Any) -> np.ndarray:
+    """A scalar or a vector along `axis` (iOS 17 quantize/dequantize), shaped to broadcast over rank."""
+    param = np.asarray(param)
+    if param.ndim == 0:
+        return param
+    axis = _scalar(axis)
+    if axis is None:
+        raise MILError("quantize/dequantize: a vector scale or zero_point needs an axis")
+    axis = axis + rank if axis < 0 else axis
+    shape = [1] * rank
+    shape[axis] = param.size
+    return param.reshape(shape)
+
+
+@op("quantize")
+def _quantize(input, scale, output_dtype, zero_point=None, axis=None, input_dtype=np.float32):
+    """iOS 17: clip(round(input / scale) + zero_point) in int8/uint8; round half to even (np.around), as
+    coremltools' definition (`quantize_by_scale_and_zp`). The division is rounded to the source dtype
+    first (an fp16 program divides in fp16), then rounded to an integer."""
+    dtype = _DTYPES.get(_scalar(output_dtype))
+    if dtype not in (np.int8, np.uint8):
+        raise MILError(f"quantize to {_scalar(output_dtype)!r}; expected int8 or uint8")
+    rank = np.ndim(input)
+    q = (np.asarray(input, np.float32) / _per_axis(scale, rank, axis).astype(np.float32)).astype(input_dtype)
+    q = np.around(q).astype(np.float32)
+    if zero_point is not None:
+        q = q + _per_axis(zero_point, rank, axis).astype(np.float32)
+    info = np.iinfo(dtype)
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+@op("dequantize")
+def _dequantize(input, scale, zero_point=None, axis=None):
+    """iOS 17: scale * (input - zero_point), computed in float32, rounded once to the scale's dtype."""
+    rank = np.ndim(input)
+    x = np.asarray(input).astype(np.float32)
+    if zero_point is not None:
+        x = x - _per_axis(zero_point, rank, axis).astype(np.float32)
+    return x * _per_axis(scale, rank, axis).astype(np.float32)
+
+
 # Programs ----------------------------------------------------------------------------------------
 class Program:
     """The functions of one ML program, with their constants loaded."""
@@ -409,6 +456,7 @@ class Program:
             inputs = {i.name: _tensor_type(i.type) for i in fspec.inputs}
             ops: list[Op] = []
             consts: dict[str, np.ndarray] = {}
+            var_types: dict[str, TensorType] = dict(inputs)
             constexpr_types: set[str] = set()
             for o in block.operations:
                 if o.blocks:
@@ -419,6 +467,7 @@ class Program:
                              for b in arg.arguments]
                     args[param] = bound
                 outputs = [(out.name, _tensor_type(out.type)) for out in o.outputs]
+                var_types.update(outputs)
                 name = load_value(o.attributes["name"]) if "name" in o.attributes else o.type
                 if o.type == "const":
                     value = load_value(o.attributes["val"])
@@ -431,7 +480,8 @@ class Program:
                     constexpr_types.add(o.type)
                     continue
                 ops.append(op_)
-            self.functions[fname] = Function(fname, inputs, ops, list(block.outputs), consts, constexpr_types)
+            self.functions[fname] = Function(fname, inputs, ops, list(block.outputs), consts, constexpr_types,
+                                             var_types)
 
     @classmethod
     def load(cls, path: str | Path) -> Program:
@@ -459,9 +509,13 @@ class Program:
         return {k: np.zeros(t.shape, t.dtype) for k, t in f.states.items()}
 
     def run(
-        self, function: str | None, inputs: Mapping[str, Any], state: dict[str, np.ndarray] | None = None
+        self, function: str | None, inputs: Mapping[str, Any], state: dict[str, np.ndarray] | None = None,
+        observe: Callable[[str, np.ndarray], None] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Runs one function. `state` is updated in place by write_state. Returns outputs by name."""
+        """Runs one function. `state` is updated in place by write_state. Returns outputs by name.
+
+        observe: called with (name, value) for every input and every op result as it is computed
+        (activation calibration records ranges with it)."""
         f = self.functions[function or self.default_function]
         env: dict[str, Any] = dict(f.consts)
         state = {} if state is None else state
@@ -476,8 +530,14 @@ class Program:
             if value.shape != t.shape:
                 raise MILError(f"{f.name}: input {name!r} has shape {value.shape}, expected {t.shape}")
             env[name] = _round(value, t)
+            if observe is not None:
+                observe(name, env[name])
         for o in f.ops:
-            env.update(self._execute(o, env, state, f))
+            results = self._execute(o, env, state, f)
+            env.update(results)
+            if observe is not None:
+                for name, value in results.items():
+                    observe(name, value)
         return {k: np.asarray(env[k]) for k in f.outputs}
 
     def _execute(self, o: Op, env: dict[str, Any], state: dict[str, np.ndarray],
@@ -508,6 +568,10 @@ class Program:
         tuple_inputs = {"values"}  # concat, stack: a variadic tuple of tensors
         kwargs = {p: [resolve(b) for b in bs] if p in tuple_inputs else resolve(bs[0])
                   for p, bs in o.inputs.items()}
+        if o.type == "quantize":  # divides in its source dtype (fp16 in an fp16 program)
+            source = o.inputs["input"][0]
+            t = f.var_types.get(source[1]) if f is not None and source[0] == "var" else None
+            kwargs["input_dtype"] = t.dtype if t is not None and t.is_float else np.float32
         try:
             result = fn(**kwargs)
         except MILError:
