@@ -212,7 +212,7 @@ def memory_profile(artifact: Path, max_multiple: int = 16, start: int | None = N
     # Growth is the trend, not the spread: a KV cache grows linearly in N, while allocator noise (ONNX
     # Runtime's arena, say) moves single runs up and down by a few MiB in no order.
     slope = float(np.polyfit(tokens, peaks, 1)[0]) if len(rows) > 1 else 0.0
-    growth = max(0.0, slope * (tokens.max() - tokens.min()))
+    growth = max(0.0, slope * float(tokens.max() - tokens.min()))  # plain floats: the profile is JSON
     analytic = state_bytes(config)
     manifest_state = manifest["io"]["state"]["total_bytes"]
     # Manifest state may be held in another dtype (Core ML keeps fp16 states): compare element counts.
