@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,15 +191,56 @@ def heldout_tokens(tokenizer, n: int, text_file: Path | None = None) -> list[int
     return ids[: n + 1]
 
 
+@dataclasses.dataclass
+class _ReferenceRun:
+    objects: list[weakref.ref]  # the model and its parameters
+    versions: list[int]  # the parameters' in-place version counters
+    key: tuple  # chunk, inputs, greedy steps
+    logits: np.ndarray  # teacher-forced [n, v]
+    state: dict[str, np.ndarray]  # after the teacher-forced run
+    greedy: list[int]
+
+    def matches(self, model: Griffin, key: tuple) -> bool:
+        objects = [model, *model.parameters()]
+        return (key == self.key and len(objects) == len(self.objects)
+                and all(r() is o for r, o in zip(self.objects, objects, strict=True))
+                and [p._version for p in objects[1:]] == self.versions)
+
+
+_last_reference: _ReferenceRun | None = None
+
+
+def _reference_run(model: Griffin, chunk: int, inputs: list[int], greedy_tokens: int) -> _ReferenceRun:
+    """The fp32 model's side of a validation. The last one is kept: an accuracy matrix or an artifact's
+    variants (ONNX's .ort) validate many artifacts of one model on the same text, and the eager run is most
+    of a validation's time. It is reused only for the same live model object with the same parameter
+    objects, unchanged in place (weak references and version counters), on the same tokens."""
+    global _last_reference
+    key = (chunk, tuple(inputs), greedy_tokens)
+    if _last_reference is None or not _last_reference.matches(model, key):
+        _last_reference = None  # free the old logits first (vocab x tokens floats: 0.5 GB at 2B)
+        reference = EagerRunner(model, chunk)
+        logits = teacher_forced(reference, inputs)
+        state = reference.state()
+        params = list(model.parameters())
+        _last_reference = _ReferenceRun([weakref.ref(model), *(weakref.ref(p) for p in params)],
+                                        [p._version for p in params], key, logits, state,
+                                        greedy(reference, inputs[:chunk], greedy_tokens))
+    return _last_reference
+
+
 def run_validation(
     runner: Runner, model: Griffin, tokens: Sequence[int], *, backend: str, recipe: str, quantized: bool,
     greedy_tokens: int = 64, progress: Callable[[int], None] | None = None,
 ) -> ValidationReport:
     """Compares `runner` with the fp32 eager model on `tokens` (n + 1 ids: inputs and next-token targets)."""
     inputs, targets = list(tokens[:-1]), np.asarray(tokens[1:])
-    reference = EagerRunner(model, runner.prefill_chunk)
     tick = (lambda: progress(1)) if progress else None
-    ref_logits = teacher_forced(reference, inputs, tick)
+    ref = _reference_run(model, runner.prefill_chunk, inputs, greedy_tokens)
+    if tick:
+        for _ in inputs:
+            tick()
+    ref_logits = ref.logits
     art_logits = teacher_forced(runner, inputs, tick)
     metrics = compare_logits(ref_logits, art_logits, targets)
     window = model.config.attention_window_size
@@ -209,15 +251,14 @@ def run_validation(
     state_errors = None
     art_state = runner.state()
     if art_state is not None:
-        ref_state = reference.state()
         state_errors = {}
-        for name, ref in ref_state.items():
+        for name, expected in ref.state.items():
             if name in art_state:
-                a = np.asarray(art_state[name], dtype=np.float64).reshape(ref.shape)
-                state_errors[name] = float(np.abs(a - ref).max())
+                a = np.asarray(art_state[name], dtype=np.float64).reshape(expected.shape)
+                state_errors[name] = float(np.abs(a - expected).max())
 
     prompt = inputs[: runner.prefill_chunk]
-    g_ref = greedy(reference, prompt, greedy_tokens)
+    g_ref = ref.greedy
     g_art = greedy(runner, prompt, greedy_tokens)
     divergence = next((i for i, (a, b) in enumerate(zip(g_ref, g_art)) if a != b), None)
 

@@ -1,0 +1,40 @@
+"""Validation's reference side: run once per model and text, never reused for a changed model."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from rgexport.validate import EagerRunner, run_validation
+
+
+def _count_calls(model):
+    calls = []
+    model.final_norm.register_forward_pre_hook(lambda *a: calls.append(1))  # step() calls forward directly
+    return calls
+
+
+def test_reference_is_reused_only_for_the_same_unchanged_model(small_model, small_config):
+    model = copy.deepcopy(small_model)
+    calls = _count_calls(model)
+    tokens = torch.randint(0, small_config.vocab_size, (41,), generator=torch.Generator().manual_seed(5)).tolist()
+    artifact = EagerRunner(copy.deepcopy(small_model), 8)
+
+    first = run_validation(artifact, model, tokens, backend="eager", recipe="fp32", quantized=False, greedy_tokens=4)
+    assert calls and first.passed and first.metrics["max_abs_logit_error"] == 0.0
+    n = len(calls)
+    again = run_validation(artifact, model, tokens, backend="eager", recipe="fp32", quantized=False, greedy_tokens=4)
+    assert len(calls) == n, "the reference ran again for the same model and tokens"
+    assert again.to_dict() == first.to_dict()
+
+    with torch.no_grad():  # changed in place: the reference must run again and see the change
+        model.blocks[0].mlp_block.ffw_down.weight.mul_(1.5)
+    changed = run_validation(artifact, model, tokens, backend="eager", recipe="fp32", quantized=False,
+                             greedy_tokens=4)
+    assert len(calls) > n and changed.metrics["max_abs_logit_error"] > 1e-3
+
+    other = copy.deepcopy(small_model)  # another model object, same weights: run again, same result
+    calls_other = _count_calls(other)
+    fresh = run_validation(artifact, other, tokens, backend="eager", recipe="fp32", quantized=False, greedy_tokens=4)
+    assert calls_other and fresh.metrics["max_abs_logit_error"] == 0.0
