@@ -6,6 +6,7 @@ on a shared 2-core machine. The quantised recipes, a few minutes each, are `slow
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import subprocess
@@ -26,11 +27,12 @@ pytest.importorskip("executorch")
 CHUNK = 8  # half the SMALL window: chunks start at every ring-buffer offset the schedule below reaches
 
 
-def build(model, config, recipe, work_dir, chunk=CHUNK):
+def build(model, config, recipe, work_dir, chunk=CHUNK, calibration_tokens=None):
     """Runs the four stages as the pipeline does, on a copy of `model` (quantisation works in place);
     returns (manifest, ctx, what `quantize` returned)."""
     backend = ExecuTorchBackend()
-    ctx = BuildContext(config=config, recipe=recipe, work_dir=work_dir, prefill_chunk=chunk)
+    ctx = BuildContext(config=config, recipe=recipe, work_dir=work_dir, prefill_chunk=chunk,
+                       calibration_tokens=calibration_tokens)
     prepared = backend.quantize(copy.deepcopy(model), ctx)
     lowered = backend.lower(backend.export(prepared, ctx), ctx)
     (path,) = backend.write(lowered, ctx)
@@ -210,7 +212,7 @@ def test_prefill_refuses_a_wrong_chunk(runner):
 
 def test_bad_recipe_lists_the_recipes(small_model, small_config, tmp_path):
     ctx = BuildContext(config=small_config, recipe="fp16", work_dir=tmp_path, prefill_chunk=CHUNK)
-    with pytest.raises(RgexportError, match=r"no recipe 'fp16'.*\['8da4w', 'fp32', 'int8'\]"):
+    with pytest.raises(RgexportError, match=r"no recipe 'fp16'.*\['8da4w', 'a8w8', 'fp32', 'int8'\]"):
         ExecuTorchBackend().quantize(small_model, ctx)
 
 
@@ -277,6 +279,139 @@ def test_quantised_recipe_is_smaller_and_agrees(recipe, fp32_build, small_model,
     assert mean_err <= max_mean_err, f"{recipe}: mean |logit error| vs its eager quantised model {mean_err}"
 
     # The recurrence and state stay float32 and finite; the state is planned once, as in fp32.
+    state = runner.state()
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
+    assert {p["state"] for p in ctx.facts["planned_memory_bytes"].values()} == {state_bytes(small_config)}
+
+
+# a8w8: calibrated static int8 -----------------------------------------------------------------------------
+def test_calibrated_recipe_without_calibration_text_is_refused(small_model, small_config, tmp_path):
+    for tokens in (None, [], [[]]):
+        ctx = BuildContext(config=small_config, recipe="a8w8", work_dir=tmp_path, prefill_chunk=CHUNK,
+                           calibration_tokens=tokens)
+        with pytest.raises(RgexportError, match=r"a8w8 is calibrated.*calibration_tokens.*--calibration"):
+            ExecuTorchBackend().quantize(copy.deepcopy(small_model), ctx)
+
+
+def _small_graph(model, t):
+    from rgexport.backends.executorch_calibration import capture
+    from rgexport.graphs import StatefulModel
+
+    stateful = StatefulModel(copy.deepcopy(model)).eval()
+    stateful.requires_grad_(False)
+    return capture(stateful, (torch.zeros(1, t, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)))
+
+
+def test_op_groups_of_the_captured_graph(small_model, small_config):
+    """The groups the a8w8 recipe and its study are stated in: every linear in its kind, every state buffer
+    read and written by `state` ops, masks and angles in `positions`."""
+    from rgexport.backends.executorch_calibration import kind, node_groups
+
+    gm = _small_graph(small_model, 1)
+    groups = node_groups(gm)
+    linears = collections.Counter(kind(g) for n, g in groups.items() if n.target == torch.ops.aten.linear.default)
+    recurrent = sum(t == "recurrent" for t in small_config.block_types)
+    attention = len(small_config.block_types) - recurrent
+    assert linears == {"recurrent_proj": 3 * recurrent, "attention_proj": 4 * attention,
+                       "mlp": 3 * len(small_config.block_types), "head": 1}
+    bmm = {g for n, g in groups.items() if n.target == torch.ops.aten.bmm.default}
+    assert {kind(g) for g in bmm} == {"rglru", "attention"}  # RG-LRU gates; the ring-buffer write
+    assert {kind(g) for n, g in groups.items() if n.target == torch.ops.aten.softmax.int} == {"attention"}
+    kinds = collections.Counter(kind(g) for g in groups.values())
+    assert kinds["positions"] > 0 and kinds["norm"] > 0 and kinds["conv1d"] > 0 and kinds["residual"] > 0
+    names = {buffer_name(s) for s in state_spec(small_config)}
+    state_reads = [u for n in gm.graph.nodes if n.op == "get_attr" and n.target in names for u in n.users]
+    assert len(state_reads) >= 2 * len(names)  # read once, written back once (copy_)
+    assert {groups[u] for u in state_reads} == {"state"}
+
+
+@pytest.fixture(scope="module")
+def a8w8_build(small_model, small_config, tmp_path_factory):
+    """SMALL's a8w8 program, calibrated on random token sequences (the model is random too) of three
+    windows each, so calibration sees the ring buffer wrap."""
+    g = torch.Generator().manual_seed(2)
+    tokens = [torch.randint(0, small_config.vocab_size, (3 * small_config.attention_window_size,),
+                            generator=g).tolist() for _ in range(4)]
+    work_dir = tmp_path_factory.mktemp("executorch-a8w8")
+    manifest, ctx, prepared = build(small_model, small_config, "a8w8", work_dir, calibration_tokens=tokens)
+    return work_dir, manifest, ctx, prepared
+
+
+def _is(node, name):
+    return node.op == "call_function" and name in str(node.target)
+
+
+def _is_quantize(node):
+    qd = torch.ops.quantized_decomposed
+    return node.op == "call_function" and node.target in (
+        qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor, qd.quantize_per_channel.default)
+
+
+@pytest.mark.slow
+def test_a8w8_quantises_the_linears_only_and_keeps_the_state_float(a8w8_build, small_config):
+    from rgexport.backends.executorch_calibration import A8W8_KINDS, integer_ops, kind, node_groups, qdq_groups
+
+    _, _, ctx, prepared = a8w8_build
+    names = {buffer_name(s) for s in state_spec(small_config)}
+    blocks = len(small_config.block_types)
+    recurrent = sum(t == "recurrent" for t in small_config.block_types)
+    static = {"attention_proj": 4 * (blocks - recurrent), "mlp": 3 * blocks, "recurrent_proj": 3 * recurrent}
+    for method in ("decode", "prefill"):
+        gm = prepared.modules[method]
+        groups = node_groups(gm)
+        linears = [n for n in groups if n.target == torch.ops.aten.linear.default]
+        assert len(linears) == sum(static.values()) + 1
+        for n in linears:
+            x, w = n.args[:2]
+            # int8 per-channel weights everywhere, folded into int8 constants.
+            assert _is(w, "dequantize_per_channel") and w.args[0].op == "get_attr", (method, n.name, w)
+            assert getattr(gm, w.args[0].target).dtype == torch.int8
+            assert _is(x, "dequantize_per_tensor"), (method, n.name, x)
+            if kind(groups[n]) in A8W8_KINDS:  # static: calibrated scales, int8 out
+                assert n.users and all(_is_quantize(u) for u in n.users), (method, n.name)
+                assert x.target == torch.ops.quantized_decomposed.dequantize_per_tensor.default
+            else:  # the tied head: activation scales computed per call, float logits
+                assert groups[n] == "head"
+                assert x.target == torch.ops.quantized_decomposed.dequantize_per_tensor.tensor
+                assert not any(_is_quantize(u) for u in n.users)
+        # The static linears are the only int8 kernels: nothing else sits between a dequantize and a quantize.
+        assert integer_ops(gm) == static == ctx.facts["a8w8"][method]["integer_ops_by_kind"]
+        # Every Q/DQ node borders a quantised linear; none touches the RG-LRU, the soft-cap or the state ops.
+        touched = qdq_groups(gm)
+        assert touched and all(any(kind(g) in (*A8W8_KINDS, "head") for g in t) for t in touched.values())
+        assert not {kind(g) for t in touched.values() for g in t} & {"rglru", "softcap", "state", "positions"}
+        # The state: buffers stay float32, feed no quantize, and are written from float ops.
+        for n in gm.graph.nodes:
+            if n.op == "get_attr" and n.target in names:
+                assert getattr(gm, n.target).dtype == torch.float32
+                assert not any(_is_quantize(u) for u in n.users), (method, n.target)
+            if _is(n, "copy_"):
+                assert not _is(n.args[1], "dequantize"), (method, n.name)
+        facts = ctx.facts["a8w8"][method]
+        assert facts["calibration_samples"] == (4 * 48 if method == "decode" else 4 * 48 // CHUNK)
+        assert facts["positions"][1] >= small_config.attention_window_size
+        assert facts["positions_past_window"] > 0
+    assert set(ctx.facts["a8w8"]["float_kinds"]) >= {"rglru", "conv1d", "attention", "norm", "state"}
+    assert any(note.startswith("a8w8:") for note in ctx.notes)
+
+
+@pytest.mark.slow
+def test_a8w8_program_agrees_with_its_eager_graph_and_fp32(a8w8_build, fp32_build, small_config, small_tokens,
+                                                         eager_logits):
+    work_dir, manifest, ctx, prepared = a8w8_build
+    fp32_dir, fp32_manifest, _ = fp32_build
+    size = (work_dir / manifest["artifact"]["file"]).stat().st_size
+    assert size < 0.7 * (fp32_dir / fp32_manifest["artifact"]["file"]).stat().st_size
+
+    runner = ExecuTorchBackend().load(work_dir, manifest)
+    runner.reset()
+    got = run_schedule(runner, small_tokens)
+    top1 = float((got.argmax(-1) == eager_logits.argmax(-1)).mean())
+    assert top1 >= 0.85, f"a8w8: top-1 agreement with fp32 eager {top1:.3f}"
+    # XNNPACK computes what the converted PT2E graph computes (the lowering check).
+    quantised = eager_decode_logits(prepared.modules["decode"], small_config, small_tokens)
+    assert float((got.argmax(-1) == quantised.argmax(-1)).mean()) >= 0.95
+    assert float(np.abs(got - quantised).mean()) <= 1e-3
     state = runner.state()
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
     assert {p["state"] for p in ctx.facts["planned_memory_bytes"].values()} == {state_bytes(small_config)}

@@ -2,7 +2,9 @@
 
 Stages (each a method below, called in this order by the build pipeline):
 1. quantize: wrap the model in a `StatefulModel` and apply the recipe in place (torchao `quantize_` for 8da4w;
-   the XNNPACK PT2E quantizer for int8, which works on captured graphs, one per method).
+   the XNNPACK PT2E quantizer for int8 and a8w8, which works on captured graphs, one per method). The
+   calibrated recipe a8w8 first captures real (tokens, position, state) samples along the fp32 model's
+   trajectory over `ctx.calibration_tokens`, one set per method (`executorch_calibration`).
 2. export: `torch.export(strict=False)` of decode (tokens [1, 1]) and prefill (tokens [1, chunk]), plus
    two small state methods, `reset` (zeroes the state) and `read_state` (returns it).
 3. lower: `to_edge_transform_and_lower` with the XNNPACK partitioner for decode and prefill, then
@@ -144,6 +146,39 @@ def _delegation(edge: Any, method: str) -> dict[str, Any]:
             "non_delegated": dict(sorted(outside.items()))}
 
 
+A8W8_NOTE = (
+    "a8w8: static int8 activations and int8 per-channel weights on the MLP, recurrent-block and attention "
+    "projection linears, calibrated ({observer} observer) on {decode} decode and {prefill} prefill inputs "
+    "captured along the fp32 model's trajectory over the calibration text (positions 0 to {last}, past the "
+    "attention window); the tied head has int8 weights and dynamic int8 activations (static int8 logits "
+    "doubled the mean KL). Kept float32 after a per-group sensitivity study on the shipped model "
+    "(notes/executorch.md): the RG-LRU recurrence and its state, Conv1D, attention scores/mask/softmax (the "
+    "-30000 mask add wipes out int8 scores: top-1 87%), norms, residuals and gating products."
+)
+CALIBRATION_SAMPLES = 256  # per method, spread evenly over positions (decode has 4x3 windows of steps)
+
+
+def _calibration_tokens(ctx: BuildContext) -> list[list[int]]:
+    tokens = ctx.calibration_tokens
+    if not tokens or not all(len(t) for t in tokens):
+        raise RgexportError(
+            f"recipe {ctx.recipe} is calibrated: it needs ctx.calibration_tokens (the build fills them from "
+            "calibration/corpus/calibration.txt or --calibration FILE)")
+    return tokens
+
+
+def calibration_samples(model: Griffin, sequences: list[list[int]], chunk: int,
+                        max_samples: int = CALIBRATION_SAMPLES) -> dict[str, list[Any]]:
+    """Real (tokens, position, state) inputs for decode and for prefill, from the fp32 model's own
+    trajectory over `sequences` (`rgexport.calibrate.capture_samples`)."""
+    from rgexport.calibrate import capture_samples
+
+    if max(len(s) for s in sequences) < chunk:
+        raise RgexportError(f"calibration sequences are shorter than one prefill chunk ({chunk} tokens)")
+    return {"decode": capture_samples(model, sequences, chunk=1, max_samples=max_samples),
+            "prefill": capture_samples(model, sequences, chunk=chunk, max_samples=max_samples)}
+
+
 class ExecuTorchBackend(Backend):
     """ExecuTorch with the XNNPACK delegate; state lives in the program as shared mutable buffers."""
 
@@ -163,12 +198,21 @@ class ExecuTorchBackend(Backend):
             "int8", "int8 dynamic activations, int8 per-channel weights (XNNPACK PT2E quantizer) on every "
             "linear op, the tied output head included; RG-LRU and state stay float32", quantized=True,
         ),
+        "a8w8": Recipe(
+            "a8w8", "int8 static activations calibrated on real decode/prefill inputs and int8 per-channel "
+            "weights (XNNPACK PT2E quantizer) on the MLP, recurrent-block and attention projection linears; "
+            "the tied head int8 weights with dynamic int8 activations; float32: the RG-LRU recurrence and "
+            "gates, Conv1D, attention scores/mask/softmax, norms, residuals, gating products and the state",
+            quantized=True, calibrated=True,
+        ),
     }
 
     # 1. Quantise -----------------------------------------------------------------------------------
     def quantize(self, model: Griffin, ctx: BuildContext) -> _Prepared:
         """A StatefulModel over `model`, quantised in place (the pipeline passes a copy where it must)."""
         self.check_recipe(ctx.recipe)
+        if self.recipes[ctx.recipe].calibrated:
+            _calibration_tokens(ctx)  # before any work: a calibrated recipe without text cannot be built
         delegate = ctx.options.get("delegate", "xnnpack")
         if delegate != "xnnpack":
             raise RgexportError(f"ExecuTorch delegate {delegate!r} is not supported; expected one of ['xnnpack']")
@@ -181,6 +225,8 @@ class ExecuTorchBackend(Backend):
             self._quantize_8da4w(stateful, ctx)
         elif ctx.recipe == "int8":
             modules = {m: self._quantize_int8_pt2e(stateful, inputs[m]) for m in inputs}
+        elif ctx.recipe == "a8w8":
+            modules = self._quantize_a8w8_pt2e(stateful, inputs, ctx)
         return _Prepared(modules, inputs, stateful.specs)
 
     def _quantize_8da4w(self, stateful: StatefulModel, ctx: BuildContext) -> None:
@@ -230,6 +276,36 @@ class ExecuTorchBackend(Backend):
         converted = convert_pt2e(prepared)
         _zero_buffers_(converted, stateful.specs)  # the calibration pass wrote to the state
         return converted
+
+    def _quantize_a8w8_pt2e(self, stateful: StatefulModel, inputs: dict[str, tuple[torch.Tensor, ...]],
+                            ctx: BuildContext) -> dict[str, nn.Module]:
+        """Static int8 on the linear ops of each method's graph, calibrated on that method's own samples
+        (decode: one token; prefill: one chunk) captured from the fp32 model before anything is quantised."""
+        self.require("torchao")
+        from rgexport.backends import executorch_calibration as ec
+
+        samples = calibration_samples(stateful.model, _calibration_tokens(ctx), ctx.prefill_chunk)
+        observer = ctx.options.get("activation_observer", ec.A8W8_OBSERVER)
+        modules, facts = {}, {}
+        for method in ("decode", "prefill"):
+            modules[method], facts[method] = ec.quantize_static_pt2e(
+                stateful, inputs[method], stateful.specs, samples[method], ec.A8W8_KINDS, observer=observer,
+                dynamic_kinds=ec.A8W8_DYNAMIC_KINDS)
+            facts[method]["positions_past_window"] = sum(
+                int(s.position.reshape(-1)[0]) >= ctx.config.attention_window_size for s in samples[method])
+        _zero_buffers_(stateful, stateful.specs)
+        ctx.facts["a8w8"] = {
+            "calibration_tokens": sum(len(t) for t in _calibration_tokens(ctx)),
+            "static_kinds": list(ec.A8W8_KINDS),
+            "dynamic_kinds": list(ec.A8W8_DYNAMIC_KINDS),
+            "float_kinds": dict(ec.A8W8_FLOAT_KINDS),
+            "sensitivity": {k: list(v) for k, v in ec.SENSITIVITY.items()},
+            **facts,
+        }
+        ctx.notes.append(A8W8_NOTE.format(
+            decode=facts["decode"]["calibration_samples"], prefill=facts["prefill"]["calibration_samples"],
+            last=max(f["positions"][1] for f in facts.values()), observer=observer))
+        return modules
 
     # 2. Export -------------------------------------------------------------------------------------
     def export(self, prepared: _Prepared, ctx: BuildContext) -> dict[str, Any]:
