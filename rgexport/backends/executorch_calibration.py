@@ -304,7 +304,8 @@ def _is_plumbing(node: torch.fx.Node) -> bool:
 
 def qdq_groups(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, set[str]]:
     """For each quantize/dequantize node of a converted graph, the groups of the ops it sits between
-    (the op that produced its input and the ops that read its output, through other Q/DQ nodes)."""
+    (the op that produced its input and the ops that read its output, through other Q/DQ nodes and through
+    the reshapes and slices that inherit a quantised tensor's parameters)."""
     groups = node_groups(gm)
     out: dict[torch.fx.Node, set[str]] = {}
     for n in gm.graph.nodes:
@@ -318,7 +319,7 @@ def qdq_groups(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, set[str]]:
             if m in seen:
                 continue
             seen.add(m)
-            if _is_plumbing(m):
+            if _is_plumbing(m) or m.target in _DATA_MOVEMENT:
                 stack.extend([*m.all_input_nodes, *m.users])
             elif m in groups and groups[m] != "positions":
                 touched.add(groups[m])
