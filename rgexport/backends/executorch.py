@@ -252,6 +252,34 @@ class ExecuTorchBackend(Backend):
             Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
             filter_fn=lambda m, fqn: m is head,
         )
+        if ctx.options.get("quantized_gather", False):
+            # Opt-in (option quantized_gather): the embedding gather reads the head's int8 rows through
+            # ExecuTorch's quantized `embedding_byte` (as its llama export does) instead of keeping the float32
+            # table, the largest tensor in the program (2.6 GB of about 4.3 GB at RecurrentGemma-2B,
+            # notes/perf.md). Same int8 values and per-row scales as the head, so the gather adds no error the
+            # head does not have. Opt-in until ExecuTorchRunner imports executorch.kernels.quantized, where
+            # the op's kernels live: a process that only loads the .pte fails on the missing operator.
+            import executorch.exir.passes._quant_patterns_and_replacements  # registers the op
+            import executorch.kernels.quantized  # noqa: F401 - its kernels, for validation in this process
+
+            weight = head.weight
+            if bool((weight.zero_point != 0).any()):
+                raise RgexportError("8da4w: the int8 head has non-zero zero points; the quantized gather expects "
+                                    "symmetric rows")
+            embedder = model.embedder
+            # Own copies: a buffer aliasing the head parameter's inner tensor is not something torch.export keeps.
+            embedder.register_buffer("embedding_int8", weight.qdata.detach().clone())
+            embedder.register_buffer("embedding_scales", weight.scale.detach().reshape(-1).clone())
+            del embedder.input_embedding  # the float32 table: the head holds its own int8 weight now
+
+            def encode(tokens: torch.Tensor) -> torch.Tensor:
+                rows = torch.ops.quantized_decomposed.embedding_byte.dtype(
+                    embedder.embedding_int8, embedder.embedding_scales, None, -128, 127, tokens, dtype=torch.float32)
+                return rows * embedder.scale
+
+            embedder.encode = encode  # an instance attribute shadows Embedder.encode
+            ctx.notes.append("8da4w: the embedding gather reads the head's int8 table (embedding_byte); load the "
+                             ".pte with executorch.kernels.quantized imported.")
         if skipped:
             ctx.notes.append(
                 f"8da4w left {len(skipped)} linear layers in float32 because their in-features are not a "
