@@ -148,8 +148,10 @@ def op_groups(mlmodel: Any) -> dict[str, str]:
             group = classify(op)
             if group is not None:
                 groups[op.name] = group
-    if not any(g in LINEAR_GROUPS for g in groups.values()):
-        raise RgexportError("No linear ops with module scopes found: the converted program cannot be grouped")
+    # Without scopes every linear would look like the head: refuse rather than quantise the wrong ops.
+    if "mlp" not in groups.values():
+        raise RgexportError("The converted program's linear ops carry no TorchScript module scopes (no MLP "
+                            "found), so the w8a8 groups cannot be told apart")
     return groups
 
 
