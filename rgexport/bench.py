@@ -243,9 +243,48 @@ if __name__ == "__main__":  # the fresh-process memory probe: python -m rgexport
     print(json.dumps(_probe(Path(sys.argv[1]), int(sys.argv[2]))))
 
 
+# Inputs that an op reads only at the gathered rows: the data (and a block-quantized table's scales and
+# zero points), by op type.
+_GATHERED_INPUTS = {"Gather": (0,), "GatherBlockQuantized": (0, 2, 3)}
+
+
+def weights_read_per_token(folder: Path, manifest: dict[str, Any]) -> int:
+    """Bytes of weights one decode step reads: the decode program's weights, less what it only gathers.
+
+    ONNX: the decode graph's initializers wherever they are stored (a model above 2 GiB keeps them in
+    weights.bin, beside a decode.onnx of a few MB), without tensors read only as the data of a Gather (the
+    embedding table: one row per token, not 256000). Other backends: the decode program's files (the
+    ExecuTorch .pte, which also holds the embedding table, so its limit is conservative).
+    """
+    main = manifest["artifact"]["file"]
+    if manifest["backend"] == "onnx" and main.endswith(".onnx"):
+        import onnx
+
+        from rgexport.backends.onnx import _initializer_bytes
+
+        model = onnx.load(str(Path(folder) / main), load_external_data=False)
+        readers: dict[str, set[str]] = {}
+        for node in model.graph.node:
+            for i, name in enumerate(node.input):
+                gathered_input = i in _GATHERED_INPUTS.get(node.op_type, ())
+                readers.setdefault(name, set()).add("gather" if gathered_input else "read")
+        gathered = [t for t in model.graph.initializer if readers.get(t.name) and "read" not in readers[t.name]]
+        model.graph.ClearField("node")
+        total = _initializer_bytes(model)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(gathered)
+        return total - _initializer_bytes(model)
+    return sum(f["bytes"] for f in manifest["artifact"]["files"]
+               if f["path"] == main or f["path"].startswith(main + "/"))
+
+
 def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: bool = True,
-                    advance: Callable[[int], None] = lambda n=1: None) -> dict[str, Any]:
-    """Times every artifact and the eager references in one process; returns data for reports."""
+                    advance: Callable[[int], None] = lambda n=1: None, include_eager: bool = True) -> dict[str, Any]:
+    """Times every artifact and the eager references in one process; returns data for reports.
+
+    `include_eager=False` times the artifacts alone (no speed-up column): a large model's float32 reference
+    (10.7 GB at RecurrentGemma-2B) would otherwise sit in memory beside the runtimes being measured.
+    """
     import torch
 
     from rgexport.backends import get_backend
@@ -261,44 +300,59 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
         raise RgexportError("the artifacts come from different checkpoints; benchmark one model at a time")
     first = loaded[0][1]
     source = first["model"]["checkpoint"]["source"]
-    ckpt = load_source(source, first["model"]["checkpoint"].get("preset"))
+    ckpt = load_source(source, first["model"]["checkpoint"].get("preset")) if include_eager else None
+    from rgexport.config import GriffinConfig
     from rgexport.tokenizer import Tokenizer
 
-    tok_file = loaded[0][0] / first["tokenizer"]["file"] if first["tokenizer"] else ckpt.tokenizer_path
+    config = GriffinConfig.from_dict(first["model"]["config"])
+    if first["tokenizer"]:
+        tok_file = loaded[0][0] / first["tokenizer"]["file"]
+    else:
+        tok_file = (ckpt or load_source(source, first["model"]["checkpoint"].get("preset"))).tokenizer_path
     tokens = heldout_tokens(Tokenizer(tok_file), decode_tokens + 64)
+    if any(m["backend"] == "executorch" for _, m in loaded):
+        # 8da4w's embedding gather is quantized_decomposed::embedding_byte, whose kernels this module
+        # registers with ExecuTorch's Python runtime (the runner itself does not import it yet).
+        import contextlib
+
+        with contextlib.suppress(ImportError):
+            import executorch.kernels.quantized  # noqa: F401
     bandwidth = memory_bandwidth_gbs()
     results = []
     chunk = first["io"]["prefill_chunk"]
-    eager_bytes = 4 * ckpt.config.num_parameters()
-    results.append(time_runner("eager (rgexport step model)", "eager", "fp32", eager_bytes,
-                               lambda: EagerRunner(ckpt.model, chunk), tokens, decode_tokens, advance))
+    if include_eager:
+        eager_bytes = 4 * config.num_parameters()
+        results.append(time_runner("eager (rgexport step model)", "eager", "fp32", eager_bytes,
+                                   lambda: EagerRunner(ckpt.model, chunk), tokens, decode_tokens, advance))
     for folder, manifest in loaded:
         backend = get_backend(manifest["backend"])
-        main = manifest["artifact"]["file"]  # the decode program: the weights read per token
-        weights = sum(f["bytes"] for f in manifest["artifact"]["files"]
-                      if f["path"] == main or f["path"].startswith(main + "/"))
+        weights = weights_read_per_token(folder, manifest)
         results.append(time_runner(f"{manifest['backend']} / {manifest['recipe']['name']}", manifest["backend"],
                                    manifest["recipe"]["name"], weights,
                                    lambda f=folder, m=manifest, b=backend: b.load(f, m), tokens, decode_tokens,
                                    advance))
-    hf = time_hf_generate(ckpt.model, tokens, min(decode_tokens, 128)) if include_hf else None
-    eager_ms = results[0].decode_ms_median
+    hf = time_hf_generate(ckpt.model, tokens, min(decode_tokens, 128)) if include_hf and include_eager else None
+    eager_ms = results[0].decode_ms_median if include_eager else None
     rows = []
     for r in results:
         limit_ms = r.bytes / (bandwidth * 1e9) * 1e3  # every weight byte read once per token
         rows.append(r.to_dict() | {
-            "speedup_vs_eager": eager_ms / r.decode_ms_median,
+            "speedup_vs_eager": eager_ms / r.decode_ms_median if eager_ms else None,
             "bandwidth_limit_ms": limit_ms,
             "fraction_of_bandwidth_limit": limit_ms / r.decode_ms_median,
         })
     return {
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "memory_bandwidth_gbs": bandwidth},
-        "model": {"parameters": ckpt.config.num_parameters(), "source": source},
+        "model": {"parameters": config.num_parameters(), "source": source},
         "decode_tokens": decode_tokens,
         "results": rows,
         "huggingface_generate": hf | {"speedup_vs_eager": eager_ms / hf["decode_ms_median"]} if hf else None,
     }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def markdown_report(data: dict[str, Any]) -> str:
@@ -307,7 +361,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"Decode over {data['decode_tokens']} tokens; {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, "
         f"measured memory bandwidth {m['memory_bandwidth_gbs']:.1f} GB/s.",
         "",
-        "| artifact | MB | load s | first token ms | decode ms (median / p90) | tok/s | prefill tok/s "
+        "| artifact | MB read per token | load s | first token ms | decode ms (median / p90) | tok/s | prefill tok/s "
         "| x eager | % of bandwidth limit |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -316,7 +370,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         lines.append(
             f"| {r['name']} | {r['bytes'] / 1e6:.2f} | {r['load_s']:.2f} | {r['first_token_ms']:.2f} | "
             f"{r['decode_ms_median']:.3f} / {r['decode_ms_p90']:.3f} | {r['decode_tokens_per_s']:.0f} | {prefill} | "
-            f"{r['speedup_vs_eager']:.1f} | {100 * r['fraction_of_bandwidth_limit']:.1f} |")
+            f"{_fmt(r['speedup_vs_eager'], '.1f')} | {100 * r['fraction_of_bandwidth_limit']:.1f} |")
     hf = data.get("huggingface_generate")
     if hf:
         lines.append(f"| Hugging Face generate (eager) | | | {hf['first_token_ms']:.2f} | "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import os
 import shutil
 import tempfile
@@ -68,6 +69,11 @@ class BuildError(RgexportError):
         super().__init__(f"build failed at stage '{stage}': {type(cause).__name__}: {cause}.{kept}")
         self.stage = stage
         self.cause = cause
+
+
+def is_small(config: Any) -> bool:
+    """Whether a build may hold a second copy of the float32 weights (`LARGE_MODEL_BYTES`)."""
+    return config.num_parameters() * 4 < LARGE_MODEL_BYTES
 
 
 def default_out(backend: str, recipe: str) -> Path:
@@ -162,11 +168,19 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         # Quantisation rewrites modules in place, and validation needs the fp32 model afterwards. A small
         # model is copied; a large one is not (a second copy of 2B weights is 10 GB): validation then
         # reloads the reference from its source.
-        small = config.num_parameters() * 4 < LARGE_MODEL_BYTES
+        small = is_small(config)
         prepared = backend.quantize(copy.deepcopy(model) if small and recipe.quantized else model, ctx)
         reference_intact = small or not recipe.quantized
     with stages.stage("export", backend.name):
         exported = backend.export(prepared, ctx)
+    if not small and checkpoint is None:
+        # From here on the weights the backend needs are in `exported` (ONNX: on disk). The build's own
+        # references would keep the float32 model (10.7 GB at 2B) alive through lowering and then beside
+        # the reloaded reference in validation; drop them. A caller's checkpoint is the caller's to keep.
+        prepared = model = None
+        ckpt = dataclasses.replace(ckpt, model=None)
+        reference_intact = False
+        gc.collect()
     with stages.stage("lower", backend.name):
         lowered = backend.lower(exported, ctx)
     with stages.stage("write", str(out)):
@@ -220,7 +234,8 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         n = opts.validation_tokens or 4 * config.attention_window_size
         tokens = heldout_tokens(tokenizer, n, opts.validation_text)
         with stages.stage("validate", f"{n} tokens, teacher-forced + greedy"):
-            del prepared, exported, lowered  # free graph copies of the weights before loading the artifact
+            prepared = exported = lowered = None  # free graph copies of the weights before loading the artifact
+            gc.collect()
             if not reference_intact:
                 from rgexport.checkpoint import load_source
 

@@ -428,6 +428,55 @@ def test_external_data_shares_one_weights_file(backend, exported, built, small_c
         assert np.abs(got - want).max() <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def streamed(backend, small_model, small_config, tmp_path_factory):
+    """SMALL exported the way a model above 2 GiB is: graphs saved straight to disk, weights left there."""
+    work = tmp_path_factory.mktemp("streamed")
+    ctx = BuildContext(config=small_config, recipe="int4", work_dir=work, prefill_chunk=CHUNK,
+                       options={"stream_export": True})
+    return backend.export(backend.quantize(small_model, ctx), ctx), work
+
+
+def _in_memory(proto) -> list[int]:
+    return [len(t.raw_data) for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+
+
+def test_streamed_export_holds_no_weights_in_memory(streamed, exported):
+    from rgexport.backends.onnx import EXPORT_SCRATCH
+
+    graphs, work = streamed
+    assert graphs.model is None  # the build can free the torch model before lowering
+    assert graphs.base_dir == work / EXPORT_SCRATCH
+    for method, proto in graphs.items():
+        in_memory = sum(_in_memory(exported[method]))
+        assert in_memory > 1_000_000  # the in-memory export holds every weight...
+        # ...the streamed one only what onnx_ir's save keeps inline: tensors of at most 256 bytes (its
+        # size_threshold_bytes; larger ones go to the data file).
+        assert max(_in_memory(proto)) <= 256
+        assert proto.ByteSize() < 0.05 * exported[method].ByteSize()
+
+
+def test_streamed_export_lowers_to_the_same_artifacts(backend, streamed, built, small_config, small_tokens,
+                                                      tmp_path):
+    from rgexport.backends.onnx import EXPORT_SCRATCH
+
+    graphs, work = streamed
+    tokens = small_tokens[0, :21].tolist()
+    ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path, prefill_chunk=CHUNK)
+    lowered = backend.lower(graphs, ctx)
+    for proto in lowered.values():  # int4 read the float weights from disk and owns what it keeps
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    backend.write(lowered, ctx)
+    for recipe, folder in (("int4", tmp_path), ("fp32", work)):
+        if recipe == "fp32":  # written into the export's own work folder, which must lose the scratch files
+            ctx = BuildContext(config=small_config, recipe="fp32", work_dir=work, prefill_chunk=CHUNK)
+            backend.write(backend.lower(graphs, ctx), ctx)
+            assert not (work / EXPORT_SCRATCH).exists()
+        want = run_mixed(backend.load(built[recipe][0], manifest_for(), threads=1), tokens)
+        got = run_mixed(backend.load(folder, manifest_for(), threads=1), tokens)
+        assert np.abs(got - want).max() == 0.0, recipe
+
+
 def test_describe_onnx(built):
     info = describe_onnx(built["int4"][0] / "decode.onnx")
     assert info["inputs"][0] == {"name": "token", "shape": [1], "dtype": "int32"}

@@ -38,3 +38,32 @@ def test_memory_is_flat_and_state_matches_the_config(onnx_artifact):
 
 def test_bandwidth_is_plausible():
     assert 0.5 < memory_bandwidth_gbs(mbytes=64, repeats=2) < 1000
+
+
+def test_bench_without_eager_times_the_artifacts_alone(onnx_artifact):
+    data = bench_artifacts([onnx_artifact], decode_tokens=8, include_hf=False, include_eager=False)
+    assert [r["name"] for r in data["results"]] == ["onnx / fp32"]
+    assert data["results"][0]["speedup_vs_eager"] is None
+    assert "| onnx / fp32 |" in markdown_report(data)
+
+
+def test_weights_read_per_token_follow_external_data_and_skip_gathered_tables(onnx_artifact, tmp_path):
+    """A model above 2 GiB keeps its weights in weights.bin beside a small decode.onnx; the embedding table
+    of a quantised gather is read one row per token, not whole."""
+    from rgexport.backends.onnx import describe_onnx
+    from rgexport.bench import weights_read_per_token
+    from rgexport.manifest import read_manifest
+
+    folder, manifest = read_manifest(onnx_artifact)
+    fp32 = describe_onnx(folder / "decode.onnx")["weights"]["bytes"]
+    assert weights_read_per_token(folder, manifest) == fp32  # fp32: the Gemm head reads the whole table
+    out = build(BuildOptions(backend="onnx", recipe="int4", out=tmp_path / "int4", validate=False,
+                             options={"external_data": True})).out
+    folder, manifest = read_manifest(out)
+    info = describe_onnx(folder / "decode.onnx")
+    assert info["weights"]["external_files"] == ["weights.bin"]
+    assert (folder / "decode.onnx").stat().st_size < 0.1 * info["weights"]["bytes"]
+    config = manifest["model"]["config"]
+    table = config["vocab_size"] * config["width"]
+    gathered = table // 2 + table // 32 * 4  # GatherBlockQuantized: 4-bit table, a float32 scale per 32
+    assert weights_read_per_token(folder, manifest) == info["weights"]["bytes"] - gathered

@@ -15,7 +15,15 @@ Stages (see `rgexport.backends.base`):
 
 Options (`BuildContext.options`, from the target profile): `opset` (default 21, at least 18),
 `external_data` ("auto", True, False), `ort_format` (default True), `ort_target` ("arm" or "amd64"),
-`calibration_method` (qdq8: "minmax" (default), "entropy" or "percentile").
+`calibration_method` (qdq8: "minmax" (default), "entropy" or "percentile"), `stream_export` ("auto", True,
+False).
+
+Large models (float32 weights above `PROTOBUF_LIMIT`, or `stream_export=True`) never hold an exported graph's
+weights in memory: each graph is saved by the exporter straight from the torch tensors into a scratch folder
+(`EXPORT_SCRATCH` in the work folder, external data), and `export` returns protos whose initializers point
+there. int4 quantises tensor by tensor from those files and fp32 copies them into `weights.bin`; `write`
+deletes the scratch folder. In memory, `program.model_proto` of each graph was another full copy of the
+weights: torch model + decode + prefill = three copies, 32 GB for RecurrentGemma-2B (notes/perf.md).
 
 The calibrated recipe qdq8 runs the model itself (the one `export` returns with the graphs, `OnnxGraphs.model`)
 over `ctx.calibration_tokens` in `lower`, capturing real (token, position, state) inputs for each graph.
@@ -33,6 +41,7 @@ import hashlib
 import io
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -55,6 +64,7 @@ ORT_CONFIG_FILE = "required_operators.config"
 METHOD_FILES = {"decode": DECODE_FILE, "prefill": PREFILL_FILE}
 # A serialised ModelProto (and an ORT-format flatbuffer) must stay below 2 GiB; keep a margin for the graph.
 PROTOBUF_LIMIT = (1 << 31) - (64 << 20)
+EXPORT_SCRATCH = "_export"  # streamed exports' graphs and float weights, inside the work folder until `write`
 _EXTERNAL_MIN_BYTES = 1024  # tensors smaller than this stay inside the .onnx files
 _ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map them
 
@@ -79,10 +89,12 @@ RECIPES = {
 
 
 class OnnxGraphs(dict):
-    """`export`'s result, {method: ModelProto}, with the model the graphs came from: a calibrated recipe
-    runs it over the calibration text in `lower` to capture real (token, position, state) inputs."""
+    """`export`'s (and `lower`'s) result, {method: ModelProto}, with the model the graphs came from (a
+    calibrated recipe runs it over the calibration text in `lower` to capture real (token, position, state)
+    inputs) and, for a streamed export, the folder its external initializers live in (`base_dir`)."""
 
     model: Griffin | None = None
+    base_dir: Path | None = None
 
 
 def _token_input(method: str) -> str:
@@ -115,6 +127,28 @@ def _initializer_bytes(proto: Any) -> int:
         else:
             total += len(t.raw_data) or _typed_bytes(t)
     return total
+
+
+def _external_info(t: Any) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _tensor_raw(t: Any, base_dir: Path | None) -> bytes:
+    """An initializer's bytes, read from `base_dir` (only this tensor's range) when it is external."""
+    from onnx import TensorProto, numpy_helper
+
+    if t.data_location == TensorProto.EXTERNAL:
+        if base_dir is None:
+            raise RgexportError(f"Tensor {t.name} is external and no folder was given to read it from")
+        info = _external_info(t)
+        with open(Path(base_dir) / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return f.read(int(info["length"])) if "length" in info else f.read()
+    return t.raw_data or numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+
+
+def parameter_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _typed_bytes(t: Any) -> int:
@@ -204,8 +238,16 @@ class OnnxBackend(Backend):
                 f"opset {opset} is not available: torch.onnx.export(dynamo=True) writes opset 18 when asked for "
                 f"less and cannot convert down; use 18 or later (default {OPSET})"
             )
+        stream = ctx.options.get("stream_export", "auto")
+        if stream == "auto":
+            stream = parameter_bytes(prepared) > PROTOBUF_LIMIT
         graphs = OnnxGraphs()
-        graphs.model = prepared
+        # Only a calibrated recipe runs the model in `lower`; a streamed export lets it go, so that the
+        # build can free the float32 weights before lowering.
+        graphs.model = prepared if not stream or self.recipes[ctx.recipe].calibrated else None
+        if stream:
+            graphs.base_dir = Path(ctx.work_dir) / EXPORT_SCRATCH
+            graphs.base_dir.mkdir(parents=True, exist_ok=True)
         seconds = {}
         modules = {"decode": DecodeIO(prepared), "prefill": PrefillIO(prepared, ctx.prefill_chunk)}
         for method, module in modules.items():
@@ -217,7 +259,22 @@ class OnnxBackend(Backend):
                     module, module.example_inputs(), dynamo=True, opset_version=opset,
                     input_names=inputs, output_names=outputs, optimize=True, verbose=False,
                 )
-            proto = program.model_proto
+            if stream:
+                # The exported IR wraps the torch tensors without copying; `model_proto` would serialise
+                # every weight into the proto. Saving with external data writes them one at a time.
+                import onnx
+
+                path = graphs.base_dir / METHOD_FILES[method]
+                program.save(path, external_data=True)
+                # Something beyond this function keeps the exporter's IR alive after `program` goes (seen at
+                # 2B: the float32 parameters stayed resident through lowering, held by the IR's TorchTensors);
+                # cutting the IR's links to the torch tensors lets the build free them.
+                for value in program.model.graph.initializers.values():
+                    value.const_value = None
+                del program
+                proto = onnx.load(str(path), load_external_data=False)
+            else:
+                proto = program.model_proto
             seconds[method] = round(time.perf_counter() - start, 2)
             _check_names(proto, method, inputs, outputs)
             written = {o.domain: o.version for o in proto.opset_import}.get("", None)
@@ -227,6 +284,7 @@ class OnnxBackend(Backend):
             graphs[method] = proto
         ctx.facts["onnx_export_seconds"] = seconds
         ctx.facts["onnx_opset"] = opset
+        ctx.facts["onnx_streamed_export"] = bool(stream)
         return graphs
 
     def lower(self, exported: dict[str, Any], ctx: BuildContext) -> dict[str, Any]:
@@ -236,10 +294,19 @@ class OnnxBackend(Backend):
         from rgexport.backends import onnx_quant as q
 
         large = max(_initializer_bytes(p) for p in exported.values()) > PROTOBUF_LIMIT
-        lowered = {}
+        base_dir = getattr(exported, "base_dir", None)  # a streamed export: weights in files there
+        lowered = OnnxGraphs()
+        lowered.base_dir = base_dir
         for method, proto in exported.items():
             inputs = [i.name for i in proto.graph.input]
             outputs = [o.name for o in proto.graph.output]
+            if base_dir is not None and ctx.recipe not in ("fp32", "int4"):
+                # These recipes' passes need every weight in memory (int4 reads tensor by tensor, fp32 copies
+                # the files in `write`); a deep copy of the streamed proto is cheap, then it is loaded.
+                from onnx.external_data_helper import load_external_data_for_model
+
+                proto = copy.deepcopy(proto)
+                load_external_data_for_model(proto, str(base_dir))
             if ctx.recipe in ("fp32", "fp16"):
                 proto = copy.deepcopy(proto)  # `exported` stays reusable for other recipes
                 tied = q.tie_head_as_gemm(proto)
@@ -264,7 +331,7 @@ class OnnxBackend(Backend):
                 tied = 1
             else:
                 self.require("onnxruntime")
-                proto = q.quantize_int4(proto)
+                proto = q.quantize_int4(proto, base_dir=base_dir)
                 tied = 0
             q.strip_debug_metadata(proto)
             _check_names(proto, method, inputs, outputs)
@@ -291,13 +358,20 @@ class OnnxBackend(Backend):
 
         out_dir = Path(ctx.work_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        base_dir = getattr(lowered, "base_dir", None)
         weight_bytes = max(_initializer_bytes(p) for p in lowered.values())
         external = ctx.options.get("external_data", "auto")
         if external == "auto":
             external = weight_bytes > PROTOBUF_LIMIT
         paths = [out_dir / METHOD_FILES[m] for m in ("decode", "prefill")]
+        if base_dir is not None and not external:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            for proto in lowered.values():  # a small streamed export (stream_export=True): self-contained files
+                load_external_data_for_model(proto, str(base_dir))
         if external:
-            _save_with_shared_weights([lowered["decode"], lowered["prefill"]], paths, out_dir / WEIGHTS_FILE)
+            _save_with_shared_weights([lowered["decode"], lowered["prefill"]], paths, out_dir / WEIGHTS_FILE,
+                                      base_dir=base_dir)
             files = [*paths, out_dir / WEIGHTS_FILE]
             ctx.notes.append(
                 f"ONNX weights are external data in {WEIGHTS_FILE}, one copy shared by decode.onnx and "
@@ -307,6 +381,8 @@ class OnnxBackend(Backend):
             for proto, path in zip((lowered["decode"], lowered["prefill"]), paths):
                 onnx.save_model(proto, str(path))
             files = list(paths)
+        if base_dir is not None and Path(base_dir).resolve().parent == out_dir.resolve():
+            shutil.rmtree(base_dir)  # the streamed export's scratch files are not part of the artifact
         ctx.facts["onnx_files"] = {m: METHOD_FILES[m] for m in ("decode", "prefill")}
         ctx.facts["onnx_external_data"] = WEIGHTS_FILE if external else None
 
@@ -370,22 +446,28 @@ class OnnxBackend(Backend):
 
 
 # Writing --------------------------------------------------------------------------------------------
-def _save_with_shared_weights(protos: Sequence[Any], paths: Sequence[Path], data_path: Path) -> None:
+def _save_with_shared_weights(protos: Sequence[Any], paths: Sequence[Path], data_path: Path,
+                              base_dir: Path | None = None) -> None:
     """Saves models whose large tensors live in one data file, each distinct tensor stored once.
 
     The decode and prefill graphs hold the same weights (under exporter-generated names that differ);
-    tensors are matched by dtype, shape and content, and both models point at the same bytes.
+    tensors are matched by dtype, shape and content, and both models point at the same bytes. Tensors
+    already external (a streamed export) are read one at a time from `base_dir`.
     """
-    from onnx import TensorProto, numpy_helper, save_model
+    from onnx import TensorProto, save_model
 
     where: dict[tuple, tuple[int, int]] = {}
     with open(data_path, "wb") as f:
         for proto, path in zip(protos, paths):
             for t in proto.graph.initializer:
-                if t.data_location == TensorProto.EXTERNAL:
+                if t.data_location == TensorProto.EXTERNAL and base_dir is None:
                     raise RgexportError(f"Tensor {t.name} is already external; write expects weights in memory")
-                raw = t.raw_data or numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+                raw = _tensor_raw(t, base_dir)
                 if len(raw) < _EXTERNAL_MIN_BYTES:
+                    if t.data_location == TensorProto.EXTERNAL:  # small, from a streamed export: inline it
+                        del t.external_data[:]
+                        t.data_location = TensorProto.DEFAULT
+                        t.raw_data = raw
                     continue
                 key = (t.data_type, tuple(t.dims), hashlib.sha256(raw).digest())
                 if key not in where:

@@ -181,20 +181,35 @@ def tie_head_as_gemm(model) -> int:
     return len(new_nodes)
 
 
-def untie_head(model) -> int:
+def untie_head(model, base_dir: str | Path | None = None) -> int:
     """Replaces `Transpose(E)` feeding the head MatMul by a transposed initializer (in place).
 
     Weight-only quantisers only quantise a MatMul whose weight is an initializer; this gives the head one.
-    Returns the number of heads untied.
+    With `base_dir` (the folder of a model whose weights are external data) E is read from there and the
+    transposed copy written beside it as external data too, so that it is not held in memory until the
+    quantiser reaches it (2.6 GB at RecurrentGemma-2B). Returns the number of heads untied.
     """
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     graph = model.graph
     taken = _all_names(graph)
     dead = set()
     for transpose, matmuls, emb in _tied_heads(model):
         name = _unique_name(taken, "lm_head.weight_t")
-        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(emb).T.copy(), name))
+        if base_dir is None:
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(emb).T.copy(), name))
+        else:
+            head_t = numpy_helper.to_array(emb, str(base_dir)).T
+            location = f"{name}.bin"
+            with open(Path(base_dir) / location, "wb") as f:
+                f.write(head_t.tobytes())  # C order of the transposed view: the untied weight's layout
+            tensor = TensorProto(name=name, data_type=emb.data_type, dims=head_t.shape,
+                                 data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", location), ("offset", "0"), ("length", str(head_t.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            del head_t
+            graph.initializer.append(tensor)
         for matmul in matmuls:
             matmul.input[1] = name
         dead.add(id(transpose))
@@ -388,12 +403,19 @@ def quantize_int8(model, large: bool = False, signed_weights: bool = False):
         return onnx.load(out)
 
 
-def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
+def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path | None = None):
     """4-bit symmetric block quantisation of every 2-D MatMul weight (`MatMulNBits`) and the embedding.
 
     Runs on the exported graph as is: after `quant_pre_process` fuses MatMul + Add into Gemm, which
     `MatMulNBits` does not handle, most weights would stay float. The head is untied first so that its
     weight is an initializer; the embedding Gather becomes `GatherBlockQuantized` (blocks along width).
+    Returns a new model; `model` is left as it was.
+
+    `base_dir`: `model`'s initializers are external data in this folder (a streamed export). ONNX Runtime's
+    quantiser reads an external tensor only when it reaches its node (`ir.from_proto(...).numpy()`,
+    `numpy_helper.to_array`, both relative to the working directory), so it runs from that folder and holds
+    one float tensor at a time instead of the whole model; the float tensors it leaves (norms, Conv1D,
+    RG-LRU gates) are then loaded into the returned model, which owns all of its weights.
     """
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -401,16 +423,21 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
         MatMulNBitsQuantizer,
     )
 
-    model = copy.deepcopy(model)
-    untie_head(model)
+    model = copy.deepcopy(model)  # with external weights: the graph only
+    untie_head(model, base_dir)
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QOperator,
         op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
-    with _quiet_quantizer_logs():
+    where = contextlib.chdir(base_dir) if base_dir is not None else contextlib.nullcontext()
+    with _quiet_quantizer_logs(), where:
         quantizer = MatMulNBitsQuantizer(model, algo_config=config)
         quantizer.process()
     model = quantizer.model.model
+    if base_dir is not None:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(base_dir))
     _pack_int4_gathers(model)
     return model
 
