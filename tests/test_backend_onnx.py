@@ -453,7 +453,8 @@ def test_streamed_export_holds_no_weights_in_memory(streamed, exported):
         # ...the streamed one only what onnx_ir's save keeps inline: tensors of at most 256 bytes (its
         # size_threshold_bytes; larger ones go to the data file).
         assert max(_in_memory(proto)) <= 256
-        assert proto.ByteSize() < 0.05 * exported[method].ByteSize()
+        # The graph itself (nodes, value_info: ~0.9 MB here) is the same; the weights are what is missing.
+        assert proto.ByteSize() < exported[method].ByteSize() - 0.95 * in_memory
 
 
 def test_streamed_export_lowers_to_the_same_artifacts(backend, streamed, built, small_config, small_tokens,
