@@ -310,13 +310,6 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
     else:
         tok_file = (ckpt or load_source(source, first["model"]["checkpoint"].get("preset"))).tokenizer_path
     tokens = heldout_tokens(Tokenizer(tok_file), decode_tokens + 64)
-    if any(m["backend"] == "executorch" for _, m in loaded):
-        # 8da4w's embedding gather is quantized_decomposed::embedding_byte, whose kernels this module
-        # registers with ExecuTorch's Python runtime (the runner itself does not import it yet).
-        import contextlib
-
-        with contextlib.suppress(ImportError):
-            import executorch.kernels.quantized  # noqa: F401
     bandwidth = memory_bandwidth_gbs()
     results = []
     chunk = first["io"]["prefill_chunk"]

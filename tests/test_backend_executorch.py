@@ -416,3 +416,35 @@ def test_a8w8_program_agrees_with_its_eager_graph_and_fp32(a8w8_build, fp32_buil
     state = runner.state()
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
     assert {p["state"] for p in ctx.facts["planned_memory_bytes"].values()} == {state_bytes(small_config)}
+
+
+@pytest.mark.slow
+def test_8da4w_quantized_gather_reads_the_int8_table(fp32_build, small_model, small_config, small_tokens,
+                                                     eager_logits, tmp_path_factory):
+    """Option quantized_gather: the gather reads the head's int8 rows (embedding_byte), the float32 table is
+    gone from the file, and a fresh process that only has the manifest loads and runs it."""
+    work_dir = tmp_path_factory.mktemp("executorch-8da4w-gather")
+    backend = ExecuTorchBackend()
+    ctx = BuildContext(config=small_config, recipe="8da4w", work_dir=work_dir, prefill_chunk=CHUNK,
+                       options={"quantized_gather": True})
+    prepared = backend.quantize(copy.deepcopy(small_model), ctx)
+    (path,) = backend.write(backend.lower(backend.export(prepared, ctx), ctx), ctx)
+    manifest = {"artifact": {"file": path.name}, "io": backend.io_contract(ctx), "backend_facts": ctx.facts}
+    assert any("embedding_byte" in op for op in ctx.facts["delegation"]["decode"]["non_delegated"])
+    fp32_dir, fp32_manifest, _ = fp32_build
+    # SMALL's float table is 512 x 64 x 4 = 131 KB; plain 8da4w is 0.48x fp32 (notes/executorch.md).
+    assert path.stat().st_size < 0.45 * (fp32_dir / fp32_manifest["artifact"]["file"]).stat().st_size
+
+    runner = backend.load(work_dir, manifest)
+    runner.reset()
+    got = run_schedule(runner, small_tokens)
+    assert float((got.argmax(-1) == eager_logits.argmax(-1)).mean()) >= QUANTISED["8da4w"][0]
+    quantised = eager_decode_logits(prepared.modules["decode"], small_config, small_tokens)
+    assert float((got.argmax(-1) == quantised.argmax(-1)).mean()) >= QUANTISED["8da4w"][1]
+
+    (work_dir / "manifest.json").write_text(json.dumps(manifest))
+    script = ("import json, sys, pathlib; from rgexport.backends.executorch import ExecuTorchBackend; "
+              "d = pathlib.Path(sys.argv[1]); m = json.loads((d / 'manifest.json').read_text()); "
+              "print(ExecuTorchBackend().load(d, m).decode(5, 0).shape)")
+    proc = subprocess.run([sys.executable, "-c", script, str(work_dir)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and f"({small_config.vocab_size},)" in proc.stdout, proc.stderr[-2000:]

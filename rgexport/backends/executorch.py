@@ -257,8 +257,8 @@ class ExecuTorchBackend(Backend):
             # ExecuTorch's quantized `embedding_byte` (as its llama export does) instead of keeping the float32
             # table, the largest tensor in the program (2.6 GB of about 4.3 GB at RecurrentGemma-2B,
             # notes/perf.md). Same int8 values and per-row scales as the head, so the gather adds no error the
-            # head does not have. Opt-in until ExecuTorchRunner imports executorch.kernels.quantized, where
-            # the op's kernels live: a process that only loads the .pte fails on the missing operator.
+            # head does not have. The op's kernels live in executorch.kernels.quantized: the manifest lists the
+            # op under backend_facts.quantized_ops and `load` imports them. Opt-in until measured at 2B.
             import executorch.exir.passes._quant_patterns_and_replacements  # registers the op
             import executorch.kernels.quantized  # noqa: F401 - its kernels, for validation in this process
 
@@ -278,8 +278,9 @@ class ExecuTorchBackend(Backend):
                 return rows * embedder.scale
 
             embedder.encode = encode  # an instance attribute shadows Embedder.encode
-            ctx.notes.append("8da4w: the embedding gather reads the head's int8 table (embedding_byte); load the "
-                             ".pte with executorch.kernels.quantized imported.")
+            ctx.facts["quantized_ops"] = ["quantized_decomposed::embedding_byte.dtype"]
+            ctx.notes.append("8da4w: the embedding gather reads the head's int8 table (embedding_byte); a runtime "
+                             "must link ExecuTorch's quantized kernels (Python: import executorch.kernels.quantized).")
         if skipped:
             ctx.notes.append(
                 f"8da4w left {len(skipped)} linear layers in float32 because their in-features are not a "
@@ -434,6 +435,9 @@ class ExecuTorchBackend(Backend):
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(int(threads))  # experimental API in 1.5.1
+        if manifest.get("backend_facts", {}).get("quantized_ops"):
+            # Registers quantized_decomposed kernels (8da4w's quantized gather) with the Python runtime.
+            self.require("executorch.kernels.quantized")
         path = Path(artifact_dir) / manifest["artifact"]["file"]
         names = [t["name"] for t in manifest["io"]["state"]["tensors"]]
         return ExecuTorchRunner(path, int(manifest["io"]["prefill_chunk"]), names)
