@@ -328,6 +328,8 @@ def bench(
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for every runtime.")] = None,
     memory: Annotated[bool, typer.Option(help="Also profile peak memory vs tokens (fresh processes).")] = True,
     hf: Annotated[bool, typer.Option(help="Also time Hugging Face's generate.")] = True,
+    eager: Annotated[bool, typer.Option(help="Also time our eager step model (--no-eager at 2B: it loads the "
+                                        "float32 weights, 10.7 GB).")] = True,
     report_dir: Annotated[Path | None, typer.Option("--report", help="Write bench.md/json and PNG charts here.")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -348,7 +350,8 @@ def bench(
 
     stages = Stages(err, quiet=as_json)
     with stages.bar("timing", tokens * (len(paths) + 1)) as advance:
-        data = bench_artifacts(paths, decode_tokens=tokens, include_hf=hf, advance=advance)
+        data = bench_artifacts(paths, decode_tokens=tokens, include_hf=hf and eager, include_eager=eager,
+                               advance=advance)
     profiles = []
     if memory:
         with stages.bar("memory (fresh process per N)", len(paths) * 8) as advance:

@@ -67,3 +67,17 @@ def test_weights_read_per_token_follow_external_data_and_skip_gathered_tables(on
     table = config["vocab_size"] * config["width"]
     gathered = table // 2 + table // 32 * 4  # GatherBlockQuantized: 4-bit table, a float32 scale per 32
     assert weights_read_per_token(folder, manifest) == info["weights"]["bytes"] - gathered
+
+
+def test_cli_bench_without_eager(onnx_artifact):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rgexport.cli import app
+
+    result = CliRunner().invoke(app, ["bench", str(onnx_artifact), "--tokens", "8", "--no-eager", "--no-memory",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [r["name"] for r in data["results"]] == ["onnx / fp32"] and data["huggingface_generate"] is None
