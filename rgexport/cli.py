@@ -351,7 +351,7 @@ def bench(
     stages = Stages(err, quiet=as_json)
     with stages.bar("timing", tokens * (len(paths) + 1)) as advance:
         data = bench_artifacts(paths, decode_tokens=tokens, include_hf=hf and eager, include_eager=eager,
-                               advance=advance)
+                               advance=advance, threads=threads)
     profiles = []
     if memory:
         with stages.bar("memory (fresh process per N)", len(paths) * 8) as advance:

@@ -77,7 +77,8 @@ def test_cli_bench_without_eager(onnx_artifact):
     from rgexport.cli import app
 
     result = CliRunner().invoke(app, ["bench", str(onnx_artifact), "--tokens", "8", "--no-eager", "--no-memory",
-                                      "--json"])
+                                      "--threads", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert [r["name"] for r in data["results"]] == ["onnx / fp32"] and data["huggingface_generate"] is None
+    assert data["machine"]["runtime_threads"] == 1

@@ -347,7 +347,8 @@ class TFLiteBackend(Backend):
         return contract
 
     # Runtime -------------------------------------------------------------------------------------
-    def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
+    def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        """A runner over the decode and prefill signatures; `threads` overrides the build's num_threads."""
         interpreter_module = self.require("ai_edge_litert.interpreter")
         path = Path(artifact_dir) / manifest["artifact"]["file"]
         if not path.is_file():
@@ -355,7 +356,8 @@ class TFLiteBackend(Backend):
         options = manifest.get("backend_facts", {}).get("runtime_options", {})
         resolver = interpreter_module.OpResolverType[DELEGATES[options.get("delegate") or "xnnpack"]]
         interpreter = interpreter_module.Interpreter(
-            model_path=str(path), num_threads=options.get("num_threads"), experimental_op_resolver_type=resolver
+            model_path=str(path), num_threads=threads or options.get("num_threads"),
+            experimental_op_resolver_type=resolver,
         )
         return TFLiteRunner(interpreter, manifest["io"], model_bytes=path.stat().st_size)
 
