@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -102,3 +103,15 @@ def capture_samples(
             samples.append(Sample(torch.tensor([seq[s : s + chunk]], dtype=torch.int32),
                                   torch.tensor([s], dtype=torch.int32), {k: v.clone() for k, v in state.items()}))
     return samples
+
+
+def sample_facts(positions: dict[str, list[int]], sequences: list[list[int]], window: int) -> dict[str, Any]:
+    """Manifest facts about calibration samples: `positions` lists each method's sample positions."""
+    return {
+        "source": "fp32 trajectory over the calibration text (rgexport.calibrate.capture_samples)",
+        "sequences": len(sequences),
+        "tokens": sum(len(s) for s in sequences),
+        "samples": {m: len(p) for m, p in positions.items()},
+        "positions": {m: [min(p), max(p)] for m, p in positions.items()},
+        "samples_past_window": {m: sum(x >= window for x in p) for m, p in positions.items()},
+    }

@@ -46,6 +46,18 @@ class BuildContext:
     notes: list[str] = dataclasses.field(default_factory=list)  # sentences for the manifest and report
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend-specific manifest fields
 
+    def calibration_sequences(self) -> list[list[int]]:
+        """The calibration token sequences of a calibrated recipe; an error naming where they come from if
+        there are none (or an empty one)."""
+        from rgexport.errors import RgexportError
+
+        tokens = self.calibration_tokens
+        if not tokens or not all(len(t) for t in tokens):
+            raise RgexportError(
+                f"recipe {self.recipe} is calibrated: it needs calibration token sequences (ctx.calibration_tokens; "
+                "`rgexport build` tokenises calibration/corpus/calibration.txt or --calibration FILE)")
+        return tokens
+
 
 class Runner(abc.ABC):
     """Runs one artifact in its runtime. Numpy in, numpy out; one sequence at a time (batch 1)."""

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from rgexport.backends.base import Backend, BuildContext, Recipe, Runner, standard_io_contract
+from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
 from rgexport.graphs import StatefulModel, buffer_name
 from rgexport.model import Griffin, TensorSpec
@@ -304,28 +305,6 @@ def _replace_constexpr_ops(mlmodel: Any, op_type: str, rewrite: Any) -> Any:
 
 
 # w8a8: calibrated int8 activations ----------------------------------------------------------------
-def _calibration_tokens(ctx: BuildContext) -> list[list[int]]:
-    tokens = ctx.calibration_tokens
-    if not tokens or not all(len(t) for t in tokens):
-        raise RgexportError(
-            f"Core ML recipe {ctx.recipe} is calibrated: it needs calibration token sequences "
-            "(BuildContext.calibration_tokens; `rgexport build` tokenises calibration/corpus/calibration.txt "
-            "or --calibration FILE)")
-    return tokens
-
-
-def _samples_facts(samples: dict[str, list[Any]], tokens: list[list[int]], window: int) -> dict[str, Any]:
-    positions = {fn: [int(s.position[0]) for s in rows] for fn, rows in samples.items()}
-    return {
-        "source": "fp32 trajectory over the calibration text (rgexport.calibrate.capture_samples)",
-        "sequences": len(tokens),
-        "tokens": sum(len(t) for t in tokens),
-        "samples": {fn: len(rows) for fn, rows in samples.items()},
-        "positions": {fn: [min(p), max(p)] for fn, p in positions.items()},
-        "samples_past_window": {fn: sum(p >= window for p in ps) for fn, ps in positions.items()},
-    }
-
-
 def _calibration_feeds(samples: list[Any], fn: str, specs: list[TensorSpec], stateful: bool):
     """(inputs, Core ML states) of `fn` for each captured sample, named as the program names them."""
     for sample in samples:
@@ -418,7 +397,7 @@ class CoreMLBackend(Backend):
         self.state_dtype(ctx)
         self.compute_units(ctx)
         if self.recipes[ctx.recipe].calibrated:
-            _calibration_tokens(ctx)
+            ctx.calibration_sequences()
         return model
 
     def export(self, prepared: Griffin, ctx: BuildContext) -> dict[str, Any]:
@@ -445,13 +424,15 @@ class CoreMLBackend(Backend):
         if ctx.recipe == "w8a8":
             from rgexport.backends import coreml_calibration as cal
 
-            tokens = _calibration_tokens(ctx)
+            tokens = ctx.calibration_sequences()
             if exported.get("model") is None:
                 raise RgexportError("w8a8 calibrates by running the model: lower() needs export()'s result")
             start = time.perf_counter()
             samples = cal.calibration_samples(exported["model"], tokens, ctx.prefill_chunk)
             ctx.facts["coreml_w8a8"] = {
-                "calibration": _samples_facts(samples, tokens, ctx.config.attention_window_size),
+                "calibration": sample_facts(
+                    {fn: [int(x.position[0]) for x in rows] for fn, rows in samples.items()}, tokens,
+                    ctx.config.attention_window_size),
                 "capture_seconds": round(time.perf_counter() - start, 2),
             }
         for fn, (traced, example) in exported["traced"].items():

@@ -158,15 +158,6 @@ A8W8_NOTE = (
 CALIBRATION_SAMPLES = 256  # per method, spread evenly over positions (decode has 4x3 windows of steps)
 
 
-def _calibration_tokens(ctx: BuildContext) -> list[list[int]]:
-    tokens = ctx.calibration_tokens
-    if not tokens or not all(len(t) for t in tokens):
-        raise RgexportError(
-            f"recipe {ctx.recipe} is calibrated: it needs ctx.calibration_tokens (the build fills them from "
-            "calibration/corpus/calibration.txt or --calibration FILE)")
-    return tokens
-
-
 def calibration_samples(model: Griffin, sequences: list[list[int]], chunk: int,
                         max_samples: int = CALIBRATION_SAMPLES) -> dict[str, list[Any]]:
     """Real (tokens, position, state) inputs for decode and for prefill, from the fp32 model's own
@@ -212,7 +203,7 @@ class ExecuTorchBackend(Backend):
         """A StatefulModel over `model`, quantised in place (the pipeline passes a copy where it must)."""
         self.check_recipe(ctx.recipe)
         if self.recipes[ctx.recipe].calibrated:
-            _calibration_tokens(ctx)  # before any work: a calibrated recipe without text cannot be built
+            ctx.calibration_sequences()  # before any work: a calibrated recipe without text cannot be built
         delegate = ctx.options.get("delegate", "xnnpack")
         if delegate != "xnnpack":
             raise RgexportError(f"ExecuTorch delegate {delegate!r} is not supported; expected one of ['xnnpack']")
@@ -313,7 +304,7 @@ class ExecuTorchBackend(Backend):
         self.require("torchao")
         from rgexport.backends import executorch_calibration as ec
 
-        samples = calibration_samples(stateful.model, _calibration_tokens(ctx), ctx.prefill_chunk)
+        samples = calibration_samples(stateful.model, ctx.calibration_sequences(), ctx.prefill_chunk)
         observer = ctx.options.get("activation_observer", ec.A8W8_OBSERVER)
         modules, facts = {}, {}
         for method in ("decode", "prefill"):
@@ -324,7 +315,7 @@ class ExecuTorchBackend(Backend):
                 int(s.position.reshape(-1)[0]) >= ctx.config.attention_window_size for s in samples[method])
         _zero_buffers_(stateful, stateful.specs)
         ctx.facts["a8w8"] = {
-            "calibration_tokens": sum(len(t) for t in _calibration_tokens(ctx)),
+            "calibration_tokens": sum(len(t) for t in ctx.calibration_sequences()),
             "static_kinds": list(ec.A8W8_KINDS),
             "dynamic_kinds": list(ec.A8W8_DYNAMIC_KINDS),
             "float_kinds": dict(ec.A8W8_FLOAT_KINDS),

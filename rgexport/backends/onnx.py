@@ -175,12 +175,7 @@ def _calibration_inputs(ctx: BuildContext) -> tuple[str, list[list[int]]]:
     from rgexport.backends.onnx_quant import DEFAULT_CALIBRATION_METHOD, calibration_method
 
     method = calibration_method(ctx.options.get("calibration_method", DEFAULT_CALIBRATION_METHOD))
-    tokens = ctx.calibration_tokens
-    if not tokens or not all(len(t) for t in tokens):
-        raise RgexportError(
-            f"recipe {ctx.recipe} is calibrated: it needs ctx.calibration_tokens (the build fills them from "
-            "calibration/corpus/calibration.txt or --calibration FILE)")
-    return method, tokens
+    return method, ctx.calibration_sequences()
 
 
 def calibration_feeds(model: Griffin, sequences: list[list[int]], method: str, chunk: int,

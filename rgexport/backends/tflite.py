@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from rgexport.backends.base import Backend, BuildContext, Recipe, Runner, standard_io_contract
+from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
 from rgexport.graphs import DecodeIO, PrefillIO, input_name, output_name
 from rgexport.model import Griffin, state_spec
@@ -137,18 +138,6 @@ def representative_dataset(model: Griffin, sequences: Sequence[Sequence[int]], c
     return out
 
 
-def _dataset_facts(dataset: Dataset, sequences: Sequence[Sequence[int]], window: int) -> dict[str, Any]:
-    positions = {sig: [int(r["position"][0]) for r in rows] for sig, rows in dataset.items()}
-    return {
-        "source": "fp32 trajectory over the calibration text (rgexport.calibrate.capture_samples)",
-        "sequences": len(sequences),
-        "tokens": sum(len(s) for s in sequences),
-        "samples": {sig: len(rows) for sig, rows in dataset.items()},
-        "positions": {sig: [min(p), max(p)] for sig, p in positions.items()},
-        "samples_past_window": {sig: sum(x >= window for x in p) for sig, p in positions.items()},
-    }
-
-
 class TFLiteBackend(Backend):
     """LiteRT: litert-torch conversion, ai-edge-quantizer recipes, ai_edge_litert Interpreter runner."""
 
@@ -186,11 +175,8 @@ class TFLiteBackend(Backend):
         self.check_recipe(ctx.recipe)
         self._check_options(ctx)
         calibrated = self.recipes[ctx.recipe].calibrated
-        if calibrated and not ctx.calibration_tokens:
-            raise RgexportError(
-                f"Recipe {ctx.recipe} is calibrated and needs calibration token sequences "
-                "(BuildContext.calibration_tokens; `rgexport build` tokenises the calibration text)"
-            )
+        if calibrated:
+            ctx.calibration_sequences()
         litert_torch = self.require("litert_torch")
         self.require("ai_edge_litert.interpreter")
         chunk = ctx.prefill_chunk
@@ -218,7 +204,8 @@ class TFLiteBackend(Backend):
             return flatbuffer
         start = time.perf_counter()
         dataset = representative_dataset(prepared, ctx.calibration_tokens, chunk)
-        ctx.facts["calibration"] = {**_dataset_facts(dataset, ctx.calibration_tokens, window),
+        positions = {sig: [int(r["position"][0]) for r in rows] for sig, rows in dataset.items()}
+        ctx.facts["calibration"] = {**sample_facts(positions, ctx.calibration_tokens, window),
                                     "capture_seconds": round(time.perf_counter() - start, 2)}
         return TFLiteExport(flatbuffer, dataset)
 
