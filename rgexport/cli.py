@@ -378,8 +378,8 @@ def _memory_markdown(p: dict) -> str:
         f"| {r['n']} | {r['peak_rss_bytes'] / 2**20:.1f} | {r['transformer_kv_bytes'] / 2**20:.1f} | "
         f"{r['gemma_2b_kv_bytes'] / 2**20:.1f} |\n" for r in p["rows"])
     verdict = "flat" if p["flat"] else "NOT flat"
-    return (f"\nMemory, {p['backend']} / {p['recipe']}: peak RSS while decoding {verdict} (trend "
-            f"{p['peak_growth_bytes'] / 2**20:.2f} MiB over the range, "
+    return (f"\nMemory, {p['backend']} / {p['recipe']}: peak RSS while decoding {verdict} (trend of "
+            f"{p.get('growth_measure', 'peak RSS')} {p['peak_growth_bytes'] / 2**20:.2f} MiB over the range, "
             f"spread {p['peak_spread_bytes'] / 2**20:.2f} MiB, "
             f"tolerance {p['tolerance_bytes'] / 2**20:.0f} MiB); state {p['state_bytes_manifest']:,} bytes "
             f"({', '.join(p['state_dtypes'])}), analytic fp32 {p['state_bytes_analytic_fp32']:,}: "

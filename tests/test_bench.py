@@ -36,6 +36,23 @@ def test_memory_is_flat_and_state_matches_the_config(onnx_artifact):
     assert profile["rows"][-1]["transformer_kv_bytes"] > 2 * profile["tolerance_bytes"]
 
 
+def test_flatness_ignores_load_noise_and_catches_a_growing_cache():
+    """The CI failure this guards: the loaded ONNX Runtime process came out 6.6 MB larger at N=128 than at
+    N=32 and 64, while decoding added nothing; a KV cache of 1 KiB per token must still fail."""
+    from rgexport.bench import flatness
+
+    def row(n, loaded, added):
+        return {"n": n, "rss_after_load": loaded, "peak_rss_bytes": loaded + added, "decode_growth_bytes": added}
+
+    noisy = [row(32, 376_958_976, 8192), row(64, 376_430_592, 0), row(128, 383_070_208, 0)]
+    assert flatness(noisy)["flat"]
+    assert not flatness([{**r, "decode_growth_bytes": None} for r in noisy])["flat"]  # peaks alone: fails
+    ns = [32 * 2**i for i in range(7)]
+    growing = [row(n, 376_000_000, 4096 * n) for n in ns]  # 4 KiB per token: 8 MiB by N=2048
+    result = flatness(growing)
+    assert not result["flat"] and abs(result["peak_growth_bytes"] - 4096 * (2048 - 32)) < 1
+
+
 def test_bandwidth_is_plausible():
     assert 0.5 < memory_bandwidth_gbs(mbytes=64, repeats=2) < 1000
 
