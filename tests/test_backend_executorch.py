@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from rgexport.backends import executorch_rewrites
 from rgexport.backends.base import BuildContext
 from rgexport.backends.executorch import ExecuTorchBackend
 from rgexport.errors import RgexportError
@@ -203,6 +204,60 @@ def test_program_matches_io_contract_and_facts(fp32_build, small_config):
         assert d["delegated_ops"] > d["non_delegated_ops"] > 0
         assert "aten.embedding" in d["non_delegated"]  # the gather stays outside XNNPACK
     assert any("XNNPACK runs" in note for note in ctx.notes)
+
+
+# Ops XNNPACK refused before `executorch_rewrites` (the shipped model's decode: 24 delegate calls, 113 ops
+# outside); on SMALL, decode was 24 delegates and prefill 20.
+REWRITTEN_OPS = ("aten.mean.dim", "aten.select_copy.int", "aten.unsqueeze_copy", "aten.log1p", "aten.where.self",
+                 "aten.gt.Scalar", "aten.arange.start_step", "aten.cat", "aten.alias_copy")
+# What is left: the embedding gather and the int32 -> int64/float32 casts of tokens and position; prefill
+# also keeps the ring-buffer blend's sum over the chunk (XNNPACK has no sum; it reads positions only).
+LEFT_OUTSIDE = {"aten.embedding", "dim_order_ops._to_dim_order_copy"}
+
+
+def test_rewrites_leave_only_the_gather_and_input_casts_outside_xnnpack(fp32_build):
+    _, _, ctx = fp32_build
+    assert ctx.facts["xnnpack_rewrites"] == list(executorch_rewrites.REWRITES)
+    for method, left in (("decode", LEFT_OUTSIDE), ("prefill", LEFT_OUTSIDE | {"aten.sum.dim_IntList"})):
+        d = ctx.facts["delegation"][method]
+        assert not set(REWRITTEN_OPS) & set(d["non_delegated"]), (method, d["non_delegated"])
+        assert set(d["non_delegated"]) <= left, (method, d["non_delegated"])
+        assert d["partitions"] <= 4, (method, d["partitions"])
+
+
+def _lower_norm(rewrites):
+    """A lone RMSNorm over [1, t, d], lowered with the given rewrites: (ops outside, program output, input)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from rgexport.model.layers import RMSNorm
+
+    norm = RMSNorm(48).eval()
+    with torch.no_grad():
+        norm.scale.copy_(torch.linspace(-0.5, 0.5, 48))
+    x = torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(0)) * 3
+    exported = torch.export.export(norm, (x,), strict=False)
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                       transform_passes=executorch_rewrites.edge_passes(rewrites))
+    outside = [n.target.__name__ for n in edge.exported_program().graph.nodes
+               if n.op == "call_function" and "call_delegate" not in str(n.target) and "getitem" not in str(n.target)]
+    program = Runtime.get().load_program(edge.to_executorch().buffer)
+    return outside, program.load_method("forward").execute([x])[0], norm(x)
+
+
+def test_mean_as_4d_moves_the_rmsnorm_mean_into_xnnpack():
+    """Without the rewrite XNNPACK refuses the rank-3 mean; with it the norm is one delegate, same values."""
+    outside, _, _ = _lower_norm([])
+    assert any("mean" in op for op in outside), outside
+    outside, got, want = _lower_norm(["mean_as_4d"])
+    assert outside == []
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_rewrite_is_refused():
+    with pytest.raises(RgexportError, match=r"unknown ExecuTorch rewrites \['fuse_all'\].*mean_as_4d"):
+        executorch_rewrites.edge_passes(["fuse_all"])
 
 
 def test_prefill_refuses_a_wrong_chunk(runner):

@@ -7,7 +7,9 @@ Stages (each a method below, called in this order by the build pipeline):
    trajectory over `ctx.calibration_tokens`, one set per method (`executorch_calibration`).
 2. export: `torch.export(strict=False)` of decode (tokens [1, 1]) and prefill (tokens [1, chunk]), plus
    two small state methods, `reset` (zeroes the state) and `read_state` (returns it).
-3. lower: `to_edge_transform_and_lower` with the XNNPACK partitioner for decode and prefill, then
+3. lower: `to_edge_transform_and_lower` with the XNNPACK partitioner for decode and prefill, after the
+   edge rewrites of `executorch_rewrites` (option `xnnpack_rewrites`, default all) that let XNNPACK take
+   the ops it would refuse (RMSNorm's mean, the RG-LRU's selections, weight-only arithmetic), then
    `to_executorch` with `share_mutable_buffers=True`, which places every state buffer once, in its own
    memory arena (mem_id 2) that all four methods address at the same offsets.
 4. write: `model.pte`.
@@ -127,22 +129,24 @@ def _op_name(node: torch.fx.Node) -> str:
 
 
 def _delegation(edge: Any, method: str) -> dict[str, Any]:
-    """Counts the operators inside XNNPACK delegates and those left to ExecuTorch's portable kernels."""
+    """Counts the XNNPACK delegates (one call each per step), the operators inside them and those left to
+    ExecuTorch's portable kernels."""
     import operator
 
     gm = edge.exported_program(method).graph_module
-    delegated = 0
+    delegated = partitions = 0
     outside: collections.Counter[str] = collections.Counter()
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is operator.getitem:
             continue
         if _op_name(node) == "executorch_call_delegate":
+            partitions += 1
             lowered = getattr(gm, node.args[0].target)
             delegated += sum(1 for n in lowered.original_module.graph.nodes
                              if n.op == "call_function" and n.target is not operator.getitem)
         else:
             outside[_op_name(node)] += 1
-    return {"delegated_ops": delegated, "non_delegated_ops": sum(outside.values()),
+    return {"partitions": partitions, "delegated_ops": delegated, "non_delegated_ops": sum(outside.values()),
             "non_delegated": dict(sorted(outside.items()))}
 
 
@@ -349,13 +353,20 @@ class ExecuTorchBackend(Backend):
         from executorch.exir.passes import MemoryPlanningPass
         from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
+        from rgexport.backends import executorch_rewrites
+
         names = [buffer_name(s) for s in self.state_specs(ctx)]
+        rewrites = list(ctx.options.get("xnnpack_rewrites", executorch_rewrites.REWRITES))
+        executorch_rewrites.edge_passes(rewrites)  # refuses an unknown name before the slow work
+        # Each compute method gets fresh pass objects: ExportPass instances keep per-run state.
         edge = to_edge_transform_and_lower(
             exported,
             partitioner={m: [XnnpackPartitioner()] for m in ("decode", "prefill")},
-            transform_passes={m: [InitializedMutableBufferPass(names)] for m in _INITIALISED_METHODS},
+            transform_passes={m: [*executorch_rewrites.edge_passes(rewrites), InitializedMutableBufferPass(names)]
+                              for m in _INITIALISED_METHODS},
         )
         delegation = {m: _delegation(edge, m) for m in ("decode", "prefill")}
+        ctx.facts["xnnpack_rewrites"] = rewrites
         program = edge.to_executorch(ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
             emit_mutable_buffer_names=True,
@@ -371,12 +382,14 @@ class ExecuTorchBackend(Backend):
         for d in delegation.values():
             outside.update(d["non_delegated"])
         ctx.notes.append(
-            "XNNPACK runs {} of {} decode ops and {} of {} prefill ops; left to portable kernels "
-            "(both methods): {}.".format(
+            "XNNPACK runs {} of {} decode ops in {} delegate calls and {} of {} prefill ops in {}; left to "
+            "portable kernels (both methods): {}.".format(
                 delegation["decode"]["delegated_ops"],
                 delegation["decode"]["delegated_ops"] + delegation["decode"]["non_delegated_ops"],
+                delegation["decode"]["partitions"],
                 delegation["prefill"]["delegated_ops"],
                 delegation["prefill"]["delegated_ops"] + delegation["prefill"]["non_delegated_ops"],
+                delegation["prefill"]["partitions"],
                 ", ".join(f"{op} x{n}" for op, n in sorted(outside.items())),
             )
         )
