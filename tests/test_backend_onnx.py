@@ -260,6 +260,54 @@ def test_quantized_ops_are_the_recipes(built):
     assert weights["float16"] > 4 * weights.get("float32", 0)
 
 
+def test_norms_and_gelus_are_fused_in_every_recipe(built, small_config):
+    """Each RMSNorm (two per block and the final one) and each tanh-GELU (one per block, in the MLP, and one
+    in each recurrent block) is one node; no fragment of either formula is left."""
+    blocks = small_config.num_layers
+    recurrent = sum(1 for kind in small_config.block_types if kind == "recurrent")
+    for recipe in RECIPES:
+        for method in ("decode", "prefill"):
+            ops = describe_onnx(built[recipe][0] / f"{method}.onnx")["ops"]
+            assert ops.get("SimplifiedLayerNormalization") == 2 * blocks + 1, (recipe, method, ops)
+            assert ops.get("Gelu") == blocks + recurrent, (recipe, method, ops)
+            assert "ReduceMean" not in ops and "Reciprocal" not in ops, (recipe, method)
+            assert ops.get("Tanh") == 1, (recipe, method)  # the logits' soft-cap, not a GELU
+
+
+def test_fusions_compute_what_the_formulas_do(tmp_path):
+    """The rules on the exporter's own output for RMSNorm and gelu_tanh: same numbers, fewer nodes; a
+    different constant (GELU with 0.05 for 0.044715) is not fused."""
+    import onnx_ir as ir
+
+    from rgexport.backends.onnx_fusions import fuse_for_ort
+    from rgexport.model.layers import RMSNorm, gelu_tanh
+
+    class Block(torch.nn.Module):
+        def __init__(self, cubic: float):
+            super().__init__()
+            self.norm, self.cubic = RMSNorm(64), cubic
+            torch.nn.init.normal_(self.norm.scale)
+
+        def forward(self, x):
+            y = self.norm(x)
+            z = y - 1.0  # its own input: the exporter would share GELU's `0.5 * y` between the two
+            near_gelu = 0.5 * z * (1.0 + torch.tanh(0.7978845608 * (z + self.cubic * z * z * z)))
+            return gelu_tanh(y) * 2.0 + near_gelu
+
+    block, x = Block(0.05).eval(), torch.randn(1, 3, 64)
+    program = torch.onnx.export(block, (x,), dynamo=True, opset_version=21, optimize=True)
+    model = program.model
+    before = len(model.graph)
+    assert fuse_for_ort(model, 21) == {"SimplifiedLayerNormalization": 1, "Gelu": 1}
+    assert len(model.graph) < before - 10
+    assert [n.op_type for n in model.graph].count("Tanh") == 1  # the 0.05 variant stays as written
+    ir.save(model, tmp_path / "fused.onnx")
+    got = ort.InferenceSession(str(tmp_path / "fused.onnx")).run(None, {model.graph.inputs[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = block(x).numpy()
+    assert np.abs(got - want).max() < 1e-5
+
+
 def test_fp16_keeps_recurrence_norms_and_positions_in_float32(exported):
     from rgexport.backends.onnx_quant import node_classes, position_only_nodes, to_fp16
 

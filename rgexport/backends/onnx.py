@@ -16,7 +16,7 @@ Stages (see `rgexport.backends.base`):
 Options (`BuildContext.options`, from the target profile): `opset` (default 21, at least 18),
 `external_data` ("auto", True, False), `ort_format` (default True), `ort_target` ("arm" or "amd64"),
 `calibration_method` (qdq8: "minmax" (default), "entropy" or "percentile"), `stream_export` ("auto", True,
-False).
+False), `fuse` (default True: RMSNorm and tanh-GELU become one ONNX Runtime node each, `onnx_fusions`).
 
 Large models (float32 weights above `PROTOBUF_LIMIT`, or `stream_export=True`) never hold an exported graph's
 weights in memory: each graph is saved by the exporter straight from the torch tensors into a scratch folder
@@ -225,6 +225,7 @@ class OnnxBackend(Backend):
         self.require("onnxscript")
         import torch
 
+        from rgexport.backends.onnx_fusions import fuse_for_ort
         from rgexport.backends.onnx_quant import drop_initializer_value_info
 
         opset = int(ctx.options.get("opset", OPSET))
@@ -243,7 +244,7 @@ class OnnxBackend(Backend):
         if stream:
             graphs.base_dir = Path(ctx.work_dir) / EXPORT_SCRATCH
             graphs.base_dir.mkdir(parents=True, exist_ok=True)
-        seconds = {}
+        seconds, fused = {}, {}
         modules = {"decode": DecodeIO(prepared), "prefill": PrefillIO(prepared, ctx.prefill_chunk)}
         for method, module in modules.items():
             module.eval()
@@ -254,6 +255,8 @@ class OnnxBackend(Backend):
                     module, module.example_inputs(), dynamo=True, opset_version=opset,
                     input_names=inputs, output_names=outputs, optimize=True, verbose=False,
                 )
+            if ctx.options.get("fuse", True):
+                fused[method] = fuse_for_ort(program.model, opset)
             if stream:
                 # The exported IR wraps the torch tensors without copying; `model_proto` would serialise
                 # every weight into the proto. Saving with external data writes them one at a time.
@@ -279,6 +282,7 @@ class OnnxBackend(Backend):
             graphs[method] = proto
         ctx.facts["onnx_export_seconds"] = seconds
         ctx.facts["onnx_opset"] = opset
+        ctx.facts["onnx_fused"] = fused  # {method: {op: count}}; empty with option fuse=False
         ctx.facts["onnx_streamed_export"] = bool(stream)
         return graphs
 
