@@ -192,13 +192,16 @@ def heldout_tokens(tokenizer, n: int, text_file: Path | None = None) -> list[int
 
 
 @dataclasses.dataclass
-class _ReferenceRun:
+class ReferenceRun:
+    """The fp32 model's side of a validation: what an artifact is compared with."""
+
     objects: list[weakref.ref]  # the model and its parameters
     versions: list[int]  # the parameters' in-place version counters
     key: tuple  # chunk, inputs, greedy steps
     logits: np.ndarray  # teacher-forced [n, v]
     state: dict[str, np.ndarray]  # after the teacher-forced run
     greedy: list[int]
+    window: int  # the model's attention window
 
     def matches(self, model: Griffin, key: tuple) -> bool:
         objects = [model, *model.parameters()]
@@ -207,10 +210,18 @@ class _ReferenceRun:
                 and [p._version for p in objects[1:]] == self.versions)
 
 
-_last_reference: _ReferenceRun | None = None
+_last_reference: ReferenceRun | None = None
 
 
-def _reference_run(model: Griffin, chunk: int, inputs: list[int], greedy_tokens: int) -> _ReferenceRun:
+def reference_run(model: Griffin, chunk: int, tokens: Sequence[int], greedy_tokens: int = 64) -> ReferenceRun:
+    """Runs the fp32 model for a validation on `tokens` (n + 1 ids) ahead of it. Pass the result to
+    `run_validation` in place of the model, and the model can be freed before the artifact is loaded: at
+    2B the float32 model (10.7 GB) and a runtime holding the artifact would otherwise be resident together.
+    """
+    return _reference_run(model, chunk, list(tokens[:-1]), greedy_tokens)
+
+
+def _reference_run(model: Griffin, chunk: int, inputs: list[int], greedy_tokens: int) -> ReferenceRun:
     """The fp32 model's side of a validation. The last one is kept: an accuracy matrix or an artifact's
     variants (ONNX's .ort) validate many artifacts of one model on the same text, and the eager run is most
     of a validation's time. It is reused only for the same live model object with the same parameter
@@ -223,27 +234,37 @@ def _reference_run(model: Griffin, chunk: int, inputs: list[int], greedy_tokens:
         logits = teacher_forced(reference, inputs)
         state = reference.state()
         params = list(model.parameters())
-        _last_reference = _ReferenceRun([weakref.ref(model), *(weakref.ref(p) for p in params)],
-                                        [p._version for p in params], key, logits, state,
-                                        greedy(reference, inputs[:chunk], greedy_tokens))
+        _last_reference = ReferenceRun([weakref.ref(model), *(weakref.ref(p) for p in params)],
+                                       [p._version for p in params], key, logits, state,
+                                       greedy(reference, inputs[:chunk], greedy_tokens),
+                                       model.config.attention_window_size)
     return _last_reference
 
 
 def run_validation(
-    runner: Runner, model: Griffin, tokens: Sequence[int], *, backend: str, recipe: str, quantized: bool,
-    greedy_tokens: int = 64, progress: Callable[[int], None] | None = None,
+    runner: Runner, model: Griffin | ReferenceRun, tokens: Sequence[int], *, backend: str, recipe: str,
+    quantized: bool, greedy_tokens: int = 64, progress: Callable[[int], None] | None = None,
 ) -> ValidationReport:
-    """Compares `runner` with the fp32 eager model on `tokens` (n + 1 ids: inputs and next-token targets)."""
+    """Compares `runner` with the fp32 eager model on `tokens` (n + 1 ids: inputs and next-token targets).
+
+    `model` is the model, or its run on the same tokens made beforehand by `reference_run`.
+    """
     inputs, targets = list(tokens[:-1]), np.asarray(tokens[1:])
     tick = (lambda: progress(1)) if progress else None
-    ref = _reference_run(model, runner.prefill_chunk, inputs, greedy_tokens)
-    if tick:
-        for _ in inputs:
-            tick()
+    if isinstance(model, ReferenceRun):
+        ref = model
+        if ref.key != (runner.prefill_chunk, tuple(inputs), greedy_tokens):
+            raise RgexportError("the reference run was made for other tokens, prefill chunk or greedy steps than "
+                                "this validation's; make it with reference_run on the same ones")
+    else:
+        ref = _reference_run(model, runner.prefill_chunk, inputs, greedy_tokens)
+        if tick:
+            for _ in inputs:
+                tick()
     ref_logits = ref.logits
     art_logits = teacher_forced(runner, inputs, tick)
     metrics = compare_logits(ref_logits, art_logits, targets)
-    window = model.config.attention_window_size
+    window = ref.window
     per_pos = metrics["_per_position_max_error"]
     metrics["max_abs_logit_error_first_window"] = float(per_pos[:window].max())
     metrics["max_abs_logit_error_after_window"] = float(per_pos[window:].max()) if len(per_pos) > window else None
@@ -318,7 +339,6 @@ def validate_artifact(
                 f"from ({recorded['source']}, sha256 {recorded['sha256'][:12]}…)"
             )
         backend = get_backend(manifest["backend"])
-        runner = backend.load(folder, manifest)
         tok_file = manifest["tokenizer"]["file"] if manifest["tokenizer"] else None
         if tok_file is None and ckpt.tokenizer_path is None:
             raise RgexportError("no tokenizer in the artifact or the checkpoint; validation needs one")
@@ -327,14 +347,21 @@ def validate_artifact(
     ids = heldout_tokens(tokenizer, n, text)
     recipe = manifest["recipe"]
     with stages.stage("validate", f"{n} tokens"), stages.bar("validating", 2 * n) as advance:
-        report = run_validation(runner, ckpt.model, ids, backend=manifest["backend"], recipe=recipe["name"],
+        # The reference runs first and the model goes before the runtime loads the artifact: the two are
+        # never resident together (at 2B: 10.7 GB of float32 weights beside the artifact's).
+        reference = reference_run(ckpt.model, int(manifest["io"]["prefill_chunk"]), ids, greedy_tokens)
+        ckpt = None
+        advance(n)
+        runner = backend.load(folder, manifest)
+        report = run_validation(runner, reference, ids, backend=manifest["backend"], recipe=recipe["name"],
                                 quantized=recipe["quantized"], greedy_tokens=greedy_tokens, progress=advance)
-    validate_variants(report, backend, folder, manifest, ckpt.model, ids, stages)
+    runner = None
+    validate_variants(report, backend, folder, manifest, reference, ids, stages)
     return report
 
 
-def validate_variants(report: ValidationReport, backend, folder: Path, manifest: dict[str, Any], model: Griffin,
-                      ids: Sequence[int], stages, greedy_tokens: int = 64) -> None:
+def validate_variants(report: ValidationReport, backend, folder: Path, manifest: dict[str, Any],
+                      model: Griffin | ReferenceRun, ids: Sequence[int], stages, greedy_tokens: int = 64) -> None:
     """Validates each of the backend's other ways of loading the artifact into `report.variants`."""
     recipe = manifest["recipe"]
     for name, kwargs in backend.variants(folder, manifest).items():

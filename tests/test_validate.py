@@ -38,3 +38,32 @@ def test_reference_is_reused_only_for_the_same_unchanged_model(small_model, smal
     calls_other = _count_calls(other)
     fresh = run_validation(artifact, other, tokens, backend="eager", recipe="fp32", quantized=False, greedy_tokens=4)
     assert calls_other and fresh.metrics["max_abs_logit_error"] == 0.0
+
+
+def test_a_reference_made_ahead_validates_without_the_model(small_model, small_config):
+    """What a 2B build does: run the reference, free the model, then load the artifact and compare."""
+    import gc
+    import weakref
+
+    import pytest
+
+    from rgexport.errors import RgexportError
+    from rgexport.validate import reference_run
+
+    tokens = torch.randint(0, small_config.vocab_size, (41,), generator=torch.Generator().manual_seed(6)).tolist()
+    artifact = EagerRunner(copy.deepcopy(small_model), 8)
+    model = copy.deepcopy(small_model)
+    with torch.no_grad():  # a reference that differs from the artifact, so the comparison shows it
+        model.blocks[1].mlp_block.ffw_up.weight.mul_(1.2)
+    expected = run_validation(artifact, model, tokens, backend="eager", recipe="fp32", quantized=False,
+                              greedy_tokens=4).to_dict()
+    reference = reference_run(model, 8, tokens, greedy_tokens=4)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None  # the reference run keeps no hold on the model
+    got = run_validation(artifact, reference, tokens, backend="eager", recipe="fp32", quantized=False, greedy_tokens=4)
+    assert got.to_dict() == expected and not got.passed
+    with pytest.raises(RgexportError, match="other tokens"):
+        run_validation(artifact, reference, tokens[:-1], backend="eager", recipe="fp32", quantized=False,
+                       greedy_tokens=4)
