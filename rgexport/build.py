@@ -90,6 +90,7 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
     backend = get_backend(opts.backend)
     recipe_name = opts.recipe or backend.default_recipe
     backend.check_recipe(recipe_name)
+    backend.check_options(opts.options)
     recipe = backend.recipes[recipe_name]
     out = Path(opts.out) if opts.out else default_out(backend.name, recipe_name)
     if out.exists() and not opts.force:

@@ -7,7 +7,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -148,6 +148,22 @@ TARGET_HELP = ("A backend (executorch, coreml, onnx, tflite), a profile (ios, an
                "see `rgexport targets`) or a profile .toml.")
 
 
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> options; each VALUE is a TOML value, or else the bare string."""
+    import tomllib
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RgexportError(f"--option takes KEY=VALUE (for example quantized_gather=true), got {pair!r}")
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = value.strip()
+    return options
+
+
 @app.command()
 @_friendly
 def build(
@@ -169,6 +185,9 @@ def build(
     random_weights: Annotated[bool, typer.Option(help="Random weights of --preset's shape (sizing, speed).")]
     = False,
     seed: Annotated[int, typer.Option(help="Seed for --random-weights.")] = 0,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-O", help="Backend option KEY=VALUE (repeatable; VALUE is read as TOML: true, 32, \"arm\"; "
+        "a bare word is a string). Unknown keys are refused with the backend's list.")] = None,
 ) -> None:
     """Builds one artifact (--target BACKEND) or an app bundle (--target PROFILE: ios, android, ...):
     load, quantise, export, lower, write, validate, manifest."""
@@ -183,10 +202,13 @@ def build(
     opts = BuildOptions(backend=backend, recipe=recipe, checkpoint=checkpoint, preset=preset, tokenizer=tokenizer,
                         out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
                         validation_tokens=tokens, validation_text=text, calibration=calibration,
-                        random_weights=random_weights, seed=seed)
+                        random_weights=random_weights, seed=seed, options=parse_options(option or []))
     if profile.source != "backend":
         from rgexport.bundle import build_bundle
 
+        if option:
+            raise RgexportError("--option applies to one backend; a profile sets its artifacts' options (edit a "
+                                "copy of the profile, or build the backend alone with --target BACKEND)")
         if recipe:
             raise RgexportError("--recipe applies to one backend; a profile names its recipes (edit a copy of "
                                 "the profile, or build the backend alone with --target BACKEND --recipe NAME)")

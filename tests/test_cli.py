@@ -35,6 +35,10 @@ def test_info_json_is_data():
         (["build", "--target", "nokia"], "Unknown target 'nokia'"),
         (["validate", "/nonexistent"], "no manifest.json"),
         (["generate", "--prompt", "x", "--checkpoint", "/nonexistent"], "does not exist"),
+        (["build", "--target", "onnx", "--option", "fuse"], "--option takes KEY=VALUE"),
+        (["build", "--target", "onnx", "--option", "opset=21", "--option", "quantized_gather=true"],
+         "backend onnx has no option quantized_gather"),
+        (["build", "--target", "android", "--option", "opset=21"], "--option applies to one backend"),
     ],
 )
 def test_bad_input_gets_one_clear_line(args, message):
@@ -42,6 +46,24 @@ def test_bad_input_gets_one_clear_line(args, message):
     assert result.exit_code == 1
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_option_values_are_toml_or_bare_strings():
+    from rgexport.cli import parse_options
+
+    assert parse_options(["quantized_gather=true", "opset = 20", "ort_target=amd64", 'calibration_method="entropy"',
+                          "xnnpack_rewrites=[]"]) == {
+        "quantized_gather": True, "opset": 20, "ort_target": "amd64", "calibration_method": "entropy",
+        "xnnpack_rewrites": []}
+
+
+def test_every_shipped_profile_sets_only_options_its_backends_have():
+    from rgexport.backends import get_backend
+    from rgexport.profiles import resolve_target
+
+    for name in ("ios", "android", "linux-arm64", "web"):
+        for spec in resolve_target(name).artifacts:
+            get_backend(spec.backend).check_options(spec.options)
 
 
 def test_bad_recipe_lists_the_recipes(monkeypatch):

@@ -110,6 +110,7 @@ class Backend(abc.ABC):
     recipes: ClassVar[dict[str, Recipe]]
     default_recipe: ClassVar[str]
     packages: ClassVar[tuple[str, ...]] = ()  # distributions whose versions go into the manifest
+    options: ClassVar[dict[str, str]] = {}  # backend option -> what it does (profiles, `build --option`)
 
     # Availability ------------------------------------------------------------------------------
     def require(self, module: str) -> Any:
@@ -129,6 +130,14 @@ class Backend(abc.ABC):
             except PackageNotFoundError:
                 out[p] = "not installed"
         return out
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        from rgexport.errors import RgexportError
+
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = "; ".join(f"{k}: {v}" for k, v in self.options.items()) or "none"
+            raise RgexportError(f"backend {self.name} has no option {', '.join(unknown)}. Its options: {known}")
 
     # Build stages --------------------------------------------------------------------------------
     def quantize(self, model: Griffin, ctx: BuildContext) -> Any:

@@ -358,6 +358,10 @@ class CoreMLBackend(Backend):
     extra = "coreml"
     artifact_suffix = ".mlpackage"
     packages = ("coremltools", "torch")
+    options = {
+        "state_dtype": '"float16" (default) or "float32": how the state is held (module docstring)',
+        "compute_units": '"ALL" (default), "CPU_ONLY", "CPU_AND_GPU" or "CPU_AND_NE", used when loading',
+    }
     recipes = {
         "fp16": Recipe("fp16", "fp16 weights and compute; positions and the RG-LRU in float32"),
         "int8": Recipe("int8", "int8 weights per output channel (linear_quantize_weights), fp16 compute",

@@ -206,6 +206,17 @@ class OnnxBackend(Backend):
     recipes = RECIPES
     default_recipe = "fp32"
     packages = ("onnx", "onnxruntime", "onnxscript", "torch")
+    options = {
+        "opset": "ONNX opset, at least 18 (default 21)",
+        "external_data": '"auto" (default: above 2 GB), true or false: weights in one weights.bin',
+        "ort_format": "also write .ort files for ONNX Runtime Mobile (default true)",
+        "ort_target": '"arm" (default) or "amd64": the platform the .ort files are optimised for',
+        "calibration_method": 'qdq8: "minmax" (default), "entropy" or "percentile"',
+        "stream_export": '"auto" (default: above 2 GB), true or false: export graphs straight to disk',
+        "fuse": "fuse RMSNorm and tanh-GELU into one ONNX Runtime node each (default true)",
+        "execution_provider": "the provider the app will run (recorded in the manifest; validation here runs "
+        "CPUExecutionProvider)",
+    }
 
     # Build stages --------------------------------------------------------------------------------
     def quantize(self, model: Griffin, ctx: BuildContext) -> Griffin:
@@ -283,6 +294,8 @@ class OnnxBackend(Backend):
         ctx.facts["onnx_export_seconds"] = seconds
         ctx.facts["onnx_opset"] = opset
         ctx.facts["onnx_fused"] = fused  # {method: {op: count}}; empty with option fuse=False
+        if "execution_provider" in ctx.options:
+            ctx.facts["onnx_app_execution_provider"] = str(ctx.options["execution_provider"])
         ctx.facts["onnx_streamed_export"] = bool(stream)
         return graphs
 

@@ -145,6 +145,11 @@ class TFLiteBackend(Backend):
     extra = "tflite"
     artifact_suffix = ".tflite"
     packages = ("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torch")
+    options: ClassVar[dict[str, str]] = {
+        "delegate": '"xnnpack" (default) or "none" (the builtin kernels): the runtime path the runner uses',
+        "num_threads": "interpreter threads (default: the runtime's)",
+        "int4_block_size": "int4: weights per scale along the input dimension (default 32)",
+    }
     recipes: ClassVar[dict[str, Recipe]] = {
         "fp32": Recipe("fp32", "float32 weights and activations"),
         "fp16": Recipe("fp16", "float16 weights, dequantised to float32 when the model loads; float32 "
