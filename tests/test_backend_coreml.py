@@ -128,6 +128,24 @@ def test_new_sequence_ignores_a_dirty_state(fp16, small_tokens):
     np.testing.assert_array_equal(fresh, reused)
 
 
+def test_bench_says_when_it_times_the_interpreter_not_core_ml(fp16, small_tokens):
+    """Off macOS the runner is rgexport's MIL interpreter: a speed table must not pass it off as Core ML."""
+    import platform
+
+    from rgexport.bench import markdown_report, time_runner
+
+    runner = fp16[0]
+    result = time_runner("coreml / fp16", "coreml", "fp16", 1, lambda: runner, small_tokens[0].tolist(), 8)
+    report = markdown_report({"machine": {"cpu_count": 2, "torch_threads": 1, "memory_bandwidth_gbs": 10.0},
+                              "decode_tokens": 8, "results": [result.to_dict() | {
+                                  "speedup_vs_eager": None, "fraction_of_bandwidth_limit": 0.5}]})
+    if platform.system() == "Darwin":
+        assert result.stand_in == "" and "| coreml / fp16 |" in report
+    else:
+        assert "not Core ML" in result.stand_in
+        assert "| coreml / fp16 * |" in report and "* coreml / fp16: rgexport's numpy MIL interpreter" in report
+
+
 def test_state_matches_eager(fp16, small_model, small_tokens):
     runner = fp16[0]
     runner.reset()

@@ -63,6 +63,8 @@ class Runner(abc.ABC):
     """Runs one artifact in its runtime. Numpy in, numpy out; one sequence at a time (batch 1)."""
 
     prefill_chunk: int
+    # Set where the runner is not the artifact's own runtime (Core ML on Linux): reports say so beside speed.
+    stand_in: ClassVar[str] = ""
 
     @abc.abstractmethod
     def reset(self) -> None:

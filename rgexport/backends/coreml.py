@@ -600,6 +600,8 @@ class _StepRunner(Runner):
 class InterpreterRunner(_StepRunner):
     """Runs the ML program in rgexport's numpy MIL interpreter (Linux, or anywhere)."""
 
+    stand_in = "rgexport's numpy MIL interpreter, not Core ML: its speed says nothing about a device"
+
     def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool):
         from rgexport.backends.mil_interpreter import Program
 
