@@ -181,6 +181,14 @@ class ExecuTorchBackend(Backend):
     extra = "executorch"
     artifact_suffix = ".pte"
     packages = ("executorch", "torch", "torchao")
+    options = {
+        "delegate": '"xnnpack" (the only one supported)',
+        "quantized_gather": "8da4w: the embedding gather reads the head's int8 rows (embedding_byte) instead of "
+        "a float32 table (default false)",
+        "activation_observer": 'a8w8: "histogram" (default) or "minmax"',
+        "xnnpack_rewrites": "edge rewrites that let XNNPACK take more of the graph (default: all of "
+        "executorch_rewrites.REWRITES)",
+    }
     default_recipe = "fp32"
     recipes = {
         "fp32": Recipe("fp32", "float32 weights and activations, XNNPACK delegate"),
@@ -358,7 +366,7 @@ class ExecuTorchBackend(Backend):
         names = [buffer_name(s) for s in self.state_specs(ctx)]
         rewrites = list(ctx.options.get("xnnpack_rewrites", executorch_rewrites.REWRITES))
         executorch_rewrites.edge_passes(rewrites)  # refuses an unknown name before the slow work
-        # Each compute method gets fresh pass objects: ExportPass instances keep per-run state.
+        # One set of pass objects per compute method, as for InitializedMutableBufferPass.
         edge = to_edge_transform_and_lower(
             exported,
             partitioner={m: [XnnpackPartitioner()] for m in ("decode", "prefill")},

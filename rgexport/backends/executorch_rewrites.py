@@ -92,7 +92,7 @@ def reshape_rewrites_pass(enabled: Sequence[str]) -> Any:
             if op == e.mean.dim and "mean_as_4d" in enabled and not kwargs.get("dtype"):
                 x = _val(args[0])
                 rank = x.dim()
-                dims = [d % rank for d in args[1]] if rank else []
+                dims = [d % rank for d in args[1]] if rank and args[1] is not None else []  # None: all dims
                 if 1 <= rank < 4 and dims == [rank - 1] and x.dtype == torch.float32:
                     shape = list(x.shape)
                     as_4d = self._view(args[0], [1] * (3 - rank) + shape[:-1] + [1, shape[-1]], meta)
