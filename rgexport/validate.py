@@ -323,7 +323,7 @@ def validate_artifact(
     if problems:
         raise RgexportError(f"{folder}: files do not match the manifest: " + "; ".join(problems))
     recorded = manifest["model"]["checkpoint"]
-    with stages.stage("load", "checkpoint and runtime"):
+    with stages.stage("load", "checkpoint"):
         if checkpoint is None:
             source = recorded["source"]
             if not (source == SHIPPED_SOURCE or source.startswith(RANDOM_PREFIX) or Path(source).exists()):

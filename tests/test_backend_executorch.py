@@ -464,10 +464,13 @@ def test_a8w8_program_agrees_with_its_eager_graph_and_fp32(a8w8_build, fp32_buil
     top1 = float((got.argmax(-1) == eager_logits.argmax(-1)).mean())
     # Measured: the converted decode graph in eager torch agrees with fp32 on 0.925 of the 80 tokens.
     assert top1 >= 0.85, f"a8w8: top-1 agreement with fp32 eager {top1:.3f}"
-    # XNNPACK computes what the converted PT2E graph computes (the lowering check).
+    # XNNPACK computes what the converted PT2E graph computes (the lowering check). Decode steps only: prefill
+    # is its own graph with its own calibrated scales, so the schedule above is not what the decode graph does.
     quantised = eager_decode_logits(prepared.modules["decode"], small_config, small_tokens)
-    assert float((got.argmax(-1) == quantised.argmax(-1)).mean()) >= 0.95
-    assert float(np.abs(got - quantised).mean()) <= 1e-3
+    runner.reset()
+    decoded = np.stack([runner.decode(t, i) for i, t in enumerate(small_tokens[0].tolist())])
+    assert float((decoded.argmax(-1) == quantised.argmax(-1)).mean()) >= 0.95
+    assert float(np.abs(decoded - quantised).mean()) <= 1e-3
     state = runner.state()
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
     assert {p["state"] for p in ctx.facts["planned_memory_bytes"].values()} == {state_bytes(small_config)}
