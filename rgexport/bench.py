@@ -432,7 +432,7 @@ def plot_speed(data: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("decode latency, median ms")
     ax.set_yscale("log")
     ax.set_title("Decode latency does not grow with length")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines, not on them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -443,23 +443,25 @@ def plot_memory(profiles: list[dict[str, Any]], path: Path) -> Path | None:
     plt = pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for p in profiles:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    markers = "osD^v<>Xph*"
+    for i, p in enumerate(profiles):
         ns = [r["n"] for r in p["rows"]]
-        ax.plot(ns, [r["peak_rss_bytes"] / 2**20 for r in p["rows"]], marker="o",
-                label=f"{p['backend']} / {p['recipe']} peak RSS")
+        ax.plot(ns, [r["peak_rss_bytes"] / 2**20 for r in p["rows"]], marker=markers[i % len(markers)],
+                label=f"{p['backend']} / {p['recipe']}")
     if profiles:
         rows = profiles[0]["rows"]
         base = rows[0]["peak_rss_bytes"] / 2**20
         ns = [r["n"] for r in rows]
         ax.plot(ns, [base + r["transformer_kv_bytes"] / 2**20 for r in rows], "--",
-                label="same-width transformer: + its KV cache")
-        ax.plot(ns, [base + r["gemma_2b_kv_bytes"] / 2**20 for r in rows], ":", label="Gemma-2B KV cache (fp32)")
+                label=f"{profiles[0]['backend']} / {profiles[0]['recipe']}\n+ a same-width transformer's KV cache")
+        ax.plot(ns, [base + r["gemma_2b_kv_bytes"] / 2**20 for r in rows], ":",
+                label=f"{profiles[0]['backend']} / {profiles[0]['recipe']}\n+ Gemma-2B's KV cache (fp32)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens decoded")
-    ax.set_ylabel("MiB")
+    ax.set_ylabel("peak RSS while decoding, MiB")
     ax.set_title("Memory stays flat as the sequence grows")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
