@@ -724,26 +724,9 @@ class EmulatedValidation:
 
 def _reference(folder: Path, manifest: dict[str, Any], checkpoint: str | None, preset: str | None):
     """The checkpoint the artifact was built from, as `rgexport.validate.validate_artifact` finds it."""
-    from rgexport.build import SHIPPED_SOURCE
-    from rgexport.checkpoint import load_checkpoint
+    from rgexport.validate import artifact_checkpoint
 
-    recorded = manifest["model"]["checkpoint"]
-    if checkpoint is None:
-        source = recorded["source"]
-        if source == SHIPPED_SOURCE:
-            ckpt = load_checkpoint()
-        elif Path(source).exists():
-            ckpt = load_checkpoint(source, preset or recorded.get("preset"))
-        else:
-            raise RgexportError(f"the artifact was built from {source}, which is not here; pass --checkpoint PATH")
-    else:
-        ckpt = load_checkpoint(checkpoint, preset or recorded.get("preset"))
-    if ckpt.digest != recorded["sha256"]:
-        raise RgexportError(
-            f"checkpoint {ckpt.source} (sha256 {ckpt.digest[:12]}…) is not the one the artifact was built "
-            f"from ({recorded['source']}, sha256 {recorded['sha256'][:12]}…)"
-        )
-    return ckpt
+    return artifact_checkpoint(manifest, checkpoint, preset)
 
 
 def judge_run(run: dict[str, np.ndarray], reference_logits: np.ndarray, reference_state: dict[str, np.ndarray],

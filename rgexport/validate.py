@@ -301,6 +301,28 @@ class ValidationFailed(RgexportError):
         self.report = report
 
 
+def artifact_checkpoint(manifest: dict[str, Any], checkpoint: str | None = None, preset: str | None = None):
+    """The checkpoint an artifact was built from: the one its manifest records (the shipped model, random
+    weights of a preset, or a path that must still exist), or `checkpoint`; its digest must match."""
+    from rgexport.build import SHIPPED_SOURCE
+    from rgexport.checkpoint import RANDOM_PREFIX, load_checkpoint, load_source
+
+    recorded = manifest["model"]["checkpoint"]
+    if checkpoint is None:
+        source = recorded["source"]
+        if not (source == SHIPPED_SOURCE or source.startswith(RANDOM_PREFIX) or Path(source).exists()):
+            raise RgexportError(f"the artifact was built from {source}, which is not here; pass --checkpoint PATH")
+        ckpt = load_source(source, preset or recorded.get("preset"))
+    else:
+        ckpt = load_checkpoint(checkpoint, preset or recorded.get("preset"))
+    if ckpt.digest != recorded["sha256"]:
+        raise RgexportError(
+            f"checkpoint {ckpt.source} (sha256 {ckpt.digest[:12]}…) is not the one the artifact was built "
+            f"from ({recorded['source']}, sha256 {recorded['sha256'][:12]}…)"
+        )
+    return ckpt
+
+
 def validate_artifact(
     path: str | Path, *, checkpoint: str | None = None, preset: str | None = None, tokens: int | None = None,
     text: Path | None = None, greedy_tokens: int = 64, stages=None,
@@ -311,8 +333,6 @@ def validate_artifact(
     built from); its digest must match the manifest's.
     """
     from rgexport.backends import get_backend
-    from rgexport.build import SHIPPED_SOURCE
-    from rgexport.checkpoint import RANDOM_PREFIX, load_checkpoint, load_source
     from rgexport.manifest import read_manifest, verify_files
     from rgexport.progress import Stages
     from rgexport.tokenizer import Tokenizer
@@ -322,22 +342,8 @@ def validate_artifact(
     problems = verify_files(folder, manifest)
     if problems:
         raise RgexportError(f"{folder}: files do not match the manifest: " + "; ".join(problems))
-    recorded = manifest["model"]["checkpoint"]
     with stages.stage("load", "checkpoint"):
-        if checkpoint is None:
-            source = recorded["source"]
-            if not (source == SHIPPED_SOURCE or source.startswith(RANDOM_PREFIX) or Path(source).exists()):
-                raise RgexportError(
-                    f"the artifact was built from {source}, which is not here; pass --checkpoint PATH"
-                )
-            ckpt = load_source(source, preset or recorded.get("preset"))
-        else:
-            ckpt = load_checkpoint(checkpoint, preset or recorded.get("preset"))
-        if ckpt.digest != recorded["sha256"]:
-            raise RgexportError(
-                f"checkpoint {ckpt.source} (sha256 {ckpt.digest[:12]}…) is not the one the artifact was built "
-                f"from ({recorded['source']}, sha256 {recorded['sha256'][:12]}…)"
-            )
+        ckpt = artifact_checkpoint(manifest, checkpoint, preset)
         backend = get_backend(manifest["backend"])
         tok_file = manifest["tokenizer"]["file"] if manifest["tokenizer"] else None
         if tok_file is None and ckpt.tokenizer_path is None:

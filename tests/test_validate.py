@@ -67,3 +67,24 @@ def test_a_reference_made_ahead_validates_without_the_model(small_model, small_c
     with pytest.raises(RgexportError, match="other tokens"):
         run_validation(artifact, reference, tokens[:-1], backend="eager", recipe="fp32", quantized=False,
                        greedy_tokens=4)
+
+
+def test_the_artifacts_checkpoint_must_be_here_and_the_same():
+    """`rgexport validate` and `--device emulated-arm64` find the reference one way (artifact_checkpoint)."""
+    import pytest
+
+    from rgexport.build import SHIPPED_SOURCE
+    from rgexport.errors import RgexportError
+    from rgexport.validate import artifact_checkpoint
+
+    def manifest(source, digest="0" * 64):
+        return {"model": {"checkpoint": {"source": source, "sha256": digest}}}
+
+    with pytest.raises(RgexportError, match="which is not here; pass --checkpoint"):
+        artifact_checkpoint(manifest("/nonexistent/griffin"))
+    with pytest.raises(RgexportError, match="is not the one the artifact was built from"):
+        artifact_checkpoint(manifest(SHIPPED_SOURCE))
+    from rgexport.checkpoint import load_checkpoint
+
+    digest = load_checkpoint().digest
+    assert artifact_checkpoint(manifest(SHIPPED_SOURCE, digest)).digest == digest
