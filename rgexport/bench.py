@@ -296,14 +296,6 @@ def weights_read_per_token(folder: Path, manifest: dict[str, Any]) -> int:
                if f["path"] == main or f["path"].startswith(main + "/"))
 
 
-def _load(backend: Any, folder: Path, manifest: dict[str, Any], threads: int | None) -> Any:
-    import inspect
-
-    if threads is not None and "threads" in inspect.signature(backend.load).parameters:
-        return backend.load(folder, manifest, threads=threads)
-    return backend.load(folder, manifest)
-
-
 def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: bool = True,
                     advance: Callable[[int], None] = lambda n=1: None, include_eager: bool = True,
                     threads: int | None = None) -> dict[str, Any]:
@@ -311,8 +303,8 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
 
     `include_eager=False` times the artifacts alone (no speed-up column): a large model's float32 reference
     (10.7 GB at RecurrentGemma-2B) would otherwise sit in memory beside the runtimes being measured.
-    `threads` goes to every loader that takes it (ExecuTorch's XNNPACK pool, ONNX Runtime's intra-op pool,
-    LiteRT's interpreter): environment variables do not reach XNNPACK's pool.
+    `threads` goes to every backend's `load` (ExecuTorch's XNNPACK pool, ONNX Runtime's intra-op pool,
+    LiteRT's interpreter; Core ML has none): environment variables do not reach XNNPACK's pool.
     """
     import torch
 
@@ -351,7 +343,7 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
         weights = weights_read_per_token(folder, manifest)
         results.append(time_runner(f"{manifest['backend']} / {manifest['recipe']['name']}", manifest["backend"],
                                    manifest["recipe"]["name"], weights,
-                                   lambda f=folder, m=manifest, b=backend: _load(b, f, m, threads), tokens,
+                                   lambda f=folder, m=manifest, b=backend: b.load(f, m, threads=threads), tokens,
                                    decode_tokens, advance))
     hf = time_hf_generate(ckpt.model, tokens, min(decode_tokens, 128)) if include_hf and include_eager else None
     eager_ms = results[0].decode_ms_median if include_eager else None

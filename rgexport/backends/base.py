@@ -164,8 +164,9 @@ class Backend(abc.ABC):
 
     # Runtime -------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
-        """Loads the artifact described by `manifest` from `artifact_dir` into a runner."""
+    def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        """Loads the artifact described by `manifest` from `artifact_dir` into a runner; `threads` sizes the
+        runtime's CPU thread pool where it has one (None: the runtime's default)."""
 
     def variants(self, artifact_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Other ways to load the same artifact that validation checks too: name -> `load` keyword

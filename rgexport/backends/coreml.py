@@ -540,7 +540,8 @@ class CoreMLBackend(Backend):
         contract["functions"] = {"decode": "decode", "prefill": "prefill", "default": "decode"}
         return contract
 
-    def load(self, artifact_dir: Path, manifest: dict[str, Any]) -> Runner:
+    def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
+        """`threads` is accepted and unused: Core ML exposes no CPU thread count."""
         self.require("coremltools")
         path = Path(artifact_dir) / manifest["artifact"]["file"]
         io = manifest["io"]
