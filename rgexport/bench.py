@@ -278,7 +278,7 @@ def weights_read_per_token(folder: Path, manifest: dict[str, Any]) -> int:
     if manifest["backend"] == "onnx" and main.endswith(".onnx"):
         import onnx
 
-        from rgexport.backends.onnx import _initializer_bytes
+        from rgexport.backends.onnx.backend import _initializer_bytes
 
         model = onnx.load(str(Path(folder) / main), load_external_data=False)
         readers: dict[str, set[str]] = {}

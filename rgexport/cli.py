@@ -103,7 +103,7 @@ def info(
 
 def _artifact_info(path: Path, as_json: bool) -> None:
     if path.suffix == ".onnx":
-        from rgexport.backends.onnx import describe_onnx
+        from rgexport.backends.onnx.backend import describe_onnx
 
         data = describe_onnx(path)
     else:

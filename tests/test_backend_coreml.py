@@ -22,7 +22,7 @@ import torch
 ct = pytest.importorskip("coremltools")
 
 from rgexport.backends import BuildContext, feed, get_backend  # noqa: E402
-from rgexport.backends.coreml import state_input_name  # noqa: E402
+from rgexport.backends.coreml.backend import state_input_name  # noqa: E402
 from rgexport.errors import RgexportError  # noqa: E402
 
 CHUNK = 8
@@ -234,8 +234,8 @@ def test_compression_keeps_an_all_zero_row_exactly_zero(recipe, tmp_path):
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.optimize import coreml as cto
 
-    from rgexport.backends.coreml import _compress, _compression_config
-    from rgexport.backends.mil_interpreter import Program
+    from rgexport.backends.coreml.backend import _compress, _compression_config
+    from rgexport.backends.coreml.mil_interpreter import Program
 
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(64, 128)).astype(np.float32)
@@ -414,8 +414,8 @@ def test_w8a8_ranges_and_coremltools_passes_on_a_toy_program(tmp_path):
     """The w8a8 machinery without a Griffin build: ranges over *all* samples from the interpreter (the
     widest sample is not the last: coremltools 9's own recorder keeps only the last), quantize/dequantize
     pairs only around the named ops, and the interpreter's result equal to int8 fake quantisation."""
-    from rgexport.backends import coreml_calibration as cal
-    from rgexport.backends.mil_interpreter import Program
+    from rgexport.backends.coreml import calibration as cal
+    from rgexport.backends.coreml.mil_interpreter import Program
 
     model, w1, w2 = _toy_program()
     program = Program(model.get_spec(), model.weights_dir)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from rgexport.backends import executorch_rewrites
 from rgexport.backends.base import BuildContext
 from rgexport.backends.executorch import ExecuTorchBackend
+from rgexport.backends.executorch import rewrites as executorch_rewrites
 from rgexport.errors import RgexportError
 from rgexport.graphs import buffer_name
 from rgexport.model import state_bytes, state_spec
@@ -349,7 +349,7 @@ def test_calibrated_recipe_without_calibration_text_is_refused(small_model, smal
 
 
 def _small_graph(model, t):
-    from rgexport.backends.executorch_calibration import capture
+    from rgexport.backends.executorch.calibration import capture
     from rgexport.graphs import StatefulModel
 
     stateful = StatefulModel(copy.deepcopy(model)).eval()
@@ -360,7 +360,7 @@ def _small_graph(model, t):
 def test_op_groups_of_the_captured_graph(small_model, small_config):
     """The groups the a8w8 recipe and its study are stated in: every linear in its kind, every state buffer
     read and written by `state` ops, masks and angles in `positions`."""
-    from rgexport.backends.executorch_calibration import kind, node_groups
+    from rgexport.backends.executorch.calibration import kind, node_groups
 
     gm = _small_graph(small_model, 1)
     groups = node_groups(gm)
@@ -404,7 +404,7 @@ def _is_quantize(node):
 
 @pytest.mark.slow
 def test_a8w8_quantises_the_linears_only_and_keeps_the_state_float(a8w8_build, small_config):
-    from rgexport.backends.executorch_calibration import A8W8_KINDS, integer_ops, kind, node_groups, qdq_groups
+    from rgexport.backends.executorch.calibration import A8W8_KINDS, integer_ops, kind, node_groups, qdq_groups
 
     _, _, ctx, prepared = a8w8_build
     names = {buffer_name(s) for s in state_spec(small_config)}

@@ -20,8 +20,8 @@ pytest.importorskip("ai_edge_litert.interpreter")
 pytest.importorskip("ai_edge_quantizer")
 
 from rgexport.backends import BuildContext, feed, get_backend
-from rgexport.backends import tflite_calibration as tc
-from rgexport.backends.tflite import (
+from rgexport.backends.tflite import calibration as tc
+from rgexport.backends.tflite.backend import (
     ARTIFACT_FILE,
     TFLiteBackend,
     TFLiteExport,

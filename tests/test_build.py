@@ -52,7 +52,7 @@ def test_existing_output_needs_force(good):
 
 
 def test_failed_stage_is_named_and_leaves_the_old_output(good, monkeypatch):
-    from rgexport.backends.onnx import OnnxBackend
+    from rgexport.backends.onnx.backend import OnnxBackend
 
     before = _snapshot(good.out)
 
@@ -69,7 +69,7 @@ def test_failed_stage_is_named_and_leaves_the_old_output(good, monkeypatch):
 
 def test_failed_validation_fails_the_build(tmp_path, monkeypatch):
     """An artifact whose logits are off by 1e-2 must not be written (fp32 allows 1e-3)."""
-    from rgexport.backends.onnx import OnnxBackend
+    from rgexport.backends.onnx.backend import OnnxBackend
 
     real_load = OnnxBackend.load
 
@@ -120,7 +120,7 @@ def test_large_build_copies_nothing_and_frees_the_model_before_lowering(tmp_path
     import weakref
 
     import rgexport.build as build_module
-    from rgexport.backends.onnx import EXPORT_SCRATCH, OnnxBackend
+    from rgexport.backends.onnx.backend import EXPORT_SCRATCH, OnnxBackend
     from rgexport.checkpoint import load_checkpoint as real_load
     from rgexport.model import Griffin
 

@@ -1,4 +1,4 @@
-"""Backends, one module each, imported only when asked for (their runtimes are optional extras)."""
+"""Backends, one package each, imported only when asked for (their runtimes are optional extras)."""
 
 from __future__ import annotations
 

@@ -314,7 +314,7 @@ class ExecuTorchBackend(Backend):
         """Static int8 on the linear ops of each method's graph, calibrated on that method's own samples
         (decode: one token; prefill: one chunk) captured from the fp32 model before anything is quantised."""
         self.require("torchao")
-        from rgexport.backends import executorch_calibration as ec
+        from rgexport.backends.executorch import calibration as ec
 
         samples = calibration_samples(stateful.model, ctx.calibration_sequences(), ctx.prefill_chunk)
         observer = ctx.options.get("activation_observer", ec.A8W8_OBSERVER)
@@ -361,7 +361,7 @@ class ExecuTorchBackend(Backend):
         from executorch.exir.passes import MemoryPlanningPass
         from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
-        from rgexport.backends import executorch_rewrites
+        from rgexport.backends.executorch import rewrites as executorch_rewrites
 
         names = [buffer_name(s) for s in self.state_specs(ctx)]
         rewrites = list(ctx.options.get("xnnpack_rewrites", executorch_rewrites.REWRITES))

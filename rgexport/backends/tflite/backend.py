@@ -265,7 +265,7 @@ class TFLiteBackend(Backend):
 
     def _lower_calibrated(self, flatbuffer: bytes, dataset: Dataset, ctx: BuildContext) -> bytes:
         """w8a8: calibrate on the dataset, quantise the chosen groups statically, check the result runs."""
-        from rgexport.backends import tflite_calibration as tc
+        from rgexport.backends.tflite import calibration as tc
 
         ops = tc.op_groups(flatbuffer)
         groups = tc.w8a8_groups(ops)

@@ -322,8 +322,8 @@ def _w8a8(mlmodel: Any, fn: str, samples: list[Any], specs: list[TensorSpec], st
           ctx: BuildContext) -> Any:
     """int8 weights (as recipe int8), then int8 activations around the ops of W8A8_GROUPS: ranges from the
     interpreter running the weight-quantised program on the samples, pairs inserted by coremltools."""
-    from rgexport.backends import coreml_calibration as cal
-    from rgexport.backends.mil_interpreter import Program
+    from rgexport.backends.coreml import calibration as cal
+    from rgexport.backends.coreml.mil_interpreter import Program
 
     groups = cal.op_groups(mlmodel)  # before any save: the module scopes live on the converted program
     chosen = [name for name, group in groups.items() if group in cal.W8A8_GROUPS]
@@ -426,7 +426,7 @@ class CoreMLBackend(Backend):
         lowered, seconds, islands = {}, {}, {}
         samples = None
         if ctx.recipe == "w8a8":
-            from rgexport.backends import coreml_calibration as cal
+            from rgexport.backends.coreml import calibration as cal
 
             tokens = ctx.calibration_sequences()
             if exported.get("model") is None:
@@ -492,7 +492,7 @@ class CoreMLBackend(Backend):
             + " Position arithmetic and the RG-LRU run in float32 inside the fp16 program."
         )
         if samples is not None:
-            from rgexport.backends.coreml_calibration import W8A8_NOTE
+            from rgexport.backends.coreml.calibration import W8A8_NOTE
 
             ctx.notes.append(W8A8_NOTE)
         return lowered
@@ -604,7 +604,7 @@ class InterpreterRunner(_StepRunner):
     stand_in = "rgexport's numpy MIL interpreter, not Core ML: its speed says nothing about a device"
 
     def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool):
-        from rgexport.backends.mil_interpreter import Program
+        from rgexport.backends.coreml.mil_interpreter import Program
 
         super().__init__(specs, chunk, stateful)
         self.program = Program.load(path)

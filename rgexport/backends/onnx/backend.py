@@ -5,7 +5,7 @@ Stages (see `rgexport.backends.base`):
 2. export: `torch.onnx.export(dynamo=True)` of `DecodeIO` and `PrefillIO` at opset 21, static shapes.
    Inputs `token`/`tokens`, `position`, `state.<name>`; outputs `logits`, `new_state.<name>`
    (`rgexport.graphs.input_name` / `output_name`), checked in the written model.
-3. lower: the recipe's graph passes (`rgexport.backends.onnx_quant`), then the exporter's debug metadata
+3. lower: the recipe's graph passes (`rgexport.backends.onnx.quant`), then the exporter's debug metadata
    is dropped and the recipe recorded in the model's metadata.
 4. write: `decode.onnx` (the main file) and `prefill.onnx`, self-contained while they fit protobuf's
    2 GB limit; above it (or with `options["external_data"] = True`) both point into one `weights.bin`
@@ -176,7 +176,7 @@ CALIBRATION_SAMPLES = 256  # decode samples kept (evenly over positions); prefil
 
 def _calibration_inputs(ctx: BuildContext) -> tuple[str, list[list[int]]]:
     """(calibration method, token sequences) of a calibrated recipe, checked."""
-    from rgexport.backends.onnx_quant import DEFAULT_CALIBRATION_METHOD, calibration_method
+    from rgexport.backends.onnx.quant import DEFAULT_CALIBRATION_METHOD, calibration_method
 
     method = calibration_method(ctx.options.get("calibration_method", DEFAULT_CALIBRATION_METHOD))
     return method, ctx.calibration_sequences()
@@ -242,8 +242,8 @@ class OnnxBackend(Backend):
         self.require("onnxscript")
         import torch
 
-        from rgexport.backends.onnx_fusions import fuse_for_ort
-        from rgexport.backends.onnx_quant import drop_initializer_value_info
+        from rgexport.backends.onnx.fusions import fuse_for_ort
+        from rgexport.backends.onnx.quant import drop_initializer_value_info
 
         opset = int(ctx.options.get("opset", OPSET))
         if opset < 18:
@@ -309,7 +309,7 @@ class OnnxBackend(Backend):
         """Applies the recipe's graph passes to both graphs -> {method: ModelProto}."""
         self.check_recipe(ctx.recipe)
         self.require("onnx")
-        from rgexport.backends import onnx_quant as q
+        from rgexport.backends.onnx import quant as q
 
         large = max(_initializer_bytes(p) for p in exported.values()) > PROTOBUF_LIMIT
         base_dir = getattr(exported, "base_dir", None)  # a streamed export: weights in files there
