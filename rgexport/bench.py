@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,34 +29,11 @@ from typing import Any
 import numpy as np
 
 from rgexport.errors import RgexportError
+from rgexport.memory import peak_rss_bytes, reset_peak_rss, status_bytes
 
 # Peak RSS wanders by allocator noise; a transformer's cache of the same width would grow by
 # 2 x layers x width x 4 bytes per token (18 MiB at 2048 tokens for the shipped model), far above this.
 FLAT_TOLERANCE_BYTES = 4 * 1024 * 1024
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Resets this process's peak-RSS mark (Linux: writing 5 to /proc/self/clear_refs), so that a later
-    peak covers only what follows, not the imports and loading before it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def memory_bandwidth_gbs(mbytes: int = 256, repeats: int = 5) -> float:
@@ -165,25 +141,25 @@ def _probe(artifact: Path, n: int) -> dict[str, Any]:
     from rgexport.manifest import read_manifest
 
     folder, manifest = read_manifest(artifact)
-    rss_start = _status_bytes("VmRSS")
+    rss_start = status_bytes("VmRSS")
     runner = get_backend(manifest["backend"]).load(folder, manifest)
     vocab = manifest["model"]["config"]["vocab_size"]
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, vocab, size=n)
     runner.reset()
     runner.decode(int(tokens[0]), 0)  # first call: lazy allocations belong to loading
-    rss_loaded = _status_bytes("VmRSS")
+    rss_loaded = status_bytes("VmRSS")
     load_peak = peak_rss_bytes()  # imports and loading; read before the mark is reset
     # The peak from here on covers decoding only; the imports' and loading's peak would hide any growth.
     decode_only = reset_peak_rss()
     for i in range(n):
         runner.decode(int(tokens[i]), i)
-    peak = _status_bytes("VmHWM") if decode_only else peak_rss_bytes()
+    peak = status_bytes("VmHWM") if decode_only else peak_rss_bytes()
     return {"n": n, "peak_rss_bytes": peak, "peak_covers": "decoding" if decode_only else "whole process",
             # What decoding n tokens added over the loaded process: the loaded size itself moves by a few
             # MiB from run to run (ONNX Runtime's arena, the allocator's pools), in no order of n.
             "decode_growth_bytes": max(0, peak - rss_loaded) if decode_only else None,
-            "rss_after_load": rss_loaded, "rss_before_load": rss_start, "rss_end": _status_bytes("VmRSS"),
+            "rss_after_load": rss_loaded, "rss_before_load": rss_start, "rss_end": status_bytes("VmRSS"),
             "process_peak_rss_bytes": max(load_peak, peak_rss_bytes()), "runtime": runner.memory()}
 
 
@@ -278,7 +254,7 @@ def weights_read_per_token(folder: Path, manifest: dict[str, Any]) -> int:
     if manifest["backend"] == "onnx" and main.endswith(".onnx"):
         import onnx
 
-        from rgexport.backends.onnx.backend import _initializer_bytes
+        from rgexport.backends.onnx.export import _initializer_bytes
 
         model = onnx.load(str(Path(folder) / main), load_external_data=False)
         readers: dict[str, set[str]] = {}
@@ -399,62 +375,3 @@ def markdown_report(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, or None where matplotlib is not installed (charts
-    are then skipped; tables and JSON are still written)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def plot_speed(data: dict[str, Any], path: Path) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in data["results"]:
-        pos, ms = zip(*r["decode_ms_by_position"])
-        ax.plot(pos, ms, marker="o", label=r["name"])
-    ax.set_xlabel("position (tokens)")
-    ax.set_ylabel("decode latency, median ms")
-    ax.set_yscale("log")
-    ax.set_title("Decode latency does not grow with length")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines, not on them
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_memory(profiles: list[dict[str, Any]], path: Path) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    markers = "osD^v<>Xph*"
-    for i, p in enumerate(profiles):
-        ns = [r["n"] for r in p["rows"]]
-        ax.plot(ns, [r["peak_rss_bytes"] / 2**20 for r in p["rows"]], marker=markers[i % len(markers)],
-                label=f"{p['backend']} / {p['recipe']}")
-    if profiles:
-        rows = profiles[0]["rows"]
-        base = rows[0]["peak_rss_bytes"] / 2**20
-        ns = [r["n"] for r in rows]
-        ax.plot(ns, [base + r["transformer_kv_bytes"] / 2**20 for r in rows], "--",
-                label=f"{profiles[0]['backend']} / {profiles[0]['recipe']}\n+ a same-width transformer's KV cache")
-        ax.plot(ns, [base + r["gemma_2b_kv_bytes"] / 2**20 for r in rows], ":",
-                label=f"{profiles[0]['backend']} / {profiles[0]['recipe']}\n+ Gemma-2B's KV cache (fp32)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens decoded")
-    ax.set_ylabel("peak RSS while decoding, MiB")
-    ax.set_title("Memory stays flat as the sequence grows")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -3,37 +3,43 @@
 Stages, in order (each shown with progress, each timed into the manifest):
   1. load       read the checkpoint (or the shipped model) and its tokenizer
   2. model      build the export-friendly step model (fp32, eval, no grad)
-  3. quantise   the recipe's torch-level quantisation (backend)
+  3. quantise   the recipe's torch-level quantisation (backend); "prepare" where the backend quantises
+                the converted program instead (then it only checks what the recipe needs)
   4. export     capture decode and prefill graphs (backend)
-  5. lower      lower/convert for the runtime (backend)
+  5. lower      lower/convert for the runtime, and quantise there where the backend does (backend)
   6. write      write the artifact files into a temporary folder beside the output
   7. validate   run the artifact in its runtime against the fp32 reference (unless --no-validate)
   8. manifest   write manifest.json, then move the folder into place
 The output appears only when every stage has passed; an existing output is replaced only with
-`force=True`, and a failure leaves it untouched.
+`force=True`, and a failure leaves it untouched. With `log_output`, what other libraries print goes to
+build.log in the output folder (beside it, as <name>.failed-build.log, when the build fails); the manifest
+records each stage's wall time and peak RSS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rgexport.backends import BuildContext, get_backend
-from rgexport.checkpoint import Checkpoint, load_checkpoint
+from rgexport.checkpoint import SHIPPED_SOURCE, Checkpoint, load_checkpoint
 from rgexport.errors import RgexportError
+from rgexport.logs import captured
 from rgexport.manifest import file_entries, now, rgexport_version, write_manifest
 from rgexport.progress import StageFailed, Stages
 
-SHIPPED_SOURCE = "shipped:tiny"
 LARGE_MODEL_BYTES = 2 * 1024**3  # fp32 weights above this are never copied during a build
+BUILD_LOG = "build.log"
 
 
 @dataclasses.dataclass
@@ -54,6 +60,7 @@ class BuildOptions:
     random_weights: bool = False  # build `preset`'s shape with random weights (sizing, speed)
     seed: int = 0
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend options (target profile)
+    log_output: bool = False  # other libraries' output (Python and native) into build.log, not the terminal
 
 
 @dataclasses.dataclass
@@ -64,11 +71,14 @@ class BuildResult:
 
 
 class BuildError(RgexportError):
-    def __init__(self, stage: str, cause: BaseException, out: Path):
+    def __init__(self, stage: str, cause: BaseException, out: Path, log: Path | None = None):
         kept = f" {out} is untouched." if out.exists() else ""
-        super().__init__(f"build failed at stage '{stage}': {type(cause).__name__}: {cause}.{kept}")
+        logged = f" Other libraries' output: {log}." if log is not None else ""
+        message = f"{type(cause).__name__}: {cause}".rstrip(".")
+        super().__init__(f"build failed at stage '{stage}': {message}.{kept}{logged}")
         self.stage = stage
         self.cause = cause
+        self.log = log
 
 
 def is_small(config: Any) -> bool:
@@ -82,6 +92,28 @@ def default_out(backend: str, recipe: str) -> Path:
 
 def _partial_dirs(out: Path) -> list[Path]:
     return list(out.parent.glob(f".{out.name}.partial-*")) if out.parent.exists() else []
+
+
+def failed_log_path(out: Path) -> Path:
+    """Where a failed build's log is kept (the partial output folder itself is removed)."""
+    return out.parent / f"{out.name}.failed-build.log"
+
+
+@contextlib.contextmanager
+def logged_output(stages: Stages, log: Path | None) -> Iterator[None]:
+    """Other libraries' output into `log` (None: left on the terminal), the stage lines on the terminal."""
+    with captured(log) as terminal, stages.writing_to(terminal):
+        yield
+
+
+def keep_failed_log(work: Path, out: Path) -> Path | None:
+    """Moves a failed build's log out of its partial folder before that is removed; returns where it went."""
+    log = work / BUILD_LOG
+    if not log.is_file():
+        return None
+    kept = failed_log_path(out)
+    os.replace(log, kept)
+    return kept
 
 
 def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoint | None = None) -> BuildResult:
@@ -102,13 +134,16 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
         shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        result = _build_into(work, out, opts, backend, recipe, stages, checkpoint)
+        with logged_output(stages, work / BUILD_LOG if opts.log_output else None):
+            result = _build_into(work, out, opts, backend, recipe, stages, checkpoint)
         _move_into_place(work, out)
+        failed_log_path(out).unlink(missing_ok=True)  # an earlier failure's log, now superseded
         return dataclasses.replace(result, out=out)
     except StageFailed as e:
-        raise BuildError(e.stage, e.cause, out) from e.cause
+        raise BuildError(e.stage, e.cause, out, keep_failed_log(work, out)) from e.cause
     finally:
         if work.exists():
+            keep_failed_log(work, out)
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -165,7 +200,9 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
     with stages.stage("model", f"{config.num_parameters() / 1e6:.2f} M parameters"):
         model = ckpt.model.eval()
         model.requires_grad_(False)
-    with stages.stage("quantise", recipe.name), torch.no_grad():
+    # Stage names say what happens: a backend that quantises its converted program does so in "lower".
+    in_lower = backend.quantizes_in == "lower"
+    with stages.stage("prepare" if in_lower else "quantise", recipe.name), torch.no_grad():
         # Quantisation rewrites modules in place, and validation needs the fp32 model afterwards. A small
         # model is copied; a large one is not (a second copy of 2B weights is 10 GB): validation then
         # reloads the reference from its source.
@@ -182,7 +219,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         ckpt = dataclasses.replace(ckpt, model=None)
         reference_intact = False
         gc.collect()
-    with stages.stage("lower", backend.name):
+    with stages.stage("lower", backend.name + (f", quantise {recipe.name}" if in_lower and recipe.quantized else "")):
         lowered = backend.lower(exported, ctx)
     with stages.stage("write", str(out)):
         files = backend.write(lowered, ctx)
@@ -260,7 +297,8 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
 
                 raise ValidationFailed(report)
     with stages.stage("manifest"):
-        manifest["build"] = {"stages_seconds": dict(stages.timings)}
+        manifest["build"] = {"stages_seconds": dict(stages.timings), "stages_peak_rss_bytes": dict(stages.peak_rss),
+                             "peak_rss_bytes": max(stages.peak_rss.values(), default=0)}
         write_manifest(work, manifest)
     return BuildResult(out=work, manifest=manifest, report=report)
 

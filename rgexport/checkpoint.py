@@ -335,6 +335,7 @@ def save_huggingface(
 
 
 RANDOM_PREFIX = "random:"
+SHIPPED_SOURCE = "shipped:tiny"  # the manifest's checkpoint source for the shipped model
 
 
 def random_checkpoint(preset: str, seed: int = 0) -> Checkpoint:
@@ -356,7 +357,7 @@ def random_checkpoint(preset: str, seed: int = 0) -> Checkpoint:
 
 def load_source(source: str, preset: str | None = None) -> Checkpoint:
     """Loads what a manifest's checkpoint source names: the shipped model, a random preset, or a path."""
-    if source == "shipped:tiny":
+    if source == SHIPPED_SOURCE:
         return load_checkpoint()
     if source.startswith(RANDOM_PREFIX):
         name, _, seed = source[len(RANDOM_PREFIX):].rpartition(":seed")

@@ -103,7 +103,7 @@ def info(
 
 def _artifact_info(path: Path, as_json: bool) -> None:
     if path.suffix == ".onnx":
-        from rgexport.backends.onnx.backend import describe_onnx
+        from rgexport.backends.onnx.graph_info import describe_onnx
 
         data = describe_onnx(path)
     else:
@@ -188,9 +188,11 @@ def build(
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-O", help="Backend option KEY=VALUE (repeatable; VALUE is read as TOML: true, 32, \"arm\"; "
         "a bare word is a string). Unknown keys are refused with the backend's list.")] = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show other libraries' output on the terminal instead of build.log.")] = False,
 ) -> None:
     """Builds one artifact (--target BACKEND) or an app bundle (--target PROFILE: ios, android, ...):
-    load, quantise, export, lower, write, validate, manifest."""
+    load, quantise, export, lower, write, validate, manifest. Other libraries' output goes to build.log."""
     from rgexport.build import BuildOptions
     from rgexport.build import build as run_build
     from rgexport.profiles import resolve_target
@@ -202,7 +204,8 @@ def build(
     opts = BuildOptions(backend=backend, recipe=recipe, checkpoint=checkpoint, preset=preset, tokenizer=tokenizer,
                         out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
                         validation_tokens=tokens, validation_text=text, calibration=calibration,
-                        random_weights=random_weights, seed=seed, options=parse_options(option or []))
+                        random_weights=random_weights, seed=seed, options=parse_options(option or []),
+                        log_output=not verbose)
     if profile.source != "backend":
         from rgexport.bundle import build_bundle
 
@@ -225,8 +228,20 @@ def build(
         err.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
     else:
         err.print("[yellow]not validated (--no-validate): the manifest says so[/yellow]")
+    err.print(_build_summary(result.manifest, result.out, logged=not verbose), highlight=False, markup=False)
     size = result.manifest["artifact"]["total_bytes"]
     out.print(f"{result.out}  ({size / 1e6:.2f} MB, {result.manifest['artifact']['file']})", highlight=False)
+
+
+def _build_summary(manifest: dict[str, Any], folder: Path, logged: bool) -> str:
+    """One line: the build's peak RSS (and its stage), its wall time, and where other libraries' output went."""
+    from rgexport.build import BUILD_LOG
+
+    b = manifest["build"]
+    stage, peak = max(b["stages_peak_rss_bytes"].items(), key=lambda kv: kv[1])
+    seconds = sum(b["stages_seconds"].values())
+    log = f"; log {folder / BUILD_LOG}" if logged else ""
+    return f"  build       {seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB ({stage}){log}"
 
 
 @app.command()
@@ -367,7 +382,8 @@ def bench(
         import torch
 
         torch.set_num_threads(threads)
-    from rgexport.bench import bench_artifacts, markdown_report, memory_profile, plot_memory, plot_speed
+    from rgexport.bench import bench_artifacts, markdown_report, memory_profile
+    from rgexport.plots import plot_memory, plot_speed
     from rgexport.progress import Stages
 
     stages = Stages(err, quiet=as_json)

@@ -152,38 +152,14 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: Path) -> Path | None:
-    from rgexport.bench import pyplot
-
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = [r for r in result["rows"] if r["status"] != "error"]
-    for b in sorted({r["backend"] for r in rows}):
-        pts = [r for r in rows if r["backend"] == b]
-        ax.scatter([r["main_file_bytes"] / 1e6 for r in pts], [r["ppl_change_pct"] for r in pts], label=b)
-        for r in pts:
-            ax.annotate(r["recipe"], (r["main_file_bytes"] / 1e6, r["ppl_change_pct"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    budget = result["quality_budget"]["max_ppl_ratio"]
-    ax.axhline(100 * (budget - 1), ls="--", c="grey", lw=1, label="quality budget")
-    ax.set_xlabel("artifact size (MB)")
-    ax.set_ylabel("perplexity change vs fp32 (%)")
-    ax.set_title("Size vs quality on held-out text")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def write_reports(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "matrix.json", "markdown": out_dir / "matrix.md"}
     paths["json"].write_text(json.dumps(result, indent=1) + "\n")
     paths["markdown"].write_text(markdown_table(result))
-    png = plot(result, out_dir / "matrix.png")
+    from rgexport.plots import plot_matrix
+
+    png = plot_matrix(result, out_dir / "matrix.png")
     if png:
         paths["png"] = png
     return paths

@@ -1,10 +1,11 @@
-"""Stage-by-stage progress on the terminal (rich), and the timings that go into the manifest."""
+"""Stage-by-stage progress on the terminal (rich), and the timings and peak memory that go into the manifest."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -27,38 +28,68 @@ class StageFailed(Exception):
 
 
 class Stages:
-    """Prints one line per stage with its duration; `quiet` prints nothing (library use, tests)."""
+    """Prints one line per stage with its duration; `quiet` prints nothing (library use, tests).
+
+    Each stage's wall time and peak RSS are recorded (`timings`, `peak_rss`): the peak-RSS mark is reset as a
+    stage starts, so a stage's figure is its own (Linux; elsewhere the process's peak so far).
+    """
 
     def __init__(self, console: Console | None = None, quiet: bool = False):
         self.console = console or Console(stderr=True)
         self.quiet = quiet
         self.timings: dict[str, float] = {}
+        self.peak_rss: dict[str, int] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        from rgexport.memory import peak_rss_bytes, reset_peak_rss
+
+        reset_peak_rss()
         start = time.perf_counter()
         label = f"{name}" + (f" [dim]{detail}[/dim]" if detail else "")
         try:
-            if self.quiet:
+            if self.quiet or not self.console.is_terminal:  # a live display off a terminal prints blank lines
                 yield
             else:
-                with self.console.status(f"[bold]{label}[/bold] …"):
+                columns = (SpinnerColumn(), TextColumn("[bold]{task.description}[/bold]"), TimeElapsedColumn())
+                with Progress(*columns, console=self.console, transient=True) as p:
+                    p.add_task(label, total=None)
                     yield
         except StageFailed:
             raise
         except BaseException as e:
-            self.timings[name] = round(time.perf_counter() - start, 3)
+            self._record(name, time.perf_counter() - start, peak_rss_bytes())
             if not self.quiet:
                 self.console.print(f"[red]✗[/red] {label}  [red]{type(e).__name__}[/red]")
             raise StageFailed(name, e) from e
-        self.timings[name] = round(time.perf_counter() - start, 3)
+        seconds, peak = time.perf_counter() - start, peak_rss_bytes()
+        self._record(name, seconds, peak)
         if not self.quiet:
-            self.console.print(f"[green]✓[/green] {label}  [dim]{self.timings[name]:.1f} s[/dim]")
+            self.console.print(f"[green]✓[/green] {label}  [dim]{seconds:.1f} s, peak {peak / 2**30:.2f} GiB[/dim]")
+
+    @contextlib.contextmanager
+    def writing_to(self, stream: TextIO) -> Iterator[None]:
+        """Within the block the stage lines go to `stream` (the terminal, while other output is captured)."""
+        old = self.console.file
+        self.console.file = stream
+        try:
+            yield
+        finally:
+            self.console.file = old
+
+    def _record(self, name: str, seconds: float, peak: int) -> None:
+        # A stage name can repeat (validate, then its variants): keep the sum of times and the largest peak.
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
+        self.peak_rss[name] = max(self.peak_rss.get(name, 0), peak)
+
+    def peak(self) -> tuple[str, int] | None:
+        """The stage with the largest peak RSS, and that peak; None before any stage."""
+        return max(self.peak_rss.items(), key=lambda kv: kv[1]) if self.peak_rss else None
 
     @contextlib.contextmanager
     def bar(self, description: str, total: int) -> Iterator:
         """A progress bar; yields `advance(n)`."""
-        if self.quiet:
+        if self.quiet or not self.console.is_terminal:
             yield lambda n=1: None
             return
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

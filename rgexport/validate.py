@@ -304,8 +304,7 @@ class ValidationFailed(RgexportError):
 def artifact_checkpoint(manifest: dict[str, Any], checkpoint: str | None = None, preset: str | None = None):
     """The checkpoint an artifact was built from: the one its manifest records (the shipped model, random
     weights of a preset, or a path that must still exist), or `checkpoint`; its digest must match."""
-    from rgexport.build import SHIPPED_SOURCE
-    from rgexport.checkpoint import RANDOM_PREFIX, load_checkpoint, load_source
+    from rgexport.checkpoint import RANDOM_PREFIX, SHIPPED_SOURCE, load_checkpoint, load_source
 
     recorded = manifest["model"]["checkpoint"]
     if checkpoint is None:

@@ -22,7 +22,7 @@ import torch
 ct = pytest.importorskip("coremltools")
 
 from rgexport.backends import BuildContext, feed, get_backend  # noqa: E402
-from rgexport.backends.coreml.backend import state_input_name  # noqa: E402
+from rgexport.backends.coreml.export import state_input_name  # noqa: E402
 from rgexport.errors import RgexportError  # noqa: E402
 
 CHUNK = 8
@@ -234,8 +234,8 @@ def test_compression_keeps_an_all_zero_row_exactly_zero(recipe, tmp_path):
     from coremltools.converters.mil.mil import Builder as mb
     from coremltools.optimize import coreml as cto
 
-    from rgexport.backends.coreml.backend import _compress, _compression_config
     from rgexport.backends.coreml.mil_interpreter import Program
+    from rgexport.backends.coreml.recipes import _compress, _compression_config
 
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(64, 128)).astype(np.float32)

@@ -23,7 +23,9 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from rgexport.backends.base import BuildContext  # noqa: E402
-from rgexport.backends.onnx.backend import OnnxBackend, describe_onnx, expected_names  # noqa: E402
+from rgexport.backends.onnx import OnnxBackend  # noqa: E402
+from rgexport.backends.onnx.export import expected_names  # noqa: E402
+from rgexport.backends.onnx.graph_info import describe_onnx  # noqa: E402
 from rgexport.errors import RgexportError  # noqa: E402
 
 CHUNK = 8
@@ -138,7 +140,7 @@ def test_quantize_dynamic_handles_gemm_once_initializer_value_info_is_dropped(tm
     A 2-D Linear exports as Gemm(transB=1); ORT's dynamic quantiser rewrites it as MatMul by transposing
     the weight in place under the same name, so the exporter's value_info for that initializer goes stale.
     """
-    from rgexport.backends.onnx.quant import drop_initializer_value_info, quantize_int8
+    from rgexport.backends.onnx.recipes import drop_initializer_value_info, quantize_int8
 
     mlp = torch.nn.Sequential(torch.nn.Linear(128, 192), torch.nn.Tanh(), torch.nn.Linear(192, 128)).eval()
     proto = torch.onnx.export(mlp, (torch.zeros(1, 128),), dynamo=True, opset_version=21, verbose=False).model_proto
@@ -326,7 +328,7 @@ def test_int4_matmuls_compute_in_int8_unless_asked_not_to(backend, exported, bui
 
 
 def test_fp16_keeps_recurrence_norms_and_positions_in_float32(exported):
-    from rgexport.backends.onnx.quant import node_classes, position_only_nodes, to_fp16
+    from rgexport.backends.onnx.recipes import node_classes, position_only_nodes, to_fp16
 
     proto = exported["decode"]
     half = to_fp16(proto)
@@ -383,7 +385,7 @@ def _qdq8_graph(built, method: str):
 def test_qdq8_quantizes_the_linears_and_keeps_the_recurrence_float(method, built, exported):
     from onnx import TensorProto
 
-    from rgexport.backends.onnx.quant import QDQ8_GROUPS, qdq_groups, tie_head_as_gemm
+    from rgexport.backends.onnx.recipes import QDQ8_GROUPS, qdq_groups, tie_head_as_gemm
 
     reference = copy.deepcopy(exported[method])  # node names survive quantisation; the groups need metadata
     tie_head_as_gemm(reference)
@@ -507,7 +509,7 @@ def _in_memory(proto) -> list[int]:
 
 
 def test_streamed_export_holds_no_weights_in_memory(streamed, exported):
-    from rgexport.backends.onnx.backend import EXPORT_SCRATCH
+    from rgexport.backends.onnx.export import EXPORT_SCRATCH
 
     graphs, work = streamed
     assert graphs.model is None  # the build can free the torch model before lowering
@@ -524,7 +526,7 @@ def test_streamed_export_holds_no_weights_in_memory(streamed, exported):
 
 def test_streamed_export_lowers_to_the_same_artifacts(backend, streamed, built, small_config, small_tokens,
                                                       tmp_path):
-    from rgexport.backends.onnx.backend import EXPORT_SCRATCH
+    from rgexport.backends.onnx.export import EXPORT_SCRATCH
 
     graphs, work = streamed
     tokens = small_tokens[0, :21].tolist()

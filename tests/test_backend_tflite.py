@@ -20,10 +20,11 @@ pytest.importorskip("ai_edge_litert.interpreter")
 pytest.importorskip("ai_edge_quantizer")
 
 from rgexport.backends import BuildContext, feed, get_backend
+from rgexport.backends.tflite import TFLiteBackend
 from rgexport.backends.tflite import calibration as tc
-from rgexport.backends.tflite.backend import (
+from rgexport.backends.tflite.calibration import representative_dataset
+from rgexport.backends.tflite.export import (
     ARTIFACT_FILE,
-    TFLiteBackend,
     TFLiteExport,
     _check_against_eager,
     _check_runs,
@@ -31,7 +32,6 @@ from rgexport.backends.tflite.backend import (
     litert_name,
     op_histogram,
     our_name,
-    representative_dataset,
 )
 from rgexport.errors import RgexportError
 from rgexport.graphs import input_name, output_name

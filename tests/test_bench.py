@@ -67,7 +67,7 @@ def test_bench_without_eager_times_the_artifacts_alone(onnx_artifact):
 def test_weights_read_per_token_follow_external_data_and_skip_gathered_tables(onnx_artifact, tmp_path):
     """A model above 2 GiB keeps its weights in weights.bin beside a small decode.onnx; the embedding table
     of a quantised gather is read one row per token, not whole."""
-    from rgexport.backends.onnx.backend import describe_onnx
+    from rgexport.backends.onnx.graph_info import describe_onnx
     from rgexport.bench import weights_read_per_token
     from rgexport.manifest import read_manifest
 

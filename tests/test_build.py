@@ -39,7 +39,11 @@ def test_manifest_is_complete_and_matches_the_schema(good):
     state = m["io"]["state"]
     assert state["total_bytes"] == sum(t["bytes"] for t in state["tensors"]) > 0
     assert {"decode", "prefill"} <= set(m["io"]["methods"])
-    assert set(m["build"]["stages_seconds"]) >= {"load", "quantise", "export", "lower", "write", "validate"}
+    # ONNX quantises its graphs while lowering: the torch-level stage only prepares.
+    assert set(m["build"]["stages_seconds"]) >= {"load", "prepare", "export", "lower", "write", "validate"}
+    assert "quantise" not in m["build"]["stages_seconds"]
+    assert set(m["build"]["stages_peak_rss_bytes"]) == set(m["build"]["stages_seconds"])
+    assert m["build"]["peak_rss_bytes"] == max(m["build"]["stages_peak_rss_bytes"].values()) > 0
     broken = json.loads(json.dumps(m))
     del broken["io"]["state"]["tensors"][0]["shape"]
     with pytest.raises(RgexportError, match="manifest.json is invalid at io/state/tensors/0"):
@@ -52,7 +56,7 @@ def test_existing_output_needs_force(good):
 
 
 def test_failed_stage_is_named_and_leaves_the_old_output(good, monkeypatch):
-    from rgexport.backends.onnx.backend import OnnxBackend
+    from rgexport.backends.onnx import OnnxBackend
 
     before = _snapshot(good.out)
 
@@ -69,7 +73,7 @@ def test_failed_stage_is_named_and_leaves_the_old_output(good, monkeypatch):
 
 def test_failed_validation_fails_the_build(tmp_path, monkeypatch):
     """An artifact whose logits are off by 1e-2 must not be written (fp32 allows 1e-3)."""
-    from rgexport.backends.onnx.backend import OnnxBackend
+    from rgexport.backends.onnx import OnnxBackend
 
     real_load = OnnxBackend.load
 
@@ -120,7 +124,8 @@ def test_large_build_copies_nothing_and_frees_the_model_before_lowering(tmp_path
     import weakref
 
     import rgexport.build as build_module
-    from rgexport.backends.onnx.backend import EXPORT_SCRATCH, OnnxBackend
+    from rgexport.backends.onnx import OnnxBackend
+    from rgexport.backends.onnx.export import EXPORT_SCRATCH
     from rgexport.checkpoint import load_checkpoint as real_load
     from rgexport.model import Griffin
 

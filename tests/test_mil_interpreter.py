@@ -408,7 +408,7 @@ def test_compressed_weights_match_decompress_weights(tmp_path, recipe):
     """Each recipe's compression of a layer runs exactly as coremltools' decompress_weights says."""
     from coremltools.optimize import coreml as cto
 
-    from rgexport.backends.coreml.backend import _compression_config
+    from rgexport.backends.coreml.recipes import _compression_config
 
     weight = rng.normal(size=(64, 64)).astype(np.float32)
     weight[5] = 0.0  # an all-zero row, like the embedding's padding row
@@ -440,7 +440,7 @@ def test_fp32_griffin_decode_matches_eager(small_model, small_tokens, tmp_path):
     """
     import torch
 
-    from rgexport.backends.coreml.backend import _graphs, state_input_name, state_output_name
+    from rgexport.backends.coreml.export import _graphs, state_input_name, state_output_name
 
     model = small_model.requires_grad_(False)
     specs = model.state_spec(1)

@@ -73,7 +73,7 @@ def test_the_artifacts_checkpoint_must_be_here_and_the_same():
     """`rgexport validate` and `--device emulated-arm64` find the reference one way (artifact_checkpoint)."""
     import pytest
 
-    from rgexport.build import SHIPPED_SOURCE
+    from rgexport.checkpoint import SHIPPED_SOURCE
     from rgexport.errors import RgexportError
     from rgexport.validate import artifact_checkpoint
 

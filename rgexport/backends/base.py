@@ -113,6 +113,10 @@ class Backend(abc.ABC):
     default_recipe: ClassVar[str]
     packages: ClassVar[tuple[str, ...]] = ()  # distributions whose versions go into the manifest
     options: ClassVar[dict[str, str]] = {}  # backend option -> what it does (profiles, `build --option`)
+    # Where the recipe's quantisation happens: "quantise" (the torch model, in `quantize`) or "lower" (the
+    # converted program: ONNX graphs, the LiteRT flatbuffer, the Core ML program). The build names its stages
+    # after it: "quantise" where `quantize` quantises, "prepare" where it only checks inputs.
+    quantizes_in: ClassVar[str] = "quantise"
 
     # Availability ------------------------------------------------------------------------------
     def require(self, module: str) -> Any:
@@ -143,7 +147,8 @@ class Backend(abc.ABC):
 
     # Build stages --------------------------------------------------------------------------------
     def quantize(self, model: Griffin, ctx: BuildContext) -> Any:
-        """Applies the recipe's torch-level quantisation; returns what `export` takes."""
+        """Applies the recipe's torch-level quantisation (`quantizes_in == "quantise"`), or checks what the
+        recipe will need before the slow stages; returns what `export` takes."""
         return model
 
     @abc.abstractmethod
@@ -151,7 +156,8 @@ class Backend(abc.ABC):
         """Captures the graphs (decode and prefill)."""
 
     def lower(self, exported: Any, ctx: BuildContext) -> Any:
-        """Lowers/converts to the runtime's format; returns what `write` takes."""
+        """Lowers/converts to the runtime's format (and quantises there, where `quantizes_in == "lower"`);
+        returns what `write` takes."""
         return exported
 
     @abc.abstractmethod

@@ -40,319 +40,39 @@ interpreter (`mil_interpreter`); on macOS it uses `MLModel.predict` with `make_s
 
 from __future__ import annotations
 
-import collections
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rgexport.backends.base import Backend, BuildContext, Recipe, Runner, standard_io_contract
+from rgexport.backends.base import Backend, BuildContext, Runner, standard_io_contract
+from rgexport.backends.coreml.export import (
+    ARTIFACT_FILE,
+    COMPUTE_UNITS,
+    DEFAULT_STATE_DTYPE,
+    FUNCTIONS,
+    STATE_DTYPES,
+    _graphs,
+    _IslandSelector,
+    state_input_name,
+    state_output_name,
+)
+from rgexport.backends.coreml.recipes import (
+    RECIPES,
+    _compress,
+    _w8a8,
+)
+from rgexport.backends.coreml.runner import CoreMLRunner, InterpreterRunner, _specs_from_contract
 from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
-from rgexport.graphs import StatefulModel, buffer_name
+from rgexport.graphs import buffer_name
 from rgexport.model import Griffin, TensorSpec
 
-STATE_DTYPES = ("float16", "float32")
-DEFAULT_STATE_DTYPE = "float16"
-COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # ct.ComputeUnit, used when loading
-ARTIFACT_FILE = "model.mlpackage"
-FUNCTIONS = ("decode", "prefill")
 
-# Ops that only move, combine or apply elementwise arithmetic: the RG-LRU island grows through them.
-_ELEMENTWISE = frozenset({
-    "add", "sub", "mul", "real_div", "exp", "sqrt", "rsqrt", "clip", "abs", "maximum", "minimum",
-    "slice_by_index", "slice_update", "expand_dims", "squeeze", "reshape", "concat", "stack", "cast",
-})
-
-
-def state_input_name(spec: TensorSpec) -> str:
-    """Core ML feature names cannot hold dots: state.blocks.0.rg_lru -> state_blocks_0_rg_lru."""
-    return f"state_{buffer_name(spec)}"
-
-
-def state_output_name(spec: TensorSpec) -> str:
-    return f"new_state_{buffer_name(spec)}"
-
-
-# Graphs -----------------------------------------------------------------------------------------
-def _graphs(model: Griffin, chunk: int, state_dtype: str) -> dict[str, tuple[Any, tuple]]:
-    """The torch modules to trace, with example inputs: {function: (module, example inputs)}."""
-    import torch
-    from torch import nn
-
-    specs = model.state_spec(1)
-
-    class StatefulDecode(StatefulModel):
-        """token [1], position [1] -> logits [1, v]; state in fp16 buffers (Core ML states)."""
-
-        def forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-            return super().forward(token[:, None], position)[:, 0]
-
-    class FunctionalStep(nn.Module):
-        """tokens [1, t] (or token [1]), position [1], *state -> logits, *new_state (float32 state I/O)."""
-
-        def __init__(self, decode: bool):
-            super().__init__()
-            self.model, self.decode = model, decode
-
-        def forward(self, tokens: torch.Tensor, position: torch.Tensor, *state: torch.Tensor):
-            if self.decode:
-                tokens = tokens[:, None]
-            named = {s.name: t for s, t in zip(specs, state)}
-            logits, new = self.model.forward(tokens.to(torch.long), position, named)
-            return (logits[:, 0] if self.decode else logits, *[new[s.name] for s in specs])
-
-    position = torch.zeros(1, dtype=torch.int32)
-    token, tokens = torch.zeros(1, dtype=torch.int32), torch.zeros(1, chunk, dtype=torch.int32)
-    if state_dtype == "float16":
-        return {
-            "decode": (StatefulDecode(model, assign_slices=True, state_dtype=torch.float16).eval(),
-                       (token, position)),
-            "prefill": (StatefulModel(model, assign_slices=True, state_dtype=torch.float16).eval(),
-                        (tokens, position)),
-        }
-    zeros = tuple(torch.zeros(s.shape) for s in specs)
-    return {
-        "decode": (FunctionalStep(decode=True).eval(), (token, position, *zeros)),
-        "prefill": (FunctionalStep(decode=False).eval(), (tokens, position, *zeros)),
-    }
-
-
-# Float32 islands --------------------------------------------------------------------------------
-def fp32_islands(block: Any) -> dict[str, set[Any]]:
-    """Ops of a MIL function (before fp16 casting) that must compute in float32, by reason.
-
-    "position": ops computing only from the `position` input and constants.
-    "rg_lru": elementwise ops on a path into an RG-LRU state write (or `new_state_*rg_lru` output).
-    """
-    position_var = block.inputs.get("position")
-    position: set[Any] = set()
-    for op in block.operations:
-        if op.op_type == "const":
-            continue
-        variables = [v for vs in op.inputs.values() for v in (vs if isinstance(vs, (list, tuple)) else [vs])]
-        dynamic = [v for v in variables if v.val is None]
-        if dynamic and all(v is position_var or (v.op is not None and v.op in position) for v in dynamic):
-            position.add(op)
-
-    seeds = []
-    for op in block.operations:
-        if op.op_type == "coreml_update_state" and "rg_lru" in op.state.name:
-            seeds.append(op.value)
-    seeds += [v for v in block.outputs if "rg_lru" in v.name]
-    rg_lru: set[Any] = set()
-    stack = list(seeds)
-    while stack:
-        var = stack.pop()
-        op = var.op
-        if op is None or op in rg_lru or op in position or op.op_type not in _ELEMENTWISE:
-            continue
-        rg_lru.add(op)
-        for vs in op.inputs.values():
-            for v in vs if isinstance(vs, (list, tuple)) else [vs]:
-                if v.val is None:
-                    stack.append(v)
-    return {"position": position, "rg_lru": rg_lru}
-
-
-class _IslandSelector:
-    """op_selector for `FP16ComputePrecision`: True (cast to fp16) for every op outside the islands."""
-
-    def __init__(self) -> None:
-        self._islands: dict[int, set[int]] = {}
-        self.counts: dict[str, int] = {}
-
-    def __call__(self, op: Any) -> bool:
-        block = op.enclosing_block
-        key = id(block)
-        if key not in self._islands:
-            islands = fp32_islands(block)
-            self.counts = {k: len(v) for k, v in islands.items()}
-            self._islands[key] = {id(o) for ops in islands.values() for o in ops}
-        return id(op) not in self._islands[key]
-
-
-# Weight compression -----------------------------------------------------------------------------
-def _compression_config(recipe: str) -> Any:
-    from coremltools.optimize import coreml as cto
-
-    if recipe == "int8":
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
-    elif recipe == "int4":
-        op = cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32
-        )
-    elif recipe == "palette4":
-        op = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16)
-    else:
-        return None
-    return cto.OptimizationConfig(global_config=op)
-
-
-def _compress(mlmodel: Any, recipe: str) -> Any:
-    import warnings
-
-    from coremltools.optimize import coreml as cto
-
-    config = _compression_config(recipe)
-    if config is None:
-        return mlmodel
-    zero_rows = _zero_rows(mlmodel)
-    with warnings.catch_warnings():
-        # coremltools' quantiser divides an all-zero block by its zero scale (0/0) and casts the NaN to
-        # int; `_zero_scale_to_one` makes those blocks exact zeros again.
-        warnings.filterwarnings("ignore", message="invalid value encountered in (divide|cast)")
-        if recipe == "palette4":
-            compressed = cto.palettize_weights(mlmodel, config)
-        else:
-            compressed = cto.linear_quantize_weights(mlmodel, config)
-    if recipe == "palette4":
-        return _replace_constexpr_ops(compressed, "constexpr_lut_to_dense",
-                                      lambda op: _zero_row_in_palette(op, zero_rows))
-    return _replace_constexpr_ops(compressed, "constexpr_blockwise_shift_scale", _zero_scale_to_one)
-
-
-def _zero_rows(mlmodel: Any) -> dict[str, np.ndarray]:
-    """All-zero rows of the 2-D float weights (an embedding's padding row), by const op name."""
-    out = {}
-    for f in mlmodel._mil_program.functions.values():
-        for op in f.operations:
-            value = op.outputs[0].val if op.op_type == "const" else None
-            if isinstance(value, np.ndarray) and value.ndim == 2 and np.issubdtype(value.dtype, np.floating):
-                zero = ~value.any(axis=1)
-                if zero.any():
-                    out[op.name] = zero
-    return out
-
-
-def _block_mask(block_values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Repeats a per-block array over the blocks of a tensor of `shape`."""
-    for axis, (d, s) in enumerate(zip(shape, block_values.shape)):
-        block_values = np.repeat(block_values, d // s, axis)
-    return block_values
-
-
-def _zero_scale_to_one(op: Any) -> dict[str, Any] | None:
-    """Blocks with scale 0 (all-zero weights) -> scale 1 over zero data: still exact zeros, no 0 scale.
-
-    A zero scale dequantises to zeros, but the quantised data under it is whatever NaN cast to int gave,
-    and any runtime or tool that divides by the scale gets NaN.
-    """
-    zero = op.scale.val == 0
-    if not zero.any():
-        return None
-    data = op.data.val.copy()  # a copy keeps coremltools' int4 dtype marker
-    data[_block_mask(zero, data.shape)] = 0
-    new = {"data": data, "scale": np.where(zero, np.ones_like(op.scale.val), op.scale.val)}
-    if op.offset is not None:
-        new["offset"] = op.offset.val
-    return new
-
-
-def _zero_row_in_palette(op: Any, zero_rows: dict[str, np.ndarray]) -> dict[str, Any] | None:
-    """An all-zero row of a palettised weight -> exact zeros: the entry nearest 0 of each of its tables is
-    set to 0 and the row points at it. Other weights on that entry move by less than the entry itself,
-    a fraction of their own quantisation error (k-means puts an entry near the row's zeros)."""
-    zero = zero_rows.get(op.name.removesuffix("_palettized"))
-    lut = np.array(op.lut.val)
-    if zero is None or lut.shape[-1] != 1:
-        return None
-    indices = op.indices.val.copy()  # keeps the uint4 dtype marker
-    rows_per_table = indices.shape[0] // lut.shape[0]
-    cols_per_table = indices.shape[1] // lut.shape[1]
-    for row in np.flatnonzero(zero):
-        for t1 in range(lut.shape[1]):
-            table = lut[row // rows_per_table, t1, :, 0]
-            k = int(np.argmin(np.abs(table)))
-            table[k] = 0.0
-            indices[row, t1 * cols_per_table:(t1 + 1) * cols_per_table] = k
-    return {"indices": indices, "lut": lut.astype(op.lut.val.dtype)}
-
-
-def _replace_constexpr_ops(mlmodel: Any, op_type: str, rewrite: Any) -> Any:
-    """Rebuilds each `op_type` op for which `rewrite(op)` returns new inputs; the model as is if none."""
-    from coremltools.converters.mil.mil import Builder as mb
-    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
-    from coremltools.models.utils import _apply_graph_pass
-
-    def targets(prog: Any) -> list[tuple[Any, Any, dict[str, Any]]]:
-        found = []
-        for f in prog.functions.values():
-            for op in list(f.operations):
-                new = rewrite(op) if op.op_type == op_type else None
-                if new is not None:
-                    found.append((f, op, new))
-        return found
-
-    if not targets(mlmodel._mil_program):
-        return mlmodel  # nothing to rewrite: skip the spec -> program -> spec round trip
-
-    class Rewrite(AbstractGraphPass):
-        def apply(self, prog: Any) -> None:
-            for f, op, new in targets(prog):
-                with f:
-                    var = getattr(mb, op_type)(**new, before_op=op, name=op.name + "_exact_zeros")
-                f.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=var,
-                                               force_replace=True)
-                f.remove_ops([op])
-
-    return _apply_graph_pass(mlmodel, Rewrite(), skip_model_load=True)
-
-
-# w8a8: calibrated int8 activations ----------------------------------------------------------------
-def _calibration_feeds(samples: list[Any], fn: str, specs: list[TensorSpec], stateful: bool):
-    """(inputs, Core ML states) of `fn` for each captured sample, named as the program names them."""
-    for sample in samples:
-        tokens = sample.tokens.numpy().astype(np.int32)
-        inputs = {"token" if fn == "decode" else "tokens": tokens.reshape(-1) if fn == "decode" else tokens,
-                  "position": sample.position.numpy().astype(np.int32).reshape(1)}
-        state = {s.name: sample.state[s.name].numpy().astype(np.float32) for s in specs}
-        if stateful:
-            yield inputs, {buffer_name(s): state[s.name] for s in specs}
-        else:
-            yield {**inputs, **{state_input_name(s): state[s.name] for s in specs}}, {}
-
-
-def _w8a8(mlmodel: Any, fn: str, samples: list[Any], specs: list[TensorSpec], stateful: bool,
-          ctx: BuildContext) -> Any:
-    """int8 weights (as recipe int8), then int8 activations around the ops of W8A8_GROUPS: ranges from the
-    interpreter running the weight-quantised program on the samples, pairs inserted by coremltools."""
-    from rgexport.backends.coreml import calibration as cal
-    from rgexport.backends.coreml.mil_interpreter import Program
-
-    groups = cal.op_groups(mlmodel)  # before any save: the module scopes live on the converted program
-    chosen = [name for name, group in groups.items() if group in cal.W8A8_GROUPS]
-    mlmodel = _compress(mlmodel, "int8")
-    start = time.perf_counter()
-    program = Program(mlmodel.get_spec(), mlmodel.weights_dir)
-    stats = cal.activation_ranges(program, "main", _calibration_feeds(samples, fn, specs, stateful))
-    calibrate_s = time.perf_counter() - start
-    names = {o.name for o in program.functions["main"].ops}
-    missing = [n for n in chosen if n not in names]
-    if missing:
-        raise RgexportError(f"Core ML {fn}: ops {missing[:3]} lost their names in weight compression")
-    quantized = cal.quantize_activations(mlmodel, chosen, stats)
-    counts = cal.quantized_op_counts(Program(quantized.get_spec(), quantized.weights_dir), "main")
-    if not counts.get("quantize"):
-        raise RgexportError(f"Core ML {fn}: coremltools inserted no quantize op for w8a8")
-    facts = ctx.facts.setdefault("coreml_w8a8", {})
-    facts.setdefault("groups_int8", list(cal.W8A8_GROUPS))
-    facts.setdefault("groups_float", dict(cal.FLOAT_GROUPS))
-    facts.setdefault("functions", {})[fn] = {
-        "ops_by_group": dict(sorted(collections.Counter(groups.values()).items())),
-        "ops_int8": len(chosen),
-        "program_ops": counts,
-        "calibration_seconds": round(calibrate_s, 2),
-    }
-    return quantized
-
-
-# Backend ----------------------------------------------------------------------------------------
 class CoreMLBackend(Backend):
     name = "coreml"
     extra = "coreml"
@@ -362,24 +82,8 @@ class CoreMLBackend(Backend):
         "state_dtype": '"float16" (default) or "float32": how the state is held (module docstring)',
         "compute_units": '"ALL" (default), "CPU_ONLY", "CPU_AND_GPU" or "CPU_AND_NE", used when loading',
     }
-    recipes = {
-        "fp16": Recipe("fp16", "fp16 weights and compute; positions and the RG-LRU in float32"),
-        "int8": Recipe("int8", "int8 weights per output channel (linear_quantize_weights), fp16 compute",
-                       quantized=True),
-        "int4": Recipe("int4", "int4 weights in blocks of 32 input channels (iOS 18), fp16 compute",
-                       quantized=True),
-        "palette4": Recipe("palette4", "4-bit k-means palettised weights, a 16-entry table per 16 output "
-                           "channels, fp16 compute", quantized=True),
-        "w8a8": Recipe(
-            "w8a8",
-            "int8 weights per output channel and int8 activations (quantize/dequantize pairs, symmetric, per "
-            "tensor) around every linear layer, for the Neural Engine; ranges calibrated by running the "
-            "program on (tokens, position, state) samples captured from the fp32 model over calibration "
-            "text. Float (fp16, with the float32 islands): the attention scores and mask, the RG-LRU "
-            "recurrence, the Conv1D, the state writes, the residual stream and the rest of the "
-            "elementwise ops, chosen by a per-group sensitivity study on the shipped model",
-            quantized=True, calibrated=True),
-    }
+    recipes = RECIPES
+    quantizes_in = "lower"  # the recipe works on the converted program
     default_recipe = "fp16"
 
     def state_dtype(self, ctx: BuildContext) -> str:
@@ -554,111 +258,3 @@ class CoreMLBackend(Backend):
         return InterpreterRunner(path, specs, chunk, stateful)
 
 
-def _specs_from_contract(io: dict[str, Any]) -> list[TensorSpec]:
-    import torch
-
-    return [TensorSpec(t["name"], tuple(t["shape"]), torch.float32, t["kind"]) for t in io["state"]["tensors"]]
-
-
-# Runners ----------------------------------------------------------------------------------------
-class _StepRunner(Runner):
-    """Shared input building and state handling; subclasses run one function."""
-
-    def __init__(self, specs: list[TensorSpec], chunk: int, stateful: bool):
-        self.specs = specs
-        self.prefill_chunk = chunk
-        self.stateful = stateful
-        self.io_state: dict[str, np.ndarray] = {}
-
-    def _run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def _call(self, function: str, token_name: str, tokens: np.ndarray, position: int) -> np.ndarray:
-        inputs = {token_name: tokens, "position": np.array([position], np.int32)}
-        if not self.stateful:
-            inputs.update({state_input_name(s): self.io_state[s.name] for s in self.specs})
-        out = self._run(function, inputs)
-        if not self.stateful:
-            self.io_state = {s.name: np.asarray(out[state_output_name(s)], np.float32) for s in self.specs}
-        return np.asarray(out["logits"], np.float32)
-
-    def reset(self) -> None:
-        self.io_state = {s.name: np.zeros(s.shape, np.float32) for s in self.specs}
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        """Replaces the state (by state name, any float dtype); kept in the program's storage dtype."""
-        self.io_state = {s.name: np.asarray(state[s.name], np.float32).reshape(s.shape) for s in self.specs}
-
-    def decode(self, token: int, position: int) -> np.ndarray:
-        return self._call("decode", "token", np.array([token], np.int32), position)[0]
-
-    def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        if len(tokens) != self.prefill_chunk:
-            raise RgexportError(f"prefill takes exactly {self.prefill_chunk} tokens, got {len(tokens)}")
-        return self._call("prefill", "tokens", np.asarray(tokens, np.int32)[None], position)[0]
-
-
-class InterpreterRunner(_StepRunner):
-    """Runs the ML program in rgexport's numpy MIL interpreter (Linux, or anywhere)."""
-
-    stand_in = "rgexport's numpy MIL interpreter, not Core ML: its speed says nothing about a device"
-
-    def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool):
-        from rgexport.backends.coreml.mil_interpreter import Program
-
-        super().__init__(specs, chunk, stateful)
-        self.program = Program.load(path)
-        missing = set(FUNCTIONS) - set(self.program.functions)
-        if missing:
-            raise RgexportError(f"{path} lacks functions {sorted(missing)}; has {sorted(self.program.functions)}")
-        self.reset()
-
-    def reset(self) -> None:
-        super().reset()
-        self.states = self.program.new_state("decode")
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        super().load_state(state)
-        for s in self.specs if self.stateful else ():
-            self.states[buffer_name(s)][...] = np.asarray(state[s.name]).reshape(s.shape)
-
-    def _run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.program.run(function, inputs, self.states)
-
-    def state(self) -> dict[str, np.ndarray]:
-        if not self.stateful:
-            return {k: v.copy() for k, v in self.io_state.items()}
-        return {s.name: self.states[buffer_name(s)].astype(np.float32) for s in self.specs}
-
-
-class CoreMLRunner(_StepRunner):
-    """Runs the package with Core ML itself (macOS 15+): one MLState shared by both functions."""
-
-    def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool, compute_units: str = "ALL"):
-        import coremltools as ct
-
-        super().__init__(specs, chunk, stateful)
-        units = getattr(ct.ComputeUnit, compute_units)
-        self.models = {fn: ct.models.MLModel(str(path), function_name=fn, compute_units=units) for fn in FUNCTIONS}
-        self.reset()
-
-    def reset(self) -> None:
-        super().reset()
-        self.ml_state = self.models["decode"].make_state() if self.stateful else None
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        super().load_state(state)
-        for s in self.specs if self.stateful else ():
-            self.ml_state.write_state(buffer_name(s), np.asarray(state[s.name], np.float16).reshape(s.shape))
-
-    def _run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.stateful:
-            return self.models[function].predict(inputs, state=self.ml_state)
-        return self.models[function].predict(inputs)
-
-    def state(self) -> dict[str, np.ndarray] | None:
-        if not self.stateful:
-            return {k: v.copy() for k, v in self.io_state.items()}
-        if not hasattr(self.ml_state, "read_state"):
-            return None
-        return {s.name: np.asarray(self.ml_state.read_state(buffer_name(s)), np.float32) for s in self.specs}

@@ -41,7 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from rgexport.backends.coreml.export import state_input_name
 from rgexport.errors import RgexportError
+from rgexport.graphs import buffer_name
+from rgexport.model import TensorSpec
 
 # Groups of the ops coremltools' activation passes can quantise (`linear` and two-input `add`).
 LINEAR_GROUPS = ("mlp", "recurrent_proj", "attention_proj", "head")
@@ -249,3 +252,17 @@ def quantized_op_counts(program: Any, function: str) -> dict[str, int]:
         elif any(b[0] == "var" and produced_by.get(b[1]) == "dequantize" for bs in o.inputs.values() for b in bs):
             counts[f"{o.type} (int8 input)"] += 1
     return dict(sorted(counts.items()))
+
+
+# w8a8: calibrated int8 activations ----------------------------------------------------------------
+def _calibration_feeds(samples: list[Any], fn: str, specs: list[TensorSpec], stateful: bool):
+    """(inputs, Core ML states) of `fn` for each captured sample, named as the program names them."""
+    for sample in samples:
+        tokens = sample.tokens.numpy().astype(np.int32)
+        inputs = {"token" if fn == "decode" else "tokens": tokens.reshape(-1) if fn == "decode" else tokens,
+                  "position": sample.position.numpy().astype(np.int32).reshape(1)}
+        state = {s.name: sample.state[s.name].numpy().astype(np.float32) for s in specs}
+        if stateful:
+            yield inputs, {buffer_name(s): state[s.name] for s in specs}
+        else:
+            yield {**inputs, **{state_input_name(s): state[s.name] for s in specs}}, {}

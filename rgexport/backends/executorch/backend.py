@@ -26,152 +26,31 @@ ExecuTorch facts this relies on (measured with executorch 1.5.1, see notes/execu
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from rgexport.backends.base import Backend, BuildContext, Recipe, Runner, standard_io_contract, tensor_io
+from rgexport.backends.base import Backend, BuildContext, Runner, standard_io_contract, tensor_io
+from rgexport.backends.executorch.calibration import A8W8_NOTE, calibration_samples
+from rgexport.backends.executorch.export import (
+    _INITIALISED_METHODS,
+    ARTIFACT_FILE,
+    STATE_METHODS,
+    _delegation,
+    _example_inputs,
+    _forward_as,
+    _Prepared,
+    _StateMethods,
+    _zero_buffers_,
+    planned_memory,
+)
+from rgexport.backends.executorch.recipes import GROUP_SIZE, RECIPES, _tie_head_as_linear_
+from rgexport.backends.executorch.runner import ExecuTorchRunner
 from rgexport.errors import RgexportError
 from rgexport.graphs import StatefulModel, buffer_name
 from rgexport.model import Griffin, TensorSpec
-
-ARTIFACT_FILE = "model.pte"
-GROUP_SIZE = 32  # 8da4w weight group: must divide the in-features of every quantised linear
-STATE_METHODS = ("reset", "read_state")
-
-# Initial state data is stored per method that carries it, and copied in when that method loads. The
-# compute methods carry it, so whichever of them a runtime loads first starts from zeros.
-_INITIALISED_METHODS = ("decode", "prefill")
-
-
-class _StateMethods(nn.Module):
-    """Only the state buffers, under the same names as in `StatefulModel`, for `reset` and `read_state`.
-
-    Exported from a weightless module so that these methods carry no copy of the weights; ExecuTorch
-    matches shared buffers across methods by their fully qualified names.
-    """
-
-    def __init__(self, specs: list[TensorSpec]):
-        super().__init__()
-        self.specs = specs
-        for s in specs:
-            self.register_buffer(buffer_name(s), torch.zeros(s.shape, dtype=s.dtype))
-
-    def reset(self) -> None:
-        for s in self.specs:
-            getattr(self, buffer_name(s)).zero_()
-
-    def read_state(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, buffer_name(s)).clone() for s in self.specs)
-
-
-def _tie_head_as_linear_(model: Griffin) -> nn.Linear:
-    """Routes the tied output projection through an nn.Linear sharing the embedding table.
-
-    Griffin computes logits with F.linear on the embedding parameter, which torchao's `quantize_` cannot
-    see. Here (in place, like all quantisation) `embedder.decode` becomes a call of a real nn.Linear over
-    the same tensor; quantising it then replaces the head's weight only, and the gather keeps the table.
-    """
-    embedder = model.embedder
-    head = nn.Linear(model.config.width, model.config.vocab_size, bias=False)
-    head.weight = embedder.input_embedding
-    embedder.head = head
-    embedder.decode = lambda x: embedder.head(x)  # an instance attribute shadows Embedder.decode
-    return head
-
-
-@contextlib.contextmanager
-def _forward_as(module: nn.Module, method: Any) -> Iterator[nn.Module]:
-    """Temporarily makes `method` the module's forward, so torch.export captures it."""
-    module.forward = method  # type: ignore[method-assign]
-    try:
-        yield module
-    finally:
-        del module.forward
-
-
-@dataclasses.dataclass
-class _Prepared:
-    """What `quantize` hands to `export`: one module per compute method, and the state spec."""
-
-    modules: dict[str, nn.Module]  # decode, prefill (the same StatefulModel unless PT2E split them)
-    inputs: dict[str, tuple[torch.Tensor, ...]]
-    specs: list[TensorSpec]
-
-
-def _example_inputs(chunk: int) -> dict[str, tuple[torch.Tensor, ...]]:
-    position = torch.zeros(1, dtype=torch.int32)
-    return {
-        "decode": (torch.zeros(1, 1, dtype=torch.int32), position),
-        "prefill": (torch.zeros(1, chunk, dtype=torch.int32), position),
-    }
-
-
-def _zero_buffers_(module: nn.Module, specs: list[TensorSpec]) -> None:
-    """Zeroes the state buffers: their values at export become the program's initial state."""
-    names = {buffer_name(s) for s in specs}
-    with torch.no_grad():
-        for name, buf in module.named_buffers():
-            if name in names:
-                buf.zero_()
-
-
-def _op_name(node: torch.fx.Node) -> str:
-    target = node.target
-    name = getattr(target, "__name__", str(target))
-    return name.removesuffix(".default")
-
-
-def _delegation(edge: Any, method: str) -> dict[str, Any]:
-    """Counts the XNNPACK delegates (one call each per step), the operators inside them and those left to
-    ExecuTorch's portable kernels."""
-    import operator
-
-    gm = edge.exported_program(method).graph_module
-    delegated = partitions = 0
-    outside: collections.Counter[str] = collections.Counter()
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is operator.getitem:
-            continue
-        if _op_name(node) == "executorch_call_delegate":
-            partitions += 1
-            lowered = getattr(gm, node.args[0].target)
-            delegated += sum(1 for n in lowered.original_module.graph.nodes
-                             if n.op == "call_function" and n.target is not operator.getitem)
-        else:
-            outside[_op_name(node)] += 1
-    return {"partitions": partitions, "delegated_ops": delegated, "non_delegated_ops": sum(outside.values()),
-            "non_delegated": dict(sorted(outside.items()))}
-
-
-A8W8_NOTE = (
-    "a8w8: static int8 activations and int8 per-channel weights on the MLP, recurrent-block and attention "
-    "projection linears, calibrated ({observer} observer) on {decode} decode and {prefill} prefill inputs "
-    "captured along the fp32 model's trajectory over the calibration text (positions 0 to {last}, past the "
-    "attention window); the tied head has int8 weights and dynamic int8 activations (static int8 logits "
-    "doubled the mean KL). Kept float32 after a per-group sensitivity study on the shipped model "
-    "(notes/executorch.md): the RG-LRU recurrence and its state, Conv1D, attention scores/mask/softmax (the "
-    "-30000 mask add wipes out int8 scores: top-1 87%), norms, residuals and gating products."
-)
-CALIBRATION_SAMPLES = 256  # per method, spread evenly over positions (decode has 4x3 windows of steps)
-
-
-def calibration_samples(model: Griffin, sequences: list[list[int]], chunk: int,
-                        max_samples: int = CALIBRATION_SAMPLES) -> dict[str, list[Any]]:
-    """Real (tokens, position, state) inputs for decode and for prefill, from the fp32 model's own
-    trajectory over `sequences` (`rgexport.calibrate.capture_samples`)."""
-    from rgexport.calibrate import capture_samples
-
-    if max(len(s) for s in sequences) < chunk:
-        raise RgexportError(f"calibration sequences are shorter than one prefill chunk ({chunk} tokens)")
-    return {"decode": capture_samples(model, sequences, chunk=1, max_samples=max_samples),
-            "prefill": capture_samples(model, sequences, chunk=chunk, max_samples=max_samples)}
 
 
 class ExecuTorchBackend(Backend):
@@ -190,25 +69,7 @@ class ExecuTorchBackend(Backend):
         "executorch_rewrites.REWRITES)",
     }
     default_recipe = "fp32"
-    recipes = {
-        "fp32": Recipe("fp32", "float32 weights and activations, XNNPACK delegate"),
-        "8da4w": Recipe(
-            "8da4w", f"int8 dynamic activations, int4 weights in groups of {GROUP_SIZE} (torchao) on every "
-            "linear layer, int8 per-channel on the tied output head; embedding gather and RG-LRU stay float32",
-            quantized=True,
-        ),
-        "int8": Recipe(
-            "int8", "int8 dynamic activations, int8 per-channel weights (XNNPACK PT2E quantizer) on every "
-            "linear op, the tied output head included; RG-LRU and state stay float32", quantized=True,
-        ),
-        "a8w8": Recipe(
-            "a8w8", "int8 static activations calibrated on real decode/prefill inputs and int8 per-channel "
-            "weights (XNNPACK PT2E quantizer) on the MLP, recurrent-block and attention projection linears; "
-            "the tied head int8 weights with dynamic int8 activations; float32: the RG-LRU recurrence and "
-            "gates, Conv1D, attention scores/mask/softmax, norms, residuals, gating products and the state",
-            quantized=True, calibrated=True,
-        ),
-    }
+    recipes = RECIPES
 
     # 1. Quantise -----------------------------------------------------------------------------------
     def quantize(self, model: Griffin, ctx: BuildContext) -> _Prepared:
@@ -455,70 +316,3 @@ class ExecuTorchBackend(Backend):
         return ExecuTorchRunner(path, int(manifest["io"]["prefill_chunk"]), names)
 
 
-def planned_memory(program: Any) -> dict[str, dict[str, int]]:
-    """Non-constant (memory-planned) bytes per method of a serialised-schema Program.
-
-    mem_id 1 holds activations and I/O; with shared mutable buffers, mem_id 2 holds the state (the same
-    arena for every method). mem_id 0 is reserved and always 0.
-    """
-    out = {}
-    for plan in program.execution_plan:
-        sizes = list(plan.non_const_buffer_sizes)
-        out[plan.name] = {
-            "activations": int(sizes[1]) if len(sizes) > 1 else 0,
-            "state": int(sizes[2]) if len(sizes) > 2 else 0,
-        }
-    return out
-
-
-class ExecuTorchRunner(Runner):
-    """Runs a `.pte` from this backend in ExecuTorch's Python runtime (`executorch.runtime`)."""
-
-    def __init__(self, path: Path, prefill_chunk: int, state_names: Sequence[str]):
-        from executorch.runtime import Runtime
-
-        self.path = Path(path)
-        self.prefill_chunk = prefill_chunk
-        self.state_names = list(state_names)
-        self._program = Runtime.get().load_program(self.path)
-        missing = sorted({"decode", "prefill", *STATE_METHODS} - self._program.method_names)
-        if missing:
-            raise RgexportError(f"{self.path} lacks methods {missing}; rebuild it with this version of rgexport")
-        # Load everything now: loading a method later would re-initialise the shared state mid-sequence.
-        self._methods = {m: self._program.load_method(m) for m in ("decode", "prefill", *STATE_METHODS)}
-        self._memory: dict[str, int] | None = None
-
-    def reset(self) -> None:
-        self._methods["reset"].execute([])
-
-    def decode(self, token: int, position: int) -> np.ndarray:
-        tokens = torch.tensor([[token]], dtype=torch.int32)
-        out = self._methods["decode"].execute([tokens, torch.tensor([position], dtype=torch.int32)])
-        return out[0][0, 0].numpy()
-
-    def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        if len(tokens) != self.prefill_chunk:
-            raise RgexportError(f"prefill takes exactly {self.prefill_chunk} tokens, got {len(tokens)}")
-        chunk = torch.tensor([list(tokens)], dtype=torch.int32)
-        out = self._methods["prefill"].execute([chunk, torch.tensor([position], dtype=torch.int32)])
-        return out[0][0].numpy()
-
-    def state(self) -> dict[str, np.ndarray]:
-        values = self._methods["read_state"].execute([])
-        return {n: v.numpy().astype(np.float32) for n, v in zip(self.state_names, values, strict=True)}
-
-    def memory(self) -> dict[str, int]:
-        """Planned bytes read from the program (the Python runtime reports no allocation figures).
-
-        `activations` is the largest method's arena (host methods share one in the Python runtime);
-        `state` is the shared state arena.
-        """
-        if self._memory is None:
-            from executorch.exir._serialize._program import deserialize_pte_binary
-
-            planned = planned_memory(deserialize_pte_binary(self.path.read_bytes()).program)
-            self._memory = {
-                "activations": max(p["activations"] for p in planned.values()),
-                "state": max(p["state"] for p in planned.values()),
-            }
-        return dict(self._memory)

@@ -27,7 +27,7 @@ from torch import nn
 from rgexport.calibrate import Sample
 from rgexport.errors import RgexportError
 from rgexport.graphs import buffer_name
-from rgexport.model import TensorSpec
+from rgexport.model import Griffin, TensorSpec
 
 # Group kinds. Linear kinds carry weights; the others are elementwise work the quantizer also annotates
 # (add, mul, cat) when asked to.
@@ -351,3 +351,27 @@ def qdq_by_kind(gm: torch.fx.GraphModule) -> dict[str, int]:
         for k in {kind(g) for g in touched}:
             counts[k] += 1
     return dict(sorted(counts.items()))
+
+
+A8W8_NOTE = (
+    "a8w8: static int8 activations and int8 per-channel weights on the MLP, recurrent-block and attention "
+    "projection linears, calibrated ({observer} observer) on {decode} decode and {prefill} prefill inputs "
+    "captured along the fp32 model's trajectory over the calibration text (positions 0 to {last}, past the "
+    "attention window); the tied head has int8 weights and dynamic int8 activations (static int8 logits "
+    "doubled the mean KL). Kept float32 after a per-group sensitivity study on the shipped model "
+    "(notes/executorch.md): the RG-LRU recurrence and its state, Conv1D, attention scores/mask/softmax (the "
+    "-30000 mask add wipes out int8 scores: top-1 87%), norms, residuals and gating products."
+)
+
+CALIBRATION_SAMPLES = 256  # per method, spread evenly over positions (decode has 4x3 windows of steps)
+
+def calibration_samples(model: Griffin, sequences: list[list[int]], chunk: int,
+                        max_samples: int = CALIBRATION_SAMPLES) -> dict[str, list[Any]]:
+    """Real (tokens, position, state) inputs for decode and for prefill, from the fp32 model's own
+    trajectory over `sequences` (`rgexport.calibrate.capture_samples`)."""
+    from rgexport.calibrate import capture_samples
+
+    if max(len(s) for s in sequences) < chunk:
+        raise RgexportError(f"calibration sequences are shorter than one prefill chunk ({chunk} tokens)")
+    return {"decode": capture_samples(model, sequences, chunk=1, max_samples=max_samples),
+            "prefill": capture_samples(model, sequences, chunk=chunk, max_samples=max_samples)}

@@ -5,7 +5,7 @@ Stages (see `rgexport.backends.base`):
 2. export: `torch.onnx.export(dynamo=True)` of `DecodeIO` and `PrefillIO` at opset 21, static shapes.
    Inputs `token`/`tokens`, `position`, `state.<name>`; outputs `logits`, `new_state.<name>`
    (`rgexport.graphs.input_name` / `output_name`), checked in the written model.
-3. lower: the recipe's graph passes (`rgexport.backends.onnx.quant`), then the exporter's debug metadata
+3. lower: the recipe's graph passes (`rgexport.backends.onnx.recipes`), then the exporter's debug metadata
    is dropped and the recipe recorded in the model's metadata.
 4. write: `decode.onnx` (the main file) and `prefill.onnx`, self-contained while they fit protobuf's
    2 GB limit; above it (or with `options["external_data"] = True`) both point into one `weights.bin`
@@ -35,172 +35,37 @@ for `rgexport info`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
-import io
-import os
 import platform
 import shutil
-import tempfile
 import time
-from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from rgexport.backends.base import Backend, BuildContext, Recipe, Runner, standard_io_contract
+from rgexport.backends.base import Backend, BuildContext, standard_io_contract
+from rgexport.backends.onnx.calibration import _calibration_inputs, calibration_feeds
+from rgexport.backends.onnx.export import (
+    EXPORT_SCRATCH,
+    METHOD_FILES,
+    OPSET,
+    ORT_CONFIG_FILE,
+    PREFILL_FILE,
+    PROTOBUF_LIMIT,
+    WEIGHTS_FILE,
+    OnnxGraphs,
+    _check_names,
+    _cpu_has_fp16_kernels,
+    _initializer_bytes,
+    _save_with_shared_weights,
+    convert_to_ort,
+    expected_names,
+    parameter_bytes,
+)
+from rgexport.backends.onnx.recipes import INT4_ACCURACY_LEVEL, QDQ8_FLOAT_GROUPS, QDQ8_NOTE, RECIPES
+from rgexport.backends.onnx.runner import OnnxRunner
 from rgexport.errors import RgexportError
-from rgexport.graphs import DecodeIO, PrefillIO, input_name, output_name
+from rgexport.graphs import DecodeIO, PrefillIO
 from rgexport.model import Griffin
-
-OPSET = 21  # the exporter turns anything below 18 into 18 silently; ONNX Runtime 1.20+ runs 21
-DECODE_FILE = "decode.onnx"
-PREFILL_FILE = "prefill.onnx"
-WEIGHTS_FILE = "weights.bin"
-ORT_CONFIG_FILE = "required_operators.config"
-METHOD_FILES = {"decode": DECODE_FILE, "prefill": PREFILL_FILE}
-# A serialised ModelProto (and an ORT-format flatbuffer) must stay below 2 GiB; keep a margin for the graph.
-PROTOBUF_LIMIT = (1 << 31) - (64 << 20)
-EXPORT_SCRATCH = "_export"  # streamed exports' graphs and float weights, inside the work folder until `write`
-_EXTERNAL_MIN_BYTES = 1024  # tensors smaller than this stay inside the .onnx files
-_ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map them
-
-RECIPES = {
-    "fp32": Recipe("fp32", "float32 weights and compute; the tied head read through Gemm(transB=1)"),
-    "fp16": Recipe("fp16", "float16 weights and activations; RG-LRU, RMSNorm, positions and I/O in float32",
-                   quantized=True),
-    "int8": Recipe("int8", "ONNX Runtime dynamic quantisation: 8-bit (uint8) weights, uint8 activations per call",
-                   quantized=True),
-    "int4": Recipe("int4", "4-bit weights (MatMulNBits / GatherBlockQuantized, block 32, symmetric); the "
-                   "matmuls quantise activations to int8 per block (accuracy_level 4; option "
-                   "int4_accuracy_level=0 computes in float32)", quantized=True),
-    "qdq8": Recipe(
-        "qdq8",
-        "static int8 QDQ calibrated on real text: uint8 activations (option calibration_method: minmax (default), "
-        "entropy, percentile) and uint8 weights, per tensor, on the MatMul/Gemm of the MLPs, recurrent-block "
-        "linears, RG-LRU gates, attention projections and the tied head/embedding (QLinearMatMul/QGemm in ONNX "
-        "Runtime). Float by measurement on the shipped model: the RG-LRU recurrence and its state (quantising it "
-        "too: top-1 97.5% -> 94.9%, mean KL 0.004 -> 0.007), Conv1D, norms, attention scores/masks (alone: top-1 "
-        "87%, the -30000 mask) and cache writes, gating, residuals (notes/onnx.md)",
-        quantized=True, calibrated=True),
-}
-
-
-INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (see OnnxBackend.lower)
-
-
-class OnnxGraphs(dict):
-    """`export`'s (and `lower`'s) result, {method: ModelProto}, with the model the graphs came from (a
-    calibrated recipe runs it over the calibration text in `lower` to capture real (token, position, state)
-    inputs) and, for a streamed export, the folder its external initializers live in (`base_dir`)."""
-
-    model: Griffin | None = None
-    base_dir: Path | None = None
-
-
-def _token_input(method: str) -> str:
-    return "token" if method == "decode" else "tokens"
-
-
-def expected_names(model_or_specs: Any, method: str) -> tuple[list[str], list[str]]:
-    """Input and output names of one method's graph, in order."""
-    specs = model_or_specs.state_spec(1) if isinstance(model_or_specs, Griffin) else model_or_specs
-    inputs = [_token_input(method), "position", *[input_name(s) for s in specs]]
-    outputs = ["logits", *[output_name(s) for s in specs]]
-    return inputs, outputs
-
-
-def _check_names(proto: Any, method: str, inputs: list[str], outputs: list[str]) -> None:
-    got_in = [i.name for i in proto.graph.input]
-    got_out = [o.name for o in proto.graph.output]
-    if got_in != inputs or got_out != outputs:
-        raise RgexportError(
-            f"The exported {method} graph has inputs {got_in[:4]}... and outputs {got_out[:4]}..., expected "
-            f"{inputs[:4]}... and {outputs[:4]}... (torch.onnx.export did not apply input_names/output_names)"
-        )
-
-
-def _initializer_bytes(proto: Any) -> int:
-    total = 0
-    for t in proto.graph.initializer:
-        if t.data_location == 1:  # EXTERNAL
-            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
-        else:
-            total += len(t.raw_data) or _typed_bytes(t)
-    return total
-
-
-def _external_info(t: Any) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
-
-
-def _tensor_raw(t: Any, base_dir: Path | None) -> bytes:
-    """An initializer's bytes, read from `base_dir` (only this tensor's range) when it is external."""
-    from onnx import TensorProto, numpy_helper
-
-    if t.data_location == TensorProto.EXTERNAL:
-        if base_dir is None:
-            raise RgexportError(f"Tensor {t.name} is external and no folder was given to read it from")
-        info = _external_info(t)
-        with open(Path(base_dir) / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            return f.read(int(info["length"])) if "length" in info else f.read()
-    return t.raw_data or numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
-
-
-def parameter_bytes(model: Any) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _typed_bytes(t: Any) -> int:
-    from onnx import numpy_helper
-
-    return numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data)
-
-
-# qdq8: what stays float, and the calibration inputs ----------------------------------------------------
-QDQ8_FLOAT_GROUPS = ["rglru", "conv1d", "attention_scores", "attention_other", "ring_write", "rope", "norms",
-                     "gating", "residual", "top", "position", "embedding output"]
-QDQ8_NOTE = ("qdq8: static int8 on the MLP, recurrent-block, RG-LRU gate and attention projection MatMuls and the "
-             "tied head/embedding (uint8 activations calibrated with {method} on real decode/prefill inputs, uint8 "
-             "weights). Kept float after a per-group sensitivity study on the shipped tiny model (512 held-out "
-             "tokens, notes/onnx.md): the RG-LRU recurrence and its state (quantising it too took top-1 agreement "
-             "from 97.5% to 94.9% and mean KL from 0.0039 to 0.0074), the Conv1D (+0.0016 KL) and norms (+0.0028), "
-             "gating and residuals (elementwise: no weights to shrink), and the attention scores, masks and cache "
-             "writes (quantising the -30000 mask alone: top-1 87%).")
-CALIBRATION_SAMPLES = 256  # decode samples kept (evenly over positions); prefill keeps every chunk up to this
-
-
-def _calibration_inputs(ctx: BuildContext) -> tuple[str, list[list[int]]]:
-    """(calibration method, token sequences) of a calibrated recipe, checked."""
-    from rgexport.backends.onnx.quant import DEFAULT_CALIBRATION_METHOD, calibration_method
-
-    method = calibration_method(ctx.options.get("calibration_method", DEFAULT_CALIBRATION_METHOD))
-    return method, ctx.calibration_sequences()
-
-
-def calibration_feeds(model: Griffin, sequences: list[list[int]], method: str, chunk: int,
-                      max_samples: int = CALIBRATION_SAMPLES) -> list[dict[str, np.ndarray]]:
-    """Input dicts for one graph (`method` "decode" or "prefill") captured along the fp32 model's own
-    trajectory over `sequences` (`rgexport.calibrate.capture_samples`: positions past the window, real state)."""
-    from rgexport.calibrate import capture_samples
-
-    t = 1 if method == "decode" else chunk
-    if max(len(s) for s in sequences) < t:
-        raise RgexportError(f"calibration sequences are shorter than one prefill chunk ({t} tokens)")
-    inputs, _ = expected_names(model, method)
-    feeds = []
-    for sample in capture_samples(model, sequences, chunk=t, max_samples=max_samples):
-        tokens = sample.tokens.numpy().astype(np.int32)
-        feed = {inputs[0]: tokens.reshape(-1) if method == "decode" else tokens,
-                "position": sample.position.numpy().astype(np.int32).reshape(1)}
-        for name in inputs[2:]:
-            feed[name] = sample.state[name.removeprefix("state.")].numpy().astype(np.float32)
-        feeds.append(feed)
-    return feeds
 
 
 class OnnxBackend(Backend):
@@ -208,6 +73,7 @@ class OnnxBackend(Backend):
     extra = "onnx"
     artifact_suffix = ".onnx"
     recipes = RECIPES
+    quantizes_in = "lower"  # the recipe works on the converted program
     default_recipe = "fp32"
     packages = ("onnx", "onnxruntime", "onnxscript", "torch")
     options = {
@@ -243,7 +109,7 @@ class OnnxBackend(Backend):
         import torch
 
         from rgexport.backends.onnx.fusions import fuse_for_ort
-        from rgexport.backends.onnx.quant import drop_initializer_value_info
+        from rgexport.backends.onnx.recipes import drop_initializer_value_info
 
         opset = int(ctx.options.get("opset", OPSET))
         if opset < 18:
@@ -309,7 +175,7 @@ class OnnxBackend(Backend):
         """Applies the recipe's graph passes to both graphs -> {method: ModelProto}."""
         self.check_recipe(ctx.recipe)
         self.require("onnx")
-        from rgexport.backends.onnx import quant as q
+        from rgexport.backends.onnx import recipes as q
 
         large = max(_initializer_bytes(p) for p in exported.values()) > PROTOBUF_LIMIT
         base_dir = getattr(exported, "base_dir", None)  # a streamed export: weights in files there
@@ -470,276 +336,3 @@ class OnnxBackend(Backend):
         return OnnxRunner(decode, prefill, chunk, threads=threads)
 
 
-# Writing --------------------------------------------------------------------------------------------
-def _save_with_shared_weights(protos: Sequence[Any], paths: Sequence[Path], data_path: Path,
-                              base_dir: Path | None = None) -> None:
-    """Saves models whose large tensors live in one data file, each distinct tensor stored once.
-
-    The decode and prefill graphs hold the same weights (under exporter-generated names that differ);
-    tensors are matched by dtype, shape and content, and both models point at the same bytes. Tensors
-    already external (a streamed export) are read one at a time from `base_dir`.
-    """
-    from onnx import TensorProto, save_model
-
-    where: dict[tuple, tuple[int, int]] = {}
-    with open(data_path, "wb") as f:
-        for proto, path in zip(protos, paths):
-            for t in proto.graph.initializer:
-                if t.data_location == TensorProto.EXTERNAL and base_dir is None:
-                    raise RgexportError(f"Tensor {t.name} is already external; write expects weights in memory")
-                raw = _tensor_raw(t, base_dir)
-                if len(raw) < _EXTERNAL_MIN_BYTES:
-                    if t.data_location == TensorProto.EXTERNAL:  # small, from a streamed export: inline it
-                        del t.external_data[:]
-                        t.data_location = TensorProto.DEFAULT
-                        t.raw_data = raw
-                    continue
-                key = (t.data_type, tuple(t.dims), hashlib.sha256(raw).digest())
-                if key not in where:
-                    offset = -f.tell() % _ALIGN + f.tell()
-                    f.seek(offset)
-                    f.write(raw)
-                    where[key] = (offset, len(raw))
-                offset, length = where[key]
-                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    t.ClearField(field)
-                t.data_location = TensorProto.EXTERNAL
-                del t.external_data[:]
-                for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = k, v
-            save_model(proto, str(path))
-
-
-def convert_to_ort(onnx_paths: Sequence[Path], out_dir: Path, target_platform: str = "arm") -> list[Path]:
-    """Converts .onnx files to ORT format with ONNX Runtime's own tool -> [*.ort, required_operators.config].
-
-    Uses `onnxruntime.tools.convert_onnx_models_to_ort` (fixed optimisations at level "all", without the
-    x86-only NCHWc layout for target "arm"), which also writes the operator list a reduced ONNX Runtime
-    Mobile build needs. The tool converts every .onnx file of a folder into one config, so the files are
-    linked into a scratch folder first.
-    """
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-
-    out_dir = Path(out_dir)
-    with tempfile.TemporaryDirectory(prefix="rgexport-ort-") as tmp:
-        staging = Path(tmp)
-        for path in onnx_paths:
-            os.symlink(Path(path).resolve(), staging / Path(path).name)
-        weights = Path(onnx_paths[0]).parent / WEIGHTS_FILE
-        if weights.is_file():
-            os.symlink(weights.resolve(), staging / WEIGHTS_FILE)
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log):
-                convert_onnx_models_to_ort(staging, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed],
-                                           target_platform=target_platform)
-        except Exception as e:  # noqa: BLE001 - ORT's pybind errors, ValueError, OSError: all mean "no .ort"
-            raise RgexportError(f"ORT-format conversion failed: {e}\n{log.getvalue()[-2000:]}") from None
-    ort_files = [out_dir / Path(p).with_suffix(".ort").name for p in onnx_paths]
-    config = out_dir / ORT_CONFIG_FILE
-    missing = [p.name for p in (*ort_files, config) if not p.is_file()]
-    if missing:
-        raise RgexportError(f"ORT-format conversion did not write {missing}:\n{log.getvalue()[-2000:]}")
-    return [*ort_files, config]
-
-
-def _cpu_has_fp16_kernels() -> bool:
-    """ONNX Runtime's CPU provider has float16 MatMul/Gemm kernels on arm64 builds only."""
-    return platform.machine().lower() in ("arm64", "aarch64")
-
-
-# Running ----------------------------------------------------------------------------------------------
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-class OnnxRunner(Runner):
-    """Decode and prefill sessions sharing one double-buffered state held in OrtValues.
-
-    Each call binds the current state set as `state.*` inputs and the other set as `new_state.*` outputs
-    (four IO bindings made once: two methods x two parities) and then swaps sets, so the state stays in
-    ONNX Runtime's buffers between tokens; only the token, position and logits cross into numpy.
-    """
-
-    def __init__(self, decode_path: Path, prefill_path: Path, prefill_chunk: int, threads: int | None = None):
-        import onnxruntime as ort
-
-        self.paths = {"decode": Path(decode_path), "prefill": Path(prefill_path)}
-        self.prefill_chunk = prefill_chunk
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.sessions = {
-            m: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-            for m, p in self.paths.items()
-        }
-
-        inputs = {m: {i.name: i for i in s.get_inputs()} for m, s in self.sessions.items()}
-        outputs = {m: {o.name: o for o in s.get_outputs()} for m, s in self.sessions.items()}
-        state_inputs = [i for i in self.sessions["decode"].get_inputs() if i.name.startswith("state.")]
-        self.state_names = [i.name.removeprefix("state.") for i in state_inputs]
-        self.state_shapes = [list(i.shape) for i in state_inputs]
-        for m in self.sessions:
-            names = [i.name for i in self.sessions[m].get_inputs() if i.name.startswith("state.")]
-            out_names = [o.name for o in self.sessions[m].get_outputs() if o.name.startswith("new_state.")]
-            want = ([f"state.{n}" for n in self.state_names], [f"new_state.{n}" for n in self.state_names])
-            if (names, out_names) != want:
-                raise RgexportError(f"{self.paths[m].name}: state inputs/outputs do not match decode's")
-        tokens_shape = list(inputs["prefill"]["tokens"].shape)
-        if tokens_shape != [1, prefill_chunk]:
-            raise RgexportError(f"{self.paths['prefill'].name} takes tokens {tokens_shape}, the manifest says "
-                                f"chunk {prefill_chunk}")
-        self.vocab_size = int(outputs["decode"]["logits"].shape[-1])
-
-        def buffer(shape: list[int], dtype: type) -> Any:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cpu", 0)
-            value.update_inplace(np.zeros(shape, dtype))
-            return value
-
-        self._states = [[buffer(s, np.float32) for s in self.state_shapes] for _ in range(2)]
-        self._token = {"decode": buffer([1], np.int32), "prefill": buffer([1, prefill_chunk], np.int32)}
-        self._position = buffer([1], np.int32)
-        self._logits = {"decode": buffer([1, self.vocab_size], np.float32),
-                        "prefill": buffer([1, prefill_chunk, self.vocab_size], np.float32)}
-        self._bindings = {}
-        for method, session in self.sessions.items():
-            for parity in (0, 1):
-                b = session.io_binding()
-                b.bind_ortvalue_input(_token_input(method), self._token[method])
-                b.bind_ortvalue_input("position", self._position)
-                b.bind_ortvalue_output("logits", self._logits[method])
-                for name, src, dst in zip(self.state_names, self._states[parity], self._states[1 - parity]):
-                    b.bind_ortvalue_input(f"state.{name}", src)
-                    b.bind_ortvalue_output(f"new_state.{name}", dst)
-                self._bindings[method, parity] = b
-        self._current = 0
-
-    def _run(self, method: str, tokens: np.ndarray, position: int) -> np.ndarray:
-        self._token[method].update_inplace(tokens)
-        self._position.update_inplace(np.array([position], np.int32))
-        self.sessions[method].run_with_iobinding(self._bindings[method, self._current])
-        self._current ^= 1
-        return self._logits[method].numpy()[0].copy()  # numpy() is a view of the bound buffer
-
-    def reset(self) -> None:
-        for states in self._states:
-            for value, shape in zip(states, self.state_shapes):
-                value.update_inplace(np.zeros(shape, np.float32))
-        self._current = 0
-
-    def decode(self, token: int, position: int) -> np.ndarray:
-        return self._run("decode", np.array([token], np.int32), position)
-
-    def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        if len(tokens) != self.prefill_chunk:
-            raise RgexportError(f"prefill takes exactly {self.prefill_chunk} tokens, got {len(tokens)}")
-        return self._run("prefill", np.asarray(tokens, np.int32).reshape(1, -1), position)
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {n: v.numpy().copy() for n, v in zip(self.state_names, self._states[self._current])}
-
-    def memory(self) -> dict[str, int]:
-        """Bytes: weights as stored in the loaded files (each of the two sessions holds its own copy), the
-        two state sets and the bound I/O buffers (`OrtValue.tensor_size_in_bytes`), and the process's
-        current and peak resident size. ONNX Runtime's Python API has no per-session allocator statistics,
-        and a resident-size difference around session creation is meaningless once the process has freed
-        memory before (measured per session in a fresh process: notes/onnx.md)."""
-        weights = 0
-        for path in self.paths.values():
-            if path.suffix == ".onnx":
-                weights += describe_onnx(path)["weights"]["bytes"]
-            else:
-                weights += path.stat().st_size
-        io_values = [*self._token.values(), self._position, *self._logits.values()]
-        return {
-            "weights_bytes": weights,
-            "state_bytes": sum(v.tensor_size_in_bytes() for s in self._states for v in s),
-            "io_bytes": sum(v.tensor_size_in_bytes() for v in io_values),
-            "process_rss_bytes": _rss_bytes(),
-            "process_peak_rss_bytes": _peak_rss_bytes(),
-        }
-
-
-# Inspection -----------------------------------------------------------------------------------------
-def describe_onnx(path: str | Path) -> dict[str, Any]:
-    """Summary of a .onnx file for `rgexport info`, read without loading external weights.
-
-    Returns:
-        {
-          "path": str, "file_bytes": int (the .onnx file alone),
-          "ir_version": int, "opsets": {domain: version} ("" is the default domain),
-          "producer": "pytorch 2.13.0", "metadata": {key: value} (rgexport.recipe, rgexport.method, ...),
-          "inputs":  [{"name": str, "shape": [int | str], "dtype": "float32" | "int32" | ...}],
-          "outputs": [same],
-          "nodes": int, "ops": {"MatMul": 51, "com.microsoft.MatMulNBits": 38, ...} (most used first),
-          "weights": {"count": int, "bytes": int (all initializers, external ones included),
-                      "by_dtype": {"float32": bytes, ...}, "external_bytes": int,
-                      "external_files": [str]},
-        }
-    """
-    import onnx
-    from google.protobuf.message import DecodeError
-    from onnx import TensorProto, helper
-
-    path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, OSError) as e:
-        raise RgexportError(f"{path} is not an ONNX model: {e}") from None
-
-    def dtype_name(elem_type: int) -> str:
-        try:
-            return helper.tensor_dtype_to_np_dtype(elem_type).name
-        except (KeyError, TypeError, ValueError):
-            return TensorProto.DataType.Name(elem_type).lower()
-
-    def io_entry(vi: Any) -> dict[str, Any]:
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                for d in vi.type.tensor_type.shape.dim]
-        return {"name": vi.name, "shape": dims, "dtype": dtype_name(vi.type.tensor_type.elem_type)}
-
-    ops = Counter(f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-                  for n in model.graph.node)
-    by_dtype: Counter = Counter()
-    external = set()
-    external_bytes = 0
-    for t in model.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            nbytes = int(info.get("length", 0))
-            external.add(info.get("location", ""))
-            external_bytes += nbytes
-        else:
-            nbytes = _typed_bytes(t)
-        by_dtype[dtype_name(t.data_type)] += nbytes
-    return {
-        "path": str(path),
-        "file_bytes": path.stat().st_size,
-        "ir_version": model.ir_version,
-        "opsets": {o.domain: o.version for o in model.opset_import},
-        "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "metadata": {p.key: p.value for p in model.metadata_props},
-        "inputs": [io_entry(i) for i in model.graph.input],
-        "outputs": [io_entry(o) for o in model.graph.output],
-        "nodes": len(model.graph.node),
-        "ops": dict(ops.most_common()),
-        "weights": {"count": len(model.graph.initializer), "bytes": sum(by_dtype.values()),
-                    "by_dtype": dict(by_dtype), "external_bytes": external_bytes,
-                    "external_files": sorted(external)},
-    }

@@ -24,118 +24,31 @@ records both.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
-from torch import nn
 
-from rgexport.backends.base import Backend, BuildContext, Recipe, Runner, standard_io_contract
+from rgexport.backends.base import Backend, BuildContext, Runner, standard_io_contract
+from rgexport.backends.tflite.calibration import Dataset, representative_dataset
+from rgexport.backends.tflite.export import (
+    _OLD_RUNTIME_FAILS,
+    ARTIFACT_FILE,
+    TFLiteExport,
+    _check_against_eager,
+    _check_runs,
+    _signature_io,
+    _signatures,
+    file_metadata,
+    litert_name,
+    op_histogram,
+)
+from rgexport.backends.tflite.recipes import DEFAULT_INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, RECIPES
+from rgexport.backends.tflite.runner import DELEGATES, TFLiteRunner
 from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
-from rgexport.graphs import DecodeIO, PrefillIO, input_name, output_name
 from rgexport.model import Griffin, state_spec
-
-Dataset = dict[str, list[dict[str, np.ndarray]]]  # signature -> samples, each {LiteRT input name: array}
-
-SIGNATURES = ("decode", "prefill")
-ARTIFACT_FILE = "model.tflite"
-INT4_BLOCK_SIZES = (32, 64, 128, 256)  # the blockwise granularities ai-edge-quantizer offers
-DEFAULT_INT4_BLOCK_SIZE = 32
-# Runtime option `delegate` -> the interpreter's op resolver. XNNPACK is LiteRT's default CPU delegate;
-# "none" runs LiteRT's builtin kernels (a second opinion on numerics).
-DELEGATES = {"xnnpack": "AUTO", "none": "BUILTIN_WITHOUT_DEFAULT_DELEGATES"}
-# The build-time check compares the float flatbuffer with eager torch, relative to the output's scale.
-# fp32 conversion measured 3e-6..8e-6 on logits; a swapped name or a miscompiled mask is off by ~1.
-CHECK_TOLERANCE = 1e-4
-# Representative dataset of `w8a8`: at most this many samples per signature, spread over all positions
-# of the calibration sequences (`calibrate.capture_samples`).
-MAX_CALIBRATION_SAMPLES = {"decode": 256, "prefill": 64}
-# Measured on files this backend wrote, in a separate numpy-1 environment with tflite-runtime 2.14
-# (its last release; notes/tflite.md).
-_OLD_RUNTIME_FAILS = {
-    "int8": "runs it and returns wrong logits without an error (0% top-1 agreement)",
-    "int4": "refuses it (EMBEDDING_LOOKUP: 'Type not currently supported')",
-}
-
-
-def litert_name(name: str) -> str:
-    """Our tensor name as a LiteRT signature name ('.' -> '__'); see the module docstring."""
-    if "__" in name:
-        raise RgexportError(f"Tensor name {name!r} holds '__', which the LiteRT name mapping reserves")
-    mapped = name.replace(".", "__")
-    if not mapped.isidentifier():
-        raise RgexportError(f"Tensor name {name!r} maps to {mapped!r}, which is not a Python identifier")
-    return mapped
-
-
-def our_name(name: str) -> str:
-    """Inverse of `litert_name`."""
-    return name.replace("__", ".")
-
-
-class _NamedSignature(nn.Module):
-    """Gives a DecodeIO/PrefillIO keyword inputs and a dict of outputs, so LiteRT names them for us."""
-
-    def __init__(self, io: DecodeIO):
-        super().__init__()
-        self.io = io
-        first = "tokens" if isinstance(io, PrefillIO) else "token"
-        self.input_names = [first, "position", *[litert_name(input_name(s)) for s in io.specs]]
-        self.output_names = ["logits", *[litert_name(output_name(s)) for s in io.specs]]
-
-    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.io(*[inputs[n] for n in self.input_names])
-        return dict(zip(self.output_names, outputs))
-
-    def example_inputs(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.input_names, self.io.example_inputs()))
-
-
-def _signatures(model: Griffin, chunk: int) -> dict[str, _NamedSignature]:
-    return {"decode": _NamedSignature(DecodeIO(model)).eval(),
-            "prefill": _NamedSignature(PrefillIO(model, chunk)).eval()}
-
-
-@dataclasses.dataclass
-class TFLiteExport:
-    """What `export` returns for a calibrated recipe: the float flatbuffer and the representative
-    dataset `lower` calibrates with (other recipes get the flatbuffer bytes alone)."""
-
-    flatbuffer: bytes
-    calibration: Dataset
-
-
-def representative_dataset(model: Griffin, sequences: Sequence[Sequence[int]], chunk: int) -> Dataset:
-    """Real inputs of both signatures, by LiteRT input name: the (tokens, position, state) of calls
-    along the fp32 trajectory over `sequences` (every decode step, every prefill chunk, spread evenly
-    down to MAX_CALIBRATION_SAMPLES), so the ranges cover states past the attention window."""
-    from rgexport.calibrate import capture_samples
-
-    specs = model.state_spec(1)
-    out: Dataset = {}
-    for sig, t, first in (("decode", 1, "token"), ("prefill", chunk, "tokens")):
-        rows = []
-        for sample in capture_samples(model, [list(s) for s in sequences], chunk=t,
-                                      max_samples=MAX_CALIBRATION_SAMPLES[sig]):
-            tokens = sample.tokens.numpy().astype(np.int32)
-            row = {first: tokens[0] if sig == "decode" else tokens,
-                   "position": sample.position.numpy().astype(np.int32)}
-            for spec in specs:
-                row[litert_name(input_name(spec))] = sample.state[spec.name].numpy().astype(np.float32)
-            rows.append(row)
-        if not rows:
-            raise RgexportError(
-                f"The calibration sequences ({[len(s) for s in sequences]} tokens) give no {sig} sample: "
-                f"each needs at least {t} tokens"
-            )
-        out[sig] = rows
-    return out
 
 
 class TFLiteBackend(Backend):
@@ -150,27 +63,8 @@ class TFLiteBackend(Backend):
         "num_threads": "interpreter threads (default: the runtime's)",
         "int4_block_size": "int4: weights per scale along the input dimension (default 32)",
     }
-    recipes: ClassVar[dict[str, Recipe]] = {
-        "fp32": Recipe("fp32", "float32 weights and activations"),
-        "fp16": Recipe("fp16", "float16 weights, dequantised to float32 when the model loads; float32 "
-                               "compute", quantized=True),
-        "int8": Recipe("int8", "dynamic range: int8 per-channel weights, activations quantised to int8 "
-                               "on the fly inside each matmul; state and logits float32", quantized=True),
-        "int4": Recipe("int4", "dynamic range with int4 weights in blocks along the input dimension "
-                               "(option int4_block_size, default 32); state and logits float32",
-                       quantized=True),
-        "w8a8": Recipe(
-            "w8a8",
-            "static int8 activations and int8 weights, calibrated on (tokens, position, state) samples "
-            "captured from the fp32 model over calibration text: the recurrent and attention projections, "
-            "the MLPs and the RG-LRU gates run int8 in and out. Float32 activations, chosen by a per-group "
-            "sensitivity study on the shipped model (one group int8 at a time, 512 held-out tokens): "
-            "attention scores/softmax (their -30000 mask leaves int8 a ~118 step: 90.4% top-1 alone), the "
-            "RG-LRU recurrence, Conv1D, norms and residual stream (no weights; together they doubled the "
-            "KL, 0.0038 -> 0.0067), the state, the logits and soft-cap (97.1% alone); embedding and head "
-            "weights dynamic int8",
-            quantized=True, calibrated=True),
-    }
+    recipes = RECIPES
+    quantizes_in = "lower"  # the recipe works on the converted program
     default_recipe = "fp32"
 
     # Build stages --------------------------------------------------------------------------------
@@ -408,212 +302,3 @@ class TFLiteBackend(Backend):
         return rm.get_quantization_recipe()
 
 
-# Checks on the flatbuffer --------------------------------------------------------------------------
-def _signature_io(flatbuffer: bytes) -> dict[str, dict[str, dict[str, tuple]]]:
-    """{signature: {"inputs"|"outputs": {name: (shape, dtype)}}} as the interpreter reports them."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=flatbuffer)
-    out = {}
-    for sig in interpreter.get_signature_list():
-        runner = interpreter.get_signature_runner(sig)
-        out[sig] = {
-            kind: {n: (tuple(int(d) for d in det["shape"]), np.dtype(det["dtype"]).name)
-                   for n, det in details.items()}
-            for kind, details in (("inputs", runner.get_input_details()),
-                                  ("outputs", runner.get_output_details()))
-        }
-    return out
-
-
-def op_histogram(flatbuffer: bytes) -> dict[str, dict[str, int]]:
-    """{signature subgraph: {builtin op name: count}}, read from the flatbuffer (before delegation)."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    model = schema.Model.GetRootAs(flatbuffer, 0)
-    out = {}
-    for i in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(i)
-        counts: collections.Counter[str] = collections.Counter()
-        for j in range(subgraph.OperatorsLength()):
-            code = model.OperatorCodes(subgraph.Operators(j).OpcodeIndex())
-            # Builtin codes above 127 live only in BuiltinCode; older ones in the deprecated field.
-            counts[names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "CUSTOM")] += 1
-        out[(subgraph.Name() or b"").decode() or str(i)] = dict(sorted(counts.items()))
-    return out
-
-
-def file_metadata(flatbuffer: bytes) -> dict[str, str]:
-    """The model's small text metadata entries (the converter writes `min_runtime_version`)."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(flatbuffer, 0)
-    out = {}
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        buffer = model.Buffers(entry.Buffer())
-        if 0 < buffer.DataLength() <= 256:
-            out[entry.Name().decode()] = bytes(buffer.DataAsNumpy()).rstrip(b"\0").decode(errors="replace")
-    return out
-
-
-def _check_runs(flatbuffer: bytes, dataset: Dataset) -> None:
-    """Runs each signature of a quantised file on its last calibration sample (the furthest position):
-    every output must be there and finite. ai-edge-quantizer can write a file that converts and loads
-    but leaves a signature output unfilled ("Tensor data is null"; see tflite_calibration.static_ops)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=flatbuffer)
-    for sig, rows in dataset.items():
-        runner = interpreter.get_signature_runner(sig)
-        try:
-            outputs = runner(**rows[-1])
-        except ValueError as e:
-            raise RgexportError(f"The quantised signature {sig} does not run: {e}") from None
-        bad = sorted(name for name, value in outputs.items() if not np.isfinite(value).all())
-        if bad:
-            raise RgexportError(f"The quantised signature {sig} returns non-finite values in {bad}")
-
-
-def _check_against_eager(flatbuffer: bytes, signatures: dict[str, _NamedSignature], ctx: BuildContext) -> None:
-    """Runs each signature once on a random state past the window and compares every output by name.
-
-    Fails when a signature lacks a name we expect, holds one we do not, or computes something else
-    under a name (a mapping that trusted positional order, or a miscompilation).
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=flatbuffer)
-    found = set(interpreter.get_signature_list())
-    if found != set(SIGNATURES):
-        raise RgexportError(f"The converted model has signatures {sorted(found)}, expected {list(SIGNATURES)}")
-    g = torch.Generator().manual_seed(0)
-    window = ctx.config.attention_window_size
-    worst = {}
-    for sig_name, module in signatures.items():
-        runner = interpreter.get_signature_runner(sig_name)
-        inputs_seen = set(runner.get_input_details())
-        outputs_seen = set(runner.get_output_details())
-        if inputs_seen != set(module.input_names) or outputs_seen != set(module.output_names):
-            raise RgexportError(
-                f"Signature {sig_name} has inputs {sorted(inputs_seen)} and outputs {sorted(outputs_seen)}, "
-                f"expected {sorted(module.input_names)} and {sorted(module.output_names)}"
-            )
-        probe = {}
-        for name, example in module.example_inputs().items():
-            if name in ("token", "tokens"):
-                probe[name] = torch.randint(0, ctx.config.vocab_size, example.shape, generator=g,
-                                            dtype=torch.int32)
-            elif name == "position":
-                # Past the window, so the ring buffer has wrapped and position 0's shortcuts are off.
-                probe[name] = torch.full(example.shape, window + 3, dtype=torch.int32)
-            else:
-                probe[name] = torch.randn(example.shape, generator=g)
-        with torch.no_grad():
-            expected = module(**probe)
-        got = runner(**{k: v.numpy() for k, v in probe.items()})
-        for name, want in expected.items():
-            want = want.numpy()
-            err = float(np.abs(got[name] - want).max()) / max(1.0, float(np.abs(want).max()))
-            worst[f"{sig_name}.{name}"] = err
-            if not err <= CHECK_TOLERANCE:
-                raise RgexportError(
-                    f"LiteRT signature {sig_name} output {name} differs from eager torch by {err:.3g} "
-                    f"(relative; allowed {CHECK_TOLERANCE}) at position {window + 3}: the conversion "
-                    "miscompiled the graph or the output name does not hold the tensor it names"
-                )
-    ctx.facts["conversion_check"] = {
-        "position": window + 3,
-        "max_relative_error": max(worst.values()),
-        "outputs_checked": len(worst),
-    }
-
-
-# Runner --------------------------------------------------------------------------------------------
-class TFLiteRunner(Runner):
-    """Drives the `decode` and `prefill` signatures, carrying the state between calls in numpy."""
-
-    def __init__(self, interpreter: Any, io: dict[str, Any], model_bytes: int = 0):
-        self._interpreter = interpreter
-        self._io = io
-        self.prefill_chunk = int(io["prefill_chunk"])
-        self._model_bytes = model_bytes
-        self._runners = {}
-        available = set(interpreter.get_signature_list())
-        for method in SIGNATURES:
-            sig = io["methods"][method].get("signature", method)
-            if sig not in available:
-                raise RgexportError(f"The LiteRT model has no signature {sig!r} (it has {sorted(available)})")
-            runner = interpreter.get_signature_runner(sig)
-            _check_contract(method, runner, io["methods"][method])
-            self._runners[method] = runner
-        # state name -> (LiteRT input name, LiteRT output name, shape)
-        self._state_io = [
-            (t["name"], t.get("litert_input", litert_name(t["input"])),
-             t.get("litert_output", litert_name(t["output"])), tuple(t["shape"]))
-            for t in io["state"]["tensors"]
-        ]
-        self._vocab = int(io["methods"]["decode"]["outputs"][0]["shape"][-1])
-        self._state: dict[str, np.ndarray] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        self._state = {inp: np.zeros(shape, np.float32) for _, inp, _, shape in self._state_io}
-
-    def _run(self, method: str, first: str, tokens: np.ndarray, position: int) -> np.ndarray:
-        if tokens.min() < 0 or tokens.max() >= self._vocab:
-            raise RgexportError(f"Token ids must be in [0, {self._vocab}), got {tokens.min()}..{tokens.max()}")
-        if position < 0:
-            raise RgexportError(f"Position must be >= 0, got {position}")
-        out = self._runners[method](**{first: tokens, "position": np.array([position], np.int32)}, **self._state)
-        # The signature runner returns copies today, but views into the interpreter's arena would be
-        # overwritten by the next call: own every array that is fed back.
-        self._state = {inp: _owned(out[outp]) for _, inp, outp, _ in self._state_io}
-        return _owned(out["logits"][0])
-
-    def decode(self, token: int, position: int) -> np.ndarray:
-        return self._run("decode", "token", np.array([token], np.int32), position)
-
-    def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        if len(tokens) != self.prefill_chunk:
-            raise RgexportError(f"prefill takes exactly {self.prefill_chunk} tokens, got {len(tokens)}")
-        return self._run("prefill", "tokens", np.asarray(tokens, np.int32)[None], position)
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {name: self._state[inp].copy() for name, inp, _, _ in self._state_io}
-
-    def memory(self) -> dict[str, int]:
-        """Bytes the interpreter holds that it reports: the model, the state, each signature's I/O."""
-        out = {"model_bytes": self._model_bytes,
-               "state_bytes": sum(a.nbytes for a in self._state.values())}
-        for method, runner in self._runners.items():
-            out[f"{method}_io_bytes"] = sum(
-                _nbytes(d) for details in (runner.get_input_details(), runner.get_output_details())
-                for d in details.values()
-            )
-        return out
-
-
-def _owned(a: np.ndarray) -> np.ndarray:
-    return a if a.flags.owndata and a.base is None else a.copy()
-
-
-def _nbytes(details: dict[str, Any]) -> int:
-    return int(np.prod(details["shape"])) * np.dtype(details["dtype"]).itemsize
-
-
-def _check_contract(method: str, runner: Any, contract: dict[str, Any]) -> None:
-    """The signature's names, shapes and dtypes must be those the manifest promises."""
-    for kind, details in (("inputs", runner.get_input_details()), ("outputs", runner.get_output_details())):
-        want = {t.get("litert_name", litert_name(t["name"])): (tuple(t["shape"]), t["dtype"])
-                for t in contract[kind]}
-        got = {n: (tuple(int(x) for x in d["shape"]), np.dtype(d["dtype"]).name) for n, d in details.items()}
-        if want != got:
-            missing = sorted(set(want) - set(got))
-            extra = sorted(set(got) - set(want))
-            differ = sorted(n for n in set(want) & set(got) if want[n] != got[n])
-            raise RgexportError(
-                f"LiteRT signature {method} {kind} do not match the manifest: missing {missing}, "
-                f"unexpected {extra}, different shape or dtype {differ}"
-            )

@@ -27,7 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from rgexport.backends.tflite.export import Dataset, litert_name
 from rgexport.errors import RgexportError
+from rgexport.graphs import input_name
+from rgexport.model import Griffin
 
 # Group kinds. `positions` (masks, rotary angles, resets, ring-buffer slots) never holds activations.
 KINDS = ("embed", "positions", "norm", "recurrent_proj", "conv1d", "rglru_gates", "rglru", "attention_proj",
@@ -318,3 +321,35 @@ def quantize(flatbuffer: bytes, recipe: list[dict[str, Any]], qsvs: dict[str, An
 
 def w8a8_groups(ops: Iterable[Op]) -> list[str]:
     return sorted({op.group for op in ops if op.kind in W8A8_STATIC_KINDS})
+
+
+
+# Representative dataset of `w8a8`: at most this many samples per signature, spread over all positions
+# of the calibration sequences (`calibrate.capture_samples`).
+MAX_CALIBRATION_SAMPLES = {"decode": 256, "prefill": 64}
+
+def representative_dataset(model: Griffin, sequences: Sequence[Sequence[int]], chunk: int) -> Dataset:
+    """Real inputs of both signatures, by LiteRT input name: the (tokens, position, state) of calls
+    along the fp32 trajectory over `sequences` (every decode step, every prefill chunk, spread evenly
+    down to MAX_CALIBRATION_SAMPLES), so the ranges cover states past the attention window."""
+    from rgexport.calibrate import capture_samples
+
+    specs = model.state_spec(1)
+    out: Dataset = {}
+    for sig, t, first in (("decode", 1, "token"), ("prefill", chunk, "tokens")):
+        rows = []
+        for sample in capture_samples(model, [list(s) for s in sequences], chunk=t,
+                                      max_samples=MAX_CALIBRATION_SAMPLES[sig]):
+            tokens = sample.tokens.numpy().astype(np.int32)
+            row = {first: tokens[0] if sig == "decode" else tokens,
+                   "position": sample.position.numpy().astype(np.int32)}
+            for spec in specs:
+                row[litert_name(input_name(spec))] = sample.state[spec.name].numpy().astype(np.float32)
+            rows.append(row)
+        if not rows:
+            raise RgexportError(
+                f"The calibration sequences ({[len(s) for s in sequences]} tokens) give no {sig} sample: "
+                f"each needs at least {t} tokens"
+            )
+        out[sig] = rows
+    return out

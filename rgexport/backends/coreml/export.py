@@ -1,0 +1,126 @@
+"""Tracing the decode and prefill functions for coremltools, state names, and the float32 islands of fp16 programs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rgexport.graphs import StatefulModel, buffer_name
+from rgexport.model import Griffin, TensorSpec
+
+STATE_DTYPES = ("float16", "float32")
+
+DEFAULT_STATE_DTYPE = "float16"
+
+COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # ct.ComputeUnit, used when loading
+
+ARTIFACT_FILE = "model.mlpackage"
+
+FUNCTIONS = ("decode", "prefill")
+
+# Ops that only move, combine or apply elementwise arithmetic: the RG-LRU island grows through them.
+_ELEMENTWISE = frozenset({
+    "add", "sub", "mul", "real_div", "exp", "sqrt", "rsqrt", "clip", "abs", "maximum", "minimum",
+    "slice_by_index", "slice_update", "expand_dims", "squeeze", "reshape", "concat", "stack", "cast",
+})
+
+def state_input_name(spec: TensorSpec) -> str:
+    """Core ML feature names cannot hold dots: state.blocks.0.rg_lru -> state_blocks_0_rg_lru."""
+    return f"state_{buffer_name(spec)}"
+
+def state_output_name(spec: TensorSpec) -> str:
+    return f"new_state_{buffer_name(spec)}"
+
+# Graphs -----------------------------------------------------------------------------------------
+def _graphs(model: Griffin, chunk: int, state_dtype: str) -> dict[str, tuple[Any, tuple]]:
+    """The torch modules to trace, with example inputs: {function: (module, example inputs)}."""
+    import torch
+    from torch import nn
+
+    specs = model.state_spec(1)
+
+    class StatefulDecode(StatefulModel):
+        """token [1], position [1] -> logits [1, v]; state in fp16 buffers (Core ML states)."""
+
+        def forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            return super().forward(token[:, None], position)[:, 0]
+
+    class FunctionalStep(nn.Module):
+        """tokens [1, t] (or token [1]), position [1], *state -> logits, *new_state (float32 state I/O)."""
+
+        def __init__(self, decode: bool):
+            super().__init__()
+            self.model, self.decode = model, decode
+
+        def forward(self, tokens: torch.Tensor, position: torch.Tensor, *state: torch.Tensor):
+            if self.decode:
+                tokens = tokens[:, None]
+            named = {s.name: t for s, t in zip(specs, state)}
+            logits, new = self.model.forward(tokens.to(torch.long), position, named)
+            return (logits[:, 0] if self.decode else logits, *[new[s.name] for s in specs])
+
+    position = torch.zeros(1, dtype=torch.int32)
+    token, tokens = torch.zeros(1, dtype=torch.int32), torch.zeros(1, chunk, dtype=torch.int32)
+    if state_dtype == "float16":
+        return {
+            "decode": (StatefulDecode(model, assign_slices=True, state_dtype=torch.float16).eval(),
+                       (token, position)),
+            "prefill": (StatefulModel(model, assign_slices=True, state_dtype=torch.float16).eval(),
+                        (tokens, position)),
+        }
+    zeros = tuple(torch.zeros(s.shape) for s in specs)
+    return {
+        "decode": (FunctionalStep(decode=True).eval(), (token, position, *zeros)),
+        "prefill": (FunctionalStep(decode=False).eval(), (tokens, position, *zeros)),
+    }
+
+# Float32 islands --------------------------------------------------------------------------------
+def fp32_islands(block: Any) -> dict[str, set[Any]]:
+    """Ops of a MIL function (before fp16 casting) that must compute in float32, by reason.
+
+    "position": ops computing only from the `position` input and constants.
+    "rg_lru": elementwise ops on a path into an RG-LRU state write (or `new_state_*rg_lru` output).
+    """
+    position_var = block.inputs.get("position")
+    position: set[Any] = set()
+    for op in block.operations:
+        if op.op_type == "const":
+            continue
+        variables = [v for vs in op.inputs.values() for v in (vs if isinstance(vs, (list, tuple)) else [vs])]
+        dynamic = [v for v in variables if v.val is None]
+        if dynamic and all(v is position_var or (v.op is not None and v.op in position) for v in dynamic):
+            position.add(op)
+
+    seeds = []
+    for op in block.operations:
+        if op.op_type == "coreml_update_state" and "rg_lru" in op.state.name:
+            seeds.append(op.value)
+    seeds += [v for v in block.outputs if "rg_lru" in v.name]
+    rg_lru: set[Any] = set()
+    stack = list(seeds)
+    while stack:
+        var = stack.pop()
+        op = var.op
+        if op is None or op in rg_lru or op in position or op.op_type not in _ELEMENTWISE:
+            continue
+        rg_lru.add(op)
+        for vs in op.inputs.values():
+            for v in vs if isinstance(vs, (list, tuple)) else [vs]:
+                if v.val is None:
+                    stack.append(v)
+    return {"position": position, "rg_lru": rg_lru}
+
+class _IslandSelector:
+    """op_selector for `FP16ComputePrecision`: True (cast to fp16) for every op outside the islands."""
+
+    def __init__(self) -> None:
+        self._islands: dict[int, set[int]] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, op: Any) -> bool:
+        block = op.enclosing_block
+        key = id(block)
+        if key not in self._islands:
+            islands = fp32_islands(block)
+            self.counts = {k: len(v) for k, v in islands.items()}
+            self._islands[key] = {id(o) for ops in islands.values() for o in ops}
+        return id(op) not in self._islands[key]

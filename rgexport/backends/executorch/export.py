@@ -1,0 +1,116 @@
+"""torch.export of the stateful program's methods and what lowering to XNNPACK left where (delegation, memory plan)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from rgexport.graphs import buffer_name
+from rgexport.model import TensorSpec
+
+ARTIFACT_FILE = "model.pte"
+
+STATE_METHODS = ("reset", "read_state")
+
+# Initial state data is stored per method that carries it, and copied in when that method loads. The
+# compute methods carry it, so whichever of them a runtime loads first starts from zeros.
+_INITIALISED_METHODS = ("decode", "prefill")
+
+class _StateMethods(nn.Module):
+    """Only the state buffers, under the same names as in `StatefulModel`, for `reset` and `read_state`.
+
+    Exported from a weightless module so that these methods carry no copy of the weights; ExecuTorch
+    matches shared buffers across methods by their fully qualified names.
+    """
+
+    def __init__(self, specs: list[TensorSpec]):
+        super().__init__()
+        self.specs = specs
+        for s in specs:
+            self.register_buffer(buffer_name(s), torch.zeros(s.shape, dtype=s.dtype))
+
+    def reset(self) -> None:
+        for s in self.specs:
+            getattr(self, buffer_name(s)).zero_()
+
+    def read_state(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, buffer_name(s)).clone() for s in self.specs)
+
+@contextlib.contextmanager
+def _forward_as(module: nn.Module, method: Any) -> Iterator[nn.Module]:
+    """Temporarily makes `method` the module's forward, so torch.export captures it."""
+    module.forward = method  # type: ignore[method-assign]
+    try:
+        yield module
+    finally:
+        del module.forward
+
+@dataclasses.dataclass
+class _Prepared:
+    """What `quantize` hands to `export`: one module per compute method, and the state spec."""
+
+    modules: dict[str, nn.Module]  # decode, prefill (the same StatefulModel unless PT2E split them)
+    inputs: dict[str, tuple[torch.Tensor, ...]]
+    specs: list[TensorSpec]
+
+def _example_inputs(chunk: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    position = torch.zeros(1, dtype=torch.int32)
+    return {
+        "decode": (torch.zeros(1, 1, dtype=torch.int32), position),
+        "prefill": (torch.zeros(1, chunk, dtype=torch.int32), position),
+    }
+
+def _zero_buffers_(module: nn.Module, specs: list[TensorSpec]) -> None:
+    """Zeroes the state buffers: their values at export become the program's initial state."""
+    names = {buffer_name(s) for s in specs}
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in names:
+                buf.zero_()
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    return name.removesuffix(".default")
+
+def _delegation(edge: Any, method: str) -> dict[str, Any]:
+    """Counts the XNNPACK delegates (one call each per step), the operators inside them and those left to
+    ExecuTorch's portable kernels."""
+    import operator
+
+    gm = edge.exported_program(method).graph_module
+    delegated = partitions = 0
+    outside: collections.Counter[str] = collections.Counter()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        if _op_name(node) == "executorch_call_delegate":
+            partitions += 1
+            lowered = getattr(gm, node.args[0].target)
+            delegated += sum(1 for n in lowered.original_module.graph.nodes
+                             if n.op == "call_function" and n.target is not operator.getitem)
+        else:
+            outside[_op_name(node)] += 1
+    return {"partitions": partitions, "delegated_ops": delegated, "non_delegated_ops": sum(outside.values()),
+            "non_delegated": dict(sorted(outside.items()))}
+
+def planned_memory(program: Any) -> dict[str, dict[str, int]]:
+    """Non-constant (memory-planned) bytes per method of a serialised-schema Program.
+
+    mem_id 1 holds activations and I/O; with shared mutable buffers, mem_id 2 holds the state (the same
+    arena for every method). mem_id 0 is reserved and always 0.
+    """
+    out = {}
+    for plan in program.execution_plan:
+        sizes = list(plan.non_const_buffer_sizes)
+        out[plan.name] = {
+            "activations": int(sizes[1]) if len(sizes) > 1 else 0,
+            "state": int(sizes[2]) if len(sizes) > 2 else 0,
+        }
+    return out

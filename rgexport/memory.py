@@ -1,0 +1,62 @@
+"""This process's memory, one way everywhere: resident set now, its peak, and a reset of the peak mark.
+
+Linux reads /proc/self (RssAnon and RssFile apart: a memory-mapped checkpoint's pages count as resident
+while they stay mapped and touched); elsewhere `resource` gives the peak only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def status_bytes(field: str) -> int | None:
+    """A /proc/self/status field (VmRSS, VmHWM, RssAnon, RssFile) in bytes; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident set size now (0 where the system does not say)."""
+    rss = status_bytes("VmRSS")
+    if rss is not None:
+        return rss
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the process started, or since the last `reset_peak_rss`."""
+    hwm = status_bytes("VmHWM")  # follows clear_refs resets, where ru_maxrss does not
+    if hwm is not None:
+        return hwm
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Resets the peak-RSS mark (Linux: 5 written to /proc/self/clear_refs), so that a later peak covers only
+    what follows; False where the system cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_split() -> dict[str, int | None]:
+    """Anonymous and file-backed resident bytes (Linux), e.g. to tell weights read from a mapped file apart."""
+    return {"anon_bytes": status_bytes("RssAnon"), "file_bytes": status_bytes("RssFile")}
