@@ -1,6 +1,6 @@
 """The standalone device runner and validation on an emulated Arm device.
 
-Fast tests: `rgexport/device_runner.py`, run as a separate program with this Python, drives ONNX and
+Fast tests: `rgexport/emulate/device_runner.py`, run as a separate program with this Python, drives ONNX and
 TFLite fp32 artifacts of the SMALL model from their manifest alone and reproduces the backends' own
 runners bit for bit (so the manifest's I/O contract is enough for a third-party program); the emulated
 environment's pure parts (cpuinfo, cache location, comparisons, errors) need no emulator.
@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from rgexport import emulate
-from rgexport.device_runner import ArtifactDriver, ContractError
+from rgexport.emulate import environment
+from rgexport.emulate.device_runner import ArtifactDriver, ContractError
 from rgexport.errors import RgexportError
 
 CHUNK = 8
@@ -182,8 +183,8 @@ def test_compare_runs_reports_where_and_how_much():
 
 def test_missing_qemu_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("RGEXPORT_CACHE", str(tmp_path))
-    monkeypatch.setattr(emulate, "find_qemu", lambda: None)
-    monkeypatch.setattr(emulate, "_is_root", lambda: False)
+    monkeypatch.setattr(environment, "find_qemu", lambda: None)
+    monkeypatch.setattr(environment, "_is_root", lambda: False)
     with pytest.raises(RgexportError, match="apt-get install qemu-user-static"):
         emulate.ensure_environment("onnx")
 
@@ -214,7 +215,7 @@ def vocab_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["onnx", "tflite", "executorch"])
 def test_validate_on_emulated_arm64(backend, vocab_checkpoint, tmp_path):
     """The whole path on the real emulator (ExecuTorch downloads the 430 MB aarch64 torch wheel once)."""
-    if emulate.find_qemu() is None and not emulate._is_root():
+    if environment.find_qemu() is None and not environment._is_root():
         pytest.skip("needs qemu-user-static (or root with apt-get to install it)")
     module = {"onnx": "onnxscript", "tflite": "litert_torch", "executorch": "executorch.exir"}[backend]
     pytest.importorskip(module)
@@ -245,12 +246,12 @@ def test_sme_is_off_for_max_on_qemu_7():
 
 def test_a_failed_setup_step_shows_its_output_and_the_fix(tmp_path):
     log = tmp_path / "setup.log"
-    emulate._run_logged(["sh", "-c", "echo earlier"], log, "first step", "n/a")
+    environment._run_logged(["sh", "-c", "echo earlier"], log, "first step", "n/a")
     with pytest.raises(RgexportError) as e:
-        emulate._run_logged(["sh", "-c", "echo no network >&2; exit 3"], log, "downloading arm64 packages",
+        environment._run_logged(["sh", "-c", "echo no network >&2; exit 3"], log, "downloading arm64 packages",
                             "Check the apt sources.")
     message = str(e.value)
     assert "downloading arm64 packages failed (exit 3). Check the apt sources." in message
     assert "no network" in message and "earlier" not in message and str(log) in message
     with pytest.raises(RgexportError, match="not found. Install it"):
-        emulate._run_logged(["/nonexistent/tool"], log, "step", "Install it.")
+        environment._run_logged(["/nonexistent/tool"], log, "step", "Install it.")
