@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from rgexport.backends import BuildContext, get_backend
@@ -54,7 +56,9 @@ def test_sample_parses_and_uses_manifest_names(backend, fn, language, small_conf
     code = fn(f"{backend}-x", manifest)
     assert not _errors(_parse(language, code)), _errors(_parse(language, code))
     io = manifest["io"]
-    assert f"{io['prefill_chunk']}" in code and f"{small_config.vocab_size}" in code
+    # The sizes are the manifest's, as named constants (Swift `static let`, Kotlin `const val`).
+    for name, value in (("prefill_?chunk", io["prefill_chunk"]), ("vocab_?size", small_config.vocab_size)):
+        assert re.search(rf"(?i)(let|val) {name} = {value}\b", code), (name, value)
     if io["state"]["placement"] == "io":  # every state tensor is wired by its runtime name
         for t in io["state"]["tensors"]:
             assert t.get("litert_input", t["input"]) in code
