@@ -34,10 +34,14 @@ class Turn:
     """One exchange: what the user said, how many tokens it fed, and the reply's figures."""
 
     user: str
-    fed_tokens: int
+    ids: list[int]  # fed onto the state before the reply (last turn's pending token first)
     reply: str
     stats: GenerationStats
     refed: bool = False  # the template re-rendered earlier turns differently: the whole conversation was fed
+
+    @property
+    def fed_tokens(self) -> int:
+        return len(self.ids)
 
 
 class ChatSession:
@@ -74,6 +78,7 @@ class ChatSession:
         self.consumed = ""  # the rendered conversation text the state has read (template mode)
         self.turns: list[Turn] = []
         self.last_logits: np.ndarray | None = None
+        self.last_reply: Generation | None = None
 
     def turn_ids(self, user: str) -> tuple[list[int], bool]:
         """The ids this turn feeds: tokens sampled last turn but not yet fed, then the turn's own text.
@@ -105,12 +110,13 @@ class ChatSession:
         self.position = reply.stats.end_position
         self.pending = list(reply.pending)
         self.last_logits = reply.logits
+        self.last_reply = reply
         if self.template is not None:
             before = self.template.render([*self.messages, {"role": "user", "content": user}],
                                           add_generation_prompt=True)
             self.consumed = before + self.tokenizer.decode(reply.tokens)
             self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply.text}]
-        turn = Turn(user, len(ids), reply.text, reply.stats, refed)
+        turn = Turn(user, list(ids), reply.text, reply.stats, refed)
         self.turns.append(turn)
         return turn
 

@@ -178,14 +178,14 @@ def run(
     sampling = SamplingOptions(temperature, top_k, top_p, seed).check()
     with open_artifact(path, threads=threads, artifact=artifact) as art, Interrupt().catching_sigint() as stop_flag:
         if not as_json:
-            err.print(art.describe(), highlight=False, markup=False)
+            err.print(art.describe(), highlight=False, markup=False, soft_wrap=True)
         gen = run_prompt(art, prompt, sampling, max_tokens, stop or [], None if as_json else _write, stop_flag)
         facts = {"artifact": art.source, "backend": art.backend, "recipe": art.recipe, "stand_in": art.stand_in}
     if as_json:
         out.print_json(json.dumps(facts | {"text": gen.text, "tokens": gen.tokens, "stats": gen.stats.to_dict()}))
         return
     sys.stdout.write("\n")
-    err.print(gen.stats.summary(), highlight=False, markup=False)
+    err.print(gen.stats.summary(), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
