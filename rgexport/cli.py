@@ -128,19 +128,22 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option(min=0)] = 0,
     seed: int = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: the smallest set reaching p (1: all).")] = 1.0,
 ) -> None:
-    """Generates text eagerly with the step model, streaming it."""
+    """Generates text eagerly with the step model, streaming it (the sampler `run` and `chat` use)."""
     from rgexport.checkpoint import load_checkpoint
     from rgexport.generate import generate_text
+    from rgexport.sampling import SamplingOptions
     from rgexport.tokenizer import Tokenizer
 
+    SamplingOptions(temperature, top_k, top_p, seed).check()
     ckpt = load_checkpoint(checkpoint, preset, tokenizer)
     if ckpt.tokenizer_path is None:
         raise RgexportError("the checkpoint has no tokenizer.model; pass --tokenizer PATH")
     tok = Tokenizer(ckpt.tokenizer_path)
     sys.stdout.write(prompt)
     generate_text(ckpt.model, tok, prompt, on_piece=lambda p: (sys.stdout.write(p), sys.stdout.flush()),
-                  max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
+                  max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed, top_p=top_p)
     sys.stdout.write("\n")
 
 
