@@ -229,7 +229,8 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         if tokenizer is not None:
             shutil.copyfile(tokenizer.path, work / "tokenizer.model")
             tok_entry = {"file": "tokenizer.model", "type": "sentencepiece", "vocab_size": tokenizer.vocab_size,
-                         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+                         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+                         "chat_template": ckpt.chat_template.to_dict() if ckpt.chat_template else None}
         entries = file_entries(work, [*files, *([work / "tokenizer.model"] if tokenizer else [])])
         manifest = {
             "format": "rgexport-manifest",

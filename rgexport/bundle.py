@@ -115,6 +115,7 @@ def _bundle_manifest(work: Path, profile: TargetProfile, artifacts, samples: lis
             for folder, m in artifacts
         ],
         "tokenizer": "tokenizer.model" if (work / "tokenizer.model").is_file() else None,
+        "chat_template": next(((m.get("tokenizer") or {}).get("chat_template") for _, m in artifacts), None),
         "samples": [p.relative_to(work).as_posix() for p in samples],
         "files": file_entries(work, files),
     }

@@ -18,6 +18,7 @@ import pickle
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class Checkpoint:
     format: str  # "huggingface" | "deepmind"
     digest: str  # sha256 over the weight files, in name order
     tokenizer_path: Path | None
+    chat_template: Any = None  # rgexport.templates.ChatTemplate, for a checkpoint that carries one
 
 
 # Name maps: (our name pattern, their name template, ours->theirs, theirs->ours). `{i}` is the block index.
@@ -247,8 +249,10 @@ def load_huggingface(path: str | Path) -> Checkpoint:
         )
     model = _check_and_build(config, ours, str(folder))
     tokenizer = folder / "tokenizer.model"
+    from rgexport.templates import load_chat_template
+
     return Checkpoint(model, config, str(folder), "huggingface", _sha256_files(files),
-                      tokenizer if tokenizer.is_file() else None)
+                      tokenizer if tokenizer.is_file() else None, load_chat_template(folder))
 
 
 def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = None) -> Checkpoint:

@@ -128,20 +128,86 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option(min=0)] = 0,
     seed: int = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: the smallest set reaching p (1: all).")] = 1.0,
 ) -> None:
-    """Generates text eagerly with the step model, streaming it."""
+    """Generates text eagerly with the step model, streaming it (the sampler `run` and `chat` use)."""
     from rgexport.checkpoint import load_checkpoint
     from rgexport.generate import generate_text
+    from rgexport.sampling import SamplingOptions
     from rgexport.tokenizer import Tokenizer
 
+    SamplingOptions(temperature, top_k, top_p, seed).check()
     ckpt = load_checkpoint(checkpoint, preset, tokenizer)
     if ckpt.tokenizer_path is None:
         raise RgexportError("the checkpoint has no tokenizer.model; pass --tokenizer PATH")
     tok = Tokenizer(ckpt.tokenizer_path)
     sys.stdout.write(prompt)
     generate_text(ckpt.model, tok, prompt, on_piece=lambda p: (sys.stdout.write(p), sys.stdout.flush()),
-                  max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
+                  max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed, top_p=top_p)
     sys.stdout.write("\n")
+
+
+# run and chat: an artifact driven the way an app drives it (rgexport.runtime, rgexport.run, rgexport.chat).
+ArtifactPath = Annotated[Path, typer.Argument(help="Artifact folder, bundle folder or bundle .zip.")]
+ArtifactOpt = Annotated[str | None, typer.Option(
+    "--artifact", help="Which of a bundle's artifacts: folder name, backend, or backend/recipe (default: first).")]
+MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Most tokens to generate per reply.")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 = greedy.")]
+TopKOpt = Annotated[int, typer.Option(min=0, help="Sample from the k most likely tokens (0: all).")]
+TopPOpt = Annotated[float, typer.Option(help="Sample from the smallest set reaching probability p (1: all).")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text is generated (repeatable).")]
+ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="The runtime's CPU threads (default: its own).")]
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+@app.command()
+@_friendly
+def run(
+    path: ArtifactPath, prompt: Annotated[str, typer.Option(help="Text to continue.")], artifact: ArtifactOpt = None,
+    max_tokens: MaxTokensOpt = 128, temperature: TemperatureOpt = 0.0, top_k: TopKOpt = 0, top_p: TopPOpt = 1.0,
+    seed: int = 0, stop: StopOpt = None, threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print text, token ids and figures as JSON.")] = False,
+) -> None:
+    """Generates from an artifact in its own runtime, streaming text; figures (prompt tokens, prefill and
+    decode tok/s, time to first token, state bytes) go to stderr."""
+    from rgexport.run import Interrupt, run_prompt
+    from rgexport.runtime import open_artifact
+    from rgexport.sampling import SamplingOptions
+
+    sampling = SamplingOptions(temperature, top_k, top_p, seed).check()
+    with open_artifact(path, threads=threads, artifact=artifact) as art, Interrupt().catching_sigint() as stop_flag:
+        if not as_json:
+            err.print(art.describe(), highlight=False, markup=False, soft_wrap=True)
+        gen = run_prompt(art, prompt, sampling, max_tokens, stop or [], None if as_json else _write, stop_flag)
+        facts = {"artifact": art.source, "backend": art.backend, "recipe": art.recipe, "stand_in": art.stand_in}
+    if as_json:
+        out.print_json(json.dumps(facts | {"text": gen.text, "tokens": gen.tokens, "stats": gen.stats.to_dict()}))
+        return
+    sys.stdout.write("\n")
+    err.print(gen.stats.summary(), highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+@_friendly
+def chat(
+    path: ArtifactPath, artifact: ArtifactOpt = None, max_tokens: MaxTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0, top_k: TopKOpt = 0, top_p: TopPOpt = 1.0, seed: int = 0,
+    stop: StopOpt = None, threads: ThreadsOpt = None,
+) -> None:
+    """A multi-turn conversation with an artifact (turns from the terminal or a pipe); the fixed-size state
+    carries the conversation, so each turn feeds only its own tokens. /reset, /stats, /quit; Ctrl-C stops a
+    reply."""
+    from rgexport.chat import ChatSession, chat_loop
+    from rgexport.runtime import open_artifact
+    from rgexport.sampling import SamplingOptions
+
+    sampling = SamplingOptions(temperature, top_k, top_p, seed).check()
+    with open_artifact(path, threads=threads, artifact=artifact) as art:
+        chat_loop(ChatSession(art, sampling, max_tokens, stop or []), sys.stdin, sys.stdout, sys.stderr)
 
 
 TARGET_HELP = ("A backend (executorch, coreml, onnx, tflite), a profile (ios, android, linux-arm64, web; "

@@ -7,15 +7,19 @@ from collections.abc import Callable, Iterator
 import torch
 
 from rgexport.model import Griffin
+from rgexport.sampling import Sampler, SamplingOptions
 from rgexport.tokenizer import Tokenizer
 
 
 @torch.no_grad()
-def generate(
+def generate_tokens(
     model: Griffin, tokenizer: Tokenizer, prompt: str, max_tokens: int = 64, temperature: float = 0.0,
-    top_k: int = 0, seed: int = 0, prefill_chunk: int = 32,
-) -> Iterator[str]:
-    """Yields text pieces as tokens are generated (greedy when temperature is 0). Stops at </s>."""
+    top_k: int = 0, seed: int = 0, prefill_chunk: int = 32, top_p: float = 1.0,
+) -> Iterator[int]:
+    """Yields generated token ids (greedy when temperature is 0); stops at </s> or after `max_tokens`.
+
+    Sampling is `rgexport.sampling.Sampler`, the one `run` and `chat` use on artifacts."""
+    sampler = Sampler(SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
     ids = tokenizer.encode(prompt)
     state = model.init_state()
     chunk = min(prefill_chunk, model.config.attention_window_size)
@@ -23,30 +27,26 @@ def generate(
     for s in range(0, len(ids), chunk):
         out, state = model.prefill(torch.tensor([ids[s : s + chunk]]), torch.tensor([s]), state)
         logits = out[0, -1]
-    g = torch.Generator().manual_seed(seed)
-    generated: list[int] = []
-    text_so_far = ""
     for i in range(max_tokens):
-        token = _sample(logits, temperature, top_k, g)
+        token = sampler.sample(logits.numpy())
         if token == tokenizer.eos_id:
             break
+        yield token
+        if i + 1 < max_tokens:
+            logits, state = model.step(torch.tensor([token]), torch.tensor([len(ids) + i]), state)
+            logits = logits[0]
+
+
+def generate(model: Griffin, tokenizer: Tokenizer, prompt: str, **kwargs) -> Iterator[str]:
+    """Yields text pieces as tokens are generated (`generate_tokens`'s arguments)."""
+    generated: list[int] = []
+    text_so_far = ""
+    for token in generate_tokens(model, tokenizer, prompt, **kwargs):
         generated.append(token)
         text = tokenizer.decode(generated)  # decode the whole tail so multi-byte pieces come out whole
         if text.startswith(text_so_far):
             yield text[len(text_so_far):]
             text_so_far = text
-        logits, state = model.step(torch.tensor([token]), torch.tensor([len(ids) + i]), state)
-        logits = logits[0]
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, g: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = torch.where(logits < kth, torch.full_like(logits, float("-inf")), logits)
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
 
 
 def generate_text(model: Griffin, tokenizer: Tokenizer, prompt: str, on_piece: Callable[[str], None] | None = None,

@@ -2,9 +2,12 @@
 manifest's I/O contract, never typed by hand. Swift for Core ML and ExecuTorch on iOS; Kotlin for LiteRT
 and ExecuTorch on Android; Python (ONNX Runtime) on Linux; JavaScript (onnxruntime-web) on the web.
 
-Each sample prefills the prompt's whole chunks, decodes the rest token by token, then generates
-greedily, carrying the state the way the contract says (inside the program, or out and back in).
-Tokenisation stays with the app (the bundle's tokenizer.model is a SentencePiece model).
+Each class drives one artifact (prefill in whole chunks, decode token by token, the state carried the way
+the contract says: inside the program, or out and back in). One shared file per language
+(`RecurrentGemmaGeneration.swift` / `.kt`) holds the whole loop the CLI's `rgexport chat` runs: tokenize
+(the app supplies a SentencePiece binding for the bundle's tokenizer.model), prefill each turn onto the
+state, decode, sample (rgexport's sampler: greedy, temperature, top-k, top-p, seeded), detokenize; with the
+checkpoint's chat template, reduced to the strings around each message, when the manifest records one.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ import Foundation
 /// RecurrentGemma on Core ML: `{package}`, functions `{functions['decode']}` (one token) and
 /// `{functions['prefill']}` ({chunk} tokens). State: {io['state']['total_bytes']} bytes, {io['state']['placement']}.
 @available(iOS 18.0, macOS 15.0, *)
-final class RecurrentGemmaCoreML {{
+final class RecurrentGemmaCoreML: StepModel {{
     static let vocabSize = {vocab}
     static let prefillChunk = {chunk}
     private let decodeModel: MLModel
@@ -111,43 +114,19 @@ final class RecurrentGemmaCoreML {{
 {"" if stateful else _swift_state_readback(io)}        return output.featureValue(for: "{logits_name}")!.multiArrayValue!
     }}
 
-    /// Greedy generation: `prompt` token ids in, `maxTokens` new ids out.
-    func generate(prompt: [Int32], maxTokens: Int, eosId: Int32 = {m['tokenizer']['eos_id'] if m['tokenizer'] else 1}) throws -> [Int32] {{
-        try reset()
-        var logits: MLMultiArray? = nil
-        var last = 0
-        var i = 0
-        while prompt.count - i >= Self.prefillChunk {{
-            logits = try prefill(tokens: Array(prompt[i..<(i + Self.prefillChunk)]), position: Int32(i))
-            last = Self.prefillChunk - 1
-            i += Self.prefillChunk
-        }}
-        while i < prompt.count {{
-            logits = try decode(token: prompt[i], position: Int32(i))
-            last = 0
-            i += 1
-        }}
-        var out: [Int32] = []
-        var position = Int32(prompt.count)
-        while out.count < maxTokens, let current = logits {{
-            let next = argmax(current, row: last)
-            if next == eosId {{ break }}
-            out.append(next)
-            logits = try decode(token: next, position: position)
-            last = 0
-            position += 1
-        }}
-        return out
+    // StepModel (RecurrentGemmaGeneration.swift): the last row of logits, for the generation loop.
+    var chunk: Int {{ Self.prefillChunk }}
+
+    func prefillLast(tokens: [Int32], position: Int32) throws -> [Float] {{
+        row(try prefill(tokens: tokens, position: position), Self.prefillChunk - 1)
     }}
 
-    private func argmax(_ logits: MLMultiArray, row: Int) -> Int32 {{
-        var best = 0
-        var bestValue = -Float.infinity
-        for v in 0..<Self.vocabSize {{
-            let value = logits[row * Self.vocabSize + v].floatValue
-            if value > bestValue {{ bestValue = value; best = v }}
-        }}
-        return Int32(best)
+    func decodeLogits(token: Int32, position: Int32) throws -> [Float] {{
+        row(try decode(token: token, position: position), 0)
+    }}
+
+    private func row(_ logits: MLMultiArray, _ r: Int) -> [Float] {{
+        (0..<Self.vocabSize).map {{ logits[r * Self.vocabSize + $0].floatValue }}
     }}
 }}
 """
@@ -173,7 +152,7 @@ import ExecuTorch
 
 /// RecurrentGemma on ExecuTorch: `{m['artifact']['file']}`, methods `decode` (one token) and `prefill`
 /// ({chunk} tokens) sharing the state inside the program ({io['state']['total_bytes']} bytes).
-final class RecurrentGemmaExecuTorch {{
+final class RecurrentGemmaExecuTorch: StepModel {{
     static let vocabSize = {vocab}
     static let prefillChunk = {chunk}
     private let module: Module
@@ -206,29 +185,16 @@ final class RecurrentGemmaExecuTorch {{
         return logits.scalars()
     }}
 
-    func generate(prompt: [Int32], maxTokens: Int, eosId: Int32 = {m['tokenizer']['eos_id'] if m['tokenizer'] else 1}) throws -> [Int32] {{
-        try reset()
-        var last: [Float] = []
-        var i = 0
-        while prompt.count - i >= Self.prefillChunk {{
-            let logits = try prefill(tokens: Array(prompt[i..<(i + Self.prefillChunk)]), position: Int32(i))
-            last = Array(logits[(logits.count - Self.vocabSize)...])
-            i += Self.prefillChunk
-        }}
-        while i < prompt.count {{
-            last = try decode(token: prompt[i], position: Int32(i))
-            i += 1
-        }}
-        var out: [Int32] = []
-        var position = Int32(prompt.count)
-        while out.count < maxTokens && !last.isEmpty {{
-            let next = Int32(last.indices.max(by: {{ last[$0] < last[$1] }})!)
-            if next == eosId {{ break }}
-            out.append(next)
-            last = try decode(token: next, position: position)
-            position += 1
-        }}
-        return out
+    // StepModel (RecurrentGemmaGeneration.swift): the last row of logits, for the generation loop.
+    var chunk: Int {{ Self.prefillChunk }}
+
+    func prefillLast(tokens: [Int32], position: Int32) throws -> [Float] {{
+        let logits = try prefill(tokens: tokens, position: position)
+        return Array(logits[(logits.count - Self.vocabSize)...])
+    }}
+
+    func decodeLogits(token: Int32, position: Int32) throws -> [Float] {{
+        try decode(token: token, position: position)
     }}
 }}
 """
@@ -262,7 +228,7 @@ import org.tensorflow.lite.Interpreter
  * and `{pre.get('signature', 'prefill')}` ({chunk} tokens). The state ({io['state']['total_bytes']} bytes) passes
  * out of each call and back into the next.
  */
-class RecurrentGemmaLiteRT(modelFile: File, threads: Int = 4) {{
+class RecurrentGemmaLiteRT(modelFile: File, threads: Int = 4) : StepModel {{
     companion object {{
         const val VOCAB_SIZE = {vocab}
         const val PREFILL_CHUNK = {chunk}
@@ -284,7 +250,7 @@ class RecurrentGemmaLiteRT(modelFile: File, threads: Int = 4) {{
     )
 
     /** Forget the sequence (zeros). Position 0 also starts a new sequence whatever the state holds. */
-    fun reset() {{ state = freshState() }}
+    override fun reset() {{ state = freshState() }}
 
     fun decode(token: Int, position: Int): FloatArray =
         run("{dec.get('signature', 'decode')}", "{name(dec['inputs'][0])}", intArrayOf(token), position, 1)
@@ -311,30 +277,15 @@ class RecurrentGemmaLiteRT(modelFile: File, threads: Int = 4) {{
         return FloatArray(rows * VOCAB_SIZE).also {{ logits.asFloatBuffer().get(it) }}
     }}
 
-    fun generate(prompt: IntArray, maxTokens: Int, eosId: Int = {m['tokenizer']['eos_id'] if m['tokenizer'] else 1}): IntArray {{
-        reset()
-        var last = FloatArray(0)
-        var i = 0
-        while (prompt.size - i >= PREFILL_CHUNK) {{
-            val logits = prefill(prompt.copyOfRange(i, i + PREFILL_CHUNK), i)
-            last = logits.copyOfRange(logits.size - VOCAB_SIZE, logits.size)
-            i += PREFILL_CHUNK
-        }}
-        while (i < prompt.size) {{
-            last = decode(prompt[i], i)
-            i += 1
-        }}
-        val out = ArrayList<Int>()
-        var position = prompt.size
-        while (out.size < maxTokens && last.isNotEmpty()) {{
-            val next = last.indices.maxByOrNull {{ last[it] }}!!
-            if (next == eosId) break
-            out.add(next)
-            last = decode(next, position)
-            position += 1
-        }}
-        return out.toIntArray()
+    // StepModel (RecurrentGemmaGeneration.kt): the last row of logits, for the generation loop.
+    override val chunk: Int = PREFILL_CHUNK
+
+    override fun prefillLast(tokens: IntArray, position: Int): FloatArray {{
+        val logits = prefill(tokens, position)
+        return logits.copyOfRange(logits.size - VOCAB_SIZE, logits.size)
     }}
+
+    override fun decodeLogits(token: Int, position: Int): FloatArray = decode(token, position)
 }}
 """
 
@@ -359,7 +310,7 @@ import org.pytorch.executorch.Tensor
  * RecurrentGemma on ExecuTorch: `{m['artifact']['file']}`, methods `decode` (one token) and `prefill`
  * ({chunk} tokens) sharing the state inside the program ({io['state']['total_bytes']} bytes).
  */
-class RecurrentGemmaExecuTorch(path: String) {{
+class RecurrentGemmaExecuTorch(path: String) : StepModel {{
     companion object {{
         const val VOCAB_SIZE = {vocab}
         const val PREFILL_CHUNK = {chunk}
@@ -373,7 +324,7 @@ class RecurrentGemmaExecuTorch(path: String) {{
     }}
 
     /** Position 0 starts a new sequence whatever the state holds. */
-    fun reset() {{
+    override fun reset() {{
 {reset}    }}
 
     fun decode(token: Int, position: Int): FloatArray {{
@@ -395,30 +346,555 @@ class RecurrentGemmaExecuTorch(path: String) {{
         return outputs[0].toTensor().dataAsFloatArray
     }}
 
-    fun generate(prompt: IntArray, maxTokens: Int, eosId: Int = {m['tokenizer']['eos_id'] if m['tokenizer'] else 1}): IntArray {{
-        reset()
-        var last = FloatArray(0)
-        var i = 0
-        while (prompt.size - i >= PREFILL_CHUNK) {{
-            val logits = prefill(prompt.copyOfRange(i, i + PREFILL_CHUNK), i)
-            last = logits.copyOfRange(logits.size - VOCAB_SIZE, logits.size)
-            i += PREFILL_CHUNK
+    // StepModel (RecurrentGemmaGeneration.kt): the last row of logits, for the generation loop.
+    override val chunk: Int = PREFILL_CHUNK
+
+    override fun prefillLast(tokens: IntArray, position: Int): FloatArray {{
+        val logits = prefill(tokens, position)
+        return logits.copyOfRange(logits.size - VOCAB_SIZE, logits.size)
+    }}
+
+    override fun decodeLogits(token: Int, position: Int): FloatArray = decode(token, position)
+}}
+"""
+
+
+# Shared generation loop: tokenize, prefill, decode, sample, detokenize (Swift and Kotlin) ----------------
+def _string_literal(text: str, language: str) -> str:
+    """`text` as a Swift or Kotlin string literal."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "$" and language == "kotlin":
+            out.append("\\$")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{{{ord(ch):x}}}" if language == "swift" else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def chat_format(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The strings a sample splices each turn into, from the manifest's chat template (rendered by
+    `rgexport.templates`), or raw-text mode's when the model has none."""
+    from rgexport.chat import RAW_SEPARATOR
+    from rgexport.templates import ChatTemplate
+
+    entry = (manifest.get("tokenizer") or {}).get("chat_template")
+    if not entry:
+        return {"templated": False, "first": "", "reply": "", "next": RAW_SEPARATOR, "next_after_stop": "",
+                "stop": "", "source": "none: raw text"}
+    template = ChatTemplate.from_dict(entry)
+    fmt = template.turn_format()
+    first = fmt["first"]
+    if first.startswith(template.bos_token):  # the sample adds the BOS id itself
+        first = first[len(template.bos_token):]
+    stop = template.stop_strings[0] if template.stop_strings else ""
+    after = fmt["next"][len(stop):] if stop and fmt["next"].startswith(stop) else fmt["next"]
+    return {"templated": True, "first": first, "reply": fmt["reply"], "next": fmt["next"], "next_after_stop": after,
+            "stop": stop, "source": entry.get("source", "the manifest")}
+
+
+def swift_generation(m: dict[str, Any]) -> str:
+    """RecurrentGemmaGeneration.swift: the tokenizer protocol, rgexport's sampler, the chat format and the
+    generation loop that every Swift sample class (`StepModel`) plugs into."""
+    tok = m["tokenizer"] or {"bos_id": 2, "eos_id": 1}
+    f = chat_format(m)
+    s = lambda text: _string_literal(text, "swift")  # noqa: E731
+    head = HEADER.format(version=m["rgexport_version"], folder="*", backend=m["backend"], recipe=m["recipe"]["name"])
+    return f"""// {head}
+import Foundation
+
+/// The bundle's tokenizer.model is a SentencePiece model: the app supplies encode/decode through a
+/// SentencePiece binding. `encode` adds no BOS.
+protocol TextTokenizer {{
+    func encode(_ text: String) -> [Int32]
+    func decode(_ ids: [Int32]) -> String
+}}
+
+/// An artifact one step at a time (the RecurrentGemma* classes beside this file): the last row of logits.
+protocol StepModel: AnyObject {{
+    var chunk: Int {{ get }}
+    func reset() throws
+    func prefillLast(tokens: [Int32], position: Int32) throws -> [Float]
+    func decodeLogits(token: Int32, position: Int32) throws -> [Float]
+}}
+
+/// SplitMix64: the same seed gives the same reply.
+struct SeededGenerator: RandomNumberGenerator {{
+    private var state: UInt64
+    init(seed: UInt64) {{ state = seed }}
+    mutating func next() -> UInt64 {{
+        state &+= 0x9E3779B97F4A7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) &* 0x94D049BB133111EB
+        return z ^ (z >> 31)
+    }}
+}}
+
+/// rgexport's sampler (`rgexport run`, `rgexport chat`): greedy at temperature 0; otherwise divide by the
+/// temperature, keep the top k, keep the smallest set reaching probability topP, draw.
+struct Sampler {{
+    var temperature: Float = 0
+    var topK: Int = 0
+    var topP: Float = 1
+    var rng = SeededGenerator(seed: 0)
+
+    mutating func sample(_ logits: [Float]) -> Int32 {{
+        if temperature <= 0 {{
+            var best = 0
+            for i in logits.indices where logits[i] > logits[best] {{ best = i }}
+            return Int32(best)
         }}
-        while (i < prompt.size) {{
-            last = decode(prompt[i], i)
+        var order = logits.indices.sorted {{ logits[$0] > logits[$1] }}
+        if topK > 0 && topK < order.count {{ order = Array(order[0..<topK]) }}
+        let top = logits[order[0]] / temperature
+        var probs = order.map {{ Double(exp(logits[$0] / temperature - top)) }}
+        let total = probs.reduce(0, +)
+        probs = probs.map {{ $0 / total }}
+        if topP < 1 {{
+            var cumulative = 0.0
+            var keep = 0
+            while keep < probs.count {{
+                cumulative += probs[keep]
+                keep += 1
+                if cumulative >= Double(topP) {{ break }}
+            }}
+            order = Array(order[0..<keep])
+            probs = Array(probs[0..<keep])
+        }}
+        var r = Double.random(in: 0..<probs.reduce(0, +), using: &rng)
+        for (i, p) in probs.enumerated() {{
+            r -= p
+            if r < 0 {{ return Int32(order[i]) }}
+        }}
+        return Int32(order[order.count - 1])
+    }}
+}}
+
+/// How a turn is written. Chat template: {f["source"]} (rendered by rgexport into the text around each
+/// message). Without one the model runs raw text: turns continue the transcript on a new line.
+enum ChatFormat {{
+    static let templated = {"true" if f["templated"] else "false"}
+    static let first = {s(f["first"])}  // after BOS, before the first message
+    static let reply = {s(f["reply"])}  // after each message: the model's turn starts
+    static let next = {s(f["next"])}  // before each later message
+    static let nextAfterStop = {s(f["next_after_stop"])}  // the same, when the reply wrote the stop text
+    static let stop = {s(f["stop"])}  // a reply ends here (besides EOS)
+}}
+
+/// The whole loop: tokenize, prefill the turn in chunks, then sample, decode and detokenize token by token.
+/// The state carries the conversation, so each turn feeds only its own tokens.
+final class Generator {{
+    static let bosId: Int32 = {tok["bos_id"]}
+    static let eosId: Int32 = {tok["eos_id"]}
+    let model: StepModel
+    let tokenizer: TextTokenizer
+    var sampler: Sampler
+    private(set) var position: Int32 = 0
+    private var pending: [Int32] = []
+    private var closedTurn = false
+
+    init(model: StepModel, tokenizer: TextTokenizer, sampler: Sampler = Sampler()) {{
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampler = sampler
+    }}
+
+    func reset() throws {{
+        try model.reset()
+        position = 0
+        pending = []
+        closedTurn = false
+    }}
+
+    /// Whole chunks through prefill, the rest through decode, from the current position.
+    private func feed(_ ids: [Int32]) throws -> [Float] {{
+        var logits: [Float] = []
+        var i = 0
+        while ids.count - i >= model.chunk && model.chunk > 1 {{
+            logits = try model.prefillLast(tokens: Array(ids[i..<(i + model.chunk)]), position: position)
+            position += Int32(model.chunk)
+            i += model.chunk
+        }}
+        while i < ids.count {{
+            logits = try model.decodeLogits(token: ids[i], position: position)
+            position += 1
             i += 1
         }}
-        val out = ArrayList<Int>()
-        var position = prompt.size
-        while (out.size < maxTokens && last.isNotEmpty()) {{
-            val next = last.indices.maxByOrNull {{ last[it] }}!!
-            if (next == eosId) break
-            out.add(next)
-            last = decode(next, position)
+        return logits
+    }}
+
+    /// The ids one message adds to the conversation.
+    func turnIds(_ message: String) -> [Int32] {{
+        if position == 0 {{
+            return [Self.bosId] + tokenizer.encode(ChatFormat.templated ? ChatFormat.first + message + ChatFormat.reply : message)
+        }}
+        if !ChatFormat.templated {{ return pending + tokenizer.encode(ChatFormat.next + message) }}
+        let before = closedTurn ? ChatFormat.nextAfterStop : ChatFormat.next
+        return pending + tokenizer.encode(before + message + ChatFormat.reply)
+    }}
+
+    /// One turn: streams the reply through `onText` until EOS, the stop text or `maxTokens`.
+    func reply(to message: String, maxTokens: Int, onText: (String) -> Void) throws -> String {{
+        var logits = try feed(turnIds(message))
+        pending = []
+        closedTurn = false
+        var generated: [Int32] = []
+        var shown = ""
+        while generated.count < maxTokens {{
+            let next = sampler.sample(logits)
+            if next == Self.eosId {{ break }}
+            generated.append(next)
+            var text = tokenizer.decode(generated)
+            if !ChatFormat.stop.isEmpty, let range = text.range(of: ChatFormat.stop) {{
+                text = String(text[..<range.lowerBound])
+                closedTurn = true
+            }}
+            if text.hasPrefix(shown) {{
+                onText(String(text.dropFirst(shown.count)))
+                shown = text
+            }}
+            if closedTurn || generated.count == maxTokens {{
+                pending = [next]  // sampled, not yet fed: the next turn feeds it first
+                break
+            }}
+            logits = try model.decodeLogits(token: next, position: position)
             position += 1
         }}
-        return out.toIntArray()
+        return shown
     }}
+}}
+"""
+
+
+def kotlin_generation(m: dict[str, Any]) -> str:
+    """RecurrentGemmaGeneration.kt: the tokenizer interface, rgexport's sampler, the chat format and the
+    generation loop that every Kotlin sample class (`StepModel`) plugs into."""
+    tok = m["tokenizer"] or {"bos_id": 2, "eos_id": 1}
+    f = chat_format(m)
+    s = lambda text: _string_literal(text, "kotlin")  # noqa: E731
+    head = HEADER.format(version=m["rgexport_version"], folder="*", backend=m["backend"], recipe=m["recipe"]["name"])
+    return f"""// {head}
+package ai.rgexport.sample
+
+import kotlin.math.exp
+import kotlin.random.Random
+
+/** The bundle's tokenizer.model is a SentencePiece model: the app supplies encode/decode through a
+ * SentencePiece binding. `encode` adds no BOS. */
+interface TextTokenizer {{
+    fun encode(text: String): IntArray
+    fun decode(ids: IntArray): String
+}}
+
+/** An artifact one step at a time (the RecurrentGemma* classes beside this file): the last row of logits. */
+interface StepModel {{
+    val chunk: Int
+    fun reset()
+    fun prefillLast(tokens: IntArray, position: Int): FloatArray
+    fun decodeLogits(token: Int, position: Int): FloatArray
+}}
+
+/** rgexport's sampler (`rgexport run`, `rgexport chat`): greedy at temperature 0; otherwise divide by the
+ * temperature, keep the top k, keep the smallest set reaching probability topP, draw (seeded). */
+class Sampler(val temperature: Float = 0f, val topK: Int = 0, val topP: Float = 1f, seed: Long = 0) {{
+    private val rng = Random(seed)
+
+    fun sample(logits: FloatArray): Int {{
+        if (temperature <= 0f) return logits.indices.maxByOrNull {{ logits[it] }}!!
+        var order = logits.indices.sortedByDescending {{ logits[it] }}
+        if (topK in 1 until order.size) order = order.take(topK)
+        val top = logits[order[0]] / temperature
+        var probs = order.map {{ exp((logits[it] / temperature - top).toDouble()) }}
+        val total = probs.sum()
+        probs = probs.map {{ it / total }}
+        if (topP < 1f) {{
+            var cumulative = 0.0
+            var keep = 0
+            while (keep < probs.size) {{
+                cumulative += probs[keep]
+                keep += 1
+                if (cumulative >= topP) break
+            }}
+            order = order.take(keep)
+            probs = probs.take(keep)
+        }}
+        var r = rng.nextDouble(probs.sum())
+        for (i in probs.indices) {{
+            r -= probs[i]
+            if (r < 0) return order[i]
+        }}
+        return order.last()
+    }}
+}}
+
+/** How a turn is written. Chat template: {f["source"]} (rendered by rgexport into the text around each
+ * message). Without one the model runs raw text: turns continue the transcript on a new line. */
+object ChatFormat {{
+    const val TEMPLATED = {"true" if f["templated"] else "false"}
+    const val FIRST = {s(f["first"])} // after BOS, before the first message
+    const val REPLY = {s(f["reply"])} // after each message: the model's turn starts
+    const val NEXT = {s(f["next"])} // before each later message
+    const val NEXT_AFTER_STOP = {s(f["next_after_stop"])} // the same, when the reply wrote the stop text
+    const val STOP = {s(f["stop"])} // a reply ends here (besides EOS)
+}}
+
+/** The whole loop: tokenize, prefill the turn in chunks, then sample, decode and detokenize token by token.
+ * The state carries the conversation, so each turn feeds only its own tokens. */
+class Generator(private val model: StepModel, private val tokenizer: TextTokenizer, var sampler: Sampler = Sampler()) {{
+    companion object {{
+        const val BOS_ID = {tok["bos_id"]}
+        const val EOS_ID = {tok["eos_id"]}
+    }}
+
+    var position = 0
+        private set
+    private var pending = IntArray(0)
+    private var closedTurn = false
+
+    fun reset() {{
+        model.reset()
+        position = 0
+        pending = IntArray(0)
+        closedTurn = false
+    }}
+
+    /** Whole chunks through prefill, the rest through decode, from the current position. */
+    private fun feed(ids: IntArray): FloatArray {{
+        var logits = FloatArray(0)
+        var i = 0
+        while (ids.size - i >= model.chunk && model.chunk > 1) {{
+            logits = model.prefillLast(ids.copyOfRange(i, i + model.chunk), position)
+            position += model.chunk
+            i += model.chunk
+        }}
+        while (i < ids.size) {{
+            logits = model.decodeLogits(ids[i], position)
+            position += 1
+            i += 1
+        }}
+        return logits
+    }}
+
+    /** The ids one message adds to the conversation. */
+    fun turnIds(message: String): IntArray {{
+        if (position == 0) {{
+            val text = if (ChatFormat.TEMPLATED) ChatFormat.FIRST + message + ChatFormat.REPLY else message
+            return intArrayOf(BOS_ID) + tokenizer.encode(text)
+        }}
+        if (!ChatFormat.TEMPLATED) return pending + tokenizer.encode(ChatFormat.NEXT + message)
+        val before = if (closedTurn) ChatFormat.NEXT_AFTER_STOP else ChatFormat.NEXT
+        return pending + tokenizer.encode(before + message + ChatFormat.REPLY)
+    }}
+
+    /** One turn: streams the reply through `onText` until EOS, the stop text or `maxTokens`. */
+    fun reply(message: String, maxTokens: Int, onText: (String) -> Unit): String {{
+        var logits = feed(turnIds(message))
+        pending = IntArray(0)
+        closedTurn = false
+        val generated = ArrayList<Int>()
+        var shown = ""
+        while (generated.size < maxTokens) {{
+            val next = sampler.sample(logits)
+            if (next == EOS_ID) break
+            generated.add(next)
+            var text = tokenizer.decode(generated.toIntArray())
+            val stopAt = if (ChatFormat.STOP.isEmpty()) -1 else text.indexOf(ChatFormat.STOP)
+            if (stopAt >= 0) {{
+                text = text.substring(0, stopAt)
+                closedTurn = true
+            }}
+            if (text.startsWith(shown)) {{
+                onText(text.substring(shown.length))
+                shown = text
+            }}
+            if (closedTurn || generated.size == maxTokens) {{
+                pending = intArrayOf(next) // sampled, not yet fed: the next turn feeds it first
+                break
+            }}
+            logits = model.decodeLogits(next, position)
+            position += 1
+        }}
+        return shown
+    }}
+}}
+"""
+
+
+# JavaScript: onnxruntime-web (the web target) ------------------------------------------------------------
+def js_onnx_web(folder: str, m: dict[str, Any]) -> str:
+    """recurrentgemma.mjs: an ES module that runs the ONNX artifact in a page with onnxruntime-web
+    (WebAssembly; WebGPU where the caller asks for it), with rgexport's sampler and the generation loop.
+    `rgexport validate BUNDLE --device browser` drives this very module in headless Chromium."""
+    io = m["io"]
+    chunk = io["prefill_chunk"]
+    vocab = m["model"]["config"]["vocab_size"]
+    tok = m["tokenizer"] or {"bos_id": 2, "eos_id": 1}
+    files = m["backend_facts"].get("onnx_files", {"decode": "decode.onnx", "prefill": "prefill.onnx"})
+    dec, pre = io["methods"]["decode"], io["methods"]["prefill"]
+    states = io["state"]["tensors"]
+    bad = [t["name"] for t in states if t["dtype"] != "float32"]
+    if bad:
+        raise ValueError(f"the web sample carries float32 state; {bad} are not")
+    state_js = ",\n".join(
+        f'  {{ input: "{t["input"]}", output: "{t["output"]}", shape: {t["shape"]} }}' for t in states)
+    head = HEADER.format(version=m["rgexport_version"], folder=folder, backend=m["backend"],
+                         recipe=m["recipe"]["name"])
+    return f"""// {head}
+// RecurrentGemma in the browser: `{folder}/{files['decode']}` (one token) and `{folder}/{files['prefill']}`
+// ({chunk} tokens) on onnxruntime-web. The state ({io['state']['total_bytes']} bytes) passes out of each call
+// and back into the next. Tokenisation: the bundle's tokenizer.model (SentencePiece) encodes the prompt.
+
+export const VOCAB_SIZE = {vocab};
+export const PREFILL_CHUNK = {chunk};
+export const BOS_ID = {tok['bos_id']};
+export const EOS_ID = {tok['eos_id']};
+const STATE = [
+{state_js},
+];
+
+export class RecurrentGemmaWeb {{
+  /** `ort` is the onnxruntime-web module; `baseUrl` the artifact folder's URL (ending in /). */
+  static async create(ort, baseUrl, {{ executionProviders = ["wasm"] }} = {{}}) {{
+    const options = {{ executionProviders, graphOptimizationLevel: "all" }};
+    const [decode, prefill] = await Promise.all([
+      ort.InferenceSession.create(new URL("{files['decode']}", baseUrl).href, options),
+      ort.InferenceSession.create(new URL("{files['prefill']}", baseUrl).href, options),
+    ]);
+    return new RecurrentGemmaWeb(ort, decode, prefill);
+  }}
+
+  constructor(ort, decode, prefill) {{
+    this.ort = ort;
+    this.decodeSession = decode;
+    this.prefillSession = prefill;
+    this.reset();
+  }}
+
+  /** Zeros: a valid initial state. Position 0 also starts a new sequence whatever the state holds. */
+  reset() {{
+    this.state = {{}};
+    for (const t of STATE) {{
+      const size = t.shape.reduce((a, b) => a * b, 1);
+      this.state[t.input] = new this.ort.Tensor("float32", new Float32Array(size), t.shape);
+    }}
+  }}
+
+  async run(session, tokenName, tokens, shape, position) {{
+    const feeds = {{
+      ...this.state,
+      [tokenName]: new this.ort.Tensor("int32", Int32Array.from(tokens), shape),
+      "{dec['inputs'][1]['name']}": new this.ort.Tensor("int32", Int32Array.of(position), [1]),
+    }};
+    const out = await session.run(feeds);
+    const next = {{}};
+    for (const t of STATE) next[t.input] = out[t.output];
+    this.state = next;
+    return out["{dec['outputs'][0]['name']}"].data;  // Float32Array
+  }}
+
+  /** One token at `position` -> {vocab} logits. */
+  decode(token, position) {{
+    return this.run(this.decodeSession, "{dec['inputs'][0]['name']}", [token], {dec['inputs'][0]['shape']}, position);
+  }}
+
+  /** Exactly {chunk} tokens from `position` -> {chunk} x {vocab} logits. */
+  prefill(tokens, position) {{
+    if (tokens.length !== PREFILL_CHUNK) throw new Error(`prefill takes ${{PREFILL_CHUNK}} tokens`);
+    return this.run(this.prefillSession, "{pre['inputs'][0]['name']}", tokens, {pre['inputs'][0]['shape']}, position);
+  }}
+
+  /** Any number of tokens from `position`: whole chunks through prefill, the rest through decode; the
+   * last token's logits. */
+  async feed(ids, position) {{
+    let logits = null;
+    let i = 0;
+    while (ids.length - i >= PREFILL_CHUNK && PREFILL_CHUNK > 1) {{
+      const rows = await this.prefill(ids.slice(i, i + PREFILL_CHUNK), position + i);
+      logits = rows.subarray(rows.length - VOCAB_SIZE);
+      i += PREFILL_CHUNK;
+    }}
+    for (; i < ids.length; i++) logits = await this.decode(ids[i], position + i);
+    return logits;
+  }}
+}}
+
+/** mulberry32: the same seed gives the same reply. */
+function seeded(seed) {{
+  let a = seed >>> 0;
+  return () => {{
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }};
+}}
+
+/** rgexport's sampler: greedy at temperature 0; otherwise divide by the temperature, keep the top k,
+ * keep the smallest set reaching probability topP, draw. */
+export class Sampler {{
+  constructor({{ temperature = 0, topK = 0, topP = 1, seed = 0 }} = {{}}) {{
+    Object.assign(this, {{ temperature, topK, topP }});
+    this.random = seeded(seed);
+  }}
+
+  sample(logits) {{
+    if (this.temperature <= 0) {{
+      let best = 0;
+      for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+      return best;
+    }}
+    let order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]);
+    if (this.topK > 0 && this.topK < order.length) order = order.slice(0, this.topK);
+    const top = logits[order[0]] / this.temperature;
+    let probs = order.map((i) => Math.exp(logits[i] / this.temperature - top));
+    const total = probs.reduce((a, b) => a + b, 0);
+    probs = probs.map((p) => p / total);
+    if (this.topP < 1) {{
+      let cumulative = 0;
+      let keep = 0;
+      while (keep < probs.length) {{
+        cumulative += probs[keep++];
+        if (cumulative >= this.topP) break;
+      }}
+      order = order.slice(0, keep);
+      probs = probs.slice(0, keep);
+    }}
+    let r = this.random() * probs.reduce((a, b) => a + b, 0);
+    for (let i = 0; i < probs.length; i++) {{
+      r -= probs[i];
+      if (r < 0) return order[i];
+    }}
+    return order[order.length - 1];
+  }}
+}}
+
+/** The loop: prefill the prompt ids (BOS first), then sample and decode until EOS or `maxTokens`;
+ * `onToken(id)` sees each new id as it comes (detokenize it with the bundle's tokenizer). */
+export async function generate(model, promptIds, {{ maxTokens = 64, sampler = new Sampler(), onToken }} = {{}}) {{
+  model.reset();
+  let logits = await model.feed(promptIds, 0);
+  const out = [];
+  let position = promptIds.length;
+  while (out.length < maxTokens) {{
+    const next = sampler.sample(logits);
+    if (next === EOS_ID) break;
+    out.push(next);
+    if (onToken) onToken(next);
+    if (out.length === maxTokens) break;
+    logits = await model.decode(next, position++);
+  }}
+  return out;
 }}
 """
 
@@ -428,7 +904,12 @@ GENERATORS = {
     ("ios", "executorch"): ("RecurrentGemmaExecuTorch.swift", swift_executorch),
     ("android", "tflite"): ("RecurrentGemmaLiteRT.kt", kotlin_litert),
     ("android", "executorch"): ("RecurrentGemmaExecuTorch.kt", kotlin_executorch),
+    ("web", "onnx"): ("recurrentgemma.mjs", js_onnx_web),
 }
+
+# The generation loop each language's classes share (tokenize, prefill, decode, sample, detokenize).
+SHARED = {"swift": ("RecurrentGemmaGeneration.swift", swift_generation),
+          "kt": ("RecurrentGemmaGeneration.kt", kotlin_generation)}
 
 
 def write_samples(bundle: Path, profile: TargetProfile, artifacts: list[tuple[Path, dict[str, Any]]]) -> list[Path]:
@@ -444,6 +925,10 @@ def write_samples(bundle: Path, profile: TargetProfile, artifacts: list[tuple[Pa
         path = out_dir / name
         path.write_text(fn(folder.name, manifest))
         written.append(path)
+        shared = SHARED.get(name.rsplit(".", 1)[1])
+        if shared and not (out_dir / shared[0]).exists():  # one per language: every class plugs into it
+            (out_dir / shared[0]).write_text(shared[1](manifest))
+            written.append(out_dir / shared[0])
     guide = bundle / "INTEGRATION.md"
     guide.write_text(integration_guide(profile, artifacts, written, bundle))
     return [*written, guide]

@@ -37,6 +37,24 @@ class Tokenizer:
         ids = self._sp.encode(text)
         return [self.bos_id, *ids] if bos else ids
 
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of text a chat template rendered: control tokens written as text (`<bos>`, `<eos>`) become
+        their ids, as Hugging Face tokenizers do with special tokens; no BOS is added (the template writes
+        it). Tokens SentencePiece itself matches in text (Gemma's `<start_of_turn>`) need nothing here."""
+        import re
+
+        controls = {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)}
+        if not controls:
+            return self._sp.encode(text)
+        pattern = "(" + "|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True)) + ")"
+        ids: list[int] = []
+        for part in re.split(pattern, text):
+            if part in controls:
+                ids.append(controls[part])
+            elif part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
 

@@ -49,6 +49,22 @@ def test_bundle_layout_and_validation(bundle):
     assert validate_bundle(bundle.archive, tokens=128)["passed"]
 
 
+def test_run_and_chat_take_the_bundle_and_its_archive(bundle):
+    """`rgexport run` / `chat` open a bundle (folder or .zip) through the runtime layer: its first artifact."""
+    from rgexport.chat import ChatSession
+    from rgexport.run import run_prompt
+    from rgexport.runtime import open_artifact
+
+    assert bundle.manifest["chat_template"] is None  # the shipped model has none
+    replies = []
+    for path in (bundle.out, bundle.archive):
+        with open_artifact(path) as art:
+            assert art.backend == "onnx" and "only artifact" in art.source
+            replies.append(run_prompt(art, "The list type", max_tokens=8).tokens)
+            assert ChatSession(art, max_tokens=4).send("The list type").stats.generated_tokens == 4
+    assert replies[0] == replies[1] and len(replies[0]) == 8
+
+
 def _copy(bundle, tmp_path):
     import shutil
 

@@ -68,3 +68,25 @@ def test_sample_parses_and_uses_manifest_names(backend, fn, language, small_conf
 def test_a_broken_sample_is_caught():
     assert _errors(_parse("kotlin", "fun f( { val x = }"))
     assert _errors(_parse("swift", "func f( { let = }"))
+
+
+@pytest.mark.parametrize("templated", [False, True])
+@pytest.mark.parametrize("language", ["swift", "kotlin"])
+def test_generation_loop_parses_and_carries_the_template(language, templated, small_config):
+    """The shared loop (tokenize, prefill, decode, sample, detokenize) parses, with the Gemma template's
+    turn strings spliced in when the manifest records one, and raw-text mode when it does not."""
+    from rgexport.samples import kotlin_generation, swift_generation
+    from rgexport.templates import GEMMA_CHAT_TEMPLATE, ChatTemplate
+
+    manifest = _manifest("tflite", small_config)
+    manifest["tokenizer"] = {"bos_id": 2, "eos_id": 1, "chat_template": ChatTemplate(
+        GEMMA_CHAT_TEMPLATE, stop_strings=("<end_of_turn>",)).to_dict() if templated else None}
+    code = (swift_generation if language == "swift" else kotlin_generation)(manifest)
+    assert not _errors(_parse(language, code)), _errors(_parse(language, code))
+    for name in ("Sampler", "topP", "prefillLast", "decodeLogits", "decode(", "encode("):
+        assert name in code
+    if templated:
+        assert r'"<start_of_turn>user\n"' in code and r'"<end_of_turn>\n<start_of_turn>model\n"' in code
+        assert '"<end_of_turn>"' in code and "<bos>" not in code  # the BOS goes in as its id
+    else:
+        assert "none: raw text" in code and "<start_of_turn>" not in code
