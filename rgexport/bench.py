@@ -137,12 +137,11 @@ def time_hf_generate(model, tokens: list[int], new_tokens: int) -> dict[str, flo
 # Memory -------------------------------------------------------------------------------------------------
 def _probe(artifact: Path, n: int) -> dict[str, Any]:
     """Runs in a fresh process: load the artifact, decode n tokens, report peak RSS and runtime figures."""
-    from rgexport.backends import get_backend
-    from rgexport.manifest import read_manifest
+    from rgexport.runtime import open_artifact
 
-    folder, manifest = read_manifest(artifact)
     rss_start = status_bytes("VmRSS")
-    runner = get_backend(manifest["backend"]).load(folder, manifest)
+    runner = open_artifact(artifact)  # checksums verified before the runtime loads anything
+    manifest = runner.manifest
     vocab = manifest["model"]["config"]["vocab_size"]
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, vocab, size=n)
@@ -284,14 +283,18 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
     """
     import torch
 
-    from rgexport.backends import get_backend
     from rgexport.checkpoint import load_source
-    from rgexport.manifest import read_manifest
+    from rgexport.manifest import read_manifest, verify_files
+    from rgexport.runtime import open_artifact
     from rgexport.validate import EagerRunner, heldout_tokens
 
     loaded = [read_manifest(p) for p in paths]
     if not loaded:
         raise RgexportError("give at least one artifact folder to benchmark")
+    for folder, manifest in loaded:  # once, before anything loads (not inside the timed loads)
+        problems = verify_files(folder, manifest)
+        if problems:
+            raise RgexportError(f"{folder}: files do not match manifest.json: " + "; ".join(problems))
     digests = {m["model"]["checkpoint"]["sha256"] for _, m in loaded}
     if len(digests) > 1:
         raise RgexportError("the artifacts come from different checkpoints; benchmark one model at a time")
@@ -315,12 +318,10 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
         results.append(time_runner("eager (rgexport step model)", "eager", "fp32", eager_bytes,
                                    lambda: EagerRunner(ckpt.model, chunk), tokens, decode_tokens, advance))
     for folder, manifest in loaded:
-        backend = get_backend(manifest["backend"])
         weights = weights_read_per_token(folder, manifest)
+        load = lambda f=folder, m=manifest: open_artifact(f, manifest=m, threads=threads, verify=False)  # noqa: E731
         results.append(time_runner(f"{manifest['backend']} / {manifest['recipe']['name']}", manifest["backend"],
-                                   manifest["recipe"]["name"], weights,
-                                   lambda f=folder, m=manifest, b=backend: b.load(f, m, threads=threads), tokens,
-                                   decode_tokens, advance))
+                                   manifest["recipe"]["name"], weights, load, tokens, decode_tokens, advance))
     hf = time_hf_generate(ckpt.model, tokens, min(decode_tokens, 128)) if include_hf and include_eager else None
     eager_ms = results[0].decode_ms_median if include_eager else None
     rows = []

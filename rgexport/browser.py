@@ -218,7 +218,8 @@ def validate_browser(path: str | Path, *, checkpoint: str | None = None, tokens:
     """Runs every ONNX artifact of a bundle (folder or .zip) in headless Chromium through the bundle's
     own `samples/recurrentgemma.mjs`, and compares it with the fp32 step model. Returns
     {"bundle", "browser", "artifacts": [{"backend", "recipe", "report", "speed"}], "passed"}."""
-    from rgexport.bundle import BUNDLE_MANIFEST, safe_extract, verify_bundle_files
+    from rgexport.archive import BUNDLE_MANIFEST, safe_extract
+    from rgexport.bundle import verify_bundle_files
     from rgexport.manifest import read_manifest
     from rgexport.progress import Stages
     from rgexport.tokenizer import Tokenizer

@@ -287,7 +287,9 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                     model = None
                     gc.collect()
                     advance(n)
-                runner = backend.load(work, manifest)
+                from rgexport.runtime import open_artifact
+
+                runner = open_artifact(work, manifest=manifest, verify=False)  # written just now
                 report = run_validation(runner, reference, tokens, backend=backend.name, recipe=recipe.name,
                                         quantized=recipe.quantized, progress=advance)
             runner = None

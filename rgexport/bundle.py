@@ -27,13 +27,12 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from rgexport.archive import BUNDLE_MANIFEST, safe_extract
 from rgexport.build import BuildError, BuildOptions, _move_into_place, _partial_dirs, build
 from rgexport.errors import RgexportError
 from rgexport.manifest import file_entries, now, rgexport_version, sha256_file
 from rgexport.profiles import TargetProfile
 from rgexport.progress import StageFailed, Stages
-
-BUNDLE_MANIFEST = "bundle.json"
 
 
 @dataclasses.dataclass
@@ -128,30 +127,6 @@ def _write_zip(folder: Path, path: Path) -> None:
             if p.is_file():
                 z.write(p, (PurePosixPath(folder.name) / p.relative_to(folder).as_posix()).as_posix())
     os.replace(tmp, path)
-
-
-def safe_extract(archive: Path, dest: Path) -> Path:
-    """Extracts a bundle .zip into `dest`, refusing any member whose path would leave it; returns the
-    bundle folder."""
-    try:
-        z = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as e:
-        raise RgexportError(f"{archive} is not a zip archive: {e}") from None
-    root = dest.resolve()
-    with z:
-        for info in z.infolist():
-            name = info.filename
-            target = (dest / name).resolve()
-            if name.startswith(("/", "\\")) or ".." in PurePosixPath(name.replace("\\", "/")).parts \
-                    or not target.is_relative_to(root):
-                raise RgexportError(f"{archive}: member {name!r} would be written outside the bundle; refusing")
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise RgexportError(f"{archive}: member {name!r} is a symbolic link; refusing")
-        z.extractall(dest)
-    found = [p.parent for p in dest.rglob(BUNDLE_MANIFEST)]
-    if len(found) != 1:
-        raise RgexportError(f"{archive} holds {len(found)} {BUNDLE_MANIFEST} files, expected one bundle")
-    return found[0]
 
 
 def verify_bundle_files(folder: Path, manifest: dict[str, Any]) -> list[str]:

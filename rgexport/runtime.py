@@ -14,7 +14,6 @@ stand-in for the real runtime, memory) have one name and one schema here.
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -23,28 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from rgexport.archive import BUNDLE_MANIFEST
 from rgexport.errors import RgexportError
+from rgexport.memory import peak_rss_bytes, rss_bytes
 
-BUNDLE_MANIFEST = "bundle.json"
 # Keys of LoadedArtifact.memory(), the same for every backend.
 MEMORY_KEYS = ("rss_bytes", "peak_rss_bytes", "state_bytes", "runtime_bytes", "runtime_detail")
-
-
-def _status_bytes(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak_rss_bytes() -> int:
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
 class LoadedArtifact:
@@ -143,8 +126,8 @@ class LoadedArtifact:
         nothing), and the runtime's own figures by name (`runtime_detail`)."""
         detail = {k: int(v) for k, v in (self.runner.memory() or {}).items() if not k.startswith("process_")}
         return {
-            "rss_bytes": _status_bytes("VmRSS"),
-            "peak_rss_bytes": _peak_rss_bytes(),
+            "rss_bytes": rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(),
             "state_bytes": self.state_bytes,
             "runtime_bytes": sum(detail.values()) if detail else None,
             "runtime_detail": detail,
@@ -197,11 +180,15 @@ def resolve_artifact(path: str | Path, artifact: str | None = None) -> tuple[Pat
 
 
 def open_artifact(path: str | Path, *, threads: int | None = None, verify: bool = True,
-                  artifact: str | None = None) -> LoadedArtifact:
+                  artifact: str | None = None, manifest: dict[str, Any] | None = None,
+                  variant: str | None = None) -> LoadedArtifact:
     """Opens an artifact folder, a bundle folder or a bundle .zip in the artifact's runtime.
 
     `artifact` picks one of a bundle's artifacts (default: its first); `threads` sizes the runtime's CPU
     pool (None: its default); `verify` checks every file's size and sha256 against the manifest first.
+    `manifest` describes a folder whose manifest.json is not written yet (a build validating its work
+    folder); `variant` loads one of the backend's other ways to run the same files (`Backend.variants`,
+    e.g. ONNX's .ort files).
     Raises RgexportError (one line) for a path that is not an artifact, a modified file or a missing runtime.
     """
     from rgexport.backends import get_backend
@@ -211,20 +198,31 @@ def open_artifact(path: str | Path, *, threads: int | None = None, verify: bool 
     tmpdir = None
     try:
         if p.is_file() and p.suffix == ".zip":
-            from rgexport.bundle import safe_extract
+            from rgexport.archive import safe_extract
 
             tmpdir = Path(tempfile.mkdtemp(prefix="rgexport-bundle-"))
             extracted = safe_extract(p, tmpdir)
             folder, bundle, desc = resolve_artifact(extracted, artifact)
             desc = f"{p}:{folder.name}" + desc[len(f"{extracted}/{folder.name}"):]
+        elif manifest is not None:
+            folder, bundle, desc = p, None, str(p)
         else:
             folder, bundle, desc = resolve_artifact(p, artifact)
-        folder, manifest = read_manifest(folder)
+        if manifest is None:
+            folder, manifest = read_manifest(folder)
         if verify:
             problems = verify_files(folder, manifest)
             if problems:
                 raise RgexportError(f"{desc}: files do not match manifest.json: " + "; ".join(problems))
-        runner = get_backend(manifest["backend"]).load(folder, manifest, threads=threads)
+        backend = get_backend(manifest["backend"])
+        options = {}
+        if variant is not None:
+            variants = backend.variants(folder, manifest)
+            if variant not in variants:
+                raise RgexportError(f"{desc}: backend {backend.name} has no variant {variant!r}; it has "
+                                    f"{', '.join(variants) or 'none'}")
+            options, desc = variants[variant], f"{desc} ({variant})"
+        runner = backend.load(folder, manifest, threads=threads, **options)
     except BaseException:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)

@@ -334,6 +334,7 @@ def validate_artifact(
     from rgexport.backends import get_backend
     from rgexport.manifest import read_manifest, verify_files
     from rgexport.progress import Stages
+    from rgexport.runtime import open_artifact
     from rgexport.tokenizer import Tokenizer
 
     stages = stages or Stages(quiet=True)
@@ -357,7 +358,7 @@ def validate_artifact(
         reference = reference_run(ckpt.model, int(manifest["io"]["prefill_chunk"]), ids, greedy_tokens)
         ckpt = None
         advance(n)
-        runner = backend.load(folder, manifest)
+        runner = open_artifact(folder, manifest=manifest, verify=False)  # the files were verified above
         report = run_validation(runner, reference, ids, backend=manifest["backend"], recipe=recipe["name"],
                                 quantized=recipe["quantized"], greedy_tokens=greedy_tokens, progress=advance)
     runner = None
@@ -368,10 +369,12 @@ def validate_artifact(
 def validate_variants(report: ValidationReport, backend, folder: Path, manifest: dict[str, Any],
                       model: Griffin | ReferenceRun, ids: Sequence[int], stages, greedy_tokens: int = 64) -> None:
     """Validates each of the backend's other ways of loading the artifact into `report.variants`."""
+    from rgexport.runtime import open_artifact
+
     recipe = manifest["recipe"]
-    for name, kwargs in backend.variants(folder, manifest).items():
+    for name in backend.variants(folder, manifest):
         with stages.stage("validate", f"variant {name}"):
-            runner = backend.load(folder, manifest, **kwargs)
+            runner = open_artifact(folder, manifest=manifest, verify=False, variant=name)
             report.variants[name] = run_validation(
                 runner, model, ids, backend=f"{manifest['backend']} ({name})", recipe=recipe["name"],
                 quantized=recipe["quantized"], greedy_tokens=greedy_tokens)
