@@ -210,6 +210,20 @@ def chat(
         chat_loop(ChatSession(art, sampling, max_tokens, stop or []), sys.stdin, sys.stdout, sys.stderr)
 
 
+def _validate_browser(path: Path, checkpoint: str | None, tokens: int | None, as_json: bool) -> None:
+    from rgexport.browser import format_browser, validate_browser
+    from rgexport.progress import Stages
+
+    result = validate_browser(path, checkpoint=checkpoint, tokens=tokens, stages=Stages(err, quiet=as_json))
+    if as_json:
+        out.print_json(json.dumps(result | {"artifacts": [
+            {k: (v.to_dict() if k == "report" else v) for k, v in a.items()} for a in result["artifacts"]]}))
+    else:
+        out.print(format_browser(result), highlight=False, markup=False, soft_wrap=True)
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
 TARGET_HELP = ("A backend (executorch, coreml, onnx, tflite), a profile (ios, android, linux-arm64, web; "
                "see `rgexport targets`) or a profile .toml.")
 
@@ -321,7 +335,7 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     device: Annotated[str | None, typer.Option(
         help="Run on another device: 'emulated-arm64' (the aarch64 runtime under qemu-user; set up and cached "
-             "on first use).")] = None,
+             "on first use), or 'browser' (a web bundle in headless Chromium with onnxruntime-web).")] = None,
     memory: Annotated[bool, typer.Option(
         help="Also validate memory: peak RSS of a fresh process decoding N tokens must stay flat for N doubling "
              "up to --memory-multiple x the window, and the state bytes must equal the analytic figure.")] = True,
@@ -332,9 +346,12 @@ def validate(
     from rgexport.progress import Stages
     from rgexport.validate import format_report, validate_artifact
 
+    if device == "browser":
+        _validate_browser(path, checkpoint, tokens, as_json)
+        return
     if device is not None:
         if device != "emulated-arm64":
-            raise RgexportError(f"Unknown device {device!r}; expected 'emulated-arm64'")
+            raise RgexportError(f"Unknown device {device!r}; expected 'emulated-arm64' or 'browser'")
         from rgexport.emulate import format_emulated, validate_emulated
 
         result = validate_emulated(path, checkpoint=checkpoint, preset=preset, tokens=tokens, text=text,

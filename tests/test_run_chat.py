@@ -171,6 +171,7 @@ def test_runtime_layer_is_one_interface(tflite_art, onnx_it_art, tmp_path):
 
 # Chat templates ---------------------------------------------------------------------------------------
 def test_template_renders_as_transformers_does_and_is_recorded(templated_checkpoint, onnx_it_art):
+    pytest.importorskip("transformers")
     from transformers.utils.chat_template_utils import render_jinja_template
 
     from rgexport.checkpoint import load_checkpoint
