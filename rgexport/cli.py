@@ -270,6 +270,8 @@ def build(
         "a bare word is a string). Unknown keys are refused with the backend's list.")] = None,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Show other libraries' output on the terminal instead of build.log.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result (manifest or bundle.json) as JSON.")]
+    = False,
 ) -> None:
     """Builds one artifact (--target BACKEND) or an app bundle (--target PROFILE: ios, android, ...):
     load, quantise, export, lower, write, validate, manifest. Other libraries' output goes to build.log."""
@@ -296,6 +298,10 @@ def build(
             raise RgexportError("--recipe applies to one backend; a profile names its recipes (edit a copy of "
                                 "the profile, or build the backend alone with --target BACKEND --recipe NAME)")
         bundle = build_bundle(profile, opts, Stages(err), archive=archive)
+        if as_json:
+            out.print_json(json.dumps({"out": str(bundle.out), "archive": str(bundle.archive) if bundle.archive
+                                       else None, "bundle": bundle.manifest}, default=str))
+            return
         for art in bundle.manifest["artifacts"]:
             err.print(f"  {art['backend']} / {art['recipe']}: {art['bytes'] / 1e6:.2f} MB, {art['validation']}",
                       highlight=False, markup=False)
@@ -304,6 +310,9 @@ def build(
     if archive:
         raise RgexportError("--archive applies to bundles (--target ios, android, ...)")
     result = run_build(opts, Stages(err))
+    if as_json:
+        out.print_json(json.dumps({"out": str(result.out), "manifest": result.manifest}, default=str))
+        return
     if result.report is not None:
         err.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
     else:
