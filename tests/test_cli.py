@@ -87,3 +87,13 @@ def test_validate_checks_memory_against_length(tmp_path):
     assert memory["passed"] and memory["state_matches_analytic"] and memory["flat"]
     text = runner.invoke(app, ["validate", str(art), "--tokens", "32", "--no-memory"])
     assert text.exit_code == 0 and "peak RSS" not in text.output
+
+
+def test_build_json_is_the_manifest(tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = runner.invoke(app, ["build", "--target", "onnx", "--out", str(tmp_path / "o"), "--tokens", "32",
+                                 "--no-validate", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["out"] == str(tmp_path / "o") and data["manifest"]["backend"] == "onnx"
+    assert data["manifest"]["build"]["peak_rss_bytes"] > 0
