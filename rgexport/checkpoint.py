@@ -276,9 +276,18 @@ def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = 
 
 
 def load_checkpoint(
-    path: str | Path | None = None, preset: str | None = None, tokenizer: str | Path | None = None
+    path: str | Path | None = None, preset: str | None = None, tokenizer: str | Path | None = None,
+    *, stream: bool = False,
 ) -> Checkpoint:
-    """Loads the shipped model (no path), a Hugging Face folder, or a DeepMind state dict (with preset)."""
+    """Loads the shipped model (no path), a Hugging Face folder, or a DeepMind state dict (with preset).
+
+    `stream=True` returns a `rgexport.streaming.StreamedCheckpoint` instead: tensors memory-mapped and
+    materialised one block at a time.
+    """
+    if stream:
+        from rgexport import streaming
+
+        return streaming.stream_checkpoint(path, preset, tokenizer)  # type: ignore[return-value]
     if path is None:
         from rgexport.assets import shipped_model_dir
 
@@ -354,11 +363,16 @@ def random_checkpoint(preset: str, seed: int = 0) -> Checkpoint:
     return Checkpoint(model.eval(), config, source, "random", digest, shipped_model_dir() / "tokenizer.model")
 
 
-def load_source(source: str, preset: str | None = None) -> Checkpoint:
-    """Loads what a manifest's checkpoint source names: the shipped model, a random preset, or a path."""
+def load_source(source: str, preset: str | None = None, *, stream: bool = False) -> Checkpoint:
+    """Loads what a manifest's checkpoint source names: the shipped model, a random preset, or a path
+    (`stream=True`: as a `rgexport.streaming.StreamedCheckpoint`)."""
     if source == "shipped:tiny":
-        return load_checkpoint()
+        return load_checkpoint(stream=stream)
     if source.startswith(RANDOM_PREFIX):
         name, _, seed = source[len(RANDOM_PREFIX):].rpartition(":seed")
+        if stream:
+            from rgexport import streaming
+
+            return streaming.stream_random(name, int(seed))  # type: ignore[return-value]
         return random_checkpoint(name, int(seed))
-    return load_checkpoint(source, preset)
+    return load_checkpoint(source, preset, stream=stream)
