@@ -298,6 +298,66 @@ def stream_random(preset: str, seed: int = 0) -> StreamedCheckpoint:
     return StreamedCheckpoint(config, source, "random", digest, shipped_model_dir() / "tokenizer.model", load)
 
 
+def schedule(n: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, length) of each call validation makes over n tokens: one prefill chunk, then single tokens
+    (`rgexport.validate.teacher_forced`)."""
+    start = chunk if chunk > 1 and n >= chunk else 0
+    return ([(0, chunk)] if start else []) + [(i, 1) for i in range(start, n)]
+
+
+@dataclasses.dataclass
+class LayerMajorRun:
+    """The float32 reference over a token sequence, computed block by block (`layer_major_run`)."""
+
+    hidden: torch.Tensor  # [n, width]: the final-normed hidden state of every token
+    state: dict[str, torch.Tensor]  # the state after the last token, by name (as Griffin's)
+    segments: list[tuple[int, int]]  # the calls the step model would have made
+    stream: StreamedCheckpoint
+    _embedder: Embedder | None = None
+
+    @torch.no_grad()
+    def logits(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Logits [stop - start, vocab] of tokens start..stop (a slice at a time keeps a 256000-entry
+        vocabulary's logits from filling memory); the embedding is read again on first use."""
+        if self._embedder is None:
+            self._embedder = self.stream.embedder()
+        out = self._embedder.decode(self.hidden[start:stop])
+        cap = self.stream.config.logits_soft_cap
+        return torch.tanh(out / cap) * cap if cap else out
+
+
+@torch.no_grad()
+def layer_major_run(stream: StreamedCheckpoint, tokens: list[int] | torch.Tensor, chunk: int) -> LayerMajorRun:
+    """The fp32 step model's result over `tokens` from position 0, layer-major: each block is loaded once and
+    every token goes through it (in the calls of `schedule`, its state carried from call to call) before
+    the next block loads. What is resident at once is one block (or the embedding) plus the activations of
+    the sequence ([n, width]), so a model larger than memory can be the reference of its own artifact.
+    """
+    from rgexport.model import init_state
+
+    config = stream.config
+    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
+    segments = schedule(ids.shape[1], chunk)
+    embedder = stream.embedder()
+    x = embedder.encode(ids)  # [1 n d]
+    del embedder  # the head needs it again at the end; one block at a time is the budget meanwhile
+    zero = init_state(config)
+    state: dict[str, torch.Tensor] = {}
+    for i in range(len(config.block_types)):
+        block = stream.block(i)  # the previous block is gone: `del block` below dropped the last reference
+        n0, n1 = [k for k in zero if k.startswith(f"blocks.{i}.")]
+        s0, s1 = zero[n0], zero[n1]
+        out = torch.empty_like(x)
+        for start, t in segments:
+            positions = torch.arange(start, start + t, dtype=torch.float32)[None]
+            out[:, start:start + t], s0, s1 = block(x[:, start:start + t], positions, s0, s1)
+        x, state[n0], state[n1] = out, s0, s1
+        del block, out
+    norm = stream.final_norm()
+    hidden = norm(x)[0]
+    return LayerMajorRun(hidden, state, segments, stream)
+
+
 def stream_checkpoint(path: str | Path | None = None, preset: str | None = None,
                       tokenizer: str | Path | None = None) -> StreamedCheckpoint:
     """`load_checkpoint(path, preset, tokenizer)`, streamed: the shipped model (no path), a Hugging Face
@@ -331,5 +391,5 @@ def block_weight_bytes(config: GriffinConfig) -> dict[str, int]:
     return out
 
 
-__all__ = ["MaterialisedBytes", "StreamedCheckpoint", "block_weight_bytes", "stream_checkpoint", "stream_deepmind",
-           "stream_huggingface", "stream_random"]
+__all__ = ["LayerMajorRun", "MaterialisedBytes", "StreamedCheckpoint", "block_weight_bytes", "layer_major_run",
+           "schedule", "stream_checkpoint", "stream_deepmind", "stream_huggingface", "stream_random"]

@@ -149,3 +149,28 @@ def test_streamed_loader_refuses_what_the_eager_loader_refuses(tmp_path, hf_bf16
     with pytest.raises(CheckpointError) as eager:
         load_checkpoint(bad)
     assert "has shape" in str(streamed.value) and str(streamed.value) == str(eager.value)
+
+
+def test_layer_major_reference_equals_the_step_model(shipped):
+    """Validation's reference computed block by block (each block loaded once, every token through it)
+    gives the step model's logits and state over a schedule that wraps the window, holding one part at a
+    time."""
+    from rgexport.streaming import layer_major_run
+    from rgexport.tokenizer import Tokenizer
+    from rgexport.validate import EagerRunner, heldout_tokens, teacher_forced
+
+    config = shipped.config
+    chunk = 32
+    tokens = heldout_tokens(Tokenizer(shipped.tokenizer_path), config.attention_window_size + 64)  # wraps once
+    runner = EagerRunner(shipped.model, chunk)
+    want = teacher_forced(runner, tokens)
+    stream = load_checkpoint(stream=True)
+    run = layer_major_run(stream, tokens, chunk)
+    parts = block_weight_bytes(config)
+    assert stream.counter.peak == max(parts.values())  # the embedding or one block, never two parts
+    got = torch.cat([run.logits(s, s + 50) for s in range(0, len(tokens), 50)]).numpy()
+    assert got.shape == want.shape == (len(tokens), config.vocab_size)
+    err = float(abs(got - want).max())
+    assert err <= 1e-5 * float(abs(want).max()), err
+    for name, value in runner.state().items():
+        assert float((run.state[name][0] - torch.as_tensor(value)).abs().max()) <= 1e-5, name
