@@ -436,6 +436,12 @@ class ExecuTorchBackend(Backend):
         )
         return contract
 
+    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
+        """Bytes a decode step reads from the .pte (its delegate, weight data, constants), gathered tables left out."""
+        from rgexport.backends.executorch import weights
+
+        return weights.weights_read_per_token(artifact_dir, manifest)
+
     def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         """A runner on ExecuTorch's Python runtime.
 
@@ -514,9 +520,9 @@ class ExecuTorchRunner(Runner):
         `state` is the shared state arena.
         """
         if self._memory is None:
-            from executorch.exir._serialize._program import deserialize_pte_binary
+            from rgexport.backends.executorch.weights import read_program
 
-            planned = planned_memory(deserialize_pte_binary(self.path.read_bytes()).program)
+            planned = planned_memory(read_program(self.path))  # the flatbuffer only, not a GB of segments
             self._memory = {
                 "activations": max(p["activations"] for p in planned.values()),
                 "state": max(p["state"] for p in planned.values()),
