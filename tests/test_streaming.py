@@ -94,15 +94,23 @@ def test_streaming_never_holds_more_than_one_block(hf_bf16_shards):
     del whole
 
 
-def test_deepmind_pt_streams_memory_mapped(tmp_path):
-    """A `recurrentgemma.torch.Griffin` state dict saved with torch.save, read through mmap part by part."""
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_deepmind_state_dict_streams(tmp_path, suffix):
+    """A `recurrentgemma.torch.Griffin` state dict saved with torch.save (read through mmap) or as
+    safetensors (safe_open), part by part."""
     from rgexport.config import get_preset
     from rgexport.model import Griffin
     from rgexport.references import deepmind_griffin
 
     ours = Griffin(get_preset("tiny")).reset_parameters_(torch.Generator().manual_seed(3))
-    path = tmp_path / "griffin.pt"
-    torch.save(deepmind_griffin(ours).state_dict(), path)
+    path = tmp_path / f"griffin{suffix}"
+    state = {k: v.contiguous() for k, v in deepmind_griffin(ours).state_dict().items()}
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
     stream = load_checkpoint(path, preset="tiny", stream=True)
     assert stream.format == "deepmind" and stream.config == ours.config
     _assert_same_weights(stream.materialize().model.state_dict(), load_deepmind(path, "tiny").model.state_dict())
@@ -174,3 +182,12 @@ def test_layer_major_reference_equals_the_step_model(shipped):
     assert err <= 1e-5 * float(abs(want).max()), err
     for name, value in runner.state().items():
         assert float((run.state[name][0] - torch.as_tensor(value)).abs().max()) <= 1e-5, name
+
+
+def test_single_file_hf_folder_streams(tmp_path, shipped):
+    """A folder with one model.safetensors (no index), written by rgexport's own writer."""
+    from rgexport.checkpoint import save_huggingface
+
+    folder = save_huggingface(shipped.model, tmp_path / "one", tokenizer=shipped.tokenizer_path)
+    stream = load_checkpoint(folder, stream=True)
+    _assert_same_weights(stream.materialize().model.state_dict(), shipped.model.state_dict())
