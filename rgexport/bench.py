@@ -53,7 +53,7 @@ class SpeedResult:
     name: str
     kind: str  # artifact backend / "eager" / "huggingface"
     recipe: str
-    bytes: int  # artifact bytes (weights read per token, roughly)
+    bytes: int  # weights read per decode token (Backend.weights_read_per_token; eager: 4 x parameters)
     load_s: float
     first_token_ms: float
     decode_ms_median: float
@@ -236,39 +236,12 @@ if __name__ == "__main__":  # the fresh-process memory probe: python -m rgexport
     print(json.dumps(_probe(Path(sys.argv[1]), int(sys.argv[2]))))
 
 
-# Inputs that an op reads only at the gathered rows: the data (and a block-quantized table's scales and
-# zero points), by op type.
-_GATHERED_INPUTS = {"Gather": (0,), "GatherBlockQuantized": (0, 2, 3)}
-
-
 def weights_read_per_token(folder: Path, manifest: dict[str, Any]) -> int:
-    """Bytes of weights one decode step reads: the decode program's weights, less what it only gathers.
+    """Bytes of weights one decode step reads: the artifact's backend counts its decode program's weights,
+    less tables it only gathers from (`Backend.weights_read_per_token`)."""
+    from rgexport.backends import get_backend
 
-    ONNX: the decode graph's initializers wherever they are stored (a model above 2 GiB keeps them in
-    weights.bin, beside a decode.onnx of a few MB), without tensors read only as the data of a Gather (the
-    embedding table: one row per token, not 256000). Other backends: the decode program's files (the
-    ExecuTorch .pte, which also holds the embedding table, so its limit is conservative).
-    """
-    main = manifest["artifact"]["file"]
-    if manifest["backend"] == "onnx" and main.endswith(".onnx"):
-        import onnx
-
-        from rgexport.backends.onnx.export import _initializer_bytes
-
-        model = onnx.load(str(Path(folder) / main), load_external_data=False)
-        readers: dict[str, set[str]] = {}
-        for node in model.graph.node:
-            for i, name in enumerate(node.input):
-                gathered_input = i in _GATHERED_INPUTS.get(node.op_type, ())
-                readers.setdefault(name, set()).add("gather" if gathered_input else "read")
-        gathered = [t for t in model.graph.initializer if readers.get(t.name) and "read" not in readers[t.name]]
-        model.graph.ClearField("node")
-        total = _initializer_bytes(model)
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(gathered)
-        return total - _initializer_bytes(model)
-    return sum(f["bytes"] for f in manifest["artifact"]["files"]
-               if f["path"] == main or f["path"].startswith(main + "/"))
+    return get_backend(manifest["backend"]).weights_read_per_token(Path(folder), manifest)
 
 
 def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: bool = True,

@@ -280,9 +280,12 @@ def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = 
 
 
 def load_checkpoint(
-    path: str | Path | None = None, preset: str | None = None, tokenizer: str | Path | None = None
+    path: str | Path | None = None, preset: str | None = None, tokenizer: str | Path | None = None,
 ) -> Checkpoint:
-    """Loads the shipped model (no path), a Hugging Face folder, or a DeepMind state dict (with preset)."""
+    """Loads the shipped model (no path), a Hugging Face folder, or a DeepMind state dict (with preset).
+
+    `rgexport.streaming.stream_checkpoint` reads the same formats block by block instead (memory-mapped).
+    """
     if path is None:
         from rgexport.assets import shipped_model_dir
 
@@ -359,11 +362,22 @@ def random_checkpoint(preset: str, seed: int = 0) -> Checkpoint:
     return Checkpoint(model.eval(), config, source, "random", digest, shipped_model_dir() / "tokenizer.model")
 
 
-def load_source(source: str, preset: str | None = None) -> Checkpoint:
-    """Loads what a manifest's checkpoint source names: the shipped model, a random preset, or a path."""
+def parse_source(source: str) -> tuple[str, str | None, int | None]:
+    """A manifest's checkpoint source -> ("shipped", None, None), ("random", preset, seed) or ("path", path, None)."""
     if source == SHIPPED_SOURCE:
-        return load_checkpoint()
+        return "shipped", None, None
     if source.startswith(RANDOM_PREFIX):
         name, _, seed = source[len(RANDOM_PREFIX):].rpartition(":seed")
-        return random_checkpoint(name, int(seed))
+        return "random", name, int(seed)
+    return "path", source, None
+
+
+def load_source(source: str, preset: str | None = None) -> Checkpoint:
+    """Loads what a manifest's checkpoint source names: the shipped model, a random preset, or a path
+    (`rgexport.streaming.stream_source` streams it instead)."""
+    kind, what, seed = parse_source(source)
+    if kind == "shipped":
+        return load_checkpoint()
+    if kind == "random":
+        return random_checkpoint(what, seed)
     return load_checkpoint(source, preset)

@@ -11,8 +11,9 @@ from rgexport.backends import BACKENDS
 ROOT = Path(rgexport.__file__).parent
 BACKENDS_DIR = ROOT / "backends"
 # Each backend package: the Backend class (backend.py) over its stages (export.py, recipes.py), the
-# calibrated recipes' sample collection (calibration.py) and the runner in its runtime (runner.py).
-BACKEND_FILES = {"__init__.py", "backend.py", "export.py", "recipes.py", "calibration.py", "runner.py"}
+# calibrated recipes' sample collection (calibration.py), the runner in its runtime (runner.py) and what one
+# decode step reads of the weights (weights.py).
+BACKEND_FILES = {"__init__.py", "backend.py", "export.py", "recipes.py", "calibration.py", "runner.py", "weights.py"}
 
 
 def _module_name(path: Path) -> str:

@@ -174,6 +174,17 @@ class Backend(abc.ABC):
         """Loads the artifact described by `manifest` from `artifact_dir` into a runner; `threads` sizes the
         runtime's CPU thread pool where it has one (None: the runtime's default)."""
 
+    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
+        """Bytes of weights one decode step reads, for the bandwidth limit of `rgexport bench`.
+
+        Backends override this with what their decode program reads: its weights, without tables it only
+        gathers from (an embedding table is read one row per token). This default counts the main
+        artifact file whole, which overstates the figure by any gathered table.
+        """
+        main = manifest["artifact"]["file"]
+        return sum(f["bytes"] for f in manifest["artifact"]["files"]
+                   if f["path"] == main or f["path"].startswith(main + "/"))
+
     def variants(self, artifact_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Other ways to load the same artifact that validation checks too: name -> `load` keyword
         arguments (ONNX's .ort files for ONNX Runtime Mobile, say)."""

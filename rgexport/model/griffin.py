@@ -76,45 +76,15 @@ class Griffin(nn.Module):
 
     @torch.no_grad()
     def reset_parameters_(self, generator: torch.Generator | None = None) -> Griffin:
-        """Initialises weights as the Griffin paper and DeepMind's code do (for training from scratch)."""
-        c = self.config
-        final_scale = 2.0 / c.num_layers
+        """Initialises weights as the Griffin paper and DeepMind's code do (for training from scratch).
 
-        def normal_(t: torch.Tensor, std: float) -> None:
-            t.normal_(0.0, std, generator=generator)
-
-        normal_(self.embedder.input_embedding, math.sqrt(1.0 / c.width))
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.scale.zero_()
+        Draws in a fixed order (the embedding, then each block, `init_block_`), so that a streamed build
+        that initialises one part at a time from the same generator gets the same values.
+        """
+        init_embedder_(self.embedder, self.config, generator)
+        self.final_norm.scale.zero_()
         for block in self.blocks:
-            mlp = block.mlp_block
-            normal_(mlp.ffw_gate.weight, math.sqrt(1.0 / c.width))
-            normal_(mlp.ffw_up.weight, math.sqrt(1.0 / c.width))
-            normal_(mlp.ffw_down.weight, math.sqrt(final_scale / c.mlp_expanded_width))
-            for lin in (mlp.ffw_gate, mlp.ffw_up, mlp.ffw_down):
-                lin.bias.zero_()
-            if block.block_type == RECURRENT:
-                rb = block.recurrent_block
-                for lin in (rb.linear_x, rb.linear_y):
-                    normal_(lin.weight, math.sqrt(1.0 / c.width))
-                    lin.bias.zero_()
-                normal_(rb.linear_out.weight, math.sqrt(final_scale / c.lru_width))
-                rb.linear_out.bias.zero_()
-                normal_(rb.conv_1d.w, math.sqrt(0.01 / c.conv1d_width))
-                rb.conv_1d.b.zero_()
-                for gate in (rb.rg_lru.input_gate, rb.rg_lru.a_gate):
-                    normal_(gate.w, math.sqrt(1.0 / c.lru_block_width))
-                    gate.b.zero_()
-                # a = sigma(Lambda)^c spread uniformly on the ring 0.9 <= |a| <= 0.999 (softplus inverse).
-                u = torch.rand(c.lru_width, generator=generator) * (0.999**2 - 0.9**2) + 0.9**2 + 1e-8
-                rb.rg_lru.a_param.copy_(torch.log(torch.exp(-0.5 * torch.log(u)) - 1.0))
-            else:
-                ab = block.attention_block
-                for lin in (ab.proj_q, ab.proj_k, ab.proj_v):
-                    normal_(lin.weight, math.sqrt(1.0 / c.width))
-                normal_(ab.proj_final.weight, math.sqrt(final_scale / c.width))
-                ab.proj_final.bias.zero_()
+            init_block_(block, self.config, generator)
         return self
 
     def materialize_buffers(self) -> None:
@@ -140,3 +110,52 @@ class Griffin(nn.Module):
             logits, state = self.forward(tokens[:, s : s + chunk], position, state)
             out.append(logits)
         return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def init_embedder_(embedder: Embedder, config: GriffinConfig, generator: torch.Generator | None = None) -> Embedder:
+    """The embedding's part of `Griffin.reset_parameters_` (drawn first)."""
+    embedder.input_embedding.normal_(0.0, math.sqrt(1.0 / config.width), generator=generator)
+    return embedder
+
+
+@torch.no_grad()
+def init_block_(block: ResidualBlock, config: GriffinConfig, generator: torch.Generator | None = None) -> ResidualBlock:
+    """One block's part of `Griffin.reset_parameters_`: paper initialisation, norm scales and biases zero."""
+    c = config
+    final_scale = 2.0 / c.num_layers
+
+    def normal_(t: torch.Tensor, std: float) -> None:
+        t.normal_(0.0, std, generator=generator)
+
+    for module in block.modules():
+        if isinstance(module, RMSNorm):
+            module.scale.zero_()
+    mlp = block.mlp_block
+    normal_(mlp.ffw_gate.weight, math.sqrt(1.0 / c.width))
+    normal_(mlp.ffw_up.weight, math.sqrt(1.0 / c.width))
+    normal_(mlp.ffw_down.weight, math.sqrt(final_scale / c.mlp_expanded_width))
+    for lin in (mlp.ffw_gate, mlp.ffw_up, mlp.ffw_down):
+        lin.bias.zero_()
+    if block.block_type == RECURRENT:
+        rb = block.recurrent_block
+        for lin in (rb.linear_x, rb.linear_y):
+            normal_(lin.weight, math.sqrt(1.0 / c.width))
+            lin.bias.zero_()
+        normal_(rb.linear_out.weight, math.sqrt(final_scale / c.lru_width))
+        rb.linear_out.bias.zero_()
+        normal_(rb.conv_1d.w, math.sqrt(0.01 / c.conv1d_width))
+        rb.conv_1d.b.zero_()
+        for gate in (rb.rg_lru.input_gate, rb.rg_lru.a_gate):
+            normal_(gate.w, math.sqrt(1.0 / c.lru_block_width))
+            gate.b.zero_()
+        # a = sigma(Lambda)^c spread uniformly on the ring 0.9 <= |a| <= 0.999 (softplus inverse).
+        u = torch.rand(c.lru_width, generator=generator) * (0.999**2 - 0.9**2) + 0.9**2 + 1e-8
+        rb.rg_lru.a_param.copy_(torch.log(torch.exp(-0.5 * torch.log(u)) - 1.0))
+    else:
+        ab = block.attention_block
+        for lin in (ab.proj_q, ab.proj_k, ab.proj_v):
+            normal_(lin.weight, math.sqrt(1.0 / c.width))
+        normal_(ab.proj_final.weight, math.sqrt(final_scale / c.width))
+        ab.proj_final.bias.zero_()
+    return block

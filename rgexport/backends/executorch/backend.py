@@ -297,6 +297,12 @@ class ExecuTorchBackend(Backend):
         )
         return contract
 
+    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
+        """Bytes a decode step reads from the .pte (its delegate, weight data, constants), gathered tables left out."""
+        from rgexport.backends.executorch import weights
+
+        return weights.weights_read_per_token(artifact_dir, manifest)
+
     def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         """A runner on ExecuTorch's Python runtime.
 

@@ -56,9 +56,9 @@ class ExecuTorchRunner(Runner):
         `state` is the shared state arena.
         """
         if self._memory is None:
-            from executorch.exir._serialize._program import deserialize_pte_binary
+            from rgexport.backends.executorch.weights import read_program
 
-            planned = planned_memory(deserialize_pte_binary(self.path.read_bytes()).program)
+            planned = planned_memory(read_program(self.path))  # the flatbuffer only, not a GB of segments
             self._memory = {
                 "activations": max(p["activations"] for p in planned.values()),
                 "state": max(p["state"] for p in planned.values()),

@@ -233,6 +233,12 @@ class TFLiteBackend(Backend):
         return contract
 
     # Runtime -------------------------------------------------------------------------------------
+    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
+        """Bytes of constant buffers the decode signature reads, gathered tables left out."""
+        from rgexport.backends.tflite import weights
+
+        return weights.weights_read_per_token(artifact_dir, manifest)
+
     def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         """A runner over the decode and prefill signatures; `threads` overrides the build's num_threads."""
         interpreter_module = self.require("ai_edge_litert.interpreter")

@@ -1,0 +1,406 @@
+"""Streamed checkpoints: tensors stay memory-mapped on disk and become float32 one part at a time.
+
+`stream_checkpoint` (and `stream_source`, for a manifest's source) return a `StreamedCheckpoint` instead of
+the whole model `load_checkpoint` builds. Its tensors
+are read through safetensors' `safe_open` (each shard memory-mapped, a tensor copied out only when asked
+for) or, for a DeepMind `.pt`, `torch.load(mmap=True, weights_only=True)`; names, shapes and the config are
+checked against the header data before anything is materialised, with the same errors as the eager loader.
+A build or a reference then takes the embedding, each block and the final norm in turn
+(`embedder()`, `blocks()`, `final_norm()`), so only the part in hand is float32 in memory.
+
+Random weights (`random:<preset>:seed<n>`) are drawn part by part in `Griffin.reset_parameters_`'s order
+from one generator whose state is kept at every part boundary, so the values equal the whole-model
+path's (`random_checkpoint`) whichever way they are asked for.
+
+`MaterialisedBytes` counts what the stream has handed out and is still alive (weak references on every
+tensor), so tests can prove the streaming by counting bytes, not by timing or RSS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rgexport.config import GriffinConfig
+from rgexport.errors import CheckpointError
+from rgexport.model.blocks import ResidualBlock
+from rgexport.model.griffin import Embedder, Griffin, init_block_, init_embedder_
+from rgexport.model.layers import RMSNorm, RotaryEmbedding
+
+Part = nn.Module  # an Embedder, a ResidualBlock or the final RMSNorm
+
+
+class MaterialisedBytes:
+    """Float bytes handed out by a stream and still alive; `peak` is the most alive at once."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+        self.parts = 0  # parts materialised so far
+
+    def track(self, module: nn.Module) -> nn.Module:
+        """Counts `module`'s parameters and buffers until each is freed."""
+        for t in [*module.parameters(), *module.buffers()]:
+            n = t.numel() * t.element_size()
+            self.live += n
+            weakref.finalize(t, self._free, n)
+        self.peak = max(self.peak, self.live)
+        self.parts += 1
+        return module
+
+    def reset_peak(self) -> None:
+        """Starts a new peak from what is alive now."""
+        self.peak = self.live
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+
+class _Tensors:
+    """Named tensors of a checkpoint, read one at a time from memory-mapped files."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor]):
+        self.shapes = shapes
+        self._get = get
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._get(name)
+
+
+def _safetensors(files: list[Path]) -> _Tensors:
+    from safetensors import SafetensorError, safe_open
+
+    handles: dict[str, Any] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for p in files:
+        try:
+            h = safe_open(str(p), framework="pt")
+            for name in h.keys():
+                shapes[name] = tuple(h.get_slice(name).get_shape())
+                handles[name] = h
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"Cannot read safetensors file {p}: {e}") from None
+    return _Tensors(shapes, lambda name: handles[name].get_tensor(name))
+
+
+def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+@dataclasses.dataclass
+class StreamedCheckpoint:
+    """A checkpoint read part by part: the embedding, each block, the final norm, each in float32 only
+    while the caller holds it."""
+
+    config: GriffinConfig
+    source: str
+    format: str  # "huggingface" | "deepmind" | "random"
+    digest: str
+    tokenizer_path: Path | None
+    _load: Callable[[str, int | None], Part]  # ("embedder" | "block" | "final_norm", block index)
+    counter: MaterialisedBytes = dataclasses.field(default_factory=MaterialisedBytes)
+
+    def embedder(self) -> Embedder:
+        """The embedding table (and tied head), float32."""
+        return self.counter.track(self._load("embedder", None))  # type: ignore[return-value]
+
+    def block(self, i: int) -> ResidualBlock:
+        """Block `i`, float32, in eval mode."""
+        if not 0 <= i < len(self.config.block_types):
+            raise IndexError(f"block {i} of {len(self.config.block_types)}")
+        return self.counter.track(self._load("block", i))  # type: ignore[return-value]
+
+    def blocks(self) -> Iterator[ResidualBlock]:
+        """Every block in order, each materialised when the iterator reaches it (drop it before the next)."""
+        for i in range(len(self.config.block_types)):
+            yield self.block(i)
+
+    def final_norm(self) -> RMSNorm:
+        return self.counter.track(self._load("final_norm", None))  # type: ignore[return-value]
+
+    def materialize(self) -> Any:
+        """The whole float32 model as a `Checkpoint` (for callers that need it all; the eager path)."""
+        from rgexport.checkpoint import Checkpoint
+
+        model = _meta_griffin(self.config)
+        model.embedder = self.embedder()
+        model.blocks = nn.ModuleList(list(self.blocks()))
+        model.final_norm = self.final_norm()
+        return Checkpoint(model.eval(), self.config, self.source, self.format, self.digest, self.tokenizer_path)
+
+
+def _meta_griffin(config: GriffinConfig) -> Griffin:
+    with torch.device("meta"):
+        return Griffin(config)
+
+
+def _part_module(config: GriffinConfig, kind: str, i: int | None) -> Part:
+    """An empty (meta) module of one part."""
+    with torch.device("meta"):
+        if kind == "embedder":
+            return Embedder(config)
+        if kind == "final_norm":
+            return RMSNorm(config.width, config.rms_norm_eps)
+        return ResidualBlock(config, config.block_types[i])
+
+
+def _prefix(kind: str, i: int | None) -> str:
+    return {"embedder": "embedder.", "final_norm": "final_norm."}.get(kind, f"blocks.{i}.")
+
+
+def _assemble(config: GriffinConfig, kind: str, i: int | None, tensors: dict[str, torch.Tensor]) -> Part:
+    """A part from its tensors under our names (full names, prefix included), cast to float32."""
+    module = _part_module(config, kind, i)
+    prefix = _prefix(kind, i)
+    module.load_state_dict({k[len(prefix):]: v.to(torch.float32) for k, v in tensors.items()}, assign=True)
+    for m in module.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset_buffers()
+    return module.eval()
+
+
+def _our_names(config: GriffinConfig, kind: str, i: int | None) -> list[str]:
+    prefix = _prefix(kind, i)
+    return [n for n in _meta_griffin(config).state_dict() if n.startswith(prefix)]
+
+
+def stream_huggingface(path: str | Path) -> StreamedCheckpoint:
+    """A Hugging Face RecurrentGemma folder (single file or shards with an index), streamed."""
+    from rgexport.checkpoint import _check_and_build, _hf_expected, _sha256_files
+
+    folder = Path(path)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; expected a Hugging Face RecurrentGemma folder")
+    config = GriffinConfig.from_hf_config(config_path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index ({e})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} lists shard(s) that are missing: {absent}")
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder} has no *.safetensors weights")
+    source = _safetensors(files)
+    source.shapes.pop("lm_head.weight", None)  # tied to the embedding
+    expected = _hf_expected(config)
+    missing = sorted(set(expected) - set(source.shapes))
+    if missing:
+        raise CheckpointError(
+            f"{folder}: missing {len(missing)} tensor(s) that config.json implies, first {missing[:3]}")
+    ours_to_hf = {ours: (hf, bwd) for hf, (ours, bwd) in expected.items()}
+    # Names and shapes checked as the eager loader checks them, on meta tensors: nothing is read yet.
+    shapes = {ours: bwd(torch.empty(source.shapes[hf], device="meta")) for ours, (hf, bwd) in ours_to_hf.items()}
+    unexpected = {n: torch.empty(s, device="meta") for n, s in source.shapes.items() if n not in expected}
+    _check_and_build(config, {**shapes, **unexpected}, str(folder))
+
+    def load(kind: str, i: int | None) -> Part:
+        names = _our_names(config, kind, i)
+        return _assemble(config, kind, i, {n: ours_to_hf[n][1](source.get(ours_to_hf[n][0])) for n in names})
+
+    tokenizer = folder / "tokenizer.model"
+    return StreamedCheckpoint(config, str(folder), "huggingface", _sha256_files(files),
+                              tokenizer if tokenizer.is_file() else None, load)
+
+
+def stream_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = None) -> StreamedCheckpoint:
+    """A `recurrentgemma.torch.Griffin` state dict (`.pt` memory-mapped, or `.safetensors`), streamed."""
+    from rgexport.checkpoint import _check_and_build, _sha256_files, from_deepmind_state_dict
+    from rgexport.config import get_preset
+
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"Checkpoint file {file} does not exist")
+    if file.suffix == ".safetensors":
+        source = _safetensors([file])
+    else:
+        try:
+            # mmap=True: the tensors are views of the mapped file until a part copies them out.
+            dm = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+            raise CheckpointError(
+                f"Cannot read {file} as a state dict with torch.load(weights_only=True): {e}") from None
+        if not isinstance(dm, dict):
+            raise CheckpointError(f"{file} holds a {type(dm).__name__}, expected a state dict")
+        source = _Tensors({k: tuple(v.shape) for k, v in dm.items()}, dm.__getitem__)
+    base = get_preset(preset)
+    emb = source.shapes.get("embedder.input_embedding")
+    config = base.replace(vocab_size=int(emb[0])) if emb is not None else base
+    _check_and_build(config, from_deepmind_state_dict(_meta(source.shapes)), str(file))
+
+    def load(kind: str, i: int | None) -> Part:
+        prefix = _prefix(kind, i)
+        return _assemble(config, kind, i, from_deepmind_state_dict(
+            {n: source.get(n) for n in source.shapes if n.startswith(prefix)}))
+
+    tok = Path(tokenizer) if tokenizer else None
+    return StreamedCheckpoint(config, str(file), "deepmind", _sha256_files([file]), tok, load)
+
+
+def stream_random(preset: str, seed: int = 0) -> StreamedCheckpoint:
+    """`random_checkpoint(preset, seed)`'s weights, drawn part by part (see the module docstring)."""
+    import hashlib
+
+    from rgexport.assets import shipped_model_dir
+    from rgexport.checkpoint import RANDOM_PREFIX
+    from rgexport.config import get_preset
+
+    config = get_preset(preset)
+    n = len(config.block_types)
+    # Generator state before each drawn part: [embedder, block 0, ..., block n-1]; filled as parts are drawn.
+    states: list[torch.Tensor | None] = [torch.Generator().manual_seed(seed).get_state()] + [None] * n
+
+    def draw(k: int) -> Part:
+        """Part k of the draw order (0: the embedding, 1 + i: block i), from the generator state before it."""
+        first = max(j for j in range(k + 1) if states[j] is not None)
+        for j in range(first, k + 1):  # parts before k not drawn yet: draw and drop them for their states
+            g = torch.Generator()
+            g.set_state(states[j])
+            module = _part_module(config, "embedder" if j == 0 else "block", None if j == 0 else j - 1)
+            module.to_empty(device="cpu")
+            if j == 0:
+                init_embedder_(module, config, g)  # type: ignore[arg-type]
+            else:
+                init_block_(module, config, g)  # type: ignore[arg-type]
+                for m in module.modules():
+                    if isinstance(m, RotaryEmbedding):
+                        m.reset_buffers()
+            if j + 1 <= n:
+                states[j + 1] = g.get_state()
+            if j == k:
+                return module.eval()
+            del module
+        raise AssertionError("unreachable")
+
+    def load(kind: str, i: int | None) -> Part:
+        if kind == "final_norm":
+            module = _part_module(config, kind, None)
+            module.to_empty(device="cpu")
+            module.scale.data.zero_()  # type: ignore[union-attr]
+            return module.eval()
+        return draw(0 if kind == "embedder" else 1 + int(i))  # type: ignore[arg-type]
+
+    source = f"{RANDOM_PREFIX}{preset}:seed{seed}"
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    return StreamedCheckpoint(config, source, "random", digest, shipped_model_dir() / "tokenizer.model", load)
+
+
+def schedule(n: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, length) of each call validation makes over n tokens: one prefill chunk, then single tokens
+    (`rgexport.validate.teacher_forced`)."""
+    start = chunk if chunk > 1 and n >= chunk else 0
+    return ([(0, chunk)] if start else []) + [(i, 1) for i in range(start, n)]
+
+
+@dataclasses.dataclass
+class LayerMajorRun:
+    """The float32 reference over a token sequence, computed block by block (`layer_major_run`)."""
+
+    hidden: torch.Tensor  # [n, width]: the final-normed hidden state of every token
+    state: dict[str, torch.Tensor]  # the state after the last token, by name (as Griffin's)
+    segments: list[tuple[int, int]]  # the calls the step model would have made
+    stream: StreamedCheckpoint
+    _embedder: Embedder | None = None
+
+    @torch.no_grad()
+    def logits(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Logits [stop - start, vocab] of tokens start..stop (a slice at a time keeps a 256000-entry
+        vocabulary's logits from filling memory); the embedding is read again on first use."""
+        if self._embedder is None:
+            self._embedder = self.stream.embedder()
+        out = self._embedder.decode(self.hidden[start:stop])
+        cap = self.stream.config.logits_soft_cap
+        return torch.tanh(out / cap) * cap if cap else out
+
+
+@torch.no_grad()
+def layer_major_run(stream: StreamedCheckpoint, tokens: list[int] | torch.Tensor, chunk: int) -> LayerMajorRun:
+    """The fp32 step model's result over `tokens` from position 0, layer-major: each block is loaded once and
+    every token goes through it (in the calls of `schedule`, its state carried from call to call) before
+    the next block loads. What is resident at once is one block (or the embedding) plus the activations of
+    the sequence ([n, width]), so a model larger than memory can be the reference of its own artifact.
+    """
+    from rgexport.model import init_state
+
+    config = stream.config
+    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
+    segments = schedule(ids.shape[1], chunk)
+    embedder = stream.embedder()
+    x = embedder.encode(ids)  # [1 n d]
+    del embedder  # the head needs it again at the end; one block at a time is the budget meanwhile
+    zero = init_state(config)
+    state: dict[str, torch.Tensor] = {}
+    for i in range(len(config.block_types)):
+        block = stream.block(i)  # the previous block is gone: `del block` below dropped the last reference
+        n0, n1 = [k for k in zero if k.startswith(f"blocks.{i}.")]
+        s0, s1 = zero[n0], zero[n1]
+        out = torch.empty_like(x)
+        for start, t in segments:
+            positions = torch.arange(start, start + t, dtype=torch.float32)[None]
+            out[:, start:start + t], s0, s1 = block(x[:, start:start + t], positions, s0, s1)
+        x, state[n0], state[n1] = out, s0, s1
+        del block, out
+    norm = stream.final_norm()
+    hidden = norm(x)[0]
+    return LayerMajorRun(hidden, state, segments, stream)
+
+
+def stream_checkpoint(path: str | Path | None = None, preset: str | None = None,
+                      tokenizer: str | Path | None = None) -> StreamedCheckpoint:
+    """`load_checkpoint(path, preset, tokenizer)`, streamed: the shipped model (no path), a Hugging Face
+    folder, or a DeepMind state dict (with preset)."""
+    from rgexport.errors import RgexportError
+
+    if path is None:
+        from rgexport.assets import shipped_model_dir
+
+        return stream_huggingface(shipped_model_dir())
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"Checkpoint {p} does not exist")
+    if p.is_dir():
+        ckpt = stream_huggingface(p)
+        if tokenizer:
+            ckpt.tokenizer_path = Path(tokenizer)
+        return ckpt
+    if preset is None:
+        raise RgexportError(f"{p} is a single file, read as a DeepMind recurrentgemma state dict, which needs "
+                            "--preset (e.g. --preset recurrentgemma-2b)")
+    return stream_deepmind(p, preset, tokenizer)
+
+
+def block_weight_bytes(config: GriffinConfig) -> dict[str, int]:
+    """float32 bytes of each part: `embedder`, `final_norm`, and `block.{i}` for every block."""
+    model = _meta_griffin(config)
+    out = {"embedder": 4 * model.embedder.input_embedding.numel(), "final_norm": 4 * model.final_norm.scale.numel()}
+    for i, block in enumerate(model.blocks):
+        out[f"block.{i}"] = 4 * sum(t.numel() for t in [*block.parameters(), *block.buffers()])
+    return out
+
+
+__all__ = ["LayerMajorRun", "MaterialisedBytes", "StreamedCheckpoint", "block_weight_bytes", "layer_major_run",
+           "schedule", "stream_checkpoint", "stream_deepmind", "stream_huggingface", "stream_random"]
+
+
+def stream_source(source: str, preset: str | None = None) -> StreamedCheckpoint:
+    """`load_source(source, preset)`, streamed: the shipped model, a random preset, or a path."""
+    from rgexport.checkpoint import parse_source
+
+    kind, what, seed = parse_source(source)
+    if kind == "random":
+        return stream_random(what, seed)
+    return stream_checkpoint(None if kind == "shipped" else what, preset)
