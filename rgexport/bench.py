@@ -213,10 +213,10 @@ def memory_profile(artifact: Path, max_multiple: int = 16, start: int | None = N
     """Peak memory vs decoded tokens, each N in a fresh process; flat within FLAT_TOLERANCE_BYTES passes."""
     from rgexport.config import GriffinConfig
     from rgexport.info import gemma_2b, transformer_of_same_width
-    from rgexport.manifest import read_manifest
     from rgexport.model import state_bytes
+    from rgexport.safety import checked_artifact
 
-    folder, manifest = read_manifest(artifact)
+    folder, manifest = checked_artifact(artifact)  # checksums and the backend's check, before any probe loads it
     config = GriffinConfig.from_dict(manifest["model"]["config"])
     w = config.attention_window_size
     ns = []
@@ -230,7 +230,8 @@ def memory_profile(artifact: Path, max_multiple: int = 16, start: int | None = N
         proc = subprocess.run([sys.executable, "-m", "rgexport.bench", str(folder), str(n)], capture_output=True,
                               text=True, env=env, check=False)
         if proc.returncode != 0:
-            raise RgexportError(f"memory probe for N={n} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise RgexportError(f"memory probe of {folder} for N={n} failed: {last}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         advance(1)
     verdict = flatness(rows)
@@ -310,10 +311,10 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
 
     from rgexport.backends import get_backend
     from rgexport.checkpoint import load_source
-    from rgexport.manifest import read_manifest
+    from rgexport.safety import checked_artifact, load_runner
     from rgexport.validate import EagerRunner, heldout_tokens
 
-    loaded = [read_manifest(p) for p in paths]
+    loaded = [checked_artifact(p) for p in paths]  # every file checksummed and checked before any runtime loads
     if not loaded:
         raise RgexportError("give at least one artifact folder to benchmark")
     digests = {m["model"]["checkpoint"]["sha256"] for _, m in loaded}
@@ -343,8 +344,8 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
         weights = weights_read_per_token(folder, manifest)
         results.append(time_runner(f"{manifest['backend']} / {manifest['recipe']['name']}", manifest["backend"],
                                    manifest["recipe"]["name"], weights,
-                                   lambda f=folder, m=manifest, b=backend: b.load(f, m, threads=threads), tokens,
-                                   decode_tokens, advance))
+                                   lambda f=folder, m=manifest, b=backend: load_runner(b, f, m, threads=threads),
+                                   tokens, decode_tokens, advance))
     hf = time_hf_generate(ckpt.model, tokens, min(decode_tokens, 128)) if include_hf and include_eager else None
     eager_ms = results[0].decode_ms_median if include_eager else None
     rows = []

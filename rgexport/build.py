@@ -65,8 +65,11 @@ class BuildResult:
 
 class BuildError(RgexportError):
     def __init__(self, stage: str, cause: BaseException, out: Path):
-        kept = f" {out} is untouched." if out.exists() else ""
-        super().__init__(f"build failed at stage '{stage}': {type(cause).__name__}: {cause}.{kept}")
+        from rgexport.safety import sentence
+
+        kept = f"; {out} is untouched" if out.exists() else ""
+        what = sentence(cause) if isinstance(cause, RgexportError) else f"{type(cause).__name__}: {sentence(cause)}"
+        super().__init__(f"build failed at stage '{stage}': {what}{kept}")
         self.stage = stage
         self.cause = cause
 
@@ -97,10 +100,7 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
         raise RgexportError(f"{out} already exists; pass --force to replace it (or choose another --out)")
     if out.exists() and not (out / "manifest.json").is_file():
         raise RgexportError(f"{out} exists and is not an rgexport artifact folder; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _partial_dirs(out):  # left by a build that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = make_work_dir(out)
     try:
         result = _build_into(work, out, opts, backend, recipe, stages, checkpoint)
         _move_into_place(work, out)
@@ -110,6 +110,20 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def make_work_dir(out: Path) -> Path:
+    """The hidden temporary folder beside `out` that a build writes into (stale ones are removed first);
+    an --out that cannot be created or written is one line naming it."""
+    from rgexport.safety import writable_dir
+
+    writable_dir(out.parent, "--out", "the folder that would hold --out,")
+    for stale in _partial_dirs(out):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise RgexportError(f"cannot write beside --out {out}: {e.strerror or e}; choose another --out") from None
 
 
 def _move_into_place(work: Path, out: Path) -> None:

@@ -39,6 +39,26 @@ def generate(
         logits = logits[0]
 
 
+MIN_TEMPERATURE = 1e-3  # below this, logits / temperature overflows float32; use 0 (greedy)
+MAX_TEMPERATURE = 100.0
+
+
+def check_sampling(temperature: float, top_k: int, vocab_size: int | None = None) -> None:
+    """Refuses sampling options that cannot sample: a temperature that is not 0 or in
+    [MIN_TEMPERATURE, MAX_TEMPERATURE], a negative top-k, or one above the vocabulary."""
+    import math
+
+    from rgexport.errors import RgexportError
+
+    if not math.isfinite(temperature) or temperature < 0 or (
+            temperature and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise RgexportError(f"--temperature is {temperature!r}; use 0 (greedy) or a value from {MIN_TEMPERATURE:g} to "
+                            f"{MAX_TEMPERATURE:g}")
+    if top_k < 0 or (vocab_size is not None and top_k > vocab_size):
+        limit = f"the vocabulary ({vocab_size})" if vocab_size is not None else "the vocabulary"
+        raise RgexportError(f"--top-k is {top_k}; use 0 (all tokens) or at most {limit}")
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, g: torch.Generator) -> int:
     if temperature <= 0:
         return int(torch.argmax(logits))

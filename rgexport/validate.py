@@ -177,12 +177,10 @@ class ValidationReport:
 def heldout_tokens(tokenizer, n: int, text_file: Path | None = None) -> list[int]:
     """The first n tokens of the held-out text (bos first), or of `text_file`."""
     from rgexport.assets import corpus_path
+    from rgexport.safety import read_text_file
 
     path = Path(text_file) if text_file else corpus_path("heldout.txt")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RgexportError(f"Cannot read validation text {path}: {e}") from None
+    text = read_text_file(path, "validation text")
     ids = tokenizer.encode(text)
     if len(ids) < n + 1:
         raise RgexportError(
@@ -333,15 +331,12 @@ def validate_artifact(
     built from); its digest must match the manifest's.
     """
     from rgexport.backends import get_backend
-    from rgexport.manifest import read_manifest, verify_files
     from rgexport.progress import Stages
+    from rgexport.safety import checked_artifact, load_runner
     from rgexport.tokenizer import Tokenizer
 
     stages = stages or Stages(quiet=True)
-    folder, manifest = read_manifest(path)
-    problems = verify_files(folder, manifest)
-    if problems:
-        raise RgexportError(f"{folder}: files do not match the manifest: " + "; ".join(problems))
+    folder, manifest = checked_artifact(path)  # paths, checksums, the backend's structural check
     with stages.stage("load", "checkpoint"):
         ckpt = artifact_checkpoint(manifest, checkpoint, preset)
         backend = get_backend(manifest["backend"])
@@ -358,7 +353,7 @@ def validate_artifact(
         reference = reference_run(ckpt.model, int(manifest["io"]["prefill_chunk"]), ids, greedy_tokens)
         ckpt = None
         advance(n)
-        runner = backend.load(folder, manifest)
+        runner = load_runner(backend, folder, manifest)
         report = run_validation(runner, reference, ids, backend=manifest["backend"], recipe=recipe["name"],
                                 quantized=recipe["quantized"], greedy_tokens=greedy_tokens, progress=advance)
     runner = None
@@ -372,7 +367,9 @@ def validate_variants(report: ValidationReport, backend, folder: Path, manifest:
     recipe = manifest["recipe"]
     for name, kwargs in backend.variants(folder, manifest).items():
         with stages.stage("validate", f"variant {name}"):
-            runner = backend.load(folder, manifest, **kwargs)
+            from rgexport.safety import load_runner
+
+            runner = load_runner(backend, folder, manifest, **kwargs)
             report.variants[name] = run_validation(
                 runner, model, ids, backend=f"{manifest['backend']} ({name})", recipe=recipe["name"],
                 quantized=recipe["quantized"], greedy_tokens=greedy_tokens)

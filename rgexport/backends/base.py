@@ -168,6 +168,19 @@ class Backend(abc.ABC):
         """Loads the artifact described by `manifest` from `artifact_dir` into a runner; `threads` sizes the
         runtime's CPU thread pool where it has one (None: the runtime's default)."""
 
+    def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
+        """Checks, without loading it into the runtime, that the artifact's main file is what this backend
+        reads (magic bytes, a structural parse; anything that could abort the process runs in a child
+        process); raises RgexportError naming the file. Called after the checksums matched, before `load`.
+        The default checks that the main file exists; returns its path."""
+        from rgexport.errors import RgexportError
+        from rgexport.safety import contained
+
+        path = contained(Path(artifact_dir), manifest["artifact"]["file"], "the manifest's artifact.file")
+        if not path.exists():
+            raise RgexportError(f"{path} does not exist; rebuild the artifact")
+        return path
+
     def variants(self, artifact_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Other ways to load the same artifact that validation checks too: name -> `load` keyword
         arguments (ONNX's .ort files for ONNX Runtime Mobile, say)."""
