@@ -310,18 +310,31 @@ def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = 
         dm = _read_safetensors([file])
     else:
         try:
-            dm = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                dm = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                dm = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
         except Exception as e:  # noqa: BLE001 - a damaged user file: one line naming it
             from rgexport.safety import first_line, sentence
 
-            if "weights only" in str(e).lower() or "weights_only" in str(e):
+            text = str(e)
+            if "Unsupported global" in text or "allowed global" in text:
                 # torch's message goes on to suggest weights_only=False, which would run the file's code: never.
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+                what = f" ({found.group(1)})" if found else ""
                 raise CheckpointError(
-                    f"{file} holds pickled objects other than tensors, which rgexport never loads (unpickling them "
-                    "can run code); save the weights alone (torch.save(model.state_dict(), ...)) or as .safetensors"
+                    f"{file} holds pickled objects other than tensors{what}, which rgexport never loads (unpickling "
+                    "them can run code); save the weights alone (torch.save(model.state_dict(), ...)) or as "
+                    ".safetensors"
                 ) from None
+            found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+            detail = found.group(1) if found else first_line(e)
+            if "weights_only" in detail or "Weights only" in detail:
+                detail = type(e).__name__
             raise CheckpointError(
-                f"Cannot read {file} as a PyTorch state dict: {type(e).__name__}: {sentence(first_line(e))}; "
+                f"Cannot read {file} as a state dict with torch.load(weights_only=True): {sentence(detail)}; "
                 "expected a file written by torch.save(state_dict) or a .safetensors file"
             ) from None
         if not isinstance(dm, dict):

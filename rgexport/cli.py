@@ -252,6 +252,8 @@ def _artifact_info(path: Path, as_json: bool) -> None:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged user file: one line naming it
             raise RgexportError(f"{path} is not an ONNX model ({type(e).__name__}: {first_line(e)})") from None
+        if not data.get("nodes"):
+            raise RgexportError(f"{path} is not an ONNX model (it parses, but holds no graph)")
     else:
         from rgexport.manifest import read_manifest
 

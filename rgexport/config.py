@@ -27,6 +27,10 @@ INT_LIMITS = {
     "lru_width": 1 << 16, "attention_window_size": 1 << 20, "num_kv_heads": 1 << 10, "conv1d_width": 1 << 8,
 }
 MAX_LAYERS = 1024
+# Hugging Face config.json field -> GriffinConfig field, where the two differ only in name.
+_HF_NAMES = {"vocab_size": "vocab_size", "hidden_size": "width", "intermediate_size": "mlp_expanded_width",
+             "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "lru_width": "lru_width",
+             "attention_window_size": "attention_window_size", "conv1d_width": "conv1d_width"}
 MAX_PARAMETERS = 100_000_000_000
 
 
@@ -207,6 +211,12 @@ class GriffinConfig:
                 value = default
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{where}: field '{key}' must be an integer, got {value!r}")
+            limit = INT_LIMITS.get(_HF_NAMES.get(key, ""), MAX_LAYERS if key == "num_hidden_layers" else None)
+            if value < (0 if key in ("num_key_value_heads", "lru_width") else 1):
+                raise ConfigError(f"{where}: field '{key}' must be a positive integer, got {value}")
+            if limit is not None and value > limit * (2 if key == "intermediate_size" else 1):
+                raise ConfigError(f"{where}: field '{key}' is {value:,}, above the largest rgexport accepts "
+                                  f"({limit:,})")
             return value
 
         def number(value: Any, key: str) -> float:
@@ -254,7 +264,7 @@ class GriffinConfig:
                 ),
             )
         except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
+            raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """The matching Hugging Face `config.json` contents (model_type recurrent_gemma)."""

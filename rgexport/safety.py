@@ -80,7 +80,7 @@ def probe_in_child(args: Sequence[str], path: Path, what: str, timeout: float = 
             name = signal.Signals(-proc.returncode).name
         except ValueError:
             name = f"signal {-proc.returncode}"
-        raise RgexportError(f"{path} crashed {what} ({name}) when a test process loaded it: the file is corrupt; "
+        raise RgexportError(f"{path} crashed {what} ({name}) when a separate process loaded it: the file is corrupt; "
                             "rebuild the artifact")
     lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
     detail = lines[-1] if lines else f"exit status {proc.returncode}"
