@@ -100,16 +100,21 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
         raise RgexportError(f"{out} already exists; pass --force to replace it (or choose another --out)")
     if out.exists() and not (out / "manifest.json").is_file():
         raise RgexportError(f"{out} exists and is not an rgexport artifact folder; refusing to replace it")
+    from rgexport.safety import missing_parents, remove_empty
+
+    created = missing_parents(out.parent)
     work = make_work_dir(out)
     try:
         result = _build_into(work, out, opts, backend, recipe, stages, checkpoint)
         _move_into_place(work, out)
+        created = []
         return dataclasses.replace(result, out=out)
     except StageFailed as e:
         raise BuildError(e.stage, e.cause, out) from e.cause
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+        remove_empty(created)  # a failed build leaves no folder it made
 
 
 def make_work_dir(out: Path) -> Path:

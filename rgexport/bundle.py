@@ -4,14 +4,17 @@ integration guide.
 
     bundle-<target>/
       bundle.json            profile, artifacts, every file with bytes and sha256, memory budget
+      bundle.sha256          the sha256 of bundle.json itself
       tokenizer.model
       INTEGRATION.md         how to drive each artifact on the platform
       <backend>-<recipe>/    one validated artifact folder each (with its own manifest.json)
       samples/               Swift (iOS) or Kotlin (Android) generated from the manifests
 
-`validate_bundle` checks every checksum (naming a tampered or truncated file), validates every artifact
-in its runtime, and checks each artifact's peak memory against the profile's budget. Archives are read
-with every member's path checked: one that would land outside the folder is refused.
+`validate_bundle` checks bundle.json against bundle.sha256 and every path it names against the folder
+(an artifact folder, file, tokenizer or sample outside the bundle is refused before anything is opened),
+then every checksum (naming a tampered or truncated file), validates every artifact from inside the bundle
+in its runtime, and checks each artifact's peak memory against the profile's budget. Archives (.zip) are
+read with every member's path checked: one that would land outside the folder is refused.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def build_bundle(
         raise RgexportError(f"{out} already exists; pass --force to replace it (or choose another --out)")
     if out.exists() and not (out / BUNDLE_MANIFEST).is_file():
         raise RgexportError(f"{out} exists and is not an rgexport bundle; refusing to replace it")
+    from rgexport.safety import missing_parents, remove_empty
+
+    created = missing_parents(out.parent)
     work = make_work_dir(out)
     try:
         with stages.stage("load", opts.checkpoint or "shipped model"):
@@ -84,11 +90,13 @@ def build_bundle(
             (work / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             (work / BUNDLE_DIGEST).write_text(f"{sha256_file(work / BUNDLE_MANIFEST)}  {BUNDLE_MANIFEST}\n")
         _move_into_place(work, out)
+        created = []
     except StageFailed as e:
         raise BuildError(e.stage, e.cause, out) from e.cause
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+        remove_empty(created)
     archive_path = None
     if archive:
         archive_path = out.with_suffix(".zip")

@@ -306,6 +306,7 @@ def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = 
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"Checkpoint file {file} does not exist")
+    base = get_preset(preset)  # an unknown preset is refused before the file is read
     if file.suffix == ".safetensors":
         dm = _read_safetensors([file])
     else:
@@ -320,9 +321,9 @@ def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = 
             from rgexport.safety import first_line, sentence
 
             text = str(e)
-            if "Unsupported global" in text or "allowed global" in text:
+            if re.search(r"unsupported global|allowed global", text, re.IGNORECASE):
                 # torch's message goes on to suggest weights_only=False, which would run the file's code: never.
-                found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+                found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
                 what = f" ({found.group(1)})" if found else ""
                 raise CheckpointError(
                     f"{file} holds pickled objects other than tensors{what}, which rgexport never loads (unpickling "
@@ -341,7 +342,6 @@ def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = 
             raise CheckpointError(f"{file} holds a {type(dm).__name__}, expected a state dict")
         if not all(isinstance(k, str) for k in dm):
             raise CheckpointError(f"{file}: state dict keys must be tensor names (strings)")
-    base = get_preset(preset)
     emb = dm.get("embedder.input_embedding")
     if emb is not None and not isinstance(emb, torch.Tensor):
         raise CheckpointError(f"{file}: embedder.input_embedding is a {type(emb).__name__}, not a tensor")

@@ -530,7 +530,7 @@ def bench(
     from rgexport.safety import writable_dir
 
     if report_dir:
-        writable_dir(report_dir, "--report")  # before minutes of timing, not after
+        writable_dir(report_dir, "--report", create=False)  # before minutes of timing, not after
     stages = Stages(err, quiet=as_json)
     with stages.bar("timing", tokens * (len(paths) + 1)) as advance:
         data = bench_artifacts(paths, decode_tokens=tokens, include_hf=hf and eager, include_eager=eager,
@@ -542,6 +542,7 @@ def bench(
         data["memory"] = profiles
     md = markdown_report(data) + "".join(_memory_markdown(p) for p in profiles)
     if report_dir:
+        writable_dir(report_dir, "--report")
         (report_dir / "bench.json").write_text(json.dumps(data, indent=1) + "\n")
         (report_dir / "bench.md").write_text(md)
         plot_speed(data, report_dir / "latency_vs_tokens.png")
@@ -591,7 +592,7 @@ def evaluate(
     from rgexport.progress import Stages
     from rgexport.safety import writable_dir
 
-    writable_dir(out_dir, "--out")
+    writable_dir(out_dir, "--out", create=False)
     result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
                           tokens=tokens, stages=Stages(err), reuse=reuse)
     paths = write_reports(result, out_dir)

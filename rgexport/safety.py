@@ -109,12 +109,20 @@ def utf8_argument(value: str, flag: str) -> str:
     return value
 
 
-def writable_dir(path: Path, flag: str, what: str = "") -> Path:
-    """Creates the folder `path` (and its parents) for output, or raises one line naming it and `flag`."""
+def writable_dir(path: Path, flag: str, what: str = "", create: bool = True) -> Path:
+    """Checks that the folder `path` can be written, creating it (and its parents) with `create`; else one
+    line naming it and `flag`. Without `create` nothing is made: a command that fails later leaves nothing."""
     p = Path(path)
     name = f"{what} {p}" if what else f"{flag} {p}"
     if p.exists() and not p.is_dir():
         raise RgexportError(f"{name} is a file, not a folder; choose another {flag}")
+    if not create:
+        existing = next(a for a in (p, *p.parents) if a.exists() or a == Path(a.anchor or "."))
+        if not existing.is_dir():
+            raise RgexportError(f"{name} is inside {existing}, which is a file, not a folder; choose another {flag}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise RgexportError(f"{name} cannot be created in {existing} (not writable); choose another {flag}")
+        return p
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -122,6 +130,25 @@ def writable_dir(path: Path, flag: str, what: str = "") -> Path:
     if not os.access(p, os.W_OK | os.X_OK):
         raise RgexportError(f"{name} is not writable; choose another {flag} or fix its permissions")
     return p
+
+
+def missing_parents(path: Path) -> list[Path]:
+    """The folders above `path` (and `path`) that do not exist yet, deepest first: what creating it makes."""
+    p = Path(path).absolute()
+    out = []
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Removes each folder of `folders` (deepest first) that is empty: undoes `missing_parents`' creation."""
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:
+            break
 
 
 def checked_artifact(path: str | Path) -> tuple[Path, dict[str, Any]]:

@@ -140,7 +140,7 @@ class Sandbox:
                     os.environ[k] = v
 
     def run(self, args: list[str], *, code: int = 1, match: str | None = None, check_prior: bool = False,
-            allow_changes_under: Path | None = None) -> Outcome:
+            allow_changes_under: tuple[Path, ...] = ()) -> Outcome:
         """Runs `rgexport ARGS` in-process and checks the guarantees in the module docstring."""
         from rgexport.cli import app
 
@@ -163,8 +163,8 @@ class Sandbox:
             if match is not None:
                 assert re.search(match, error_line), f"{match!r} not in {error_line!r}"
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        if allow_changes_under is not None:
-            prefix = allow_changes_under.relative_to(self.root).as_posix()
+        for allowed in allow_changes_under:
+            prefix = allowed.relative_to(self.root).as_posix()
             changed = [c for c in changed if not (c == prefix or c.startswith(prefix + "/"))]
         assert not changed, f"the command changed the sandbox: {changed[:10]}"
         if check_prior:

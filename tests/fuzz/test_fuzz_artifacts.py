@@ -191,7 +191,10 @@ def test_validate(sandbox, case):
     sandbox.run(["validate", art, "--tokens", "16", "--no-memory"], match=match)
 
 
-BENCH_CASES = sorted(set(CONTAINMENT) | set(FILES) | {"state-float64", "no-backend", "config-huge"})
+# bench goes through the same checks as validate (rgexport.safety.checked_artifact); the cases that load a
+# second runtime library (seconds each) are left to validate.
+BENCH_CASES = sorted(set(CONTAINMENT) | set(FILES) | {"state-float64", "no-backend", "config-huge"}
+                     - {"pte-identifier-then-garbage", "tflite-identifier-then-garbage", "backend-lies-coreml"})
 
 
 @pytest.mark.parametrize("case", BENCH_CASES)
@@ -201,7 +204,7 @@ def test_bench(sandbox, case):
     art = _broken(sandbox, f"bench-{case}", change)
     report = sandbox.root / "outputs" / f"bench-{case}"
     sandbox.run(["bench", art, "--tokens", "8", "--no-memory", "--no-hf", "--no-eager", "--report", report],
-                match=match, allow_changes_under=report)
+                match=match, allow_changes_under=(report,))
 
 
 @pytest.mark.parametrize("case", sorted(set(SCHEMA) | set(CONTAINMENT) - {"symlink-out"} | {"state-float64"}))

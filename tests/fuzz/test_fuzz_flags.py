@@ -64,7 +64,7 @@ CASES = {
     "generate-temperature-tiny": (["generate", "--prompt", "x", "--temperature", "1e-300"], 1,
                                   r"--temperature is 1e-300; use 0 \(greedy\) or a value from 0\.001"),
     "generate-temperature-negative": (["generate", "--prompt", "x", "--temperature", "-1"], 2, r"--temperature"),
-    "generate-temperature-nan": (["generate", "--prompt", "x", "--temperature", "nan"], 1, r"--temperature is nan"),
+    "generate-temperature-nan": (["generate", "--prompt", "x", "--temperature", "nan"], 2, r"--temperature"),
     "generate-temperature-inf": (["generate", "--prompt", "x", "--temperature", "inf"], 1, r"--temperature is inf"),
     "generate-temperature-huge": (["generate", "--prompt", "x", "--temperature", "1000"], 1, r"--temperature is 1000"),
     "generate-top-k-above-vocab": (["generate", "--prompt", "x", "--temperature", "1", "--top-k", "99999"], 1,
