@@ -113,8 +113,9 @@ def _signals() -> Iterator[None]:
 
 
 def crash_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "rgexport"
+    """Where crash reports go: $RGEXPORT_CACHE (as for the emulated device's cache), else ~/.cache/rgexport."""
+    base = os.environ.get("RGEXPORT_CACHE")
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "rgexport"
 
 
 def _write_crash(e: BaseException) -> Path | None:

@@ -123,10 +123,11 @@ class Sandbox:
     @contextlib.contextmanager
     def _environment(self) -> Iterator[None]:
         old_tempdir, old_cwd = tempfile.tempdir, os.getcwd()
-        old_env = {k: os.environ.get(k) for k in ("TMPDIR", "XDG_CACHE_HOME")}
+        old_env = {k: os.environ.get(k) for k in ("TMPDIR", "XDG_CACHE_HOME", "RGEXPORT_CACHE")}
         tempfile.tempdir = str(self.root / "tmp")
         os.environ["TMPDIR"] = str(self.root / "tmp")
         os.environ["XDG_CACHE_HOME"] = str(self.root / "cache")
+        os.environ["RGEXPORT_CACHE"] = str(self.root / "cache" / "rgexport")  # crash reports would land here
         os.chdir(self.root / "cwd")
         try:
             yield

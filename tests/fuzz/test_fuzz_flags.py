@@ -135,7 +135,7 @@ def test_signal_during_build(sandbox, sig, code, text):
 def _invoke(args: list[str], cache: Path):
     from rgexport.cli import app
 
-    return CliRunner().invoke(app, args, env={"XDG_CACHE_HOME": str(cache)})
+    return CliRunner().invoke(app, args, env={"RGEXPORT_CACHE": str(cache)})
 
 
 def test_a_bug_is_one_line_and_a_crash_file(monkeypatch, tmp_path):
@@ -150,7 +150,7 @@ def test_a_bug_is_one_line_and_a_crash_file(monkeypatch, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "internal error, ZeroDivisionError: a bug nobody anticipated" in errors[0]
     assert "Traceback" not in result.output
-    crashes = list((tmp_path / "rgexport").glob("crash-*.txt"))
+    crashes = list(tmp_path.glob("crash-*.txt"))
     assert len(crashes) == 1 and str(crashes[0]) in errors[0]
     assert "Traceback" in crashes[0].read_text() and "ZeroDivisionError" in crashes[0].read_text()
 
