@@ -121,7 +121,9 @@ def crash_dir() -> Path:
 def _write_crash(e: BaseException) -> Path | None:
     text = "".join(traceback.format_exception(e))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for folder in (crash_dir(), Path(os.environ.get("TMPDIR", "/tmp"))):
+    import tempfile
+
+    for folder in (crash_dir(), Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"crash-{stamp}-{os.getpid()}.txt"
