@@ -188,10 +188,10 @@ def memory_profile(artifact: Path, max_multiple: int = 16, start: int | None = N
     """Peak memory vs decoded tokens, each N in a fresh process; flat within FLAT_TOLERANCE_BYTES passes."""
     from rgexport.config import GriffinConfig
     from rgexport.info import gemma_2b, transformer_of_same_width
-    from rgexport.manifest import read_manifest
     from rgexport.model import state_bytes
+    from rgexport.safety import checked_artifact
 
-    folder, manifest = read_manifest(artifact)
+    folder, manifest = checked_artifact(artifact)  # checksums and the backend's check, before any probe loads it
     config = GriffinConfig.from_dict(manifest["model"]["config"])
     w = config.attention_window_size
     ns = []
@@ -205,7 +205,8 @@ def memory_profile(artifact: Path, max_multiple: int = 16, start: int | None = N
         proc = subprocess.run([sys.executable, "-m", "rgexport.bench", str(folder), str(n)], capture_output=True,
                               text=True, env=env, check=False)
         if proc.returncode != 0:
-            raise RgexportError(f"memory probe for N={n} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise RgexportError(f"memory probe of {folder} for N={n} failed: {last}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         advance(1)
     verdict = flatness(rows)
@@ -257,17 +258,13 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
     import torch
 
     from rgexport.checkpoint import load_source
-    from rgexport.manifest import read_manifest, verify_files
     from rgexport.runtime import open_artifact
+    from rgexport.safety import checked_artifact
     from rgexport.validate import EagerRunner, heldout_tokens
 
-    loaded = [read_manifest(p) for p in paths]
+    loaded = [checked_artifact(p) for p in paths]  # every file checksummed and checked before any runtime loads
     if not loaded:
         raise RgexportError("give at least one artifact folder to benchmark")
-    for folder, manifest in loaded:  # once, before anything loads (not inside the timed loads)
-        problems = verify_files(folder, manifest)
-        if problems:
-            raise RgexportError(f"{folder}: files do not match manifest.json: " + "; ".join(problems))
     digests = {m["model"]["checkpoint"]["sha256"] for _, m in loaded}
     if len(digests) > 1:
         raise RgexportError("the artifacts come from different checkpoints; benchmark one model at a time")

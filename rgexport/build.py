@@ -72,10 +72,12 @@ class BuildResult:
 
 class BuildError(RgexportError):
     def __init__(self, stage: str, cause: BaseException, out: Path, log: Path | None = None):
-        kept = f" {out} is untouched." if out.exists() else ""
-        logged = f" Other libraries' output: {log}." if log is not None else ""
-        message = f"{type(cause).__name__}: {cause}".rstrip(".")
-        super().__init__(f"build failed at stage '{stage}': {message}.{kept}{logged}")
+        from rgexport.safety import sentence
+
+        kept = f"; {out} is untouched" if out.exists() else ""
+        logged = f"; other libraries' output is in {log}" if log is not None else ""
+        what = sentence(cause) if isinstance(cause, RgexportError) else f"{type(cause).__name__}: {sentence(cause)}"
+        super().__init__(f"build failed at stage '{stage}': {what}{kept}{logged}")
         self.stage = stage
         self.cause = cause
         self.log = log
@@ -129,22 +131,40 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
         raise RgexportError(f"{out} already exists; pass --force to replace it (or choose another --out)")
     if out.exists() and not (out / "manifest.json").is_file():
         raise RgexportError(f"{out} exists and is not an rgexport artifact folder; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _partial_dirs(out):  # left by a build that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    from rgexport.safety import missing_parents, remove_empty
+
+    created = missing_parents(out.parent)
+    work = make_work_dir(out)
     try:
         with logged_output(stages, work / BUILD_LOG if opts.log_output else None):
             result = _build_into(work, out, opts, backend, recipe, stages, checkpoint)
         _move_into_place(work, out)
         failed_log_path(out).unlink(missing_ok=True)  # an earlier failure's log, now superseded
+        created = []
         return dataclasses.replace(result, out=out)
     except StageFailed as e:
-        raise BuildError(e.stage, e.cause, out, keep_failed_log(work, out)) from e.cause
+        # A stage that broke inside a library keeps what the libraries printed; a user error (a file, an
+        # option: the message says it all) leaves nothing behind.
+        log = None if isinstance(e.cause, RgexportError) else keep_failed_log(work, out)
+        raise BuildError(e.stage, e.cause, out, log) from e.cause
     finally:
         if work.exists():
-            keep_failed_log(work, out)
             shutil.rmtree(work, ignore_errors=True)
+        remove_empty(created)  # a failed build leaves no folder it made
+
+
+def make_work_dir(out: Path) -> Path:
+    """The hidden temporary folder beside `out` that a build writes into (stale ones are removed first);
+    an --out that cannot be created or written is one line naming it."""
+    from rgexport.safety import writable_dir
+
+    writable_dir(out.parent, "--out", "the folder that would hold --out,")
+    for stale in _partial_dirs(out):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise RgexportError(f"cannot write beside --out {out}: {e.strerror or e}; choose another --out") from None
 
 
 def _move_into_place(work: Path, out: Path) -> None:

@@ -4,14 +4,17 @@ integration guide.
 
     bundle-<target>/
       bundle.json            profile, artifacts, every file with bytes and sha256, memory budget
+      bundle.sha256          the sha256 of bundle.json itself
       tokenizer.model
       INTEGRATION.md         how to drive each artifact on the platform
       <backend>-<recipe>/    one validated artifact folder each (with its own manifest.json)
       samples/               Swift (iOS) or Kotlin (Android) generated from the manifests
 
-`validate_bundle` checks every checksum (naming a tampered or truncated file), validates every artifact
-in its runtime, and checks each artifact's peak memory against the profile's budget. Archives are read
-with every member's path checked: one that would land outside the folder is refused.
+`validate_bundle` checks bundle.json against bundle.sha256 and every path it names against the folder
+(an artifact folder, file, tokenizer or sample outside the bundle is refused before anything is opened),
+then every checksum (naming a tampered or truncated file), validates every artifact from inside the bundle
+in its runtime, and checks each artifact's peak memory against the profile's budget. Archives (.zip) are
+read with every member's path checked: one that would land outside the folder is refused.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from rgexport.archive import BUNDLE_MANIFEST, safe_extract
-from rgexport.build import BuildError, BuildOptions, _move_into_place, _partial_dirs, build
+from rgexport.build import BuildError, BuildOptions, _move_into_place, build, make_work_dir
 from rgexport.errors import RgexportError
 from rgexport.manifest import file_entries, now, rgexport_version, sha256_file
 from rgexport.profiles import TargetProfile
 from rgexport.progress import StageFailed, Stages
+
+BUNDLE_DIGEST = "bundle.sha256"  # "<sha256 of bundle.json>  bundle.json": bundle.json is covered too
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
 
 
 @dataclasses.dataclass
@@ -56,10 +62,10 @@ def build_bundle(
         raise RgexportError(f"{out} already exists; pass --force to replace it (or choose another --out)")
     if out.exists() and not (out / BUNDLE_MANIFEST).is_file():
         raise RgexportError(f"{out} exists and is not an rgexport bundle; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _partial_dirs(out):
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    from rgexport.safety import missing_parents, remove_empty
+
+    created = missing_parents(out.parent)
+    work = make_work_dir(out)
     try:
         with stages.stage("load", opts.checkpoint or "shipped model"):
             ckpt = load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
@@ -82,12 +88,15 @@ def build_bundle(
             samples = write_samples(work, profile, artifacts)
             manifest = _bundle_manifest(work, profile, artifacts, samples)
             (work / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (work / BUNDLE_DIGEST).write_text(f"{sha256_file(work / BUNDLE_MANIFEST)}  {BUNDLE_MANIFEST}\n")
         _move_into_place(work, out)
+        created = []
     except StageFailed as e:
         raise BuildError(e.stage, e.cause, out) from e.cause
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+        remove_empty(created)
     archive_path = None
     if archive:
         archive_path = out.with_suffix(".zip")
@@ -100,7 +109,8 @@ def build_bundle(
 
 
 def _bundle_manifest(work: Path, profile: TargetProfile, artifacts, samples: list[Path]) -> dict[str, Any]:
-    files = sorted(p for p in work.rglob("*") if p.is_file() and p.name != BUNDLE_MANIFEST)
+    files = sorted(p for p in work.rglob("*") if p.is_file() and p.relative_to(work).as_posix()
+                   not in (BUNDLE_MANIFEST, BUNDLE_DIGEST))
     return {
         "format": "rgexport-bundle",
         "format_version": 1,
@@ -129,12 +139,94 @@ def _write_zip(folder: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_bundle(folder: Path, shown: Path | None = None) -> dict[str, Any]:
+    """bundle.json of the bundle in `folder`, after checking it against bundle.sha256 and its structure:
+    every path it names (files, artifact folders, tokenizer, samples) inside `folder`, every artifact
+    folder's manifest covered by a checksum. Refused before any listed file is opened."""
+    from rgexport.safety import contained
+
+    shown = shown or folder
+    mf = folder / BUNDLE_MANIFEST
+    if not mf.is_file():
+        raise RgexportError(f"{shown} is not a bundle: it has no {BUNDLE_MANIFEST} (a bundle is what `rgexport build "
+                            "--target PROFILE` writes)")
+    digest_file = folder / BUNDLE_DIGEST
+    if not digest_file.is_file():
+        raise RgexportError(f"{shown} has no {BUNDLE_DIGEST}, so nothing covers {BUNDLE_MANIFEST} itself; rebuild the "
+                            "bundle with this version of rgexport")
+    try:
+        recorded = digest_file.read_bytes().decode("ascii", "replace").split()
+        raw = mf.read_bytes()
+    except OSError as e:
+        raise RgexportError(f"cannot read {shown}: {e.strerror or e}") from None
+    import hashlib
+
+    if not recorded or recorded[0] != hashlib.sha256(raw).hexdigest():
+        raise RgexportError(f"{shown}: {BUNDLE_MANIFEST} does not match the sha256 in {BUNDLE_DIGEST} (modified?); "
+                            "rebuild the bundle")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise RgexportError(f"{shown}: {BUNDLE_MANIFEST} is not valid JSON: {e}; rebuild the bundle") from None
+    where = f"{shown}: {BUNDLE_MANIFEST}"
+    if not isinstance(manifest, dict):
+        raise RgexportError(f"{where} holds a JSON {type(manifest).__name__}, expected an object; rebuild the bundle")
+    if manifest.get("format") != "rgexport-bundle":
+        raise RgexportError(f"{where} has format {manifest.get('format')!r}, expected 'rgexport-bundle'")
+
+    def field(key: str, kind: type | tuple[type, ...], container: dict[str, Any] = manifest,
+              name: str | None = None) -> Any:
+        value = container.get(key)
+        if not isinstance(value, kind):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise RgexportError(f"{where}: '{name or key}' is {value!r}, expected {expected}; rebuild the bundle")
+        return value
+
+    target = field("target", dict)
+    field("name", str, target, "target.name")
+    budget = target.get("memory_budget_mb")
+    if budget is not None and (not isinstance(budget, int | float) or isinstance(budget, bool) or budget <= 0):
+        raise RgexportError(f"{where}: 'target.memory_budget_mb' is {budget!r}, expected a positive number")
+    listed = set()
+    for i, entry in enumerate(field("files", list)):
+        if not isinstance(entry, dict):
+            raise RgexportError(f"{where}: files[{i}] is {entry!r}, expected an object; rebuild the bundle")
+        contained(folder, entry.get("path"), f"{where}: files[{i}].path")
+        size, sha = entry.get("bytes"), entry.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(sha, str):
+            raise RgexportError(f"{where}: files[{i}] needs integer 'bytes' and string 'sha256'; rebuild the bundle")
+        listed.add(entry["path"])
+    arts = field("artifacts", list)
+    if not arts:
+        raise RgexportError(f"{where} lists no artifacts; rebuild the bundle")
+    for i, art in enumerate(arts):
+        if not isinstance(art, dict):
+            raise RgexportError(f"{where}: artifacts[{i}] is {art!r}, expected an object; rebuild the bundle")
+        sub = contained(folder, art.get("folder"), f"{where}: artifacts[{i}].folder")
+        if sub.resolve() == folder.resolve():
+            raise RgexportError(f"{where}: artifacts[{i}].folder is the bundle itself, expected a sub-folder")
+        if f"{PurePosixPath(art['folder']).as_posix()}/manifest.json" not in listed:
+            raise RgexportError(f"{where}: artifacts[{i}].folder {art['folder']!r} has no manifest.json among the "
+                                "bundle's files, so no checksum covers it; rebuild the bundle")
+        for key in ("backend", "recipe"):
+            field(key, str, art, f"artifacts[{i}].{key}")
+    tok = manifest.get("tokenizer")
+    if tok is not None:
+        contained(folder, tok, f"{where}: tokenizer")
+    for i, sample in enumerate(manifest.get("samples") or []):
+        contained(folder, sample, f"{where}: samples[{i}]")
+    return manifest
+
+
 def verify_bundle_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    from rgexport.safety import contained
+
     problems = []
     listed = set()
-    for entry in manifest["files"]:
+    for i, entry in enumerate(manifest["files"]):
         listed.add(entry["path"])
-        p = folder / entry["path"]
+        p = contained(folder, entry["path"], f"{BUNDLE_MANIFEST}: files[{i}].path")
         if not p.is_file():
             problems.append(f"{entry['path']}: missing")
         elif p.stat().st_size != entry["bytes"]:
@@ -142,8 +234,9 @@ def verify_bundle_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"{entry['path']}: {size} bytes, bundle.json says {entry['bytes']} (truncated?)")
         elif sha256_file(p) != entry["sha256"]:
             problems.append(f"{entry['path']}: sha256 differs from bundle.json (modified?)")
-    extra = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and p.name != BUNDLE_MANIFEST and p.relative_to(folder).as_posix() not in listed)
+    own = (BUNDLE_MANIFEST, BUNDLE_DIGEST)
+    extra = sorted(rel for p in folder.rglob("*") if p.is_file() or p.is_symlink()
+                   for rel in [p.relative_to(folder).as_posix()] if rel not in own and rel not in listed)
     problems += [f"{e}: not listed in bundle.json (added?)" for e in extra]
     return problems
 
@@ -154,7 +247,8 @@ def peak_memory_of(artifact: Path, tokens: int) -> int:
     proc = subprocess.run([sys.executable, "-m", "rgexport.bench", str(artifact), str(tokens)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RgexportError(f"memory check of {artifact} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise RgexportError(f"memory check of {artifact} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["process_peak_rss_bytes"]
 
 
@@ -164,22 +258,26 @@ def validate_bundle(path: Path, checkpoint: str | None = None, tokens: int | Non
     from rgexport.validate import validate_artifact
 
     stages = stages or Stages(quiet=True)
+    path = Path(path)
+    if not path.exists():
+        raise RgexportError(f"{path} does not exist")
     with tempfile.TemporaryDirectory() as tmp:
         folder = safe_extract(path, Path(tmp)) if path.is_file() else path
-        mf = folder / BUNDLE_MANIFEST
-        if not mf.is_file():
-            raise RgexportError(f"{path} is not a bundle: no {BUNDLE_MANIFEST}")
-        manifest = json.loads(mf.read_text())
+        manifest = read_bundle(folder, path)
         problems = verify_bundle_files(folder, manifest)
         if problems:
             raise RgexportError(f"{path}: bundle files do not match bundle.json: " + "; ".join(problems))
         budget_mb = manifest["target"].get("memory_budget_mb")
         results = []
         for art in manifest["artifacts"]:
-            report = validate_artifact(folder / art["folder"], checkpoint=checkpoint, tokens=tokens, stages=stages)
+            sub = folder / art["folder"]
+            if not (sub / "manifest.json").is_file():
+                raise RgexportError(f"{path}: artifact folder {art['folder']!r} has no manifest.json; rebuild the "
+                                    "bundle")
+            report = validate_artifact(sub, checkpoint=checkpoint, tokens=tokens, stages=stages)
             n = report.tokens
             with stages.stage("memory", f"{art['backend']} / {art['recipe']}, {n} tokens in a fresh process"):
-                peak = peak_memory_of(folder / art["folder"], n)
+                peak = peak_memory_of(sub, n)
             within = budget_mb is None or peak <= budget_mb * 1e6
             results.append({"backend": art["backend"], "recipe": art["recipe"], "report": report,
                             "peak_rss_bytes": peak, "memory_budget_mb": budget_mb, "within_budget": within})

@@ -27,10 +27,9 @@ def calibration_texts(path: Path | None = None) -> list[str]:
     from rgexport.assets import corpus_path
 
     p = Path(path) if path else corpus_path("calibration.txt")
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RgexportError(f"Cannot read calibration text {p}: {e}") from None
+    from rgexport.safety import read_text_file
+
+    raw = read_text_file(p, "calibration text")
     if p.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):

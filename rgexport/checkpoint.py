@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pickle
+import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -159,7 +159,12 @@ def _check_and_build(
     config: GriffinConfig, tensors: dict[str, torch.Tensor], source: str
 ) -> Griffin:
     """Checks names and shapes against `config`, then builds the model without a second full copy."""
+    check_fits_in_memory(config, source)
     expected = {k: v.shape for k, v in _meta_model(config).state_dict().items()}
+    not_tensors = sorted(k for k, v in tensors.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{source}: entry {not_tensors[0]!r} is a {type(tensors[not_tensors[0]]).__name__}, "
+                              "not a tensor; expected a state dict of tensors")
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
@@ -178,10 +183,49 @@ def _check_and_build(
                 f"{source}: tensor {name} has shape {list(tensors[name].shape)} but the config needs "
                 f"{list(shape)}. Check that the checkpoint and its config (or preset) describe the same model."
             )
+    for name in expected:
+        check_weights(name, tensors[name], source)
     model = _meta_model(config)
     model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, assign=True)
     model.materialize_buffers()
     return model.eval()
+
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_weights(name: str, tensor: torch.Tensor, source: str) -> None:
+    """Refuses a weight that is not bf16/fp16/fp32, or holds NaN or infinity (checked in slices, so no
+    full-size temporary is made for a large embedding table)."""
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{source}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}, expected "
+                              "bfloat16, float16 or float32 weights; convert the checkpoint's weights to a float type")
+    flat = tensor.reshape(-1)
+    step = 1 << 24
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step]
+        if not bool(torch.isfinite(part).all()):
+            bad = int((~torch.isfinite(part)).nonzero()[0]) + start
+            value = float(flat[bad])
+            raise CheckpointError(f"{source}: tensor {name} holds {value} (element {bad:,}): the checkpoint is "
+                                  "corrupt or diverged in training; use another checkpoint")
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(config: GriffinConfig, source: str) -> None:
+    """Refuses, before anything is allocated, a model whose float32 weights exceed this machine's memory."""
+    need = 4 * config.num_parameters()
+    have = physical_memory_bytes()
+    if have and need > have:
+        raise CheckpointError(f"{source}: {config.num_parameters():,} parameters need {need / 2**30:.1f} GiB in "
+                              f"float32, more than this machine's {have / 2**30:.1f} GiB of memory; check the "
+                              "config, or use a machine with more memory")
 
 
 def _sha256_files(paths: Iterable[Path]) -> str:
@@ -204,6 +248,8 @@ def _read_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
             out.update(load_file(str(p)))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"Cannot read safetensors file {p}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the format parser on a damaged file: one line naming it
+            raise CheckpointError(f"Cannot read safetensors file {p}: {type(e).__name__}: {e}") from None
     return out
 
 
@@ -217,10 +263,14 @@ def load_huggingface(path: str | Path) -> Checkpoint:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a safetensors index ({e})") from None
-        files = sorted({folder / f for f in weight_map.values()})
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        from rgexport.safety import contained
+
+        files = sorted({contained(folder, f, f"{index}: weight_map shard") for f in weight_map.values()})
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise CheckpointError(f"{index} lists shard(s) that are missing: {absent}")
@@ -260,20 +310,52 @@ def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = 
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"Checkpoint file {file} does not exist")
+    base = get_preset(preset)  # an unknown preset is refused before the file is read
     if file.suffix == ".safetensors":
         dm = _read_safetensors([file])
     else:
         try:
-            dm = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+            try:
+                dm = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                dm = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+        except Exception as e:  # noqa: BLE001 - a damaged user file: one line naming it
+            from rgexport.safety import first_line, sentence
+
+            text = str(e)
+            if re.search(r"unsupported global|allowed global", text, re.IGNORECASE):
+                # torch's message goes on to suggest weights_only=False, which would run the file's code: never.
+                found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+                what = f" ({found.group(1)})" if found else ""
+                raise CheckpointError(
+                    f"{file} holds pickled objects other than tensors{what}, which rgexport never loads (unpickling "
+                    "them can run code); save the weights alone (torch.save(model.state_dict(), ...)) or as "
+                    ".safetensors"
+                ) from None
+            found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+            detail = found.group(1) if found else first_line(e)
+            if "weights_only" in detail or "Weights only" in detail:
+                detail = type(e).__name__
             raise CheckpointError(
-                f"Cannot read {file} as a state dict with torch.load(weights_only=True): {e}"
+                f"Cannot read {file} as a state dict with torch.load(weights_only=True): {sentence(detail)}; "
+                "expected a file written by torch.save(state_dict) or a .safetensors file"
             ) from None
         if not isinstance(dm, dict):
             raise CheckpointError(f"{file} holds a {type(dm).__name__}, expected a state dict")
-    base = get_preset(preset)
+        if not all(isinstance(k, str) for k in dm):
+            raise CheckpointError(f"{file}: state dict keys must be tensor names (strings)")
     emb = dm.get("embedder.input_embedding")
-    config = base.replace(vocab_size=int(emb.shape[0])) if emb is not None else base
+    if emb is not None and not isinstance(emb, torch.Tensor):
+        raise CheckpointError(f"{file}: embedder.input_embedding is a {type(emb).__name__}, not a tensor")
+    if emb is not None and emb.dim() != 2:
+        raise CheckpointError(f"{file}: embedder.input_embedding has shape {list(emb.shape)}, expected "
+                              "[vocabulary, width]")
+    try:
+        config = base.replace(vocab_size=int(emb.shape[0])) if emb is not None else base
+    except RgexportError as e:
+        raise CheckpointError(f"{file}: embedder.input_embedding: {e}") from None
     model = _check_and_build(config, from_deepmind_state_dict(dm), str(file))
     tok = Path(tokenizer) if tokenizer else None
     return Checkpoint(model, config, str(file), "deepmind", _sha256_files([file]), tok)

@@ -1,11 +1,21 @@
 """The `rgexport` command line: a thin layer over the library (each command builds options and calls one
-function). Errors a user can fix print one line and exit 1; no tracebacks."""
+function). Every command runs inside one error boundary (`_friendly`): bad input prints one line,
+`error: <what is wrong>; <what to do>`, and exits 1; a usage error exits 2; Ctrl-C and SIGTERM exit 130
+and 143 after the build's partial folder is cleaned up; an unanticipated exception prints one line and
+the file its traceback was written to (the traceback itself only with --verbose), exit 70."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
 import json
+import os
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,35 +23,166 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from rgexport.errors import RgexportError
 
+try:  # newer typer vendors click
+    from typer._click import exceptions as _click
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click  # type: ignore[no-redef]
+
+_PASS_THROUGH = tuple({typer.Exit, typer.Abort, getattr(_click, "Exit", typer.Exit),
+                       getattr(_click, "Abort", typer.Abort), _click.ClickException, SystemExit})
+EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 70, 130, 143
+
+
+class _Group(TyperGroup):
+    """Usage errors (an unknown option, a value out of range) as one `error:` line too, exit 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except getattr(_click, "NoArgsIsHelpError", ()) as e:
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(e)
+            sys.exit(e.exit_code)
+        except _click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            from rgexport.safety import sentence
+
+            _error_line(f"{sentence(e.format_message())}{hint}")
+            sys.exit(e.exit_code)
+        except (getattr(_click, "Abort", typer.Abort), typer.Abort):
+            _error_line("aborted")
+            sys.exit(EXIT_ERROR)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     help="Export Griffin / RecurrentGemma models to validated on-device artifacts.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, cls=_Group,
 )
 out = Console()
 err = Console(stderr=True)
+_verbose = False
+
+
+@app.callback()
+def _options(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="On an unexpected error, print the full traceback too.")] = False) -> None:
+    """Export Griffin / RecurrentGemma models to validated on-device artifacts."""
+    global _verbose
+    _verbose = verbose
+
+
+def _error_line(message: str) -> None:
+    """One line on stderr, never wrapped, never read as markup, never ending in '..'."""
+    from rgexport.safety import sentence
+
+    one = " ".join(sentence(message).split())
+    err.print(Text("error: ", style="red") + Text(one), soft_wrap=True, highlight=False)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP), raised in the main thread so that `finally` blocks clean up partial output."""
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+        raise Terminated(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def crash_dir() -> Path:
+    """Where crash reports go: $RGEXPORT_CACHE (as for the emulated device's cache), else ~/.cache/rgexport."""
+    base = os.environ.get("RGEXPORT_CACHE")
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "rgexport"
+
+
+def _write_crash(e: BaseException) -> Path | None:
+    text = "".join(traceback.format_exception(e))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    import tempfile
+
+    for folder in (crash_dir(), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"crash-{stamp}-{os.getpid()}.txt"
+            path.write_text(f"rgexport {' '.join(sys.argv[1:])}\n\n{text}")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def report_error(e: BaseException) -> int:
+    """Prints what went wrong as one `error:` line and returns the exit status."""
+    from rgexport.progress import StageFailed
+    from rgexport.safety import first_line, sentence
+
+    while isinstance(e, StageFailed):
+        e = e.cause
+    if isinstance(e, Terminated):
+        _error_line(f"terminated ({e}); partial output was removed")
+        return EXIT_TERMINATED
+    if isinstance(e, KeyboardInterrupt):
+        err.print(Text("interrupted", style="red"))
+        return EXIT_INTERRUPTED
+    if isinstance(e, RgexportError):
+        report = getattr(getattr(e, "cause", None), "report", None) or getattr(e, "report", None)
+        if report is not None:
+            from rgexport.validate import format_report
+
+            err.print(format_report(report), highlight=False, markup=False, soft_wrap=True)
+        _error_line(str(e))
+        return EXIT_ERROR
+    if _verbose:
+        err.print("".join(traceback.format_exception(e)), highlight=False, markup=False, soft_wrap=True)
+    if isinstance(e, MemoryError):
+        _error_line("out of memory; use a smaller model or a machine with more memory")
+        return EXIT_ERROR
+    if isinstance(e, OSError) and e.filename is not None:
+        # The environment (a full disk, a permission, a vanished file), not the input's content.
+        _error_line(f"{e.filename}: {e.strerror or sentence(first_line(e))}; check the path, its permissions and "
+                    "the free space")
+        return EXIT_ERROR
+    where = None if _verbose else _write_crash(e)
+    shown = f"the full traceback is in {where}" if where else "run with --verbose for the traceback"
+    _error_line(f"internal error, {type(e).__name__}: {sentence(first_line(e))}; {shown}; please report it")
+    return EXIT_BUG
 
 
 def _friendly(fn):
-    """Turns RgexportError into one clear line on stderr and exit status 1."""
+    """The error boundary every command runs in (see the module docstring)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RgexportError as e:
-            report = getattr(getattr(e, "cause", None), "report", None) or getattr(e, "report", None)
-            if report is not None:
-                from rgexport.validate import format_report
-
-                err.print(format_report(report), highlight=False, markup=False)
-            err.print(f"[red]error:[/red] {e}", highlight=False)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/red]")
-            raise typer.Exit(130) from None
+        with _signals():
+            try:
+                return fn(*args, **kwargs)
+            except _PASS_THROUGH:
+                raise
+            except BaseException as e:  # noqa: BLE001 - the boundary: everything becomes one line
+                raise typer.Exit(report_error(e)) from None
 
     return wrapper
 
@@ -104,8 +245,18 @@ def info(
 def _artifact_info(path: Path, as_json: bool) -> None:
     if path.suffix == ".onnx":
         from rgexport.backends.onnx.graph_info import describe_onnx
+        from rgexport.safety import first_line
 
-        data = describe_onnx(path)
+        if not path.is_file():
+            raise RgexportError(f"{path} does not exist")
+        try:
+            data = describe_onnx(path)
+        except RgexportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged user file: one line naming it
+            raise RgexportError(f"{path} is not an ONNX model ({type(e).__name__}: {first_line(e)})") from None
+        if not data.get("nodes"):
+            raise RgexportError(f"{path} is not an ONNX model (it parses, but holds no graph)")
     else:
         from rgexport.manifest import read_manifest
 
@@ -124,23 +275,27 @@ def generate(
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer.model, if the checkpoint has none.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    max_tokens: Annotated[int, typer.Option(min=1, max=1 << 20)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; else at least 0.001.")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0: all).")] = 0,
     seed: int = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: the smallest set reaching p (1: all).")] = 1.0,
 ) -> None:
     """Generates text eagerly with the step model, streaming it (the sampler `run` and `chat` use)."""
     from rgexport.checkpoint import load_checkpoint
     from rgexport.generate import generate_text
+    from rgexport.safety import utf8_argument
     from rgexport.sampling import SamplingOptions
-    from rgexport.tokenizer import Tokenizer
+    from rgexport.tokenizer import Tokenizer, check_tokenizer_fits
 
+    utf8_argument(prompt, "--prompt")
     SamplingOptions(temperature, top_k, top_p, seed).check()
     ckpt = load_checkpoint(checkpoint, preset, tokenizer)
     if ckpt.tokenizer_path is None:
         raise RgexportError("the checkpoint has no tokenizer.model; pass --tokenizer PATH")
     tok = Tokenizer(ckpt.tokenizer_path)
+    check_tokenizer_fits(tok, ckpt.config.vocab_size)
+    SamplingOptions(temperature, top_k, top_p, seed).check(ckpt.config.vocab_size)
     sys.stdout.write(prompt)
     generate_text(ckpt.model, tok, prompt, on_piece=lambda p: (sys.stdout.write(p), sys.stdout.flush()),
                   max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed, top_p=top_p)
@@ -372,7 +527,12 @@ def validate(
         if not result.passed:
             raise typer.Exit(1)
         return
-    if path.suffix == ".zip" or (path / "bundle.json").is_file():
+    from rgexport.bundle import ARCHIVE_SUFFIXES, BUNDLE_DIGEST, BUNDLE_MANIFEST
+
+    if not path.exists():
+        raise RgexportError(f"{path} does not exist; give an artifact folder, a bundle folder or a bundle .zip")
+    if (path.is_file() and path.suffix.lower() in ARCHIVE_SUFFIXES) or (path / BUNDLE_MANIFEST).is_file() \
+            or (path / BUNDLE_DIGEST).is_file():
         _validate_bundle(path, checkpoint, tokens, as_json)
         return
     stages = Stages(err, quiet=as_json)
@@ -477,7 +637,10 @@ def bench(
     from rgexport.bench import bench_artifacts, markdown_report, memory_profile
     from rgexport.plots import plot_memory, plot_speed
     from rgexport.progress import Stages
+    from rgexport.safety import writable_dir
 
+    if report_dir:
+        writable_dir(report_dir, "--report", create=False)  # before minutes of timing, not after
     stages = Stages(err, quiet=as_json)
     with stages.bar("timing", tokens * (len(paths) + 1)) as advance:
         data = bench_artifacts(paths, decode_tokens=tokens, include_hf=hf and eager, include_eager=eager,
@@ -489,7 +652,7 @@ def bench(
         data["memory"] = profiles
     md = markdown_report(data) + "".join(_memory_markdown(p) for p in profiles)
     if report_dir:
-        report_dir.mkdir(parents=True, exist_ok=True)
+        writable_dir(report_dir, "--report")
         (report_dir / "bench.json").write_text(json.dumps(data, indent=1) + "\n")
         (report_dir / "bench.md").write_text(md)
         plot_speed(data, report_dir / "latency_vs_tokens.png")
@@ -537,7 +700,9 @@ def evaluate(
     from rgexport.evaluate import evaluate as run_evaluate
     from rgexport.evaluate import markdown_table, write_reports
     from rgexport.progress import Stages
+    from rgexport.safety import writable_dir
 
+    writable_dir(out_dir, "--out", create=False)
     result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
                           tokens=tokens, stages=Stages(err), reuse=reuse)
     paths = write_reports(result, out_dir)

@@ -20,6 +20,19 @@ RECURRENT = "recurrent"
 ATTENTION = "attention"
 BLOCK_TYPES = (RECURRENT, ATTENTION)
 
+# Bounds well above any published Griffin (RecurrentGemma-9B: width 4096, 38 blocks, vocabulary 256000),
+# so that a mistyped config is refused before anything is allocated for it.
+INT_LIMITS = {
+    "vocab_size": 1 << 21, "width": 1 << 16, "mlp_expanded_width": 1 << 18, "num_heads": 1 << 10,
+    "lru_width": 1 << 16, "attention_window_size": 1 << 20, "num_kv_heads": 1 << 10, "conv1d_width": 1 << 8,
+}
+MAX_LAYERS = 1024
+# Hugging Face config.json field -> GriffinConfig field, where the two differ only in name.
+_HF_NAMES = {"vocab_size": "vocab_size", "hidden_size": "width", "intermediate_size": "mlp_expanded_width",
+             "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "lru_width": "lru_width",
+             "attention_window_size": "attention_window_size", "conv1d_width": "conv1d_width"}
+MAX_PARAMETERS = 100_000_000_000
+
 
 @dataclasses.dataclass(frozen=True)
 class GriffinConfig:
@@ -41,15 +54,33 @@ class GriffinConfig:
     partial_rotary_factor: float = 0.5
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "block_types", tuple(self.block_types))
         problems = []
-        for name in ("vocab_size", "width", "mlp_expanded_width", "num_heads", "lru_width",
-                     "attention_window_size", "num_kv_heads", "conv1d_width"):
+        if isinstance(self.block_types, str) or not isinstance(self.block_types, tuple | list):
+            raise ConfigError(f"block_types must be a list of block names, got {self.block_types!r}")
+        object.__setattr__(self, "block_types", tuple(self.block_types))
+        for name, limit in INT_LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+            elif value > limit:
+                problems.append(f"{name} is {value:,}, above the largest rgexport accepts ({limit:,})")
+        for name in ("logits_soft_cap", "rms_norm_eps", "rope_theta", "partial_rotary_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.embeddings_scale_by_sqrt_dim, bool):
+            problems.append(f"embeddings_scale_by_sqrt_dim must be true or false, got "
+                            f"{self.embeddings_scale_by_sqrt_dim!r}")
+        if len(self.block_types) > MAX_LAYERS:
+            problems.append(f"{len(self.block_types):,} blocks, above the largest rgexport accepts ({MAX_LAYERS:,})")
         if problems:
             raise ConfigError("; ".join(problems))
+        if not 0 < self.partial_rotary_factor <= 1:
+            problems.append(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if not 0 < self.rms_norm_eps < 1:
+            problems.append(f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
+        if self.rope_theta <= 0:
+            problems.append(f"rope_theta must be positive, got {self.rope_theta}")
         if not self.block_types:
             problems.append("block_types is empty: a model needs at least one residual block")
         bad = sorted({b for b in self.block_types if b not in BLOCK_TYPES})
@@ -75,6 +106,9 @@ class GriffinConfig:
             problems.append(f"conv1d_width must be at least 2, got {self.conv1d_width}")
         if self.logits_soft_cap < 0 or not math.isfinite(self.logits_soft_cap):
             problems.append(f"logits_soft_cap must be >= 0 (0 disables it), got {self.logits_soft_cap}")
+        if not problems and self.num_parameters() > MAX_PARAMETERS:
+            problems.append(f"{self.num_parameters():,} parameters, above the largest rgexport accepts "
+                            f"({MAX_PARAMETERS:,}; {4 * self.num_parameters() / 2**30:,.0f} GiB in float32)")
         if problems:
             raise ConfigError("Impossible Griffin config: " + "; ".join(problems))
 
@@ -128,6 +162,8 @@ class GriffinConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GriffinConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a Griffin config must be a JSON object, got {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
@@ -149,43 +185,86 @@ class GriffinConfig:
         half), and its attention window counts the current token, one fewer than DeepMind's; see
         `to_hf_config`.
         """
+        where = "config.json"
         if not isinstance(hf, dict):
             path = Path(hf)
+            where = str(path)
             try:
-                hf = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
+                hf = json.loads(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path} is not a JSON text file (byte {e.object[e.start]:#04x} at offset "
+                                  f"{e.start} is not UTF-8); expected a Hugging Face config.json") from None
+            except (OSError, json.JSONDecodeError, RecursionError) as e:
                 raise ConfigError(f"Cannot read Hugging Face config {path}: {e}") from None
+            if not isinstance(hf, dict):
+                raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, expected an object (a Hugging Face "
+                                  "config.json)")
+
+        def need(key: str) -> Any:
+            if key not in hf:
+                raise ConfigError(f"{where} lacks required field '{key}'")
+            return hf[key]
+
+        def integer(key: str, default: Any = None, required: bool = False) -> int:
+            value = need(key) if required else hf.get(key, default)
+            if value is None and not required:
+                value = default
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{where}: field '{key}' must be an integer, got {value!r}")
+            limit = INT_LIMITS.get(_HF_NAMES.get(key, ""), MAX_LAYERS if key == "num_hidden_layers" else None)
+            if value < (0 if key in ("num_key_value_heads", "lru_width") else 1):
+                raise ConfigError(f"{where}: field '{key}' must be a positive integer, got {value}")
+            if limit is not None and value > limit * (2 if key == "intermediate_size" else 1):
+                raise ConfigError(f"{where}: field '{key}' is {value:,}, above the largest rgexport accepts "
+                                  f"({limit:,})")
+            return value
+
+        def number(value: Any, key: str) -> float:
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"{where}: field '{key}' must be a finite number, got {value!r}")
+            return float(value)
+
         model_type = hf.get("model_type")
         if model_type not in (None, "recurrent_gemma"):
-            raise ConfigError(f"config.json has model_type {model_type!r}, expected 'recurrent_gemma'")
+            raise ConfigError(f"{where} has model_type {model_type!r}, expected 'recurrent_gemma'")
+        width = integer("hidden_size", required=True)
+        num_layers = integer("num_hidden_layers", required=True)
+        if not 0 < num_layers <= MAX_LAYERS:
+            raise ConfigError(f"{where}: field 'num_hidden_layers' is {num_layers:,}, expected 1 to {MAX_LAYERS}")
+        pattern = hf.get("block_types") or ["recurrent", "recurrent", "attention"]
+        if not isinstance(pattern, list) or not all(isinstance(b, str) for b in pattern):
+            raise ConfigError(f"{where}: field 'block_types' must be a list of block names, got {pattern!r}")
+        rope = hf.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{where}: field 'rope_parameters' must be an object, got {rope!r}")
+        if hf.get("tie_word_embeddings", True) is False:
+            raise ConfigError("Untied output heads are not supported: RecurrentGemma ties lm_head to the embedding")
+        num_heads = integer("num_attention_heads", required=True)
+        intermediate = integer("intermediate_size", required=True)
+        if intermediate % 2:
+            raise ConfigError(f"{where}: field 'intermediate_size' must be even (gate and up halves), got "
+                              f"{intermediate}")
         try:
-            width = int(hf["hidden_size"])
-            num_layers = int(hf["num_hidden_layers"])
-            pattern = list(hf.get("block_types") or ["recurrent", "recurrent", "attention"])
-            rope = hf.get("rope_parameters") or {}
-            if hf.get("tie_word_embeddings", True) is False:
-                raise ConfigError("Untied output heads are not supported: RecurrentGemma ties lm_head to the embedding")
-            num_heads = int(hf["num_attention_heads"])
             return cls(
-                vocab_size=int(hf["vocab_size"]),
+                vocab_size=integer("vocab_size", required=True),
                 width=width,
-                mlp_expanded_width=int(hf["intermediate_size"]) // 2,
+                mlp_expanded_width=intermediate // 2,
                 num_heads=num_heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+                num_kv_heads=integer("num_key_value_heads", num_heads) or num_heads,
                 block_types=tuple((pattern * num_layers)[:num_layers]),
-                lru_width=int(hf.get("lru_width") or width),
-                attention_window_size=int(hf.get("attention_window_size", 2048)),
-                logits_soft_cap=float(hf.get("logits_soft_cap") or 0.0),
+                lru_width=integer("lru_width", width) or width,
+                attention_window_size=integer("attention_window_size", 2048),
+                logits_soft_cap=number(hf.get("logits_soft_cap") or 0.0, "logits_soft_cap"),
                 embeddings_scale_by_sqrt_dim=True,  # HF always scales by sqrt(hidden_size) in bf16
-                conv1d_width=int(hf.get("conv1d_width", 4)),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-                partial_rotary_factor=float(
-                    rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+                conv1d_width=integer("conv1d_width", 4),
+                rms_norm_eps=number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+                rope_theta=number(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)), "rope_theta"),
+                partial_rotary_factor=number(
+                    rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)), "partial_rotary_factor"
                 ),
             )
-        except KeyError as e:
-            raise ConfigError(f"Hugging Face config lacks required field {e}") from None
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """The matching Hugging Face `config.json` contents (model_type recurrent_gemma)."""

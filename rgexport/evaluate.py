@@ -44,6 +44,10 @@ def evaluate(
     for b in backends:
         if b not in BACKENDS:
             raise RgexportError(f"Unknown backend {b!r}; expected some of {sorted(BACKENDS)}")
+    known = sorted({r for b in backends for r in get_backend(b).recipes})
+    unknown = [r for r in recipes or [] if r not in known]
+    if unknown:
+        raise RgexportError(f"Unknown recipe(s) {unknown} for {', '.join(backends)}; expected some of {known}")
     ckpt = load_checkpoint(checkpoint, preset)
     rows = []
     for b in backends:

@@ -57,3 +57,8 @@ def generate_text(model: Griffin, tokenizer: Tokenizer, prompt: str, on_piece: C
         if on_piece:
             on_piece(piece)
     return "".join(pieces)
+
+
+def check_sampling(temperature: float, top_k: int, vocab_size: int | None = None) -> None:
+    """Refuses sampling options that cannot sample (`SamplingOptions.check`)."""
+    SamplingOptions(temperature=temperature, top_k=top_k).check(vocab_size)

@@ -66,27 +66,94 @@ def check_manifest(manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Accepts an artifact folder, its manifest.json, or a file inside the folder."""
+    """Accepts an artifact folder, its manifest.json, or a file inside the folder. The manifest must match
+    the schema, name only paths inside its folder, and be consistent with itself (`check_manifest_contents`)."""
     p = Path(path)
     if p.is_file() and p.name != MANIFEST:
         p = p.parent
     folder = p.parent if p.name == MANIFEST else p
     mf = folder / MANIFEST
     if not mf.is_file():
+        if (folder / "bundle.sha256").is_file() or any(folder.glob("*/manifest.json")):
+            raise RgexportError(f"{folder} has no {MANIFEST} and no bundle.json: if it is a bundle, its bundle.json "
+                                "is missing (rebuild it with `rgexport build --target PROFILE`)")
         raise RgexportError(f"{folder} has no {MANIFEST}: is it an artifact folder written by `rgexport build`?")
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(mf.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RgexportError(f"{mf} is not UTF-8 JSON (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                            "rebuild the artifact") from None
     except json.JSONDecodeError as e:
-        raise RgexportError(f"{mf} is not valid JSON: {e}") from None
+        raise RgexportError(f"{mf} is not valid JSON: {e}; rebuild the artifact") from None
+    except (OSError, RecursionError) as e:
+        raise RgexportError(f"cannot read {mf}: {getattr(e, 'strerror', None) or e}") from None
     check_manifest(manifest)
+    check_manifest_contents(folder, manifest)
     return folder, manifest
 
 
+STATE_DTYPES = {"float32": 4, "float16": 2}
+
+
+def check_manifest_contents(folder: Path, manifest: dict[str, Any]) -> None:
+    """What the schema cannot say: every path is inside `folder` (refused before anything is opened), the
+    model config is a possible one, and the state is float32/float16 with bytes that add up."""
+    from rgexport.config import GriffinConfig
+    from rgexport.errors import ConfigError
+    from rgexport.safety import contained
+
+    mf = folder / MANIFEST
+    art = manifest["artifact"]
+    listed = set()
+    for i, entry in enumerate(art["files"]):
+        contained(folder, entry["path"], f"{mf}: artifact.files[{i}].path")
+        listed.add(entry["path"])
+    main = art["file"]
+    contained(folder, main, f"{mf}: artifact.file")
+    if main not in listed and not any(p.startswith(main.rstrip("/") + "/") for p in listed):
+        raise RgexportError(f"{mf}: artifact.file {main!r} is not among artifact.files, so no checksum covers it; "
+                            "rebuild the artifact")
+    if manifest["tokenizer"] is not None:
+        tok = manifest["tokenizer"]["file"]
+        contained(folder, tok, f"{mf}: tokenizer.file")
+        if tok not in listed:
+            raise RgexportError(f"{mf}: tokenizer.file {tok!r} is not among artifact.files, so no checksum covers "
+                                "it; rebuild the artifact")
+    try:
+        config = GriffinConfig.from_dict(manifest["model"]["config"])
+    except ConfigError as e:
+        raise RgexportError(f"{mf}: model.config: {e}") from None
+    io = manifest["io"]
+    if io["prefill_chunk"] > config.attention_window_size:
+        raise RgexportError(f"{mf}: io.prefill_chunk {io['prefill_chunk']} exceeds the attention window "
+                            f"{config.attention_window_size}")
+    total = 0
+    for i, t in enumerate(io["state"]["tensors"]):
+        where = f"{mf}: io.state.tensors[{i}] ({t['name']})"
+        if t["dtype"] not in STATE_DTYPES:
+            raise RgexportError(f"{where} has dtype {t['dtype']!r}; rgexport artifacts keep state in "
+                                f"{' or '.join(STATE_DTYPES)}")
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        if t["bytes"] != n * STATE_DTYPES[t["dtype"]]:
+            raise RgexportError(f"{where} says {t['bytes']} bytes, but {t['shape']} x {t['dtype']} is "
+                                f"{n * STATE_DTYPES[t['dtype']]}")
+        total += t["bytes"]
+    if io["state"]["total_bytes"] != total:
+        raise RgexportError(f"{mf}: io.state.total_bytes is {io['state']['total_bytes']}, its tensors add up to "
+                            f"{total}")
+
+
 def verify_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
-    """Problems with the artifact's files (missing, size or checksum differs), each naming the file."""
+    """Problems with the artifact's files (missing, size or checksum differs), each naming the file. A path
+    outside `folder` is refused (RgexportError) before any file is looked at."""
+    from rgexport.safety import contained
+
+    paths = [contained(folder, e["path"], f"{folder / MANIFEST}: artifact.files[{i}].path")
+             for i, e in enumerate(manifest["artifact"]["files"])]
     problems = []
-    for entry in manifest["artifact"]["files"]:
-        p = folder / entry["path"]
+    for entry, p in zip(manifest["artifact"]["files"], paths, strict=True):
         if not p.is_file():
             problems.append(f"{entry['path']}: missing")
         elif p.stat().st_size != entry["bytes"]:

@@ -57,6 +57,12 @@ class Stages:
                     yield
         except StageFailed:
             raise
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            # Ctrl-C, SIGTERM (the CLI raises KeyboardInterrupt for it) and exits pass through as themselves:
+            # the CLI reports them as an interruption, and `finally` blocks clean up partial output.
+            if not self.quiet:
+                self.console.print(f"[red]✗[/red] {label}  [red]interrupted[/red]")
+            raise
         except BaseException as e:
             self._record(name, time.perf_counter() - start, peak_rss_bytes())
             if not self.quiet:

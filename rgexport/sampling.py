@@ -14,6 +14,9 @@ import numpy as np
 
 from rgexport.errors import RgexportError
 
+MIN_TEMPERATURE = 1e-3  # below this, logits / temperature overflows float32; use 0 (greedy)
+MAX_TEMPERATURE = 100.0
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
@@ -24,12 +27,16 @@ class SamplingOptions:
     top_p: float = 1.0  # 1: no limit
     seed: int = 0
 
-    def check(self) -> SamplingOptions:
-        """Raises RgexportError for a value no sampler can use; returns self."""
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise RgexportError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if self.top_k < 0:
-            raise RgexportError(f"--top-k must be 0 (no limit) or positive, got {self.top_k}")
+    def check(self, vocab_size: int | None = None) -> SamplingOptions:
+        """Raises RgexportError for a value no sampler can use (top-k above `vocab_size`, where given);
+        returns self."""
+        t = self.temperature
+        if not np.isfinite(t) or t < 0 or (t and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise RgexportError(f"--temperature is {t!r}; use 0 (greedy) or a value from {MIN_TEMPERATURE:g} to "
+                                f"{MAX_TEMPERATURE:g}")
+        if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
+            limit = f"the vocabulary ({vocab_size})" if vocab_size is not None else "the vocabulary"
+            raise RgexportError(f"--top-k is {self.top_k}; use 0 (all tokens) or at most {limit}")
         if not 0 < self.top_p <= 1:
             raise RgexportError(f"--top-p must be in (0, 1], got {self.top_p}")
         return self

@@ -18,8 +18,10 @@ class Tokenizer:
             raise RgexportError(f"Tokenizer {self.path} does not exist")
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (RuntimeError, OSError) as e:
-            raise RgexportError(f"{self.path} is not a SentencePiece model: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a damaged user file: one line naming it
+            raise RgexportError(f"{self.path} is not a SentencePiece model: {type(e).__name__}: {e}") from None
+        if self._sp.vocab_size() <= 0:
+            raise RgexportError(f"{self.path} is a SentencePiece model with no pieces")
 
     @property
     def vocab_size(self) -> int:
@@ -65,3 +67,10 @@ class Tokenizer:
         if self._sp.is_byte(token):
             return self._sp.id_to_piece(token)
         return self._sp.id_to_piece(token).replace("\u2581", " ")
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Refuses a tokenizer whose ids the model's embedding cannot look up."""
+    if tokenizer.vocab_size > vocab_size:
+        raise RgexportError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's vocabulary "
+                            f"is {vocab_size}: they do not belong together; pass the model's own --tokenizer")

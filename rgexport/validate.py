@@ -177,12 +177,10 @@ class ValidationReport:
 def heldout_tokens(tokenizer, n: int, text_file: Path | None = None) -> list[int]:
     """The first n tokens of the held-out text (bos first), or of `text_file`."""
     from rgexport.assets import corpus_path
+    from rgexport.safety import read_text_file
 
     path = Path(text_file) if text_file else corpus_path("heldout.txt")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RgexportError(f"Cannot read validation text {path}: {e}") from None
+    text = read_text_file(path, "validation text")
     ids = tokenizer.encode(text)
     if len(ids) < n + 1:
         raise RgexportError(
@@ -332,16 +330,13 @@ def validate_artifact(
     built from); its digest must match the manifest's.
     """
     from rgexport.backends import get_backend
-    from rgexport.manifest import read_manifest, verify_files
     from rgexport.progress import Stages
     from rgexport.runtime import open_artifact
+    from rgexport.safety import checked_artifact
     from rgexport.tokenizer import Tokenizer
 
     stages = stages or Stages(quiet=True)
-    folder, manifest = read_manifest(path)
-    problems = verify_files(folder, manifest)
-    if problems:
-        raise RgexportError(f"{folder}: files do not match the manifest: " + "; ".join(problems))
+    folder, manifest = checked_artifact(path)  # paths, checksums, the backend's structural check
     with stages.stage("load", "checkpoint"):
         ckpt = artifact_checkpoint(manifest, checkpoint, preset)
         backend = get_backend(manifest["backend"])

@@ -33,7 +33,7 @@ def test_info_json_is_data():
         (["info", "--preset", "gpt-9"], "Unknown preset 'gpt-9'"),
         (["info", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
         (["build", "--target", "nokia"], "Unknown target 'nokia'"),
-        (["validate", "/nonexistent"], "no manifest.json"),
+        (["validate", "/nonexistent"], "does not exist"),
         (["generate", "--prompt", "x", "--checkpoint", "/nonexistent"], "does not exist"),
         (["build", "--target", "onnx", "--option", "fuse"], "--option takes KEY=VALUE"),
         (["build", "--target", "onnx", "--option", "opset=21", "--option", "quantized_gather=true"],

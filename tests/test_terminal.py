@@ -41,15 +41,30 @@ def test_tflite_build_prints_only_rgexport_lines(tmp_path):
     assert manifest["build"]["peak_rss_bytes"] > 100 * 2**20
 
 
-def test_a_failed_build_keeps_its_log_beside_the_output(tmp_path):
-    """The partial folder goes; the log of what went wrong stays, named after the output."""
+def test_a_failed_build_keeps_its_log_beside_the_output(tmp_path, monkeypatch):
+    """A stage that breaks inside a library: the partial folder goes, the log of what the libraries printed
+    stays beside the output and the error names it. A user error leaves nothing behind."""
+    pytest.importorskip("onnxruntime")
+    from rgexport.backends.onnx import OnnxBackend
+    from rgexport.build import BuildError
+
+    def broken_export(self, prepared, ctx):
+        os.write(2, b"native noise from the exporter\n")
+        raise RuntimeError("the exporter broke")
+
+    monkeypatch.setattr(OnnxBackend, "export", broken_export)
     out = tmp_path / "bad"
+    with pytest.raises(BuildError, match="stage 'export'.*the exporter broke.*bad.failed-build.log") as e:
+        build(BuildOptions(backend="onnx", recipe="fp32", out=out, log_output=True))
+    assert not out.exists() and not list(tmp_path.glob(".bad.partial-*"))
+    assert e.value.log == failed_log_path(out)
+    assert "native noise from the exporter" in failed_log_path(out).read_text()
+
+    other = tmp_path / "user-error"
     with pytest.raises(Exception, match="calibration"):
-        build(BuildOptions(backend="onnx", recipe="qdq8", out=out, calibration=tmp_path / "missing.txt",
+        build(BuildOptions(backend="onnx", recipe="qdq8", out=other, calibration=tmp_path / "missing.txt",
                            log_output=True))
-    assert not out.exists()
-    assert not list(tmp_path.glob(".bad.partial-*"))
-    assert failed_log_path(out).is_file()
+    assert not failed_log_path(other).exists() and not list(tmp_path.glob(".user-error.partial-*"))
 
 
 def test_native_output_goes_to_the_log(tmp_path):

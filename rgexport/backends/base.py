@@ -184,6 +184,18 @@ class Backend(abc.ABC):
         main = manifest["artifact"]["file"]
         return sum(f["bytes"] for f in manifest["artifact"]["files"]
                    if f["path"] == main or f["path"].startswith(main + "/"))
+    def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
+        """Checks, without loading it into the runtime, that the artifact's main file is what this backend
+        reads (magic bytes, a structural parse; anything that could abort the process runs in a child
+        process); raises RgexportError naming the file. Called after the checksums matched, before `load`.
+        The default checks that the main file exists; returns its path."""
+        from rgexport.errors import RgexportError
+        from rgexport.safety import contained
+
+        path = contained(Path(artifact_dir), manifest["artifact"]["file"], "the manifest's artifact.file")
+        if not path.exists():
+            raise RgexportError(f"{path} does not exist; rebuild the artifact")
+        return path
 
     def variants(self, artifact_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """Other ways to load the same artifact that validation checks too: name -> `load` keyword

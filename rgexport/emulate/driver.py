@@ -171,15 +171,12 @@ def validate_emulated(
     """
     import torch
 
-    from rgexport.manifest import read_manifest, verify_files
+    from rgexport.safety import checked_artifact
     from rgexport.tokenizer import Tokenizer
     from rgexport.validate import EagerRunner, greedy, heldout_tokens, teacher_forced
 
     steps = _Steps(stages)
-    folder, manifest = read_manifest(path)
-    problems = verify_files(folder, manifest)
-    if problems:
-        raise RgexportError(f"{folder}: files do not match the manifest: " + "; ".join(problems))
+    folder, manifest = checked_artifact(path)  # paths, checksums, the backend's structural check
     backend, recipe = manifest["backend"], manifest["recipe"]
     setup_start = time.perf_counter()
     env = ensure_environment(backend, cpu, stages)

@@ -244,11 +244,20 @@ class CoreMLBackend(Backend):
         contract["functions"] = {"decode": "decode", "prefill": "prefill", "default": "decode"}
         return contract
 
-    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Blob bytes the decode function reads, gathered tables left out."""
-        from rgexport.backends.coreml import weights
+    def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
+        """The package's manifest and model spec parse (protobuf), and the spec is an ML program."""
+        from rgexport.safety import first_line
 
-        return weights.weights_read_per_token(artifact_dir, manifest)
+        path = super().check_artifact(artifact_dir, manifest)
+        ct = self.require("coremltools")
+        try:
+            spec = ct.utils.load_spec(str(path))
+        except Exception as e:  # noqa: BLE001 - a damaged user file: one line naming it
+            raise RgexportError(f"{path} is not a Core ML package ({type(e).__name__}: {first_line(e)}); rebuild "
+                                "the artifact") from None
+        if spec.WhichOneof("Type") != "mlProgram":
+            raise RgexportError(f"{path} is not a Core ML ML program; rebuild the artifact")
+        return path
 
     def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         """`threads` is accepted and unused: Core ML exposes no CPU thread count."""

@@ -297,11 +297,16 @@ class ExecuTorchBackend(Backend):
         )
         return contract
 
-    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Bytes a decode step reads from the .pte (its delegate, weight data, constants), gathered tables left out."""
-        from rgexport.backends.executorch import weights
+    def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
+        """The flatbuffer's file identifier, then a load of the program and its methods in a child process:
+        ExecuTorch's Python bindings abort the process on some corrupt files (a log line that is not UTF-8)."""
+        from rgexport.safety import check_magic, probe_in_child
 
-        return weights.weights_read_per_token(artifact_dir, manifest)
+        path = super().check_artifact(artifact_dir, manifest)
+        check_magic(path, b"ET12", 4, "an ExecuTorch program (.pte)")
+        quantized = "1" if manifest.get("backend_facts", {}).get("quantized_ops") else "0"
+        probe_in_child(["-c", _PROBE, str(path), quantized], path, "ExecuTorch's runtime")
+        return path
 
     def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         """A runner on ExecuTorch's Python runtime.
@@ -321,4 +326,14 @@ class ExecuTorchBackend(Backend):
         names = [t["name"] for t in manifest["io"]["state"]["tensors"]]
         return ExecuTorchRunner(path, int(manifest["io"]["prefill_chunk"]), names)
 
+
+# Loads a .pte and every method (what ExecuTorchRunner does) in a child process: python -c _PROBE PATH Q.
+_PROBE = """import sys
+if sys.argv[2] == "1":
+    import executorch.kernels.quantized
+from executorch.runtime import Runtime
+program = Runtime.get().load_program(sys.argv[1])
+for name in sorted(program.method_names):
+    program.load_method(name)
+"""
 

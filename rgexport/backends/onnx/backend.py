@@ -308,11 +308,31 @@ class OnnxBackend(Backend):
         """The .ort files (ONNX Runtime Mobile), where the build wrote them, are validated as well."""
         return {"ort": {"ort_format": True}} if (Path(artifact_dir) / "decode.ort").is_file() else {}
 
-    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Initializer bytes the decode graph reads, wherever stored, gathered tables left out."""
-        from rgexport.backends.onnx import weights
+    def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
+        """Each .onnx parses as an ONNX model (protobuf; external weights are not read) with a graph; each
+        .ort file, where present, carries ONNX Runtime's flatbuffer identifier."""
+        import onnx
 
-        return weights.weights_read_per_token(artifact_dir, manifest)
+        from rgexport.errors import RgexportError
+        from rgexport.safety import check_magic, first_line
+
+        path = super().check_artifact(artifact_dir, manifest)
+        main = manifest["artifact"]["file"]
+        prefill = Path(artifact_dir) / (main.replace("decode", "prefill") if "decode" in main else PREFILL_FILE)
+        for p in (path, prefill):
+            if not p.is_file():
+                raise RgexportError(f"{p} does not exist; rebuild the artifact")
+            try:
+                model = onnx.load(str(p), load_external_data=False)
+            except Exception as e:  # noqa: BLE001 - a damaged user file: one line naming it
+                raise RgexportError(f"{p} is not an ONNX model ({type(e).__name__}: {first_line(e)}); rebuild the "
+                                    "artifact") from None
+            if not model.graph.node or not model.graph.output:
+                raise RgexportError(f"{p} is not an rgexport ONNX model (its graph is empty); rebuild the artifact")
+            ort = p.with_suffix(".ort")
+            if ort.is_file():
+                check_magic(ort, b"ORTM", 4, "an ONNX Runtime (.ort) model")
+        return path
 
     def load(
         self, artifact_dir: Path, manifest: dict[str, Any], *, ort_format: bool = False,

@@ -233,11 +233,13 @@ class TFLiteBackend(Backend):
         return contract
 
     # Runtime -------------------------------------------------------------------------------------
-    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Bytes of constant buffers the decode signature reads, gathered tables left out."""
-        from rgexport.backends.tflite import weights
+    def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
+        """The flatbuffer's file identifier; LiteRT's own verifier runs when it loads (and raises)."""
+        from rgexport.safety import check_magic
 
-        return weights.weights_read_per_token(artifact_dir, manifest)
+        path = super().check_artifact(artifact_dir, manifest)
+        check_magic(path, b"TFL3", 4, "a LiteRT (TFLite) flatbuffer")
+        return path
 
     def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         """A runner over the decode and prefill signatures; `threads` overrides the build's num_threads."""
