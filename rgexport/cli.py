@@ -49,6 +49,12 @@ def _friendly(fn):
 CheckpointOpt = Annotated[str | None, typer.Option(
     "--checkpoint", "-c", help="Hugging Face folder or DeepMind state-dict file. Default: the shipped model.")]
 PresetOpt = Annotated[str | None, typer.Option(help="Preset name (needed for DeepMind state-dict files).")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", min=1, help="Run the builds as Ray tasks on a local Ray of N workers, started and stopped here "
+    "(pip install \"rgexport[cluster]\"). With --address: at most N at a time on the cluster.")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="Run the builds on an existing Ray cluster: its head's host:port (RAY_ADDRESS is "
+    "honoured). --out must then be a folder every node reaches at the same path.")]
 
 
 @app.command()
@@ -188,6 +194,8 @@ def build(
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-O", help="Backend option KEY=VALUE (repeatable; VALUE is read as TOML: true, 32, \"arm\"; "
         "a bare word is a string). Unknown keys are refused with the backend's list.")] = None,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Builds one artifact (--target BACKEND) or an app bundle (--target PROFILE: ios, android, ...):
     load, quantise, export, lower, write, validate, manifest."""
@@ -212,7 +220,10 @@ def build(
         if recipe:
             raise RgexportError("--recipe applies to one backend; a profile names its recipes (edit a copy of "
                                 "the profile, or build the backend alone with --target BACKEND --recipe NAME)")
-        bundle = build_bundle(profile, opts, Stages(err), archive=archive)
+        from rgexport.executors import make_executor
+
+        with make_executor(workers, address) as executor:
+            bundle = build_bundle(profile, opts, Stages(err), archive=archive, executor=executor)
         for art in bundle.manifest["artifacts"]:
             err.print(f"  {art['backend']} / {art['recipe']}: {art['bytes'] / 1e6:.2f} MB, {art['validation']}",
                       highlight=False, markup=False)
@@ -220,6 +231,9 @@ def build(
         return
     if archive:
         raise RgexportError("--archive applies to bundles (--target ios, android, ...)")
+    if workers or address:
+        raise RgexportError("--workers and --address apply to bundles (--target ios, android, ...) and to "
+                            "`rgexport evaluate`; one artifact is one build")
     result = run_build(opts, Stages(err))
     if result.report is not None:
         err.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
@@ -423,15 +437,19 @@ def evaluate(
     = Path("rgexport-out/evaluate"),
     reuse: Annotated[bool, typer.Option("--reuse", help="Measure artifacts already in --out from their manifests "
                                         "(same checkpoint, recipe and tokens) instead of rebuilding them.")] = False,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """The accuracy matrix: builds every backend x recipe from one checkpoint and measures each on held-out
     text; picks each backend's default recipe by rule (smallest within the quality budget)."""
     from rgexport.evaluate import evaluate as run_evaluate
     from rgexport.evaluate import markdown_table, write_reports
+    from rgexport.executors import make_executor
     from rgexport.progress import Stages
 
-    result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
-                          tokens=tokens, stages=Stages(err), reuse=reuse)
+    with make_executor(workers, address) as executor:
+        result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
+                              tokens=tokens, stages=Stages(err), reuse=reuse, executor=executor)
     paths = write_reports(result, out_dir)
     out.print(markdown_table(result), highlight=False, markup=False, soft_wrap=True)
     out.print("reports: " + ", ".join(str(p) for p in paths.values()), highlight=False)
