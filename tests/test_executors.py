@@ -109,8 +109,10 @@ def matrices(tmp_path_factory, ray_executor):
     empty = root / "empty.txt"
     empty.write_text("\n\n")
     kw = {"backends": ["onnx"], "recipes": ["fp32", "int8", "qdq8"], "tokens": TOKENS, "calibration": empty}
+    # Folder names of one length: ONNX's required_operators.config names the build folder, and its size
+    # counts in the row's bytes.
     serial = evaluate(root / "serial", **kw)
-    parallel = evaluate(root / "ray", executor=ray_executor, **kw)
+    parallel = evaluate(root / "on-ray", executor=ray_executor, **kw)
     return root, serial, parallel
 
 
@@ -118,17 +120,23 @@ def test_same_matrix_in_process_and_on_ray(matrices):
     root, serial, parallel = matrices
     assert [(r["backend"], r["recipe"]) for r in parallel["rows"]] == [("onnx", "fp32"), ("onnx", "int8"),
                                                                      ("onnx", "qdq8")]
-    assert parallel["rows"] == serial["rows"]
+    # Every field equal, except that the total bytes may differ by a few: ONNX Runtime's .ort conversion is
+    # not byte-reproducible (int8 prefill.ort built twice in-process and twice on Ray here: 4922336, 4922344,
+    # 4922336 and 4922336 bytes).
+    strip = lambda r: {k: v for k, v in r.items() if k != "bytes"}  # noqa: E731
+    assert [strip(r) for r in parallel["rows"]] == [strip(r) for r in serial["rows"]]
+    for a, b in zip(parallel["rows"], serial["rows"], strict=True):
+        assert abs(a.get("bytes", 0) - b.get("bytes", 0)) <= 64
     assert parallel["defaults"] == serial["defaults"]
     assert serial["run"]["executor"] == "in-process" and parallel["run"]["executor"].startswith("ray")
     workers = {c["worker"] for c in parallel["run"]["cells"].values()}
     assert os.getpid() not in {int(w.rsplit(":", 1)[1]) for w in workers}  # the builds ran in Ray workers
     for name in ("onnx-fp32", "onnx-int8"):  # the same files (ONNX export is deterministic)
         a = json.loads((root / "serial" / name / "manifest.json").read_text())["artifact"]["files"]
-        b = json.loads((root / "ray" / name / "manifest.json").read_text())["artifact"]["files"]
+        b = json.loads((root / "on-ray" / name / "manifest.json").read_text())["artifact"]["files"]
         same = {f["path"]: f["sha256"] for f in a if f["path"].endswith(".onnx")}
         assert same and same == {f["path"]: f["sha256"] for f in b if f["path"].endswith(".onnx")}
-    assert not list((root / "ray").glob(".*partial-*"))
+    assert not list((root / "on-ray").glob(".*partial-*"))
 
 
 def test_failing_cell_is_a_row(matrices):
@@ -149,19 +157,19 @@ def test_bundle_on_ray_matches_serial(tmp_path, ray_executor):
                                         '[[artifacts]]\nbackend = "onnx"\nrecipe = "int8"\n')
     profile = load_profile(tmp_path / "edge.toml")
     bundles = {}
-    for name, executor in (("serial", None), ("ray", ray_executor)):
+    for name, executor in (("serial", None), ("on-ray", ray_executor)):  # one length (see above)
         opts = BuildOptions(backend="onnx", out=tmp_path / name / "bundle-two", validation_tokens=TOKENS)
         bundles[name] = build_bundle(profile, opts, executor=executor).manifest
-    assert bundles["ray"]["artifacts"] == bundles["serial"]["artifacts"]
+    assert bundles["on-ray"]["artifacts"] == bundles["serial"]["artifacts"]
     paths = lambda m: sorted(f["path"] for f in m["files"])  # noqa: E731
-    assert paths(bundles["ray"]) == paths(bundles["serial"])
+    assert paths(bundles["on-ray"]) == paths(bundles["serial"])
     onnx = lambda m: {f["path"]: f["sha256"] for f in m["files"] if f["path"].endswith(".onnx")}  # noqa: E731
-    assert onnx(bundles["ray"]) == onnx(bundles["serial"]) and len(onnx(bundles["ray"])) == 4
-    for art in bundles["ray"]["artifacts"]:
+    assert onnx(bundles["on-ray"]) == onnx(bundles["serial"]) and len(onnx(bundles["on-ray"])) == 4
+    for art in bundles["on-ray"]["artifacts"]:
         a = json.loads((tmp_path / "serial" / "bundle-two" / art["folder"] / "manifest.json").read_text())
-        b = json.loads((tmp_path / "ray" / "bundle-two" / art["folder"] / "manifest.json").read_text())
+        b = json.loads((tmp_path / "on-ray" / "bundle-two" / art["folder"] / "manifest.json").read_text())
         assert a["validation"] == b["validation"] and a["model"] == b["model"]
-    assert not list((tmp_path / "ray").glob(".bundle-two.*"))
+    assert not list((tmp_path / "on-ray").glob(".bundle-two.*"))
 
 
 def test_unreachable_address_is_one_line_and_fast(tmp_path):
@@ -182,3 +190,61 @@ def test_unreachable_address_is_one_line_and_fast(tmp_path):
     assert "ray start --head" in lines[0] and "Traceback" not in proc.stderr
     assert elapsed < 30, f"took {elapsed:.1f} s"
     assert not (tmp_path / "m").exists()  # nothing was built
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    found, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in found:
+                found.add(c)
+                todo.append(c)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_ctrl_c_cancels_the_matrix_and_leaves_nothing(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "m"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "rgexport", "evaluate", "--targets", "onnx", "--recipes", "fp32",
+                             "--recipes", "int8", "--tokens", str(TOKENS), "--out", str(out), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    started = set()
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob(".onnx-*.partial-*")) and time.monotonic() < deadline and proc.poll() is None:
+            started |= _descendants(proc.pid)
+            time.sleep(0.5)
+        assert list(out.glob(".onnx-*.partial-*")), "no build started"
+        started |= _descendants(proc.pid)
+        assert len(started) >= 3  # Ray's processes (GCS, raylet, workers) run under the driver
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the driver
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    leftovers = [p for p in out.iterdir()] if out.exists() else []
+    assert not [p for p in leftovers if p.name.startswith((".onnx", "onnx"))], leftovers  # no partial, no artifact
+    deadline = time.monotonic() + 30
+    while [p for p in started if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in started if _alive(p)], "Ray processes outlived the interrupted run"
