@@ -281,6 +281,7 @@ class RayExecutor(Executor):
         self._remote = None
         self._pending: list[Cell] = []
         self._refs: dict[Any, Cell] = {}
+        self._cpus: dict[Any, float] = {}
         self._starts: dict[str, list[str]] = {}
         self._max_cpus = 1.0
         self._max_memory: float | None = None
@@ -318,6 +319,7 @@ class RayExecutor(Executor):
             return
         ray, self._ray = self._ray, None
         self._refs.clear()
+        self._cpus.clear()
         self._pending.clear()
         if self._tracker is not None:
             try:
@@ -377,16 +379,25 @@ class RayExecutor(Executor):
         self._pending.append(cell)
 
     def _launch(self) -> None:
+        """Submits queued cells while the ones in flight leave CPUs free. Ray itself would queue them, but
+        a task blocked in `ray.get` (each cell reports its start) lends its CPU to a queued task, which then
+        runs beside it: with no more in flight than there are CPUs, nothing is waiting to borrow one."""
         limit = self.workers if self.address and self.workers else None
+        cpus = self._ray.cluster_resources().get("CPU", self._max_cpus)
         while self._pending and (limit is None or len(self._refs) < limit):
-            cell = self._pending.pop(0)
-            opts: dict[str, Any] = {"num_cpus": min(cell.num_cpus, self._max_cpus), "max_retries": self.max_retries,
+            cell = self._pending[0]
+            need = min(cell.num_cpus, self._max_cpus)
+            if self._refs and sum(self._cpus.values()) + need > cpus:
+                break
+            self._pending.pop(0)
+            opts: dict[str, Any] = {"num_cpus": need, "max_retries": self.max_retries,
                                     "retry_exceptions": False, "name": f"rgexport:{cell.key}"}
             if cell.memory:
                 # Larger than any node offers: it gets the largest node to itself rather than never running.
-                opts["memory"] = min(cell.memory, self._max_memory) if self._max_memory else cell.memory
+                opts["memory"] = int(min(cell.memory, self._max_memory) if self._max_memory else cell.memory)
             ref = self._remote.options(**opts).remote(self._tracker, cell.key, cell.fn, cell.args, cell.kwargs)
             self._refs[ref] = cell
+            self._cpus[ref] = need
 
     def _drain(self) -> None:
         try:
@@ -405,6 +416,7 @@ class RayExecutor(Executor):
             self._drain()
             for ref in ready:
                 cell = self._refs.pop(ref)
+                self._cpus.pop(ref, None)
                 starts = self._starts.pop(cell.key, [])
                 try:
                     value, error, worker, seconds = ray.get(ref)
@@ -442,6 +454,7 @@ class RayExecutor(Executor):
             if left:
                 ray.wait(left, num_returns=len(left), timeout=10)
         self._refs.clear()
+        self._cpus.clear()
 
 
 def make_executor(workers: int | None = None, address: str | None = None) -> Executor:

@@ -89,6 +89,37 @@ def test_killed_worker_is_retried_and_failures_are_results(ray_executor, tmp_pat
     assert results["raises"].error == "ValueError: bad cell" and results["raises"].attempts == 1  # not retried
 
 
+def _timed_sleep(seconds: float) -> tuple[float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+def test_cells_declaring_more_than_half_the_memory_never_overlap(ray_executor):
+    node_memory = ray.cluster_resources()["memory"]
+    big = int(0.6 * node_memory)  # two of these do not fit on the node; two CPUs are free
+    results = run_cells(ray_executor, [Cell(f"big{i}", _timed_sleep, (3.0,), memory=big) for i in range(2)])
+    (a0, a1), (b0, b1) = results["big0"].value, results["big1"].value
+    assert a1 <= b0 or b1 <= a0, "two cells that together need more memory than the node ran side by side"
+    results = run_cells(ray_executor, [Cell(f"small{i}", _timed_sleep, (3.0,), memory=2**20) for i in range(4)])
+    spans = [r.value for r in results.values()]
+    overlap = max(sum(s0 <= t < s1 for s0, s1 in spans) for t, _ in spans)
+    assert overlap == 2, f"{overlap} of 4 one-CPU cells ran at once on 2 CPUs"
+
+
+def test_resources_follow_the_model_size():
+    from rgexport.config import get_preset
+    from rgexport.executors import cell_resources
+
+    big = cell_resources(get_preset("recurrentgemma-2b"), "onnx", "int4")
+    assert 2 * big["memory"] > 24e9 > big["memory"]  # one 2B build fits a 24 GB machine, two do not
+    assert big["num_cpus"] > 1
+    from rgexport.checkpoint import load_checkpoint
+
+    tiny = cell_resources(load_checkpoint().config, "onnx", "fp32")
+    assert tiny["num_cpus"] == 1 and tiny["memory"] < 2 * 2**30
+
+
 def test_in_process_executor_runs_in_order_and_keeps_failures():
     order = []
     results = run_cells(InProcessExecutor(), [Cell("a", _square, (3,)), Cell("b", _raise), Cell("c", _square, (4,))],
