@@ -51,7 +51,7 @@ CheckpointOpt = Annotated[str | None, typer.Option(
 PresetOpt = Annotated[str | None, typer.Option(help="Preset name (needed for DeepMind state-dict files).")]
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=1, help="Run the builds as Ray tasks on a local Ray of N workers, started and stopped here "
-    "(pip install \"rgexport[cluster]\"). With --address: at most N at a time on the cluster.")]
+    "(pip install \"rgexport\\[cluster]\"). With --address: at most N at a time on the cluster.")]
 AddressOpt = Annotated[str | None, typer.Option(
     "--address", help="Run the builds on an existing Ray cluster: its head's host:port (RAY_ADDRESS is "
     "honoured). --out must then be a folder every node reaches at the same path.")]
