@@ -28,14 +28,17 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rgexport.archive import BUNDLE_MANIFEST, safe_extract
-from rgexport.build import BuildError, BuildOptions, _move_into_place, build, make_work_dir
+from rgexport.build import BuildError, BuildOptions, _move_into_place, make_work_dir
 from rgexport.errors import RgexportError
 from rgexport.manifest import file_entries, now, rgexport_version, sha256_file
 from rgexport.profiles import TargetProfile
 from rgexport.progress import StageFailed, Stages
+
+if TYPE_CHECKING:
+    from rgexport.executors import Executor
 
 BUNDLE_DIGEST = "bundle.sha256"  # "<sha256 of bundle.json>  bundle.json": bundle.json is covered too
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar")
@@ -50,18 +53,25 @@ class BundleResult:
 
 def build_bundle(
     profile: TargetProfile, opts: BuildOptions, stages: Stages | None = None, archive: bool = False,
-    recipe_overrides: dict[str, str] | None = None,
+    recipe_overrides: dict[str, str] | None = None, executor: Executor | None = None,
 ) -> BundleResult:
-    """Builds every artifact of `profile` into one bundle folder, atomically (like `build`)."""
+    """Builds every artifact of `profile` into one bundle folder, atomically (like `build`). The artifacts
+    are cells on `executor` (default: in this process, one after another); the first that fails fails the
+    bundle and cancels the others."""
+    from rgexport.cells import build_cell
     from rgexport.checkpoint import load_checkpoint
+    from rgexport.executors import Cell, InProcessExecutor, MatrixProgress, cell_resources, run_cells
     from rgexport.samples import write_samples
 
+    executor = executor or InProcessExecutor()
     stages = stages or Stages(quiet=True)
     out = Path(opts.out) if opts.out else Path("rgexport-out") / f"bundle-{profile.name}"
     if out.exists() and not opts.force:
         raise RgexportError(f"{out} already exists; pass --force to replace it (or choose another --out)")
     if out.exists() and not (out / BUNDLE_MANIFEST).is_file():
         raise RgexportError(f"{out} exists and is not an rgexport bundle; refusing to replace it")
+    if not isinstance(executor, InProcessExecutor):
+        out = out.resolve()  # workers need the absolute path (on a cluster: one every node shares)
     from rgexport.safety import missing_parents, remove_empty
 
     created = missing_parents(out.parent)
@@ -70,15 +80,29 @@ def build_bundle(
         with stages.stage("load", opts.checkpoint or "shipped model"):
             ckpt = load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
         artifacts = []
+        cells = []
         for spec in profile.artifacts:
             recipe = (recipe_overrides or {}).get(spec.backend) or spec.recipe
             folder = work / f"{spec.backend}-{recipe or 'default'}"
             sub = dataclasses.replace(opts, backend=spec.backend, recipe=recipe, out=folder, force=False,
                                       options={**spec.options, **opts.options})
-            if not stages.quiet:
-                stages.console.print(f"[bold]{spec.backend}[/bold] / {recipe or 'default'}")
-            result = build(sub, Stages(stages.console, stages.quiet), checkpoint=ckpt)
-            final = work / f"{spec.backend}-{result.manifest['recipe']['name']}"
+            key = folder.name if folder.name not in {c.key for c in cells} else f"{folder.name}#{len(cells) + 1}"
+            cells.append(Cell(key, build_cell, (sub,), out=folder,
+                              local_kwargs={"stages": Stages(stages.console, stages.quiet), "checkpoint": ckpt},
+                              **cell_resources(ckpt.config, spec.backend, recipe)))
+        executor.check_output(work)
+        with MatrixProgress(stages.console, [c.key for c in cells], f"bundle {profile.name}", live=executor.live,
+                            quiet=stages.quiet) as progress:
+            done = run_cells(executor, cells, progress, stop_on_error=True)
+        for cell in cells:
+            res = done.get(cell.key)
+            if res is None or not res.ok:
+                failed = res or next(r for r in done.values() if not r.ok)
+                if failed.exception is not None:
+                    raise failed.exception
+                raise RgexportError(f"bundle artifact {failed.key} failed: {failed.error}")
+            result = res.value
+            final = work / f"{cell.args[0].backend}-{result.manifest['recipe']['name']}"
             if final != result.out:
                 os.replace(result.out, final)
             artifacts.append((final, result.manifest))

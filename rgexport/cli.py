@@ -76,7 +76,8 @@ _verbose = False
 
 @app.callback()
 def _options(verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="On an unexpected error, print the full traceback too.")] = False) -> None:
+        "--verbose", "-v", help="Show everything: other libraries' output, and the full traceback of an unexpected "
+        "error.")] = False) -> None:
     """Export Griffin / RecurrentGemma models to validated on-device artifacts."""
     global _verbose
     _verbose = verbose
@@ -190,6 +191,12 @@ def _friendly(fn):
 CheckpointOpt = Annotated[str | None, typer.Option(
     "--checkpoint", "-c", help="Hugging Face folder or DeepMind state-dict file. Default: the shipped model.")]
 PresetOpt = Annotated[str | None, typer.Option(help="Preset name (needed for DeepMind state-dict files).")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", min=1, help="Run the builds as Ray tasks on a local Ray of N workers, started and stopped here "
+    "(pip install \"rgexport\\[cluster]\"). With --address: at most N at a time on the cluster.")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="Run the builds on an existing Ray cluster: its head's host:port (RAY_ADDRESS is "
+    "honoured). --out must then be a folder every node reaches at the same path.")]
 
 
 @app.command()
@@ -427,6 +434,8 @@ def build(
         "--verbose", "-v", help="Show other libraries' output on the terminal instead of build.log.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result (manifest or bundle.json) as JSON.")]
     = False,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Builds one artifact (--target BACKEND) or an app bundle (--target PROFILE: ios, android, ...):
     load, quantise, export, lower, write, validate, manifest. Other libraries' output goes to build.log."""
@@ -442,7 +451,7 @@ def build(
                         out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
                         validation_tokens=tokens, validation_text=text, calibration=calibration,
                         random_weights=random_weights, seed=seed, options=parse_options(option or []),
-                        log_output=not verbose)
+                        log_output=not (verbose or _verbose))
     if profile.source != "backend":
         from rgexport.bundle import build_bundle
 
@@ -452,7 +461,10 @@ def build(
         if recipe:
             raise RgexportError("--recipe applies to one backend; a profile names its recipes (edit a copy of "
                                 "the profile, or build the backend alone with --target BACKEND --recipe NAME)")
-        bundle = build_bundle(profile, opts, Stages(err), archive=archive)
+        from rgexport.executors import make_executor
+
+        with make_executor(workers, address) as executor:
+            bundle = build_bundle(profile, opts, Stages(err), archive=archive, executor=executor)
         if as_json:
             out.print_json(json.dumps({"out": str(bundle.out), "archive": str(bundle.archive) if bundle.archive
                                        else None, "bundle": bundle.manifest}, default=str))
@@ -464,6 +476,9 @@ def build(
         return
     if archive:
         raise RgexportError("--archive applies to bundles (--target ios, android, ...)")
+    if workers or address:
+        raise RgexportError("--workers and --address apply to bundles (--target ios, android, ...) and to "
+                            "`rgexport evaluate`; one artifact is one build")
     result = run_build(opts, Stages(err))
     if as_json:
         out.print_json(json.dumps({"out": str(result.out), "manifest": result.manifest}, default=str))
@@ -472,7 +487,7 @@ def build(
         err.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
     else:
         err.print("[yellow]not validated (--no-validate): the manifest says so[/yellow]")
-    err.print(_build_summary(result.manifest, result.out, logged=not verbose), highlight=False, markup=False)
+    err.print(_build_summary(result.manifest, result.out, logged=not (verbose or _verbose)), highlight=False, markup=False)
     size = result.manifest["artifact"]["total_bytes"]
     out.print(f"{result.out}  ({size / 1e6:.2f} MB, {result.manifest['artifact']['file']})", highlight=False)
 
@@ -694,17 +709,21 @@ def evaluate(
     = Path("rgexport-out/evaluate"),
     reuse: Annotated[bool, typer.Option("--reuse", help="Measure artifacts already in --out from their manifests "
                                         "(same checkpoint, recipe and tokens) instead of rebuilding them.")] = False,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """The accuracy matrix: builds every backend x recipe from one checkpoint and measures each on held-out
     text; picks each backend's default recipe by rule (smallest within the quality budget)."""
     from rgexport.evaluate import evaluate as run_evaluate
     from rgexport.evaluate import markdown_table, write_reports
+    from rgexport.executors import make_executor
     from rgexport.progress import Stages
     from rgexport.safety import writable_dir
 
     writable_dir(out_dir, "--out", create=False)
-    result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
-                          tokens=tokens, stages=Stages(err), reuse=reuse)
+    with make_executor(workers, address) as executor:
+        result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
+                              tokens=tokens, stages=Stages(err), reuse=reuse, executor=executor)
     paths = write_reports(result, out_dir)
     out.print(markdown_table(result), highlight=False, markup=False, soft_wrap=True)
     out.print("reports: " + ", ".join(str(p) for p in paths.values()), highlight=False)

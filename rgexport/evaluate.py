@@ -12,12 +12,15 @@ import json
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rgexport.backends import BACKENDS, get_backend
-from rgexport.build import BuildOptions, build
+from rgexport.build import BuildOptions
 from rgexport.errors import RgexportError
 from rgexport.progress import Stages
+
+if TYPE_CHECKING:
+    from rgexport.executors import Executor
 
 
 def quality_budget() -> dict[str, float]:
@@ -30,14 +33,20 @@ def evaluate(
     out_dir: Path, backends: list[str] | None = None, recipes: list[str] | None = None,
     checkpoint: str | None = None, preset: str | None = None, tokens: int | None = None,
     stages: Stages | None = None, on_row: Callable[[dict[str, Any]], None] | None = None, reuse: bool = False,
+    executor: Executor | None = None, calibration: Path | None = None,
 ) -> dict[str, Any]:
     """Builds and measures every backend x recipe (recipes a backend lacks are skipped).
 
     With `reuse`, an artifact already in `out_dir` is measured from its manifest instead of rebuilt when it
     is the same checkpoint (sha256), backend, recipe and number of validation tokens, was validated, and its
     files still match their checksums: an interrupted matrix resumes where it stopped.
+
+    The cells run on `executor` (default: in this process, one after another; rgexport/executors.py has
+    Ray); the rows come back in the same order whichever ran them, `on_row` is called as each finishes.
     """
+    from rgexport.cells import evaluate_cell
     from rgexport.checkpoint import load_checkpoint
+    from rgexport.executors import Cell, InProcessExecutor, MatrixProgress, cell_resources, run_cells
 
     stages = stages or Stages(quiet=True)
     backends = backends or list(BACKENDS)
@@ -49,35 +58,53 @@ def evaluate(
     if unknown:
         raise RgexportError(f"Unknown recipe(s) {unknown} for {', '.join(backends)}; expected some of {known}")
     ckpt = load_checkpoint(checkpoint, preset)
-    rows = []
+    executor = executor or InProcessExecutor()
+    if not isinstance(executor, InProcessExecutor):
+        out_dir = out_dir.resolve()  # workers need the absolute path (on a cluster: one every node shares)
+    rows: dict[str, dict[str, Any]] = {}
+    order, cells = [], []
     for b in backends:
         backend = get_backend(b)
         wanted = [r for r in (recipes or backend.recipes) if r in backend.recipes]
         for r in wanted:
             folder = out_dir / f"{b}-{r}"
+            key = folder.name
+            order.append(key)
             n = tokens or 4 * ckpt.config.attention_window_size
             manifest = _reusable(folder, ckpt.digest, b, backend.recipes[r], n) if reuse else None
             if manifest is not None:
-                row = _row(b, r, manifest) | {"reused": True}
+                rows[key] = _row(b, r, manifest) | {"reused": True}
                 if not stages.quiet:
                     stages.console.print(f"[bold]{b} / {r}[/bold]: reused {folder}")
+                if on_row:
+                    on_row(rows[key])
             else:
                 opts = BuildOptions(backend=b, recipe=r, checkpoint=checkpoint, preset=preset, out=folder,
-                                    force=True, validation_tokens=tokens, require_pass=False)
-                if not stages.quiet:
-                    stages.console.print(f"[bold]{b} / {r}[/bold]")
-                try:
-                    result = build(opts, stages, checkpoint=ckpt)
-                except RgexportError as e:
-                    row = {"backend": b, "recipe": r, "status": "error", "error": str(e)}
-                else:
-                    row = _row(b, r, result.manifest)
-            rows.append(row)
+                                    force=True, validation_tokens=tokens, calibration=calibration,
+                                    require_pass=False)
+                cells.append(Cell(key, evaluate_cell, (opts,), local_kwargs={"stages": stages, "checkpoint": ckpt},
+                                  out=folder, **cell_resources(ckpt.config, b, r)))
+    run: dict[str, Any] = {"executor": executor.describe(), "cells": {}}
+    if cells:
+        executor.check_output(out_dir)
+
+        def collect(res) -> None:
+            backend_name, recipe_name = res.key.split("-", 1)
+            rows[res.key] = res.value if res.ok else {"backend": backend_name, "recipe": recipe_name,
+                                                      "status": "error", "error": res.error}
+            run["cells"][res.key] = {"worker": res.worker, "attempts": res.attempts, "seconds": res.seconds}
             if on_row:
-                on_row(row)
+                on_row(rows[res.key])
+
+        progress = MatrixProgress(stages.console, [c.key for c in cells], "accuracy matrix", live=executor.live,
+                                  quiet=stages.quiet)
+        with progress:
+            run_cells(executor, cells, progress, classify=lambda res: res.value["status"] if res.ok else "error",
+                      on_result=collect)
+    ordered = [rows[k] for k in order]
     budget = quality_budget()
-    return {"checkpoint": ckpt.source, "quality_budget": budget, "rows": rows,
-            "defaults": choose_defaults(rows, budget)}
+    return {"checkpoint": ckpt.source, "quality_budget": budget, "rows": ordered,
+            "defaults": choose_defaults(ordered, budget), "run": run}
 
 
 def _row(backend: str, recipe: str, manifest: dict[str, Any]) -> dict[str, Any]:
