@@ -487,7 +487,8 @@ def build(
         err.print(format_report(result.report), highlight=False, markup=False, soft_wrap=True)
     else:
         err.print("[yellow]not validated (--no-validate): the manifest says so[/yellow]")
-    err.print(_build_summary(result.manifest, result.out, logged=not (verbose or _verbose)), highlight=False, markup=False)
+    summary = _build_summary(result.manifest, result.out, logged=not (verbose or _verbose))
+    err.print(summary, highlight=False, markup=False)
     size = result.manifest["artifact"]["total_bytes"]
     out.print(f"{result.out}  ({size / 1e6:.2f} MB, {result.manifest['artifact']['file']})", highlight=False)
 
