@@ -189,7 +189,7 @@ def memory_profile(artifact: Path, max_multiple: int = 16, start: int | None = N
     from rgexport.config import GriffinConfig
     from rgexport.info import gemma_2b, transformer_of_same_width
     from rgexport.model import state_bytes
-    from rgexport.safety import checked_artifact
+    from rgexport.runtime import checked_artifact
 
     folder, manifest = checked_artifact(artifact)  # checksums and the backend's check, before any probe loads it
     config = GriffinConfig.from_dict(manifest["model"]["config"])
@@ -258,8 +258,7 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
     import torch
 
     from rgexport.checkpoint import load_source
-    from rgexport.runtime import open_artifact
-    from rgexport.safety import checked_artifact
+    from rgexport.runtime import checked_artifact, open_artifact
     from rgexport.validate import EagerRunner, heldout_tokens
 
     loaded = [checked_artifact(p) for p in paths]  # every file checksummed and checked before any runtime loads

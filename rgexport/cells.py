@@ -1,12 +1,12 @@
 """The cells that executors run (rgexport/executors.py): module-level functions, so that a Ray worker can
-import them by name. Each loads the checkpoint itself unless it runs in the process that already has it."""
+import them by name (the accuracy matrix's own cell is `rgexport.evaluate.evaluate_cell`). Each loads the
+checkpoint itself unless it runs in the process that already has it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rgexport.build import BuildOptions, BuildResult, build, is_small
-from rgexport.errors import RgexportError
 from rgexport.progress import Stages
 
 _CHECKPOINTS: dict[tuple, Any] = {}  # small checkpoints a worker process has loaded, for its next cells
@@ -35,19 +35,4 @@ def build_cell(opts: BuildOptions, stages: Stages | None = None, checkpoint: Any
     return build(opts, stages, checkpoint=checkpoint)
 
 
-def evaluate_cell(opts: BuildOptions, stages: Stages | None = None, checkpoint: Any = None) -> dict[str, Any]:
-    """One row of the accuracy matrix: build and validate, then the row from the manifest. A build that
-    fails is an error row; one that fails validation is a row with status "failed"."""
-    from rgexport.evaluate import _row
-
-    recipe = opts.recipe or ""
-    try:
-        if checkpoint is None:
-            checkpoint = worker_checkpoint(opts, with_tokenizer=False)
-        result = build(opts, stages, checkpoint=checkpoint)
-    except RgexportError as e:
-        return {"backend": opts.backend, "recipe": recipe, "status": "error", "error": str(e)}
-    return _row(opts.backend, recipe, result.manifest)
-
-
-__all__ = ["build_cell", "evaluate_cell", "worker_checkpoint"]
+__all__ = ["build_cell", "worker_checkpoint"]

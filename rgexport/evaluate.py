@@ -44,7 +44,6 @@ def evaluate(
     The cells run on `executor` (default: in this process, one after another; rgexport/executors.py has
     Ray); the rows come back in the same order whichever ran them, `on_row` is called as each finishes.
     """
-    from rgexport.cells import evaluate_cell
     from rgexport.checkpoint import load_checkpoint
     from rgexport.executors import Cell, InProcessExecutor, MatrixProgress, cell_resources, run_cells
 
@@ -105,6 +104,22 @@ def evaluate(
     budget = quality_budget()
     return {"checkpoint": ckpt.source, "quality_budget": budget, "rows": ordered,
             "defaults": choose_defaults(ordered, budget), "run": run}
+
+
+def evaluate_cell(opts: BuildOptions, stages: Stages | None = None, checkpoint: Any = None) -> dict[str, Any]:
+    """One row of the accuracy matrix: build and validate, then the row from the manifest. A build that
+    fails is an error row; one that fails validation is a row with status "failed"."""
+    from rgexport.build import build
+    from rgexport.cells import worker_checkpoint
+
+    recipe = opts.recipe or ""
+    try:
+        if checkpoint is None:
+            checkpoint = worker_checkpoint(opts, with_tokenizer=False)
+        result = build(opts, stages, checkpoint=checkpoint)
+    except RgexportError as e:
+        return {"backend": opts.backend, "recipe": recipe, "status": "error", "error": str(e)}
+    return _row(opts.backend, recipe, result.manifest)
 
 
 def _row(backend: str, recipe: str, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import numpy as np
 from rgexport.archive import BUNDLE_MANIFEST
 from rgexport.errors import RgexportError
 from rgexport.memory import peak_rss_bytes, rss_bytes
+from rgexport.safety import first_line, sentence
 
 # Keys of LoadedArtifact.memory(), the same for every backend.
 MEMORY_KEYS = ("rss_bytes", "peak_rss_bytes", "state_bytes", "runtime_bytes", "runtime_detail")
@@ -208,9 +209,11 @@ def open_artifact(path: str | Path, *, threads: int | None = None, verify: bool 
             folder, bundle, desc = p, None, str(p)
         else:
             folder, bundle, desc = resolve_artifact(p, artifact)
-        if manifest is None:
+        if manifest is None and verify:
+            folder, manifest = checked_artifact(folder)  # paths contained, checksums, the backend's own check
+        elif manifest is None:
             folder, manifest = read_manifest(folder)
-        if verify:
+        elif verify:
             problems = verify_files(folder, manifest)
             if problems:
                 raise RgexportError(f"{desc}: files do not match manifest.json: " + "; ".join(problems))
@@ -222,9 +225,33 @@ def open_artifact(path: str | Path, *, threads: int | None = None, verify: bool 
                 raise RgexportError(f"{desc}: backend {backend.name} has no variant {variant!r}; it has "
                                     f"{', '.join(variants) or 'none'}")
             options, desc = variants[variant], f"{desc} ({variant})"
-        runner = backend.load(folder, manifest, threads=threads, **options)
+        runner = load_runner(backend, folder, manifest, threads=threads, **options)
     except BaseException:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     return LoadedArtifact(folder, manifest, runner, source=desc, bundle=bundle, tmpdir=tmpdir)
+
+
+def checked_artifact(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The folder and manifest of an artifact whose every file is inside its folder, matches its checksum,
+    and passes its backend's structural check: what to call before loading it in a runtime."""
+    from rgexport.backends import get_backend
+    from rgexport.manifest import read_manifest, verify_files
+
+    folder, manifest = read_manifest(path)
+    problems = verify_files(folder, manifest)
+    if problems:
+        raise RgexportError(f"{folder}: files do not match the manifest: " + "; ".join(problems))
+    get_backend(manifest["backend"]).check_artifact(folder, manifest)
+    return folder, manifest
+
+def load_runner(backend: Any, folder: Path, manifest: dict[str, Any], **kwargs: Any) -> Any:
+    """`backend.load(...)` with any runtime error reading the files turned into one line naming them."""
+    try:
+        return backend.load(folder, manifest, **kwargs)
+    except RgexportError:
+        raise
+    except Exception as e:
+        raise RgexportError(f"{backend.name} could not load {Path(folder) / manifest['artifact']['file']}: "
+                            f"{type(e).__name__}: {sentence(first_line(e))}; rebuild the artifact") from e

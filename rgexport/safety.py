@@ -3,7 +3,7 @@
 Every path a manifest or a bundle names is resolved inside its folder or refused before anything is
 opened (`contained`); an artifact's files are checked against their checksums and then by the backend
 (`Backend.check_artifact`: magic bytes and a structural parse that cannot abort this process) before a
-runtime loads them (`checked_artifact`, `load_runner`). These are the functions any layer that opens an
+runtime loads them (`rgexport.runtime.checked_artifact`, `load_runner`). These are the functions any layer that opens an
 artifact (validate, bench, emulation, a runtime front end) calls first.
 """
 
@@ -151,26 +151,3 @@ def remove_empty(folders: list[Path]) -> None:
             break
 
 
-def checked_artifact(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The folder and manifest of an artifact whose every file is inside its folder, matches its checksum,
-    and passes its backend's structural check: what to call before loading it in a runtime."""
-    from rgexport.backends import get_backend
-    from rgexport.manifest import read_manifest, verify_files
-
-    folder, manifest = read_manifest(path)
-    problems = verify_files(folder, manifest)
-    if problems:
-        raise RgexportError(f"{folder}: files do not match the manifest: " + "; ".join(problems))
-    get_backend(manifest["backend"]).check_artifact(folder, manifest)
-    return folder, manifest
-
-
-def load_runner(backend: Any, folder: Path, manifest: dict[str, Any], **kwargs: Any) -> Any:
-    """`backend.load(...)` with any runtime error reading the files turned into one line naming them."""
-    try:
-        return backend.load(folder, manifest, **kwargs)
-    except RgexportError:
-        raise
-    except Exception as e:
-        raise RgexportError(f"{backend.name} could not load {Path(folder) / manifest['artifact']['file']}: "
-                            f"{type(e).__name__}: {sentence(first_line(e))}; rebuild the artifact") from e

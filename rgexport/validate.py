@@ -331,8 +331,7 @@ def validate_artifact(
     """
     from rgexport.backends import get_backend
     from rgexport.progress import Stages
-    from rgexport.runtime import open_artifact
-    from rgexport.safety import checked_artifact
+    from rgexport.runtime import checked_artifact, open_artifact
     from rgexport.tokenizer import Tokenizer
 
     stages = stages or Stages(quiet=True)

@@ -171,7 +171,7 @@ def validate_emulated(
     """
     import torch
 
-    from rgexport.safety import checked_artifact
+    from rgexport.runtime import checked_artifact
     from rgexport.tokenizer import Tokenizer
     from rgexport.validate import EagerRunner, greedy, heldout_tokens, teacher_forced
 

@@ -191,7 +191,7 @@ def test_validate(sandbox, case):
     sandbox.run(["validate", art, "--tokens", "16", "--no-memory"], match=match)
 
 
-# bench goes through the same checks as validate (rgexport.safety.checked_artifact); the cases that load a
+# bench goes through the same checks as validate (rgexport.runtime.checked_artifact); the cases that load a
 # second runtime library (seconds each) are left to validate.
 BENCH_CASES = sorted((set(CONTAINMENT) | set(FILES) | {"state-float64", "no-backend", "config-huge"})
                      - {"pte-identifier-then-garbage", "tflite-identifier-then-garbage", "backend-lies-coreml"})
