@@ -76,12 +76,14 @@ class Stages:
     @contextlib.contextmanager
     def writing_to(self, stream: TextIO) -> Iterator[None]:
         """Within the block the stage lines go to `stream` (the terminal, while other output is captured)."""
-        old = self.console.file
+        # The console's own setting, not `.file`: a console made with stderr=True resolves sys.stderr at each
+        # write (a test runner swaps it per call), and `.file` would pin the stream of this moment.
+        old = self.console._file
         self.console.file = stream
         try:
             yield
         finally:
-            self.console.file = old
+            self.console._file = old
 
     def _record(self, name: str, seconds: float, peak: int) -> None:
         # A stage name can repeat (validate, then its variants): keep the sum of times and the largest peak.
