@@ -712,6 +712,8 @@ def evaluate(
                                         "(same checkpoint, recipe and tokens) instead of rebuilding them.")] = False,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the matrix (matrix.json) instead of the table.")]
+    = False,
 ) -> None:
     """The accuracy matrix: builds every backend x recipe from one checkpoint and measures each on held-out
     text; picks each backend's default recipe by rule (smallest within the quality budget)."""
@@ -726,6 +728,9 @@ def evaluate(
         result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
                               tokens=tokens, stages=Stages(err), reuse=reuse, executor=executor)
     paths = write_reports(result, out_dir)
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+        return
     out.print(markdown_table(result), highlight=False, markup=False, soft_wrap=True)
     out.print("reports: " + ", ".join(str(p) for p in paths.values()), highlight=False)
 
