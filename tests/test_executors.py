@@ -19,6 +19,10 @@ import pytest
 from rgexport.build import BuildOptions
 from rgexport.executors import Cell, InProcessExecutor, RayExecutor, run_cells
 
+# A local Ray started in a process that already ran the rest of the suite failed to start workers
+# ("Failed to startup worker"): these run in a pytest process of their own (-m isolated, .ci/run).
+pytestmark = pytest.mark.isolated
+
 ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parent.parent

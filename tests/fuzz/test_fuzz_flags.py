@@ -110,6 +110,7 @@ def test_flag(sandbox, places, case):
 
 
 # Signals: a real build in a child process, stopped once its hidden partial folder exists.
+@pytest.mark.isolated  # timing-sensitive under load: run in its own process (-m isolated)
 @pytest.mark.parametrize("sig, code, text", [(signal.SIGTERM, 143, "error: terminated"),
                                              (signal.SIGINT, 130, "interrupted")])
 def test_signal_during_build(sandbox, sig, code, text):
