@@ -320,6 +320,16 @@ def artifact_checkpoint(manifest: dict[str, Any], checkpoint: str | None = None,
     return ckpt
 
 
+def artifact_tokenizer(folder: Path, manifest: dict[str, Any], ckpt):
+    """The artifact's own tokenizer, else the checkpoint's; an error where neither has one."""
+    from rgexport.tokenizer import Tokenizer
+
+    tok_file = manifest["tokenizer"]["file"] if manifest["tokenizer"] else None
+    if tok_file is None and ckpt.tokenizer_path is None:
+        raise RgexportError("no tokenizer in the artifact or the checkpoint; validation needs one")
+    return Tokenizer(folder / tok_file if tok_file else ckpt.tokenizer_path)
+
+
 def validate_artifact(
     path: str | Path, *, checkpoint: str | None = None, preset: str | None = None, tokens: int | None = None,
     text: Path | None = None, greedy_tokens: int = 64, stages=None,
@@ -332,17 +342,13 @@ def validate_artifact(
     from rgexport.backends import get_backend
     from rgexport.progress import Stages
     from rgexport.runtime import checked_artifact, open_artifact
-    from rgexport.tokenizer import Tokenizer
 
     stages = stages or Stages(quiet=True)
     folder, manifest = checked_artifact(path)  # paths, checksums, the backend's structural check
     with stages.stage("load", "checkpoint"):
         ckpt = artifact_checkpoint(manifest, checkpoint, preset)
         backend = get_backend(manifest["backend"])
-        tok_file = manifest["tokenizer"]["file"] if manifest["tokenizer"] else None
-        if tok_file is None and ckpt.tokenizer_path is None:
-            raise RgexportError("no tokenizer in the artifact or the checkpoint; validation needs one")
-        tokenizer = Tokenizer(folder / tok_file if tok_file else ckpt.tokenizer_path)
+        tokenizer = artifact_tokenizer(folder, manifest, ckpt)
     n = tokens or 4 * ckpt.config.attention_window_size
     ids = heldout_tokens(tokenizer, n, text)
     recipe = manifest["recipe"]

@@ -172,8 +172,7 @@ def validate_emulated(
     import torch
 
     from rgexport.runtime import checked_artifact
-    from rgexport.tokenizer import Tokenizer
-    from rgexport.validate import EagerRunner, greedy, heldout_tokens, teacher_forced
+    from rgexport.validate import EagerRunner, artifact_tokenizer, greedy, heldout_tokens, teacher_forced
 
     steps = _Steps(stages)
     folder, manifest = checked_artifact(path)  # paths, checksums, the backend's structural check
@@ -184,10 +183,7 @@ def validate_emulated(
 
     with steps.stage("reference", "checkpoint and fp32 step model"):
         ckpt = _reference(folder, manifest, checkpoint, preset)
-        tok_file = manifest["tokenizer"]["file"] if manifest["tokenizer"] else None
-        if tok_file is None and ckpt.tokenizer_path is None:
-            raise RgexportError("no tokenizer in the artifact or the checkpoint; validation needs one")
-        tokenizer = Tokenizer(folder / tok_file if tok_file else ckpt.tokenizer_path)
+        tokenizer = artifact_tokenizer(folder, manifest, ckpt)
         n = tokens or 4 * ckpt.config.attention_window_size
         ids = heldout_tokens(tokenizer, n, text)
         inputs, targets = list(ids[:-1]), np.asarray(ids[1:])
