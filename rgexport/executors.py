@@ -199,7 +199,13 @@ def _import_ray():
 
 def _driver_pythonpath() -> str:
     """The driver's import path beyond the interpreter's own (a source checkout, PYTHONPATH), so that local
-    workers import the same rgexport as this process."""
+    workers import the same rgexport as this process.
+
+    Left out: anything inside the interpreter's own folders (the standard library, site-packages), which the
+    worker finds by itself, and any folder that holds a module named like a standard one. A library may put
+    its own folder on sys.path at run time (onnxruntime's ORT-format converter adds `tools/ort_format_model`, which
+    holds a `types.py`): on a worker's PYTHONPATH that shadows the standard `types`, and every worker dies
+    at start-up."""
     import site
     import sysconfig
 
@@ -207,14 +213,33 @@ def _driver_pythonpath() -> str:
 
     own = {os.path.realpath(p) for p in sysconfig.get_paths().values()}
     own |= {os.path.realpath(p) for p in site.getsitepackages()}
+    own |= {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
     entries = [str(Path(rgexport.__file__).resolve().parent.parent)]
     entries += [os.path.abspath(p or os.getcwd()) for p in sys.path]
     entries += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     out: list[str] = []
     for p in entries:
-        if os.path.isdir(p) and os.path.realpath(p) not in own and p not in out:
-            out.append(p)
+        real = os.path.realpath(p)
+        if not os.path.isdir(p) or p in out or _shadows_stdlib(p):
+            continue
+        if any(real == o or real.startswith(o.rstrip(os.sep) + os.sep) for o in own):
+            continue
+        out.append(p)
     return os.pathsep.join(out)
+
+
+def _shadows_stdlib(folder: str) -> bool:
+    """Whether `folder` holds a module or package named like a standard-library module."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return True
+    for name in names:
+        stem = name[:-3] if name.endswith(".py") else name
+        if stem in sys.stdlib_module_names and stem != "__pycache__" and (
+                name.endswith(".py") or os.path.isfile(os.path.join(folder, name, "__init__.py"))):
+            return True
+    return False
 
 
 def _check_reachable(address: str) -> None:

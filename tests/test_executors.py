@@ -19,8 +19,9 @@ import pytest
 from rgexport.build import BuildOptions
 from rgexport.executors import Cell, InProcessExecutor, RayExecutor, run_cells
 
-# A local Ray started in a process that already ran the rest of the suite failed to start workers
-# ("Failed to startup worker"): these run in a pytest process of their own (-m isolated, .ci/run).
+# A local Ray's workers inherit this process's import path, so these run in a pytest process of their own
+# (-m isolated, .ci/run), away from whatever the rest of the suite put on sys.path. (What killed every
+# worker once, a library folder holding `types.py`, is now kept off that path: test_worker_path.py.)
 pytestmark = pytest.mark.isolated
 
 ray = pytest.importorskip("ray")
