@@ -258,8 +258,9 @@ def validate_browser(path: str | Path, *, checkpoint: str | None = None, tokens:
                                         [f"/bundle/{art['folder']}/", f"/bundle/{SAMPLE}"])
                 with stages.stage("validate", f"{n} tokens in the page"), stages.bar("validating", n) as advance:
                     runner = BrowserRunner(page, chunk, manifest["model"]["config"]["vocab_size"])
-                    report = run_validation(runner, reference, ids, backend="onnx (browser)", recipe=recipe["name"],
-                                            quantized=recipe["quantized"], progress=advance)
+                    report = run_validation(runner, reference, ids, backend=art["backend"], variant="browser",
+                                            recipe=recipe["name"], quantized=recipe["quantized"],
+                                            progress=advance)
                 err = report.metrics.get("max_abs_logit_error")
                 if recipe["name"] == "fp32" and err is not None and err > BROWSER_FP32_MAX_LOGIT_ERROR:
                     report.failures.append(f"max_abs_logit_error {err:.2e} > {BROWSER_FP32_MAX_LOGIT_ERROR:g} "

@@ -122,8 +122,7 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
     """Builds, validates and writes one artifact folder. Raises RgexportError (BuildError) on failure."""
     stages = stages or Stages(quiet=True)
     backend = get_backend(opts.backend)
-    recipe_name = opts.recipe or backend.default_recipe
-    backend.check_recipe(recipe_name)
+    recipe_name = backend.resolve_recipe(opts.recipe) if opts.recipe else backend.default_recipe
     backend.check_options(opts.options)
     recipe = backend.recipes[recipe_name]
     out = Path(opts.out) if opts.out else default_out(backend.name, recipe_name)

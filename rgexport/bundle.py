@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from rgexport.archive import BUNDLE_MANIFEST, safe_extract
+from rgexport.backends import get_backend
 from rgexport.build import BuildError, BuildOptions, _move_into_place, make_work_dir
 from rgexport.errors import RgexportError
 from rgexport.manifest import file_entries, now, rgexport_version, sha256_file
@@ -83,6 +84,7 @@ def build_bundle(
         cells = []
         for spec in profile.artifacts:
             recipe = (recipe_overrides or {}).get(spec.backend) or spec.recipe
+            recipe = get_backend(spec.backend).resolve_recipe(recipe) if recipe else recipe
             folder = work / f"{spec.backend}-{recipe or 'default'}"
             sub = dataclasses.replace(opts, backend=spec.backend, recipe=recipe, out=folder, force=False,
                                       options={**spec.options, **opts.options})

@@ -53,7 +53,8 @@ def evaluate(
         if b not in BACKENDS:
             raise RgexportError(f"Unknown backend {b!r}; expected some of {sorted(BACKENDS)}")
     known = sorted({r for b in backends for r in get_backend(b).recipes})
-    unknown = [r for r in recipes or [] if r not in known]
+    accepted = set(known) | {a for b in backends for a in get_backend(b).recipe_aliases}
+    unknown = [r for r in recipes or [] if r not in accepted]
     if unknown:
         raise RgexportError(f"Unknown recipe(s) {unknown} for {', '.join(backends)}; expected some of {known}")
     ckpt = load_checkpoint(checkpoint, preset)
@@ -64,7 +65,9 @@ def evaluate(
     order, cells = [], []
     for b in backends:
         backend = get_backend(b)
-        wanted = [r for r in (recipes or backend.recipes) if r in backend.recipes]
+        asked = [backend.resolve_recipe(r) for r in recipes
+                 if r in backend.recipes or r in backend.recipe_aliases] if recipes else list(backend.recipes)
+        wanted = list(dict.fromkeys(asked))  # an earlier name and its current one: one row
         for r in wanted:
             folder = out_dir / f"{b}-{r}"
             key = folder.name

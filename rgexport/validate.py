@@ -112,12 +112,21 @@ def compare_logits(reference: np.ndarray, artifact: np.ndarray, targets: np.ndar
     }
 
 
-def load_thresholds(recipe: str, quantized: bool) -> dict[str, float]:
+def load_thresholds(recipe: str, quantized: bool, backend: str | None = None) -> dict[str, Any]:
+    """The bounds `recipe` is judged by: its row of thresholds.toml (an earlier recipe name counts as its
+    current one), overridden by the row's `backend` sub-table if it has one; `table_entry` says which."""
     from rgexport.assets import thresholds_path
+    from rgexport.backends import BACKENDS, get_backend
 
+    if backend in BACKENDS:
+        recipe = get_backend(backend).recipe_aliases.get(recipe, recipe)
     table = tomllib.loads(thresholds_path().read_text())
     key = recipe if recipe in table else ("quantized" if quantized else "fp32")
-    return dict(table[key]) | {"table_entry": key}  # type: ignore[return-value]
+    row = {k: v for k, v in table[key].items() if not isinstance(v, dict)}
+    override = table[key].get(backend) if backend is not None else None
+    if isinstance(override, dict):
+        return row | override | {"table_entry": f"{key}.{backend}"}
+    return row | {"table_entry": key}
 
 
 def judge(metrics: dict[str, Any], thresholds: dict[str, Any]) -> list[str]:
@@ -242,10 +251,13 @@ def _reference_run(model: Griffin, chunk: int, inputs: list[int], greedy_tokens:
 def run_validation(
     runner: Runner, model: Griffin | ReferenceRun, tokens: Sequence[int], *, backend: str, recipe: str,
     quantized: bool, greedy_tokens: int = 64, progress: Callable[[int], None] | None = None,
+    variant: str | None = None,
 ) -> ValidationReport:
     """Compares `runner` with the fp32 eager model on `tokens` (n + 1 ids: inputs and next-token targets).
 
-    `model` is the model, or its run on the same tokens made beforehand by `reference_run`.
+    `model` is the model, or its run on the same tokens made beforehand by `reference_run`. `backend` names
+    the thresholds' backend (a registered one, or a label such as "eager"); `variant` another way of loading
+    the same artifact, shown beside it in the report.
     """
     inputs, targets = list(tokens[:-1]), np.asarray(tokens[1:])
     tick = (lambda: progress(1)) if progress else None
@@ -281,8 +293,9 @@ def run_validation(
     g_art = greedy(runner, prompt, greedy_tokens)
     divergence = next((i for i, (a, b) in enumerate(zip(g_ref, g_art)) if a != b), None)
 
-    thresholds = load_thresholds(recipe, quantized)
+    thresholds = load_thresholds(recipe, quantized, backend)
     failures = judge(metrics, thresholds)
+    backend = f"{backend} ({variant})" if variant else backend
     notes = []
     if divergence is not None:
         notes.append(f"greedy outputs diverge at step {divergence} of {greedy_tokens}")
@@ -376,7 +389,7 @@ def validate_variants(report: ValidationReport, backend, folder: Path, manifest:
         with stages.stage("validate", f"variant {name}"):
             runner = open_artifact(folder, manifest=manifest, verify=False, variant=name)
             report.variants[name] = run_validation(
-                runner, model, ids, backend=f"{manifest['backend']} ({name})", recipe=recipe["name"],
+                runner, model, ids, backend=manifest["backend"], variant=name, recipe=recipe["name"],
                 quantized=recipe["quantized"], greedy_tokens=greedy_tokens)
 
 

@@ -221,13 +221,13 @@ def test_backend_attributes():
     backend = get_backend("coreml")
     assert (backend.name, backend.extra, backend.artifact_suffix) == ("coreml", "coreml", ".mlpackage")
     assert backend.default_recipe == "fp16"
-    assert set(backend.recipes) == {"fp16", "int8", "int4", "palette4", "w8a8"}
-    assert all(backend.recipes[r].quantized for r in ("int8", "int4", "palette4", "w8a8"))
+    assert set(backend.recipes) == {"fp16", "w8", "w4", "palette4", "w8a8"}
+    assert all(backend.recipes[r].quantized for r in ("w8", "w4", "palette4", "w8a8"))
     assert [r for r, recipe in backend.recipes.items() if recipe.calibrated] == ["w8a8"]
     assert set(backend.packages) == {"coremltools", "torch"}
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int4", "palette4"])
+@pytest.mark.parametrize("recipe", ["w8", "w4", "palette4"])
 def test_compression_keeps_an_all_zero_row_exactly_zero(recipe, tmp_path):
     """The padding-row bug class: coremltools gives an all-zero row scale 0 (and NaN cast to int) or a
     palette entry that is not 0; the backend makes the row dequantise to exact zeros, no scale 0."""
@@ -306,7 +306,7 @@ def padded_model(small_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, max_ratio, min_top1", [("int8", 0.6, 0.9), ("int4", 0.4, 0.6),
+@pytest.mark.parametrize("recipe, max_ratio, min_top1", [("w8", 0.6, 0.9), ("w4", 0.4, 0.6),
                                                          ("palette4", 0.4, 0.6)])
 def test_quantized_recipe(recipe, max_ratio, min_top1, padded_model, small_config, small_tokens, fp16,
                           tmp_path):
@@ -352,15 +352,15 @@ def shipped_fp16(shipped, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, max_ratio, min_top1, max_ppl_ratio", [
-    ("fp16", 1.0, 0.99, 1.001), ("int8", 0.55, 0.97, 1.01), ("int4", 0.32, 0.85, 1.05),
+    ("fp16", 1.0, 0.99, 1.001), ("w8", 0.55, 0.97, 1.01), ("w4", 0.32, 0.85, 1.05),
     ("palette4", 0.30, 0.80, 1.05),
 ])
 def test_shipped_model_recipe(recipe, max_ratio, min_top1, max_ppl_ratio, shipped, heldout_512, shipped_fp16,
                               tmp_path):
     """Every recipe builds from the shipped model and holds up on 512 heldout tokens (8 prefill chunks).
 
-    Measured (notes/coreml.md): fp16 top-1 99.8 %, perplexity ratio 1.000; int8 99.2 %, 0.999;
-    int4 92.0 %, 1.020; palette4 87.5 %, 1.019; weights 0.51 / 0.29 / 0.26 of fp16.
+    Measured (notes/coreml.md): fp16 top-1 99.8 %, perplexity ratio 1.000; w8 99.2 %, 0.999;
+    w4 92.0 %, 1.020; palette4 87.5 %, 1.019; weights 0.51 / 0.29 / 0.26 of fp16.
     """
     tokens, ref = heldout_512
     if recipe == "fp16":

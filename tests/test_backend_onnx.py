@@ -29,11 +29,11 @@ from rgexport.backends.onnx.graph_info import describe_onnx  # noqa: E402
 from rgexport.errors import RgexportError  # noqa: E402
 
 CHUNK = 8
-RECIPES = ("fp32", "fp16", "int8", "int4", "qdq8")
+RECIPES = ("fp32", "fp16", "int8", "int4", "w8a8")
 # Measured on SMALL over the 80 small_tokens with run_mixed (x86-64, AVX2): fp16 80/80, int8 75/80, int4 59/80,
-# qdq8 70/80 (MinMax; Entropy 68/80, Percentile 73/80).
-MIN_TOP1 = {"fp16": 0.97, "int8": 0.85, "int4": 0.60, "qdq8": 0.80}
-QDQ8_OTHER_MIN_TOP1 = {"entropy": 0.75, "percentile": 0.80}
+# w8a8 70/80 (MinMax; Entropy 68/80, Percentile 73/80).
+MIN_TOP1 = {"fp16": 0.97, "int8": 0.85, "int4": 0.60, "w8a8": 0.80}
+W8A8_OTHER_MIN_TOP1 = {"entropy": 0.75, "percentile": 0.80}
 
 
 def manifest_for(chunk: int = CHUNK) -> dict:
@@ -229,7 +229,7 @@ def test_tied_head_reads_the_embedding_without_a_copy(built):
 
 
 # Recipes ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("recipe", ["fp16", "int8", "int4", "qdq8"])
+@pytest.mark.parametrize("recipe", ["fp16", "int8", "int4", "w8a8"])
 def test_quantized_recipe_is_smaller_and_agrees(recipe, backend, built, eager, small_tokens):
     folder, ctx, files = built[recipe]
     fp32_bytes = describe_onnx(built["fp32"][0] / "decode.onnx")["file_bytes"]
@@ -256,8 +256,8 @@ def test_quantized_ops_are_the_recipes(built):
     assert "MatMulInteger" in ops["int8"] or "com.microsoft.DynamicQuantizeMatMul" in ops["int8"]
     assert ops["int4"].get("com.microsoft.MatMulNBits", 0) >= 6 * 3 + 1  # every 2-D weight and the head
     assert ops["int4"].get("com.microsoft.GatherBlockQuantized") == 1
-    assert ops["qdq8"]["DequantizeLinear"] > ops["qdq8"]["QuantizeLinear"] >= QDQ8_MATMULS
-    assert "MatMulInteger" not in ops["qdq8"] and "Gemm" in ops["qdq8"]
+    assert ops["w8a8"]["DequantizeLinear"] > ops["w8a8"]["QuantizeLinear"] >= W8A8_MATMULS
+    assert "MatMulInteger" not in ops["w8a8"] and "Gemm" in ops["w8a8"]
     weights = describe_onnx(built["fp16"][0] / "prefill.onnx")["weights"]["by_dtype"]
     assert weights["float16"] > 4 * weights.get("float32", 0)
 
@@ -362,17 +362,17 @@ def test_fp16_is_right_beyond_position_2048(backend, built, small_model, small_t
             assert np.abs(got - want[0].numpy()).max() < 0.05, start + i
 
 
-# qdq8 ----------------------------------------------------------------------------------------------------
+# w8a8 ----------------------------------------------------------------------------------------------------
 # Groups that must take no quantised input at all: the recurrence and its state, the Conv1D, attention scores
 # and the ring-buffer write into the cache, the norms (the sensitivity study in notes/onnx.md).
 STRICTLY_FLOAT = ("rglru", "conv1d", "attention_scores", "ring_write", "norms")
 # SMALL: 4 recurrent blocks x (3 linears + 2 RG-LRU gates + 3 MLP), 2 attention blocks x (4 projections + 3 MLP),
 # and the head.
-QDQ8_MATMULS = 4 * (3 + 2 + 3) + 2 * (4 + 3) + 1
+W8A8_MATMULS = 4 * (3 + 2 + 3) + 2 * (4 + 3) + 1
 
 
 def _qdq8_graph(built, method: str):
-    graph = onnx.load(built["qdq8"][0] / f"{method}.onnx").graph
+    graph = onnx.load(built["w8a8"][0] / f"{method}.onnx").graph
     producer = {o: n for n in graph.node for o in n.output}
     consumers = defaultdict(list)
     for n in graph.node:
@@ -385,7 +385,7 @@ def _qdq8_graph(built, method: str):
 def test_qdq8_quantizes_the_linears_and_keeps_the_recurrence_float(method, built, exported):
     from onnx import TensorProto
 
-    from rgexport.backends.onnx.recipes import QDQ8_GROUPS, qdq_groups, tie_head_as_gemm
+    from rgexport.backends.onnx.recipes import W8A8_GROUPS, qdq_groups, tie_head_as_gemm
 
     reference = copy.deepcopy(exported[method])  # node names survive quantisation; the groups need metadata
     tie_head_as_gemm(reference)
@@ -398,8 +398,8 @@ def test_qdq8_quantizes_the_linears_and_keeps_the_recurrence_float(method, built
         return name in producer and producer[name].op_type == "DequantizeLinear"
 
     linears = [nodes[name] for name, g in groups.items()
-               if g in QDQ8_GROUPS and nodes[name].op_type in ("MatMul", "Gemm")]
-    assert len(linears) == QDQ8_MATMULS
+               if g in W8A8_GROUPS and nodes[name].op_type in ("MatMul", "Gemm")]
+    assert len(linears) == W8A8_MATMULS
     for node in linears:  # DQ(x), DQ(W) -> MatMul -> Q: what ONNX Runtime fuses into integer kernels
         assert dequantized(node.input[0]) and dequantized(node.input[1]), node.name
         weight = inits[producer[node.input[1]].input[0]]
@@ -430,24 +430,24 @@ def test_qdq8_quantizes_the_linears_and_keeps_the_recurrence_float(method, built
 
 
 def test_qdq8_records_its_calibration(built, calibration_tokens):
-    _, ctx, files = built["qdq8"]
-    facts = ctx.facts["onnx_qdq8"]
+    _, ctx, files = built["w8a8"]
+    facts = ctx.facts["onnx_w8a8"]
     assert facts["calibration_tokens"] == sum(len(t) for t in calibration_tokens)
     assert "rglru" in facts["float_groups"]
     for method in ("decode", "prefill"):
         assert facts[method]["calibration_method"] == "minmax"
-        assert facts[method]["quantized_nodes"] == QDQ8_MATMULS
+        assert facts[method]["quantized_nodes"] == W8A8_MATMULS
     # decode: one sample per position (4 x 48 <= 256); prefill: every chunk (4 x 48 / 8)
     assert facts["decode"]["calibration_samples"] == 4 * 48
     assert facts["prefill"]["calibration_samples"] == 4 * 48 // CHUNK
-    assert any(n.startswith("qdq8:") and "minmax" in n for n in ctx.notes)
+    assert any(n.startswith("w8a8:") and "minmax" in n for n in ctx.notes)
     assert [f.name for f in files[2:]] == ["decode.ort", "prefill.ort", "required_operators.config"]
 
 
 def test_qdq8_calibration_errors_are_rgexport_errors(backend, exported, small_config, small_model,
                                                       calibration_tokens, tmp_path):
     def ctx(**kw):
-        return BuildContext(config=small_config, recipe="qdq8", work_dir=tmp_path, prefill_chunk=CHUNK, **kw)
+        return BuildContext(config=small_config, recipe="w8a8", work_dir=tmp_path, prefill_chunk=CHUNK, **kw)
 
     bad = ctx(options={"calibration_method": "kmeans"}, calibration_tokens=calibration_tokens)
     with pytest.raises(RgexportError, match=r"calibration_method 'kmeans' is not one of \['minmax', 'entropy', "
@@ -465,13 +465,13 @@ def test_qdq8_calibration_errors_are_rgexport_errors(backend, exported, small_co
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_qdq8_other_calibration_methods(method, backend, exported, small_config, calibration_tokens, eager,
                                         small_tokens, tmp_path):
-    ctx = BuildContext(config=small_config, recipe="qdq8", work_dir=tmp_path, prefill_chunk=CHUNK,
+    ctx = BuildContext(config=small_config, recipe="w8a8", work_dir=tmp_path, prefill_chunk=CHUNK,
                        options={"calibration_method": method.upper(), "ort_format": False},
                        calibration_tokens=calibration_tokens)
     backend.write(backend.lower(exported, ctx), ctx)
-    assert ctx.facts["onnx_qdq8"]["decode"]["calibration_method"] == method
+    assert ctx.facts["onnx_w8a8"]["decode"]["calibration_method"] == method
     logits = run_mixed(backend.load(tmp_path, manifest_for(), threads=1), small_tokens[0].tolist())
-    assert (logits.argmax(-1) == eager[0].argmax(-1)).mean() >= QDQ8_OTHER_MIN_TOP1[method]
+    assert (logits.argmax(-1) == eager[0].argmax(-1)).mean() >= W8A8_OTHER_MIN_TOP1[method]
 
 
 # Writing -----------------------------------------------------------------------------------------------
@@ -581,14 +581,14 @@ def test_shipped_model_fp32_matches_eager_perplexity(backend, shipped, tmp_path)
 
 @pytest.mark.slow
 def test_shipped_model_qdq8_build_passes_validation(shipped, tmp_path):
-    """The whole pipeline: calibration text -> qdq8 -> validation (.onnx and .ort) on 512 held-out tokens.
+    """The whole pipeline: calibration text -> w8a8 -> validation (.onnx and .ort) on 512 held-out tokens.
 
     Measured (x86-64 AVX2): top-1 97.46%, mean KL 0.0039, perplexity ratio 1.0053, decode.onnx 3.71 MB
     (fp32 14.2 MB). Quantising the RG-LRU too gives 94.9% / 0.0074 / 1.0095, which fails these bounds.
     """
     from rgexport.build import BuildOptions, build
 
-    result = build(BuildOptions(backend="onnx", recipe="qdq8", out=tmp_path / "qdq8"), checkpoint=shipped)
+    result = build(BuildOptions(backend="onnx", recipe="w8a8", out=tmp_path / "w8a8"), checkpoint=shipped)
     report = result.report
     assert report.passed, report.failures
     assert report.tokens == 4 * shipped.config.attention_window_size
@@ -596,7 +596,7 @@ def test_shipped_model_qdq8_build_passes_validation(shipped, tmp_path):
     assert m["top1_agreement"] >= 0.96 and m["mean_kl"] <= 0.006 and m["ppl_ratio"] <= 1.01, m
     assert set(report.variants) == {"ort"} and report.variants["ort"].passed
     assert report.variants["ort"].metrics["top1_agreement"] == m["top1_agreement"]
-    facts = result.manifest["backend_facts"]["onnx_qdq8"]
+    facts = result.manifest["backend_facts"]["onnx_w8a8"]
     assert facts["decode"]["quantized_nodes"] == facts["prefill"]["quantized_nodes"] == 6 * 3 + 4 * 5 + 2 * 4 + 1
     assert result.manifest["recipe"]["calibrated"]
     sizes = {f["path"]: f["bytes"] for f in result.manifest["artifact"]["files"]}

@@ -137,14 +137,14 @@ def test_in_process_executor_runs_in_order_and_keeps_failures():
 @pytest.fixture(scope="module")
 def matrices(tmp_path_factory, ray_executor):
     """The same small matrix of the shipped model twice, in-process and on local Ray: ONNX fp32 and int8,
-    and qdq8 calibrated on a file holding no text (so that one cell fails)."""
+    and w8a8 calibrated on a file holding no text (so that one cell fails)."""
     pytest.importorskip("onnxruntime")
     from rgexport.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("matrix")
     empty = root / "empty.txt"
     empty.write_text("\n\n")
-    kw = {"backends": ["onnx"], "recipes": ["fp32", "int8", "qdq8"], "tokens": TOKENS, "calibration": empty}
+    kw = {"backends": ["onnx"], "recipes": ["fp32", "int8", "w8a8"], "tokens": TOKENS, "calibration": empty}
     # Folder names of one length: ONNX's required_operators.config names the build folder, and its size
     # counts in the row's bytes.
     serial = evaluate(root / "serial", **kw)
@@ -155,7 +155,7 @@ def matrices(tmp_path_factory, ray_executor):
 def test_same_matrix_in_process_and_on_ray(matrices):
     root, serial, parallel = matrices
     assert [(r["backend"], r["recipe"]) for r in parallel["rows"]] == [("onnx", "fp32"), ("onnx", "int8"),
-                                                                     ("onnx", "qdq8")]
+                                                                     ("onnx", "w8a8")]
     # Every field equal, except that the total bytes may differ by a few: ONNX Runtime's .ort conversion is
     # not byte-reproducible (int8 prefill.ort built twice in-process and twice on Ray here: 4922336, 4922344,
     # 4922336 and 4922336 bytes).
@@ -179,7 +179,7 @@ def test_failing_cell_is_a_row(matrices):
     _, serial, parallel = matrices
     for result in (serial, parallel):
         rows = {r["recipe"]: r for r in result["rows"]}
-        assert rows["qdq8"]["status"] == "error" and "holds no text to calibrate on" in rows["qdq8"]["error"]
+        assert rows["w8a8"]["status"] == "error" and "holds no text to calibrate on" in rows["w8a8"]["error"]
         assert rows["fp32"]["status"] == "passed" and rows["int8"]["status"] == "passed"
 
 

@@ -403,7 +403,7 @@ def test_lut_to_dense_matches_coremltools(tmp_path, vector):
     np.testing.assert_array_equal(got, ref.astype(np.float32))
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int4", "palette4"])
+@pytest.mark.parametrize("recipe", ["w8", "w4", "palette4"])
 def test_compressed_weights_match_decompress_weights(tmp_path, recipe):
     """Each recipe's compression of a layer runs exactly as coremltools' decompress_weights says."""
     from coremltools.optimize import coreml as cto

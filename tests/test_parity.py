@@ -44,7 +44,7 @@ def test_backend_matches_the_reference(name, recipe, tmp_path_factory):
     result = _build(name, recipe, tmp_path_factory)
     report, manifest = result.report, result.manifest
     spec = get_backend(name).recipes[recipe]
-    bounds = load_thresholds(recipe, spec.quantized)
+    bounds = load_thresholds(recipe, spec.quantized, name)
     assert report.thresholds == bounds  # judged by thresholds.toml, nothing looser
     assert report.passed, (report.failures, report.metrics)
     assert manifest["validation"]["status"] == "passed"

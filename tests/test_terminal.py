@@ -62,7 +62,7 @@ def test_a_failed_build_keeps_its_log_beside_the_output(tmp_path, monkeypatch):
 
     other = tmp_path / "user-error"
     with pytest.raises(Exception, match="calibration"):
-        build(BuildOptions(backend="onnx", recipe="qdq8", out=other, calibration=tmp_path / "missing.txt",
+        build(BuildOptions(backend="onnx", recipe="w8a8", out=other, calibration=tmp_path / "missing.txt",
                            log_output=True))
     assert not failed_log_path(other).exists() and not list(tmp_path.glob(".user-error.partial-*"))
 

@@ -64,8 +64,8 @@ def test_executorch_fp32_leaves_out_the_gather_table(artifact):
 
 @pytest.mark.slow
 def test_executorch_quantized_gather_leaves_out_the_int8_table_and_scales(artifact):
-    """8da4w with the quantized gather: `embedding_byte` reads one int8 row and its scale per token."""
-    folder, manifest = artifact("executorch", "8da4w", quantized_gather=True)
+    """int4 with the quantized gather: `embedding_byte` reads one int8 row and its scale per token."""
+    folder, manifest = artifact("executorch", "int4", quantized_gather=True)
     v, w, _ = sizes(manifest)
     info = traffic("executorch", folder, manifest)
     assert info["gathered_bytes"] == v * w + v * 4  # int8 rows, a float32 scale per row

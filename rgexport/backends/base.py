@@ -4,6 +4,10 @@ A backend is a small class with four stage methods the build pipeline calls in o
 (quantize -> export -> lower -> write), an `io_contract` for the manifest, and `load`, which returns a
 `Runner` that executes the artifact in the backend's runtime. Backend libraries are imported inside
 these methods, never at module import, and a missing one raises `MissingDependencyError`.
+
+Recipe names form one vocabulary (`RECIPE_NAMES`): a name means the same weights and activations on every
+backend that has it. A backend may keep earlier names of its recipes as `recipe_aliases`; they still build,
+with a one-line notice naming the current one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,18 @@ from rgexport.config import GriffinConfig
 from rgexport.errors import MissingDependencyError
 from rgexport.graphs import input_name, output_name
 from rgexport.model import Griffin, TensorSpec
+
+# The one recipe vocabulary: name -> what it means on every backend that offers it.
+RECIPE_NAMES = {
+    "fp32": "float32 weights and compute",
+    "fp16": "float16 weights (and compute where the runtime has fp16 kernels); precision-critical parts in float32",
+    "int8": "int8 weights, int8 activations quantised on the fly (dynamic) inside each matmul",
+    "int4": "4-bit weights in blocks of 32 input channels, int8 dynamic activations inside each matmul",
+    "w8a8": "int8 weights and static int8 activations, their ranges calibrated on real text",
+    "w8": "weight-only int8: int8 weights, float compute",
+    "w4": "weight-only int4: 4-bit weights in blocks of 32 input channels, float compute",
+    "palette4": "weight-only 4-bit palettes (k-means lookup tables), float compute",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +127,7 @@ class Backend(abc.ABC):
     artifact_suffix: ClassVar[str]  # e.g. ".pte"
     recipes: ClassVar[dict[str, Recipe]]
     default_recipe: ClassVar[str]
+    recipe_aliases: ClassVar[dict[str, str]] = {}  # an earlier recipe name -> its name in RECIPE_NAMES
     packages: ClassVar[tuple[str, ...]] = ()  # distributions whose versions go into the manifest
     options: ClassVar[dict[str, str]] = {}  # backend option -> what it does (profiles, `build --option`)
     # Where the recipe's quantisation happens: "quantise" (the torch model, in `quantize`) or "lower" (the
@@ -209,6 +226,21 @@ class Backend(abc.ABC):
             raise RgexportError(
                 f"Backend {self.name} has no recipe {recipe!r}; expected one of {sorted(self.recipes)}"
             )
+
+    def resolve_recipe(self, recipe: str, notify: bool = True) -> str:
+        """The current name of `recipe`: itself, or the recipe an earlier name (`recipe_aliases`) stands
+        for, with a one-line notice on stderr unless `notify` is false (reading an old manifest). Raises
+        RgexportError listing the valid names for anything else."""
+        if recipe in self.recipe_aliases:
+            current = self.recipe_aliases[recipe]
+            if notify:
+                from rgexport.notices import notice
+
+                notice(f"{self.name} recipe {recipe!r} is now called {current!r} "
+                       f"({RECIPE_NAMES[current]}); building {current!r}")
+            return current
+        self.check_recipe(recipe)
+        return recipe
 
 
 def tensor_io(name: str, shape: Sequence[int], dtype: str) -> dict[str, Any]:

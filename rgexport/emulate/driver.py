@@ -153,7 +153,7 @@ def judge_run(run: dict[str, np.ndarray], reference_logits: np.ndarray, referenc
     if reference_greedy is not None and "greedy" in run:
         div = [i for i, (x, y) in enumerate(zip(reference_greedy, run["greedy"].tolist())) if x != y]
         divergence = div[0] if div else None
-    thresholds = load_thresholds(recipe, quantized)
+    thresholds = load_thresholds(recipe, quantized, backend)
     failures = judge(metrics, thresholds)
     notes = [f"greedy outputs diverge at step {divergence} of {greedy_tokens}"] if divergence is not None else []
     return ValidationReport(backend, recipe, len(targets), metrics, thresholds, failures, state_errors,

@@ -29,7 +29,7 @@ from coremltools' quantiser, which divides 0/0 and casts the NaN to int (a platf
 `_zero_scale_to_one` rewrites such blocks as scale 1 over zero data; for palettes,
 `_zero_row_in_palette` gives the row an exact 0 entry. Either way the row dequantises to exact zeros.
 
-Recipe `w8a8` (calibrated): int8 weights as recipe int8, then int8 activations around every linear layer,
+Recipe `w8a8` (calibrated): int8 weights as recipe w8, then int8 activations around every linear layer,
 inserted by coremltools' own activation passes with ranges that rgexport's MIL interpreter measures on real
 (tokens, position, state) samples (coremltools' calibration needs `predict`, i.e. macOS, and passes no
 state; rgexport/backends/coreml_calibration.py has the details and the per-group decision).
@@ -83,6 +83,7 @@ class CoreMLBackend(Backend):
         "compute_units": '"ALL" (default), "CPU_ONLY", "CPU_AND_GPU" or "CPU_AND_NE", used when loading',
     }
     recipes = RECIPES
+    recipe_aliases = {"int8": "w8", "int4": "w4"}  # names before the one recipe vocabulary
     quantizes_in = "lower"  # the recipe works on the converted program
     default_recipe = "fp16"
 

@@ -70,11 +70,11 @@ FLOAT_GROUPS = {
     "other": "adds outside the blocks (none in Griffin's fp16 graphs today)",
 }
 # Sensitivity of the shipped tiny model: one group with int8 activations (plus int8 weights everywhere, as
-# recipe int8), 512 held-out tokens, one prefill chunk of 32 then decode, against eager fp32:
+# recipe w8), 512 held-out tokens, one prefill chunk of 32 then decode, against eager fp32:
 # (top-1 agreement, perplexity ratio, mean KL, max abs logit error). Calibration: 256 decode + 48 prefill
 # samples from 4 x 384 calibration tokens, min/max over all samples.
 SENSITIVITY: dict[str, tuple[float, float, float, float]] = {
-    "int8 weights only (recipe int8)": (0.9922, 0.9990, 1.3e-4, 0.158),
+    "int8 weights only (recipe w8)": (0.9922, 0.9990, 1.3e-4, 0.158),
     "mlp": (0.9746, 0.9971, 2.2e-3, 0.657),
     "recurrent_proj": (0.9766, 1.0004, 2.1e-3, 1.901),
     "attention_proj": (0.9883, 0.9996, 2.0e-4, 0.179),

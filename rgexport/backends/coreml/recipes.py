@@ -1,4 +1,5 @@
-"""Core ML recipes: fp16, and weight compression with coremltools.optimize (int8, int4, 4-bit palettes, w8a8)."""
+"""Core ML recipes: fp16, and weight compression with coremltools.optimize (weight-only w8 and w4, 4-bit palettes),
+and calibrated w8a8."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from rgexport.model import TensorSpec
 def _compression_config(recipe: str) -> Any:
     from coremltools.optimize import coreml as cto
 
-    if recipe == "int8":
+    if recipe == "w8":
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
-    elif recipe == "int4":
+    elif recipe == "w4":
         op = cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32
         )
@@ -136,14 +137,14 @@ def _replace_constexpr_ops(mlmodel: Any, op_type: str, rewrite: Any) -> Any:
 
 def _w8a8(mlmodel: Any, fn: str, samples: list[Any], specs: list[TensorSpec], stateful: bool,
           ctx: BuildContext) -> Any:
-    """int8 weights (as recipe int8), then int8 activations around the ops of W8A8_GROUPS: ranges from the
+    """int8 weights (as recipe w8), then int8 activations around the ops of W8A8_GROUPS: ranges from the
     interpreter running the weight-quantised program on the samples, pairs inserted by coremltools."""
     from rgexport.backends.coreml import calibration as cal
     from rgexport.backends.coreml.mil_interpreter import Program
 
     groups = cal.op_groups(mlmodel)  # before any save: the module scopes live on the converted program
     chosen = [name for name, group in groups.items() if group in cal.W8A8_GROUPS]
-    mlmodel = _compress(mlmodel, "int8")
+    mlmodel = _compress(mlmodel, "w8")
     start = time.perf_counter()
     program = Program(mlmodel.get_spec(), mlmodel.weights_dir)
     stats = cal.activation_ranges(program, "main", _calibration_feeds(samples, fn, specs, stateful))
@@ -170,9 +171,10 @@ def _w8a8(mlmodel: Any, fn: str, samples: list[Any], specs: list[TensorSpec], st
 # Backend ----------------------------------------------------------------------------------------
 RECIPES = {
     "fp16": Recipe("fp16", "fp16 weights and compute; positions and the RG-LRU in float32"),
-    "int8": Recipe("int8", "int8 weights per output channel (linear_quantize_weights), fp16 compute",
+    "w8": Recipe("w8", "weight-only int8: int8 weights per output channel (linear_quantize_weights), fp16 "
+                 "compute",
                    quantized=True),
-    "int4": Recipe("int4", "int4 weights in blocks of 32 input channels (iOS 18), fp16 compute",
+    "w4": Recipe("w4", "weight-only int4: int4 weights in blocks of 32 input channels (iOS 18), fp16 compute",
                    quantized=True),
     "palette4": Recipe("palette4", "4-bit k-means palettised weights, a 16-entry table per 16 output "
                        "channels, fp16 compute", quantized=True),

@@ -1,9 +1,9 @@
 """ExecuTorch: one `.pte` program with decode, prefill, reset and read_state over shared state buffers.
 
 Stages (each a method below, called in this order by the build pipeline):
-1. quantize: wrap the model in a `StatefulModel` and apply the recipe in place (torchao `quantize_` for 8da4w;
-   the XNNPACK PT2E quantizer for int8 and a8w8, which works on captured graphs, one per method). The
-   calibrated recipe a8w8 first captures real (tokens, position, state) samples along the fp32 model's
+1. quantize: wrap the model in a `StatefulModel` and apply the recipe in place (torchao `quantize_` for int4;
+   the XNNPACK PT2E quantizer for int8 and w8a8, which works on captured graphs, one per method). The
+   calibrated recipe w8a8 first captures real (tokens, position, state) samples along the fp32 model's
    trajectory over `ctx.calibration_tokens`, one set per method (`executorch_calibration`).
 2. export: `torch.export(strict=False)` of decode (tokens [1, 1]) and prefill (tokens [1, chunk]), plus
    two small state methods, `reset` (zeroes the state) and `read_state` (returns it).
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from rgexport.backends.base import Backend, BuildContext, Runner, standard_io_contract, tensor_io
-from rgexport.backends.executorch.calibration import A8W8_NOTE, calibration_samples
+from rgexport.backends.executorch.calibration import W8A8_NOTE, calibration_samples
 from rgexport.backends.executorch.export import (
     _INITIALISED_METHODS,
     ARTIFACT_FILE,
@@ -62,14 +62,15 @@ class ExecuTorchBackend(Backend):
     packages = ("executorch", "torch", "torchao")
     options = {
         "delegate": '"xnnpack" (the only one supported)',
-        "quantized_gather": "8da4w: the embedding gather reads the head's int8 rows (embedding_byte) instead of "
+        "quantized_gather": "int4: the embedding gather reads the head's int8 rows (embedding_byte) instead of "
         "a float32 table (default false)",
-        "activation_observer": 'a8w8: "histogram" (default) or "minmax"',
+        "activation_observer": 'w8a8: "histogram" (default) or "minmax"',
         "xnnpack_rewrites": "edge rewrites that let XNNPACK take more of the graph (default: all of "
         "executorch_rewrites.REWRITES)",
     }
     default_recipe = "fp32"
     recipes = RECIPES
+    recipe_aliases = {"8da4w": "int4", "a8w8": "w8a8"}  # names before the one recipe vocabulary
 
     # 1. Quantise -----------------------------------------------------------------------------------
     def quantize(self, model: Griffin, ctx: BuildContext) -> _Prepared:
@@ -85,15 +86,15 @@ class ExecuTorchBackend(Backend):
         stateful.requires_grad_(False)
         inputs = _example_inputs(ctx.prefill_chunk)
         modules: dict[str, nn.Module] = {"decode": stateful, "prefill": stateful}
-        if ctx.recipe == "8da4w":
-            self._quantize_8da4w(stateful, ctx)
+        if ctx.recipe == "int4":
+            self._quantize_int4(stateful, ctx)
         elif ctx.recipe == "int8":
             modules = {m: self._quantize_int8_pt2e(stateful, inputs[m]) for m in inputs}
-        elif ctx.recipe == "a8w8":
-            modules = self._quantize_a8w8_pt2e(stateful, inputs, ctx)
+        elif ctx.recipe == "w8a8":
+            modules = self._quantize_w8a8_pt2e(stateful, inputs, ctx)
         return _Prepared(modules, inputs, stateful.specs)
 
-    def _quantize_8da4w(self, stateful: StatefulModel, ctx: BuildContext) -> None:
+    def _quantize_int4(self, stateful: StatefulModel, ctx: BuildContext) -> None:
         self.require("torchao")
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerAxis, PerGroup
@@ -128,7 +129,7 @@ class ExecuTorchBackend(Backend):
 
             weight = head.weight
             if bool((weight.zero_point != 0).any()):
-                raise RgexportError("8da4w: the int8 head has non-zero zero points; the quantized gather expects "
+                raise RgexportError("int4: the int8 head has non-zero zero points; the quantized gather expects "
                                     "symmetric rows")
             embedder = model.embedder
             # Own copies: a buffer aliasing the head parameter's inner tensor is not something torch.export keeps.
@@ -143,11 +144,11 @@ class ExecuTorchBackend(Backend):
 
             embedder.encode = encode  # an instance attribute shadows Embedder.encode
             ctx.facts["quantized_ops"] = ["quantized_decomposed::embedding_byte.dtype"]
-            ctx.notes.append("8da4w: the embedding gather reads the head's int8 table (embedding_byte); a runtime "
+            ctx.notes.append("int4: the embedding gather reads the head's int8 table (embedding_byte); a runtime "
                              "must link ExecuTorch's quantized kernels (Python: import executorch.kernels.quantized).")
         if skipped:
             ctx.notes.append(
-                f"8da4w left {len(skipped)} linear layers in float32 because their in-features are not a "
+                f"int4 left {len(skipped)} linear layers in float32 because their in-features are not a "
                 f"multiple of the group size {GROUP_SIZE}: {skipped}."
             )
 
@@ -170,7 +171,7 @@ class ExecuTorchBackend(Backend):
         _zero_buffers_(converted, stateful.specs)  # the calibration pass wrote to the state
         return converted
 
-    def _quantize_a8w8_pt2e(self, stateful: StatefulModel, inputs: dict[str, tuple[torch.Tensor, ...]],
+    def _quantize_w8a8_pt2e(self, stateful: StatefulModel, inputs: dict[str, tuple[torch.Tensor, ...]],
                             ctx: BuildContext) -> dict[str, nn.Module]:
         """Static int8 on the linear ops of each method's graph, calibrated on that method's own samples
         (decode: one token; prefill: one chunk) captured from the fp32 model before anything is quantised."""
@@ -178,24 +179,24 @@ class ExecuTorchBackend(Backend):
         from rgexport.backends.executorch import calibration as ec
 
         samples = calibration_samples(stateful.model, ctx.calibration_sequences(), ctx.prefill_chunk)
-        observer = ctx.options.get("activation_observer", ec.A8W8_OBSERVER)
+        observer = ctx.options.get("activation_observer", ec.W8A8_OBSERVER)
         modules, facts = {}, {}
         for method in ("decode", "prefill"):
             modules[method], facts[method] = ec.quantize_static_pt2e(
-                stateful, inputs[method], stateful.specs, samples[method], ec.A8W8_KINDS, observer=observer,
-                dynamic_kinds=ec.A8W8_DYNAMIC_KINDS)
+                stateful, inputs[method], stateful.specs, samples[method], ec.W8A8_KINDS, observer=observer,
+                dynamic_kinds=ec.W8A8_DYNAMIC_KINDS)
             facts[method]["positions_past_window"] = sum(
                 int(s.position.reshape(-1)[0]) >= ctx.config.attention_window_size for s in samples[method])
         _zero_buffers_(stateful, stateful.specs)
-        ctx.facts["a8w8"] = {
+        ctx.facts["w8a8"] = {
             "calibration_tokens": sum(len(t) for t in ctx.calibration_sequences()),
-            "static_kinds": list(ec.A8W8_KINDS),
-            "dynamic_kinds": list(ec.A8W8_DYNAMIC_KINDS),
-            "float_kinds": dict(ec.A8W8_FLOAT_KINDS),
+            "static_kinds": list(ec.W8A8_KINDS),
+            "dynamic_kinds": list(ec.W8A8_DYNAMIC_KINDS),
+            "float_kinds": dict(ec.W8A8_FLOAT_KINDS),
             "sensitivity": {k: list(v) for k, v in ec.SENSITIVITY.items()},
             **facts,
         }
-        ctx.notes.append(A8W8_NOTE.format(
+        ctx.notes.append(W8A8_NOTE.format(
             decode=facts["decode"]["calibration_samples"], prefill=facts["prefill"]["calibration_samples"],
             last=max(f["positions"][1] for f in facts.values()), observer=observer))
         return modules
@@ -326,7 +327,7 @@ class ExecuTorchBackend(Backend):
 
             portable_lib._unsafe_reset_threadpool(int(threads))  # experimental API in 1.5.1
         if manifest.get("backend_facts", {}).get("quantized_ops"):
-            # Registers quantized_decomposed kernels (8da4w's quantized gather) with the Python runtime.
+            # Registers quantized_decomposed kernels (int4's quantized gather) with the Python runtime.
             self.require("executorch.kernels.quantized")
         path = Path(artifact_dir) / manifest["artifact"]["file"]
         names = [t["name"] for t in manifest["io"]["state"]["tensors"]]

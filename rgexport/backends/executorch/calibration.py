@@ -1,4 +1,4 @@
-"""Calibrated static int8 (recipe `a8w8`) for the ExecuTorch backend: XNNPACK PT2E, real calibration inputs.
+"""Calibrated static int8 (recipe `w8a8`) for the ExecuTorch backend: XNNPACK PT2E, real calibration inputs.
 
 - `node_group`: every op of a captured (`torch.export(...).module()`) StatefulModel graph placed in a group
   (`mlp.3`, `rglru.0`, `attention.2`, `positions`, ...) from its `nn_module_stack` and from dataflow
@@ -10,7 +10,7 @@
   calling it; then `convert_pt2e` and the buffers zeroed (their values become the program's initial state).
 - `qdq_by_group`: quantize/dequantize nodes per group of a converted graph (facts and tests).
 
-What `a8w8` quantises was decided by a per-group sensitivity study on the shipped model (`SENSITIVITY`,
+What `w8a8` quantises was decided by a per-group sensitivity study on the shipped model (`SENSITIVITY`,
 notes/executorch.md): one kind static int8 at a time, everything else float32, 512 held-out tokens.
 """
 
@@ -35,12 +35,12 @@ LINEAR_KINDS = ("mlp", "recurrent_proj", "attention_proj", "head")
 KINDS = (*LINEAR_KINDS, "gating", "rglru", "conv1d", "attention", "rope", "norm", "residual", "embed",
          "softcap", "positions", "state")
 
-# The a8w8 decision (see SENSITIVITY and notes/executorch.md): static int8 for these kinds, dynamic int8
+# The w8a8 decision (see SENSITIVITY and notes/executorch.md): static int8 for these kinds, dynamic int8
 # activations for the tied head (static int8 logits cost as much as every other linear together).
-A8W8_KINDS = ("mlp", "recurrent_proj", "attention_proj")
-A8W8_DYNAMIC_KINDS = ("head",)
-A8W8_OBSERVER = "histogram"
-A8W8_FLOAT_KINDS = {
+W8A8_KINDS = ("mlp", "recurrent_proj", "attention_proj")
+W8A8_DYNAMIC_KINDS = ("head",)
+W8A8_OBSERVER = "histogram"
+W8A8_FLOAT_KINDS = {
     "gating": "gelu(y) * x in the recurrent block and gelu(gate) * up in the MLP: elementwise, no weights",
     "rglru": "the RG-LRU recurrence, its gates' bias adds and its state (the gates' bmm has no XNNPACK "
              "quantizer pattern)",
@@ -66,7 +66,7 @@ SENSITIVITY: dict[str, tuple[float, float, float]] = {
     "rglru (recurrence, gate bias adds)": (0.9825, 0.9999, 2.2e-3), "conv1d": (0.9903, 1.0019, 2.7e-4),
     "norm": (0.9708, 1.0001, 4.7e-3),
     "all linears static": (0.9630, 1.0114, 8.2e-3),
-    "a8w8 (linears static, head dynamic)": (0.9669, 1.0031, 3.6e-3),
+    "w8a8 (linears static, head dynamic)": (0.9669, 1.0031, 3.6e-3),
 }
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.(.*))?$")
@@ -240,7 +240,7 @@ def capture(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.fx.Gra
 
 def quantize_static_pt2e(
     module: nn.Module, inputs: tuple[torch.Tensor, ...], specs: Sequence[TensorSpec], samples: Sequence[Sample],
-    kinds: Iterable[str] = A8W8_KINDS, observer: str = A8W8_OBSERVER, dynamic_kinds: Iterable[str] = (),
+    kinds: Iterable[str] = W8A8_KINDS, observer: str = W8A8_OBSERVER, dynamic_kinds: Iterable[str] = (),
 ) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
     """Captures `module` (or takes a `capture`d graph, which is consumed), quantises the ops of `kinds` to
     static int8 and the linears of `dynamic_kinds` to dynamic int8 activations (XNNPACK PT2E; int8
@@ -353,8 +353,8 @@ def qdq_by_kind(gm: torch.fx.GraphModule) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-A8W8_NOTE = (
-    "a8w8: static int8 activations and int8 per-channel weights on the MLP, recurrent-block and attention "
+W8A8_NOTE = (
+    "w8a8: static int8 activations and int8 per-channel weights on the MLP, recurrent-block and attention "
     "projection linears, calibrated ({observer} observer) on {decode} decode and {prefill} prefill inputs "
     "captured along the fp32 model's trajectory over the calibration text (positions 0 to {last}, past the "
     "attention window); the tied head has int8 weights and dynamic int8 activations (static int8 logits "

@@ -1,4 +1,4 @@
-"""ExecuTorch recipes: fp32, and torchao / PT2E quantisation for XNNPACK (8da4w, int8, calibrated a8w8)."""
+"""ExecuTorch recipes: fp32, and torchao / PT2E quantisation for XNNPACK (int4, int8, calibrated w8a8)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from torch import nn
 from rgexport.backends.base import Recipe
 from rgexport.model import Griffin
 
-GROUP_SIZE = 32  # 8da4w weight group: must divide the in-features of every quantised linear
+GROUP_SIZE = 32  # int4 weight group: must divide the in-features of every quantised linear
 
 def _tie_head_as_linear_(model: Griffin) -> nn.Linear:
     """Routes the tied output projection through an nn.Linear sharing the embedding table.
@@ -25,8 +25,8 @@ def _tie_head_as_linear_(model: Griffin) -> nn.Linear:
 
 RECIPES = {
     "fp32": Recipe("fp32", "float32 weights and activations, XNNPACK delegate"),
-    "8da4w": Recipe(
-        "8da4w", f"int8 dynamic activations, int4 weights in groups of {GROUP_SIZE} (torchao) on every "
+    "int4": Recipe(
+        "int4", f"int8 dynamic activations, int4 weights in groups of {GROUP_SIZE} (torchao) on every "
         "linear layer, int8 per-channel on the tied output head; embedding gather and RG-LRU stay float32",
         quantized=True,
     ),
@@ -34,8 +34,8 @@ RECIPES = {
         "int8", "int8 dynamic activations, int8 per-channel weights (XNNPACK PT2E quantizer) on every "
         "linear op, the tied output head included; RG-LRU and state stay float32", quantized=True,
     ),
-    "a8w8": Recipe(
-        "a8w8", "int8 static activations calibrated on real decode/prefill inputs and int8 per-channel "
+    "w8a8": Recipe(
+        "w8a8", "int8 static activations calibrated on real decode/prefill inputs and int8 per-channel "
         "weights (XNNPACK PT2E quantizer) on the MLP, recurrent-block and attention projection linears; "
         "the tied head int8 weights with dynamic int8 activations; float32: the RG-LRU recurrence and "
         "gates, Conv1D, attention scores/mask/softmax, norms, residuals, gating products and the state",

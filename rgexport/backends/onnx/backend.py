@@ -15,7 +15,7 @@ Stages (see `rgexport.backends.base`):
 
 Options (`BuildContext.options`, from the target profile): `opset` (default 21, at least 18),
 `external_data` ("auto", True, False), `ort_format` (default True), `ort_target` ("arm" or "amd64"),
-`calibration_method` (qdq8: "minmax" (default), "entropy" or "percentile"), `stream_export` ("auto", True,
+`calibration_method` (w8a8: "minmax" (default), "entropy" or "percentile"), `stream_export` ("auto", True,
 False), `fuse` (default True: RMSNorm and tanh-GELU become one ONNX Runtime node each, `onnx_fusions`).
 
 Large models (float32 weights above `PROTOBUF_LIMIT`, or `stream_export=True`) never hold an exported graph's
@@ -25,7 +25,7 @@ there. int4 quantises tensor by tensor from those files and fp32 copies them int
 deletes the scratch folder. In memory, `program.model_proto` of each graph was another full copy of the
 weights: torch model + decode + prefill = three copies, 32 GB for RecurrentGemma-2B (notes/perf.md).
 
-The calibrated recipe qdq8 runs the model itself (the one `export` returns with the graphs, `OnnxGraphs.model`)
+The calibrated recipe w8a8 runs the model itself (the one `export` returns with the graphs, `OnnxGraphs.model`)
 over `ctx.calibration_tokens` in `lower`, capturing real (token, position, state) inputs for each graph.
 
 `OnnxRunner` keeps the state in two sets of OrtValues bound with IO binding and swaps them after each
@@ -61,7 +61,7 @@ from rgexport.backends.onnx.export import (
     expected_names,
     parameter_bytes,
 )
-from rgexport.backends.onnx.recipes import INT4_ACCURACY_LEVEL, QDQ8_FLOAT_GROUPS, QDQ8_NOTE, RECIPES
+from rgexport.backends.onnx.recipes import INT4_ACCURACY_LEVEL, RECIPES, W8A8_FLOAT_GROUPS, W8A8_NOTE
 from rgexport.backends.onnx.runner import OnnxRunner
 from rgexport.errors import RgexportError
 from rgexport.graphs import DecodeIO, PrefillIO
@@ -73,6 +73,7 @@ class OnnxBackend(Backend):
     extra = "onnx"
     artifact_suffix = ".onnx"
     recipes = RECIPES
+    recipe_aliases = {"qdq8": "w8a8"}  # names before the one recipe vocabulary
     quantizes_in = "lower"  # the recipe works on the converted program
     default_recipe = "fp32"
     packages = ("onnx", "onnxruntime", "onnxscript", "torch")
@@ -81,7 +82,7 @@ class OnnxBackend(Backend):
         "external_data": '"auto" (default: above 2 GB), true or false: weights in one weights.bin',
         "ort_format": "also write .ort files for ONNX Runtime Mobile (default true)",
         "ort_target": '"arm" (default) or "amd64": the platform the .ort files are optimised for',
-        "calibration_method": 'qdq8: "minmax" (default), "entropy" or "percentile"',
+        "calibration_method": 'w8a8: "minmax" (default), "entropy" or "percentile"',
         "stream_export": '"auto" (default: above 2 GB), true or false: export graphs straight to disk',
         "fuse": "fuse RMSNorm and tanh-GELU into one ONNX Runtime node each (default true)",
         "int4_accuracy_level": "int4: MatMulNBits compute, 4 (int8 activations, default) or 0 (float32: "
@@ -200,18 +201,18 @@ class OnnxBackend(Backend):
                 self.require("onnxruntime")
                 proto = q.quantize_int8(proto, large=large)
                 tied = 0
-            elif ctx.recipe == "qdq8":
+            elif ctx.recipe == "w8a8":
                 self.require("onnxruntime")
                 method_name, tokens = _calibration_inputs(ctx)
                 model = getattr(exported, "model", None)
                 if model is None:
-                    raise RgexportError("qdq8 calibrates by running the model: lower() needs export()'s result "
+                    raise RgexportError("w8a8 calibrates by running the model: lower() needs export()'s result "
                                         "(OnnxGraphs, which carries it), not bare ModelProtos")
                 feeds = calibration_feeds(model, tokens, method, ctx.prefill_chunk)
-                proto, facts = q.quantize_qdq8(proto, feeds, method=method_name, large=large)
-                ctx.facts.setdefault("onnx_qdq8", {"float_groups": QDQ8_FLOAT_GROUPS,
+                proto, facts = q.quantize_w8a8(proto, feeds, method=method_name, large=large)
+                ctx.facts.setdefault("onnx_w8a8", {"float_groups": W8A8_FLOAT_GROUPS,
                                                    "calibration_tokens": sum(len(t) for t in tokens)})
-                ctx.facts["onnx_qdq8"][method] = facts
+                ctx.facts["onnx_w8a8"][method] = facts
                 tied = 1
             else:
                 self.require("onnxruntime")
@@ -235,8 +236,8 @@ class OnnxBackend(Backend):
             lowered[method] = proto
             ctx.facts.setdefault("onnx_head", {})[method] = "gemm_transB_tied" if tied else (
                 "untied_quantized" if ctx.recipe == "int4" else "transpose_of_embedding")
-        if ctx.recipe == "qdq8":
-            ctx.notes.append(QDQ8_NOTE.format(method=ctx.facts["onnx_qdq8"]["decode"]["calibration_method"]))
+        if ctx.recipe == "w8a8":
+            ctx.notes.append(W8A8_NOTE.format(method=ctx.facts["onnx_w8a8"]["decode"]["calibration_method"]))
         return lowered
 
     def write(self, lowered: dict[str, Any], ctx: BuildContext) -> list[Path]:

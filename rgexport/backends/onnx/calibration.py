@@ -1,4 +1,4 @@
-"""Calibration inputs of the qdq8 recipe: real (token, position, state) feeds per graph along the fp32 trajectory."""
+"""Calibration inputs of the w8a8 recipe: real (token, position, state) feeds per graph along the fp32 trajectory."""
 
 from __future__ import annotations
 

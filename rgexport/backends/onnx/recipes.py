@@ -9,8 +9,8 @@ both are imported inside the functions. What `OnnxBackend.lower` does per recipe
 - int8: `quantize_int8`: ONNX Runtime's dynamic quantisation (uint8 weights, uint8 activations per call).
 - int4: `quantize_int4`: `MatMulNBits` (4-bit, block 32, symmetric) for every 2-D MatMul, the head
   included, and `GatherBlockQuantized` for the embedding.
-- qdq8: `quantize_qdq8`: static QDQ int8 (calibrated activations) on the MatMul/Gemm of the groups in
-  `QDQ8_GROUPS` (`qdq_groups` names each node's group from the exporter's module metadata); everything else
+- w8a8: `quantize_w8a8`: static QDQ int8 (calibrated activations) on the MatMul/Gemm of the groups in
+  `W8A8_GROUPS` (`qdq_groups` names each node's group from the exporter's module metadata); everything else
   stays float.
 """
 
@@ -415,7 +415,7 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path
 
     `accuracy_level`: `MatMulNBits`' compute type. 0 dequantises the weights and multiplies in float32; 4
     (the backend's default) quantises each activation block to int8 and multiplies in int8, as ExecuTorch's
-    8da4w does: 2.5x faster decode at 2B on this AVX2 machine, same accuracy on the shipped model
+    int4 does: 2.5x faster decode at 2B on this AVX2 machine, same accuracy on the shipped model
     (notes/onnx.md).
 
     `base_dir`: `model`'s initializers are external data in this folder (a streamed export). ONNX Runtime's
@@ -481,7 +481,7 @@ def _pack_int4_gathers(model) -> int:
     return count
 
 
-# Static int8 (qdq8) ---------------------------------------------------------------------------------
+# Static int8 (w8a8) ---------------------------------------------------------------------------------
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 # Op groups of the sensitivity study (notes/onnx.md), by the module a node came from.
 QDQ_GROUPS = {
@@ -503,12 +503,12 @@ QDQ_GROUPS = {
     "top": "embedding scale and logit soft-cap",
     "position": "position arithmetic (masks, slots, resets)",
 }
-# What qdq8 quantises, decided by the sensitivity study on the shipped model (notes/onnx.md): the weight-bearing
+# What w8a8 quantises, decided by the sensitivity study on the shipped model (notes/onnx.md): the weight-bearing
 # MatMul/Gemm groups. Everything else (the recurrence and the state, the Conv1D, attention scores, masks and
 # the cache write, norms, gating, residuals, positions) stays float: those groups either cost accuracy for no
 # gain (elementwise work, no weights to shrink) or break outright (the -30000 attention mask).
-QDQ8_GROUPS = ("head", "mlp", "recurrent_linear", "lru_gates", "attention_proj")
-QDQ8_OP_TYPES = ("MatMul", "Gemm")
+W8A8_GROUPS = ("head", "mlp", "recurrent_linear", "lru_gates", "attention_proj")
+W8A8_OP_TYPES = ("MatMul", "Gemm")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIBRATION_METHOD = "minmax"
 # ORT's Entropy calibrator with its defaults (128 histogram bins, 128 quantised bins) has exactly one
@@ -543,7 +543,7 @@ def qdq_groups(model) -> dict[str, str]:
     """
     graph = model.graph
     if not any(node_classes(n) for n in graph.node):
-        raise RgexportError("qdq8 needs the exporter's node metadata (pkg.torch.onnx.class_hierarchy) to tell the "
+        raise RgexportError("w8a8 needs the exporter's node metadata (pkg.torch.onnx.class_hierarchy) to tell the "
                             "recurrence from the linears; this model has none (was it tidied before lowering?)")
     inits = {t.name: t for t in graph.initializer}
     heads = {m.name for _, users, _ in _tied_heads(model) for m in users}
@@ -601,9 +601,9 @@ def _data_reader(feeds: list[dict[str, Any]]):
     return Reader()
 
 
-def quantize_qdq8(
+def quantize_w8a8(
     model, feeds: list[dict[str, Any]], method: str = DEFAULT_CALIBRATION_METHOD,
-    groups: tuple[str, ...] = QDQ8_GROUPS, op_types: tuple[str, ...] = QDQ8_OP_TYPES, large: bool = False,
+    groups: tuple[str, ...] = W8A8_GROUPS, op_types: tuple[str, ...] = W8A8_OP_TYPES, large: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Static QDQ int8 of the nodes of `groups` whose op is in `op_types`, calibrated on `feeds`.
 
@@ -623,7 +623,7 @@ def quantize_qdq8(
 
     method = calibration_method(method)
     if not feeds:
-        raise RgexportError("qdq8 needs calibration samples; got none")
+        raise RgexportError("w8a8 needs calibration samples; got none")
     model = copy.deepcopy(model)
     tie_head_as_gemm(model)
     group_of = qdq_groups(model)
@@ -635,9 +635,9 @@ def quantize_qdq8(
         raise RgexportError(f"no {'/'.join(op_types)} node in groups {list(groups)} to quantise")
     enum = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile}[method]
-    with tempfile.TemporaryDirectory(prefix="rgexport-qdq8-") as tmp, _quiet_quantizer_logs(), \
+    with tempfile.TemporaryDirectory(prefix="rgexport-w8a8-") as tmp, _quiet_quantizer_logs(), \
             contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
-        src, out, cache = Path(tmp) / "float.onnx", Path(tmp) / "qdq8.onnx", Path(tmp) / "ranges.json"
+        src, out, cache = Path(tmp) / "float.onnx", Path(tmp) / "w8a8.onnx", Path(tmp) / "ranges.json"
         onnx.save_model(model, str(src), save_as_external_data=large)
         # Calibrated by hand rather than inside quantize_static, which passes no histogram sizes on.
         calibrator = create_calibrator(src, list(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
@@ -668,8 +668,8 @@ RECIPES = {
     "int4": Recipe("int4", "4-bit weights (MatMulNBits / GatherBlockQuantized, block 32, symmetric); the "
                    "matmuls quantise activations to int8 per block (accuracy_level 4; option "
                    "int4_accuracy_level=0 computes in float32)", quantized=True),
-    "qdq8": Recipe(
-        "qdq8",
+    "w8a8": Recipe(
+        "w8a8",
         "static int8 QDQ calibrated on real text: uint8 activations (option calibration_method: minmax (default), "
         "entropy, percentile) and uint8 weights, per tensor, on the MatMul/Gemm of the MLPs, recurrent-block "
         "linears, RG-LRU gates, attention projections and the tied head/embedding (QLinearMatMul/QGemm in ONNX "
@@ -681,11 +681,11 @@ RECIPES = {
 
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (see OnnxBackend.lower)
 
-# qdq8: what stays float, and the calibration inputs ----------------------------------------------------
-QDQ8_FLOAT_GROUPS = ["rglru", "conv1d", "attention_scores", "attention_other", "ring_write", "rope", "norms",
+# w8a8: what stays float, and the calibration inputs ----------------------------------------------------
+W8A8_FLOAT_GROUPS = ["rglru", "conv1d", "attention_scores", "attention_other", "ring_write", "rope", "norms",
                      "gating", "residual", "top", "position", "embedding output"]
 
-QDQ8_NOTE = ("qdq8: static int8 on the MLP, recurrent-block, RG-LRU gate and attention projection MatMuls and the "
+W8A8_NOTE = ("w8a8: static int8 on the MLP, recurrent-block, RG-LRU gate and attention projection MatMuls and the "
              "tied head/embedding (uint8 activations calibrated with {method} on real decode/prefill inputs, uint8 "
              "weights). Kept float after a per-group sensitivity study on the shipped tiny model (512 held-out "
              "tokens, notes/onnx.md): the RG-LRU recurrence and its state (quantising it too took top-1 agreement "
