@@ -363,6 +363,27 @@ def load_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None = 
     return Checkpoint(model, config, str(file), "deepmind", _sha256_files([file]), tok)
 
 
+def checkpoint_format(path: str | Path | None, preset: str | None = None) -> tuple[str, Path]:
+    """Which reader a checkpoint path needs: ("huggingface", folder) for the shipped model (no path) or a
+    Hugging Face folder, ("deepmind", file) for a DeepMind state dict (which needs `preset`). Shared by
+    `load_checkpoint` and `rgexport.streaming.stream_checkpoint`, so both read the same things."""
+    if path is None:
+        from rgexport.assets import shipped_model_dir
+
+        return "huggingface", Path(shipped_model_dir())
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"Checkpoint {p} does not exist")
+    if p.is_dir():
+        return "huggingface", p
+    if preset is None:
+        raise RgexportError(
+            f"{p} is a single file, read as a DeepMind recurrentgemma state dict, which needs --preset "
+            "(e.g. --preset recurrentgemma-2b) for the window and soft-cap that tensors do not record"
+        )
+    return "deepmind", p
+
+
 def load_checkpoint(
     path: str | Path | None = None, preset: str | None = None, tokenizer: str | Path | None = None,
 ) -> Checkpoint:
@@ -370,24 +391,13 @@ def load_checkpoint(
 
     `rgexport.streaming.stream_checkpoint` reads the same formats block by block instead (memory-mapped).
     """
-    if path is None:
-        from rgexport.assets import shipped_model_dir
-
-        return load_huggingface(shipped_model_dir())
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"Checkpoint {p} does not exist")
-    if p.is_dir():
-        ckpt = load_huggingface(p)
-        if tokenizer:
-            ckpt.tokenizer_path = Path(tokenizer)
-        return ckpt
-    if preset is None:
-        raise RgexportError(
-            f"{p} is a single file, read as a DeepMind recurrentgemma state dict, which needs --preset "
-            "(e.g. --preset recurrentgemma-2b) for the window and soft-cap that tensors do not record"
-        )
-    return load_deepmind(p, preset, tokenizer)
+    kind, p = checkpoint_format(path, preset)
+    if kind == "deepmind":
+        return load_deepmind(p, preset, tokenizer)
+    ckpt = load_huggingface(p)
+    if tokenizer:
+        ckpt.tokenizer_path = Path(tokenizer)
+    return ckpt
 
 
 def save_huggingface(

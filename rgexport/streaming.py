@@ -363,24 +363,15 @@ def stream_checkpoint(path: str | Path | None = None, preset: str | None = None,
                       tokenizer: str | Path | None = None) -> StreamedCheckpoint:
     """`load_checkpoint(path, preset, tokenizer)`, streamed: the shipped model (no path), a Hugging Face
     folder, or a DeepMind state dict (with preset)."""
-    from rgexport.errors import RgexportError
+    from rgexport.checkpoint import checkpoint_format
 
-    if path is None:
-        from rgexport.assets import shipped_model_dir
-
-        return stream_huggingface(shipped_model_dir())
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"Checkpoint {p} does not exist")
-    if p.is_dir():
-        ckpt = stream_huggingface(p)
-        if tokenizer:
-            ckpt.tokenizer_path = Path(tokenizer)
-        return ckpt
-    if preset is None:
-        raise RgexportError(f"{p} is a single file, read as a DeepMind recurrentgemma state dict, which needs "
-                            "--preset (e.g. --preset recurrentgemma-2b)")
-    return stream_deepmind(p, preset, tokenizer)
+    kind, p = checkpoint_format(path, preset)
+    if kind == "deepmind":
+        return stream_deepmind(p, preset, tokenizer)
+    ckpt = stream_huggingface(p)
+    if tokenizer:
+        ckpt.tokenizer_path = Path(tokenizer)
+    return ckpt
 
 
 def block_weight_bytes(config: GriffinConfig) -> dict[str, int]:

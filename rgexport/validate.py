@@ -121,11 +121,14 @@ def load_thresholds(recipe: str, quantized: bool, backend: str | None = None) ->
     if backend in BACKENDS:
         recipe = get_backend(backend).recipe_aliases.get(recipe, recipe)
     table = tomllib.loads(thresholds_path().read_text())
-    key = recipe if recipe in table else ("quantized" if quantized else "fp32")
-    row = {k: v for k, v in table[key].items() if not isinstance(v, dict)}
-    override = table[key].get(backend) if backend is not None else None
+    fallback = "quantized" if quantized else "fp32"
+    entry = table.get(recipe, {})
+    row = {k: v for k, v in entry.items() if not isinstance(v, dict)}
+    key = recipe if row else fallback  # a recipe with backend rows only: the others take the fallback
+    row = row or dict(table[fallback])
+    override = entry.get(backend) if backend is not None else None
     if isinstance(override, dict):
-        return row | override | {"table_entry": f"{key}.{backend}"}
+        return row | override | {"table_entry": f"{recipe}.{backend}"}
     return row | {"table_entry": key}
 
 
