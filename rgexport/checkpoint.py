@@ -255,8 +255,9 @@ def _read_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_huggingface(path: str | Path) -> Checkpoint:
-    """Loads a Hugging Face RecurrentGemma folder."""
+def hf_folder(path: str | Path) -> tuple[GriffinConfig, list[Path]]:
+    """A Hugging Face RecurrentGemma folder's config and weight files (one file, or the shards its
+    `model.safetensors.index.json` names, each inside the folder); an error naming what is wrong."""
     folder = Path(path)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -283,6 +284,13 @@ def load_huggingface(path: str | Path) -> Checkpoint:
                 f"{folder} has no *.safetensors weights (pickled .bin weights are not loaded: convert them "
                 "with transformers' save_pretrained(safe_serialization=True))"
             )
+    return config, files
+
+
+def load_huggingface(path: str | Path) -> Checkpoint:
+    """Loads a Hugging Face RecurrentGemma folder."""
+    folder = Path(path)
+    config, files = hf_folder(folder)
     hf = _read_safetensors(files)
     hf.pop("lm_head.weight", None)  # tied to the embedding
     expected = _hf_expected(config)

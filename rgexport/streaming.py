@@ -19,7 +19,6 @@ tensor), so tests can prove the streaming by counting bytes, not by timing or RS
 from __future__ import annotations
 
 import dataclasses
-import json
 import pickle
 import weakref
 from collections.abc import Callable, Iterator
@@ -174,27 +173,10 @@ def _our_names(config: GriffinConfig, kind: str, i: int | None) -> list[str]:
 
 def stream_huggingface(path: str | Path) -> StreamedCheckpoint:
     """A Hugging Face RecurrentGemma folder (single file or shards with an index), streamed."""
-    from rgexport.checkpoint import _check_and_build, _hf_expected, _sha256_files
+    from rgexport.checkpoint import _check_and_build, _hf_expected, _sha256_files, hf_folder
 
     folder = Path(path)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder} has no config.json; expected a Hugging Face RecurrentGemma folder")
-    config = GriffinConfig.from_hf_config(config_path)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a safetensors index ({e})") from None
-        files = sorted({folder / f for f in weight_map.values()})
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"{index} lists shard(s) that are missing: {absent}")
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{folder} has no *.safetensors weights")
+    config, files = hf_folder(folder)
     source = _safetensors(files)
     source.shapes.pop("lm_head.weight", None)  # tied to the embedding
     expected = _hf_expected(config)
