@@ -221,6 +221,7 @@ def validate_browser(path: str | Path, *, checkpoint: str | None = None, tokens:
     from rgexport.archive import BUNDLE_MANIFEST, safe_extract
     from rgexport.bundle import verify_bundle_files
     from rgexport.manifest import read_manifest
+    from rgexport.profiles import platform_backends
     from rgexport.progress import Stages
     from rgexport.tokenizer import Tokenizer
     from rgexport.validate import artifact_checkpoint, heldout_tokens, reference_run, run_validation
@@ -236,9 +237,11 @@ def validate_browser(path: str | Path, *, checkpoint: str | None = None, tokens:
         problems = verify_bundle_files(folder, bundle)
         if problems:
             raise RgexportError(f"{path}: bundle files do not match bundle.json: " + "; ".join(problems))
-        arts = [a for a in bundle["artifacts"] if a["backend"] == "onnx"]
+        runs = platform_backends("web")  # what the web profile ships is what a browser runs
+        arts = [a for a in bundle["artifacts"] if a["backend"] in runs]
         if not arts:
-            raise RgexportError(f"{path} has no ONNX artifact: the browser runs ONNX (build --target web)")
+            raise RgexportError(f"{path} has no {' or '.join(runs)} artifact: the browser runs what the web profile "
+                                "ships (build --target web)")
         if not (folder / SAMPLE).is_file():
             raise RgexportError(f"{path} has no {SAMPLE}: build it with a web profile (platform = \"web\")")
         results = []
@@ -269,7 +272,7 @@ def validate_browser(path: str | Path, *, checkpoint: str | None = None, tokens:
                     s = page.evaluate("([p, n]) => rg.speed(p, n)", [list(ids[:chunk]), speed_steps])
                 speed = {**s, "prefill_tokens_per_second": 1e3 * s["prefill_tokens"] / s["prefill_ms"],
                          "decode_tokens_per_second": 1e3 * s["decode_steps"] / s["decode_ms"], **env}
-                results.append({"backend": "onnx", "recipe": recipe["name"], "folder": art["folder"],
+                results.append({"backend": art["backend"], "recipe": recipe["name"], "folder": art["folder"],
                                 "report": report, "speed": speed})
         browser = results[0]["speed"]["userAgent"] if results else ""
         return {"bundle": str(path), "browser": browser, "artifacts": results,

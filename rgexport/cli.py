@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import enum
 import functools
 import json
 import os
@@ -24,9 +25,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from rgexport.errors import RgexportError
+from rgexport.profiles import profile_names
+from rgexport.registry import backend_names
 
 try:  # newer typer vendors click
     from typer._click import exceptions as _click
@@ -63,6 +66,54 @@ class _Group(TyperGroup):
             _error_line("aborted")
             sys.exit(EXIT_ERROR)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class _Command(TyperCommand):
+    """A command whose options' help may list what is known only by importing the backends (their recipes):
+    filled in when the help is shown, so that no other use of the command line imports them."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.params:
+            fill = _LAZY_HELP.get(param.name or "")
+            if fill is not None and not getattr(param, "_rgexport_filled", False):
+                param.help = f"{param.help} {fill()}"
+                param._rgexport_filled = True  # type: ignore[attr-defined]
+        super().format_help(ctx, formatter)
+
+
+def _recipes_help() -> str:
+    """Each backend's recipes, its default first, from the registry."""
+    try:
+        from rgexport.backends import recipe_names
+
+        listed = "; ".join(f"{name}: {', '.join(recipes)}" for name, recipes in recipe_names().items())
+    except Exception as e:  # noqa: BLE001 - help must print even where a backend module does not import
+        return f"(`rgexport targets` lists them; they could not be read here: {type(e).__name__})"
+    return f"Recipes (default first): {escape(listed)}."
+
+
+_LAZY_HELP = {"recipe": _recipes_help}
+
+
+# Built from the registry and the shipped profiles when the command line starts.
+BACKENDS = backend_names()
+PROFILES = profile_names()
+TARGET_METAVAR = "[" + "|".join([*BACKENDS, *PROFILES, "PROFILE.toml"]) + "]"
+
+
+def _target(value: str) -> str:
+    """--target: a backend, a shipped profile, or a path to a profile .toml; anything else is a usage error
+    that lists them."""
+    if value in BACKENDS or value in PROFILES or value.endswith(".toml") or "/" in value:
+        return value
+    raise typer.BadParameter(f"{value!r} is not a backend ({', '.join(BACKENDS)}), a profile "
+                             f"({', '.join(PROFILES)}) or a profile .toml")
+
+
+def _notice(old: str, new: str) -> None:
+    """One line on stderr for an old option spelling that still works for this release."""
+    err.print(Text(f"note: {old} is now {new}; {old} goes away in the next release"), soft_wrap=True,
+              highlight=False)
 
 
 app = typer.Typer(
@@ -194,12 +245,24 @@ PresetOpt = Annotated[str | None, typer.Option(help="Preset name (needed for Dee
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=1, help="Run the builds as Ray tasks on a local Ray of N workers, started and stopped here "
     "(pip install \"rgexport\\[cluster]\"). With --address: at most N at a time on the cluster.")]
+TOKENS_HELP = "Held-out text tokens to run and compare (default 4x the window)."
+TokensOpt = Annotated[int | None, typer.Option("--tokens", min=1, help=TOKENS_HELP)]
+TextOpt = Annotated[Path | None, typer.Option(help="The held-out text file (default: the shipped held-out corpus).")]
+
+
+class Device(enum.StrEnum):
+    """Where `validate --device` runs an artifact besides this machine."""
+
+    emulated_arm64 = "emulated-arm64"
+    browser = "browser"
+
+
 AddressOpt = Annotated[str | None, typer.Option(
     "--address", help="Run the builds on an existing Ray cluster: its head's host:port (RAY_ADDRESS is "
     "honoured). --out must then be a folder every node reaches at the same path.")]
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def info(
     path: Annotated[Path | None, typer.Argument(help="An artifact folder, manifest.json or .onnx file.")] = None,
@@ -209,7 +272,7 @@ def info(
 ) -> None:
     """Config, parameter count, the decode state layout in bytes, and a transformer's KV cache beside it."""
     if path is not None:
-        _artifact_info(path, as_json)
+        _artifact_info(path)
         return
     from rgexport.config import get_preset
     from rgexport.info import human_bytes, model_info
@@ -249,33 +312,13 @@ def info(
     out.print(kv)
 
 
-def _artifact_info(path: Path, as_json: bool) -> None:
-    if path.suffix == ".onnx":
-        from rgexport.backends.onnx.graph_info import describe_onnx
-        from rgexport.safety import first_line
+def _artifact_info(path: Path) -> None:
+    from rgexport.info import describe_path
 
-        if not path.is_file():
-            raise RgexportError(f"{path} does not exist")
-        try:
-            data = describe_onnx(path)
-        except RgexportError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a damaged user file: one line naming it
-            raise RgexportError(f"{path} is not an ONNX model ({type(e).__name__}: {first_line(e)})") from None
-        if not data.get("nodes"):
-            raise RgexportError(f"{path} is not an ONNX model (it parses, but holds no graph)")
-    else:
-        from rgexport.manifest import read_manifest
-
-        _, data = read_manifest(path)
-    out.print_json(json.dumps(data)) if as_json or path.suffix != ".onnx" else _print_onnx(data)
+    out.print_json(json.dumps(describe_path(path)))  # JSON either way: a manifest or a file's summary
 
 
-def _print_onnx(data: dict) -> None:
-    out.print_json(json.dumps(data))
-
-
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
@@ -287,6 +330,8 @@ def generate(
     top_k: Annotated[int, typer.Option(min=0, help="Sample from the k likeliest tokens (0: all).")] = 0,
     seed: int = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: the smallest set reaching p (1: all).")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the prompt and the text as JSON (nothing "
+                                          "streamed).")] = False,
 ) -> None:
     """Generates text eagerly with the step model, streaming it (the sampler `run` and `chat` use)."""
     from rgexport.checkpoint import load_checkpoint
@@ -303,9 +348,15 @@ def generate(
     tok = Tokenizer(ckpt.tokenizer_path)
     check_tokenizer_fits(tok, ckpt.config.vocab_size)
     SamplingOptions(temperature, top_k, top_p, seed).check(ckpt.config.vocab_size)
-    sys.stdout.write(prompt)
-    generate_text(ckpt.model, tok, prompt, on_piece=lambda p: (sys.stdout.write(p), sys.stdout.flush()),
-                  max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed, top_p=top_p)
+    if not as_json:
+        sys.stdout.write(prompt)
+    text = generate_text(ckpt.model, tok, prompt, on_piece=None if as_json else _write, max_tokens=max_tokens,
+                         temperature=temperature, top_k=top_k, seed=seed, top_p=top_p)
+    if as_json:
+        out.print_json(json.dumps({"checkpoint": checkpoint, "prompt": prompt, "text": text,
+                                   "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                                                "seed": seed, "max_tokens": max_tokens}}))
+        return
     sys.stdout.write("\n")
 
 
@@ -326,7 +377,7 @@ def _write(piece: str) -> None:
     sys.stdout.flush()
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def run(
     path: ArtifactPath, prompt: Annotated[str, typer.Option(help="Text to continue.")], artifact: ArtifactOpt = None,
@@ -353,7 +404,7 @@ def run(
     err.print(gen.stats.summary(), highlight=False, markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def chat(
     path: ArtifactPath, artifact: ArtifactOpt = None, max_tokens: MaxTokensOpt = 128,
@@ -386,8 +437,8 @@ def _validate_browser(path: Path, checkpoint: str | None, tokens: int | None, as
         raise typer.Exit(1)
 
 
-TARGET_HELP = ("A backend (executorch, coreml, onnx, tflite), a profile (ios, android, linux-arm64, web; "
-               "see `rgexport targets`) or a profile .toml.")
+TARGET_HELP = ("A backend (one artifact), a target profile (an app bundle of its artifacts; `rgexport targets` "
+               "lists them) or a profile .toml of your own.")
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -406,11 +457,13 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def build(
-    target: Annotated[str, typer.Option("--target", "-t", help=TARGET_HELP)],
-    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Default: the backend's.")] = None,
+    target: Annotated[str, typer.Option("--target", "-t", help=TARGET_HELP, parser=_target,
+                                        metavar=TARGET_METAVAR)],
+    recipe: Annotated[str | None, typer.Option(
+        "--recipe", "-r", help="With --target BACKEND (a profile names its own). Default: the backend's.")] = None,
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer.model, if the checkpoint has none.")] = None,
@@ -419,8 +472,8 @@ def build(
     force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     validate: Annotated[bool, typer.Option(help="Validate in the runtime (default).")] = True,
     prefill_chunk: Annotated[int | None, typer.Option(min=1, help="Tokens per prefill call.")] = None,
-    tokens: Annotated[int | None, typer.Option(min=1, help="Validation tokens (default 4x window).")] = None,
-    text: Annotated[Path | None, typer.Option(help="Validation text (default: held-out corpus).")] = None,
+    tokens: TokensOpt = None,
+    text: TextOpt = None,
     calibration: Annotated[Path | None, typer.Option(help="Calibration text or JSONL (calibrated recipes).")]
     = None,
     archive: Annotated[bool, typer.Option(help="Also write the bundle as one .zip.")] = False,
@@ -504,18 +557,18 @@ def _build_summary(manifest: dict[str, Any], folder: Path, logged: bool) -> str:
     return f"  build       {seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB ({stage}){log}"
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def validate(
     path: Annotated[Path, typer.Argument(help="Artifact folder (or its manifest.json).")],
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
-    tokens: Annotated[int | None, typer.Option(min=1, help="Tokens to compare (default 4x window).")] = None,
-    text: Annotated[Path | None, typer.Option(help="Text file (default: held-out corpus).")] = None,
+    tokens: TokensOpt = None,
+    text: TextOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    device: Annotated[str | None, typer.Option(
-        help="Run on another device: 'emulated-arm64' (the aarch64 runtime under qemu-user; set up and cached "
-             "on first use), or 'browser' (a web bundle in headless Chromium with onnxruntime-web).")] = None,
+    device: Annotated[Device | None, typer.Option(
+        help="Run on another device: emulated-arm64 (the aarch64 runtime under qemu-user; set up and cached "
+             "on first use), or browser (a web bundle in headless Chromium with onnxruntime-web).")] = None,
     memory: Annotated[bool, typer.Option(
         help="Also validate memory: peak RSS of a fresh process decoding N tokens must stay flat for N doubling "
              "up to --memory-multiple x the window, and the state bytes must equal the analytic figure.")] = True,
@@ -526,12 +579,10 @@ def validate(
     from rgexport.progress import Stages
     from rgexport.validate import format_report, validate_artifact
 
-    if device == "browser":
+    if device is Device.browser:
         _validate_browser(path, checkpoint, tokens, as_json)
         return
-    if device is not None:
-        if device != "emulated-arm64":
-            raise RgexportError(f"Unknown device {device!r}; expected 'emulated-arm64' or 'browser'")
+    if device is Device.emulated_arm64:
         from rgexport.emulate import format_emulated, validate_emulated
 
         result = validate_emulated(path, checkpoint=checkpoint, preset=preset, tokens=tokens, text=text,
@@ -591,16 +642,16 @@ def _validate_bundle(path: Path, checkpoint: str | None, tokens: int | None, as_
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def targets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Lists the target profiles (targets/*.toml) and the backends."""
-    from rgexport.backends import BACKENDS, get_backend
-    from rgexport.profiles import list_profiles
+    """Lists the target profiles (targets/*.toml) and the backends with their recipes."""
+    from rgexport.profiles import list_profiles, targets_document
 
     profiles = list_profiles()
+    doc = targets_document(profiles)
     if as_json:
-        out.print_json(json.dumps([p.to_dict() for p in profiles]))
+        out.print_json(json.dumps(doc))
         return
     table = Table(title="Target profiles (--target NAME)")
     for col in ("name", "artifacts (backend / default recipe)", "minimum", "memory budget"):
@@ -614,22 +665,21 @@ def targets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     backends.add_column("backend")
     backends.add_column("recipes (default first)")
     backends.add_column("install")
-    for name in BACKENDS:
-        try:
-            b = get_backend(name)
-        except RgexportError as e:
-            backends.add_row(name, str(e), "")
+    for b in doc["backends"]:
+        if b.get("error"):
+            backends.add_row(b["name"], b["error"], "")
             continue
-        recipes = [b.default_recipe, *[r for r in b.recipes if r != b.default_recipe]]
-        backends.add_row(name, ", ".join(recipes), escape(f'pip install "rgexport[{b.extra}]"'))
+        backends.add_row(b["name"], ", ".join(b["recipes"]), escape(f'pip install "rgexport[{b["extra"]}]"'))
     out.print(backends)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def bench(
     paths: Annotated[list[Path], typer.Argument(help="Artifact folders (same checkpoint).")],
-    tokens: Annotated[int, typer.Option("--tokens", "-n", min=8, help="Decode steps to time.")] = 256,
+    steps: Annotated[int, typer.Option("--steps", "-n", min=8, help="Decode steps to time.")] = 256,
+    old_steps: Annotated[int | None, typer.Option("--tokens", min=8, hidden=True,
+                                                  help="The old name of --steps (this release only).")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for every runtime.")] = None,
     memory: Annotated[bool, typer.Option(help="Also profile peak memory vs tokens (fresh processes).")] = True,
     hf: Annotated[bool, typer.Option(help="Also time Hugging Face's generate.")] = True,
@@ -643,6 +693,9 @@ def bench(
     references measured in the same run."""
     import os
 
+    if old_steps is not None:
+        _notice("bench --tokens", "--steps (--tokens means held-out text tokens on every command)")
+        steps = old_steps
     if threads:
         # Before any runtime loads: ONNX Runtime, XNNPACK, LiteRT and torch all read these.
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -658,8 +711,8 @@ def bench(
     if report_dir:
         writable_dir(report_dir, "--report", create=False)  # before minutes of timing, not after
     stages = Stages(err, quiet=as_json)
-    with stages.bar("timing", tokens * (len(paths) + 1)) as advance:
-        data = bench_artifacts(paths, decode_tokens=tokens, include_hf=hf and eager, include_eager=eager,
+    with stages.bar("timing", steps * (len(paths) + 1)) as advance:
+        data = bench_artifacts(paths, decode_tokens=steps, include_hf=hf and eager, include_eager=eager,
                                advance=advance, threads=threads)
     profiles = []
     if memory:
@@ -696,16 +749,22 @@ def _memory_markdown(p: dict) -> str:
             "| tokens | peak RSS MiB | same-width transformer KV MiB | Gemma-2B KV MiB |\n|---|---|---|---|\n" + rows)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_friendly
 def evaluate(
-    targets_: Annotated[list[str] | None, typer.Option("--targets", help="Backends (default: all).")] = None,
-    recipes: Annotated[list[str] | None, typer.Option("--recipes", help="Recipes (default: each backend's all).")]
+    target: Annotated[list[str] | None, typer.Option(
+        "--target", "-t", parser=_target, metavar=TARGET_METAVAR,
+        help="A backend, or a target profile (its artifacts' backends); repeatable. Default: every backend.")]
     = None,
+    recipe: Annotated[list[str] | None, typer.Option(
+        "--recipe", "-r", help="Only these recipes (repeatable). Default: each backend's all.")] = None,
+    old_targets: Annotated[list[str] | None, typer.Option("--targets", parser=_target, hidden=True,
+                                                          help="The old name of --target.")] = None,
+    old_recipes: Annotated[list[str] | None, typer.Option("--recipes", hidden=True,
+                                                          help="The old name of --recipe.")] = None,
     checkpoint: CheckpointOpt = None,
     preset: PresetOpt = None,
-    tokens: Annotated[int | None, typer.Option(min=8, help="Held-out tokens per artifact (default 4x window).")]
-    = None,
+    tokens: Annotated[int | None, typer.Option(min=8, help=TOKENS_HELP)] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Artifacts and matrix.md/json/png go here.")]
     = Path("rgexport-out/evaluate"),
     reuse: Annotated[bool, typer.Option("--reuse", help="Measure artifacts already in --out from their manifests "
@@ -720,12 +779,20 @@ def evaluate(
     from rgexport.evaluate import evaluate as run_evaluate
     from rgexport.evaluate import markdown_table, write_reports
     from rgexport.executors import make_executor
+    from rgexport.profiles import target_backends
     from rgexport.progress import Stages
     from rgexport.safety import writable_dir
 
+    if old_targets:
+        _notice("evaluate --targets", "--target")
+        target = [*(target or []), *old_targets]
+    if old_recipes:
+        _notice("evaluate --recipes", "--recipe")
+        recipe = [*(recipe or []), *old_recipes]
     writable_dir(out_dir, "--out", create=False)
+    backends = target_backends(target) if target else None
     with make_executor(workers, address) as executor:
-        result = run_evaluate(out_dir, backends=targets_, recipes=recipes, checkpoint=checkpoint, preset=preset,
+        result = run_evaluate(out_dir, backends=backends, recipes=recipe or None, checkpoint=checkpoint, preset=preset,
                               tokens=tokens, stages=Stages(err), reuse=reuse, executor=executor)
     paths = write_reports(result, out_dir)
     if as_json:

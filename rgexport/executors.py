@@ -36,9 +36,6 @@ GiB = 1024**3
 DEFAULT_MAX_RETRIES = 2  # a dead worker's cell runs at most 1 + this many times
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2  # cells pass options and rows, never tensors
 CONNECT_TIMEOUT_S = 5.0
-# Peak resident memory of one build beyond its weights, measured on the shipped model (ONNX 0.65 GB,
-# TFLite 0.83 GB; ExecuTorch and Core ML load larger toolchains).
-BASE_BYTES = {"onnx": 1 * GiB, "tflite": 1 * GiB, "executorch": int(1.5 * GiB), "coreml": int(1.5 * GiB)}
 
 
 @dataclasses.dataclass
@@ -84,11 +81,13 @@ def cell_resources(config: Any, backend: str, recipe: str | None = None) -> dict
     about half a copy more beside it (ONNX int4 at RecurrentGemma-2B peaked at 15.6 GiB with 10.7 GB of
     weights), so two 2B builds are never placed on one 24 GB machine.
     """
+    from rgexport.backends import build_base_bytes
     from rgexport.build import is_small
 
     weights = config.num_parameters() * 4
     small = is_small(config)
-    memory = BASE_BYTES.get(backend, 1 * GiB) + int(weights * (2.0 if small else 1.5))
+    # The runtime and toolchain: each backend's own figure (`Backend.build_base_bytes`).
+    memory = build_base_bytes(backend) + int(weights * (2.0 if small else 1.5))
     return {"num_cpus": 1 if small else 4, "memory": memory}
 
 

@@ -8,6 +8,7 @@ token. Griffin's state does not grow: RG-LRU and Conv1D state per recurrent bloc
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from rgexport.config import GriffinConfig
 from rgexport.model import state_spec
@@ -67,3 +68,22 @@ def model_info(config: GriffinConfig) -> dict:
             for c in comparisons
         ],
     }
+
+
+def describe_path(path: Path) -> dict:
+    """`rgexport info PATH`: a file one backend reads alone (a .onnx graph: the backend's summary of it,
+    `Backend.describe_file`), else an artifact folder or its manifest.json (the manifest)."""
+    from rgexport.backends import Backend, backend_for_file
+    from rgexport.errors import RgexportError
+    from rgexport.manifest import read_manifest
+
+    path = Path(path)
+    backend = None if path.is_dir() or path.suffix.lower() in ("", ".json") else backend_for_file(path)
+    if backend is not None and type(backend).describe_file is not Backend.describe_file:
+        if not path.is_file():
+            raise RgexportError(f"{path} does not exist")
+        data = backend.describe_file(path)
+        if data is not None:
+            return data
+    _, data = read_manifest(path)
+    return data

@@ -40,7 +40,7 @@ class TargetProfile:
 
 
 def _parse(data: dict[str, Any], source: str) -> TargetProfile:
-    from rgexport.backends import BACKENDS
+    from rgexport.registry import BACKENDS
 
     def need(key: str, kind: type) -> Any:
         if key not in data:
@@ -88,9 +88,52 @@ def list_profiles() -> list[TargetProfile]:
     return [load_profile(p) for p in sorted(targets_dir().glob("*.toml"))]
 
 
+def profile_names() -> list[str]:
+    """The shipped profiles' names (targets/*.toml), sorted."""
+    return sorted(p.name for p in list_profiles())
+
+
+def platform_backends(platform: str) -> list[str]:
+    """The backends the shipped profiles for `platform` ship ("web": what a browser runs), in order."""
+    out: list[str] = []
+    for p in list_profiles():
+        if p.platform == platform:
+            out += [a.backend for a in p.artifacts if a.backend not in out]
+    return out
+
+
+def target_backends(names: list[str]) -> list[str]:
+    """Backend and profile names -> the backends they name, in order without repeats (a profile stands for
+    its artifacts' backends)."""
+    out: list[str] = []
+    for name in names:
+        out += [a.backend for a in resolve_target(name).artifacts if a.backend not in out]
+    return out
+
+
+def targets_document(profiles: list[TargetProfile] | None = None) -> dict[str, Any]:
+    """`rgexport targets --json`: {"profiles": [profile...], "backends": [{"name", "default_recipe",
+    "recipes" (default first), "extra"} or {"name", "error"}]}."""
+    from rgexport.backends import get_backend
+    from rgexport.registry import backend_names
+
+    backends: list[dict[str, Any]] = []
+    for name in backend_names():
+        try:
+            b = get_backend(name)
+        except RgexportError as e:
+            backends.append({"name": name, "error": str(e)})
+            continue
+        backends.append({"name": name, "default_recipe": b.default_recipe,
+                         "recipes": [b.default_recipe, *[r for r in b.recipes if r != b.default_recipe]],
+                         "extra": b.extra})
+    return {"profiles": [p.to_dict() for p in (list_profiles() if profiles is None else profiles)],
+            "backends": backends}
+
+
 def resolve_target(name: str) -> TargetProfile:
     """A profile by name, a profile file, or a backend name as a one-artifact profile."""
-    from rgexport.backends import BACKENDS
+    from rgexport.registry import BACKENDS
 
     if name in BACKENDS:
         return TargetProfile(name, f"the {name} backend alone", None, None, None,

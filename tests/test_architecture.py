@@ -96,3 +96,61 @@ def test_every_backend_package_has_the_same_files():
         assert module == f"rgexport.backends.{name}"
         init = ast.parse((BACKENDS_DIR / name / "__init__.py").read_text())
         assert cls in {a.asname or a.name for n in ast.walk(init) if isinstance(n, ast.ImportFrom) for a in n.names}
+
+
+# Outside rgexport/backends/, only the registry (rgexport/registry.py) and the target profiles (targets/*.toml)
+# name a backend: everything else asks the registry or a profile. rgexport/samples.py is left out for now: its
+# per-platform sample generators are keyed by backend and are being reworked separately (TODO: move them into
+# the backend packages or key them by the profile's artifacts, then drop this exception).
+NAMES_BACKENDS = {ROOT / "registry.py"}
+NOT_YET = {ROOT / "samples.py"}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes (module, class, function): prose may name a backend."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                out.add(id(first.value))
+    return out
+
+
+def backend_names_in(path: Path) -> list[str]:
+    """Where `path` names a backend in code: a string literal that is a backend's name, or an import of a
+    backend's package (comments and docstrings are prose, and not looked at)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docs = _docstrings(tree)
+    where = path.relative_to(ROOT.parent) if ROOT.parent in path.parents else path.name
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs \
+                and node.value.strip().lower() in BACKENDS:
+            found.append(f"{where}:{node.lineno}: {node.value!r}")
+        modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                   else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        for m in modules:
+            if any(m == f"rgexport.backends.{n}" or m.startswith(f"rgexport.backends.{n}.") for n in BACKENDS):
+                found.append(f"{where}:{node.lineno}: import {m}")
+    return found
+
+
+def test_only_the_registry_and_the_profiles_name_a_backend():
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if BACKENDS_DIR in path.parents or path in NAMES_BACKENDS | NOT_YET:
+            continue
+        found += backend_names_in(path)
+    assert found == [], "\n".join(found)
+
+
+def test_the_backend_name_finder_finds_them(tmp_path):
+    f = ROOT / "registry.py"  # names every backend by design
+    assert len(backend_names_in(f)) >= len(BACKENDS)
+    probe = tmp_path / "probe.py"
+    probe.write_text('"""The onnx backend, in prose."""\n# tflite in a comment\nfrom rgexport.backends.onnx import x\n'
+                     'if b == "coreml":\n    pass\n')
+    assert [line.split(": ", 1)[1] for line in backend_names_in(probe)] == ["import rgexport.backends.onnx",
+                                                                           "'coreml'"]

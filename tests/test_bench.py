@@ -93,7 +93,7 @@ def test_cli_bench_without_eager(onnx_artifact):
 
     from rgexport.cli import app
 
-    result = CliRunner().invoke(app, ["bench", str(onnx_artifact), "--tokens", "8", "--no-eager", "--no-memory",
+    result = CliRunner().invoke(app, ["bench", str(onnx_artifact), "--steps", "8", "--no-eager", "--no-memory",
                                       "--threads", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)

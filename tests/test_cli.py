@@ -32,7 +32,6 @@ def test_info_json_is_data():
     [
         (["info", "--preset", "gpt-9"], "Unknown preset 'gpt-9'"),
         (["info", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
-        (["build", "--target", "nokia"], "Unknown target 'nokia'"),
         (["validate", "/nonexistent"], "does not exist"),
         (["generate", "--prompt", "x", "--checkpoint", "/nonexistent"], "does not exist"),
         (["build", "--target", "onnx", "--option", "fuse"], "--option takes KEY=VALUE"),
@@ -97,3 +96,71 @@ def test_build_json_is_the_manifest(tmp_path):
     data = json.loads(result.stdout)
     assert data["out"] == str(tmp_path / "o") and data["manifest"]["backend"] == "onnx"
     assert data["manifest"]["build"]["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build", "--target", "nokia"], "'nokia' is not a backend (executorch, coreml, onnx, tflite), a profile "
+                                         "(android, ios, linux-arm64, web) or a profile .toml"),
+        (["evaluate", "--target", "nokia"], "'nokia' is not a backend"),
+        (["validate", "x", "--device", "phone"], "'phone' is not one of 'emulated-arm64', 'browser'"),
+    ],
+)
+def test_a_value_outside_a_fixed_set_is_a_usage_error_listing_them(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_help_lists_the_choices_from_the_registry_and_the_profiles():
+    from rgexport.backends import recipe_names
+    from rgexport.profiles import profile_names
+    from rgexport.registry import backend_names
+
+    text = " ".join(runner.invoke(app, ["build", "--help"], env={"COLUMNS": "400"}).output.split())
+    for name in [*backend_names(), *profile_names()]:
+        assert name in text
+    for backend, recipes in recipe_names().items():
+        assert f"{backend}: {', '.join(recipes)}" in text  # --recipe lists each backend's, default first
+    evaluate = " ".join(runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "--target" in evaluate and "android" in evaluate and "--targets" not in evaluate  # the old name: hidden
+
+
+def test_the_devices_are_the_emulators_and_browsers():
+    from rgexport.cli import Device
+    from rgexport.emulate import DEVICE
+
+    assert {d.value for d in Device} == {DEVICE, "browser"}
+
+
+def test_a_profile_stands_for_its_artifacts_backends():
+    from rgexport.profiles import target_backends
+
+    assert target_backends(["android", "onnx", "tflite"]) == ["tflite", "executorch", "onnx"]
+
+
+def test_bench_tokens_is_the_old_name_of_steps():
+    result = runner.invoke(app, ["bench", "/nonexistent", "--tokens", "8", "--no-memory"])
+    assert result.exit_code == 1
+    assert "note: bench --tokens is now --steps" in result.stderr and "has no manifest.json" in result.stderr
+    assert result.stdout == ""
+    assert runner.invoke(app, ["bench", "/nonexistent", "--steps", "4"]).exit_code == 2  # at least 8
+
+
+def test_targets_json_lists_profiles_and_backends():
+    result = runner.invoke(app, ["targets", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert sorted(data) == ["backends", "profiles"]
+    assert {p["name"] for p in data["profiles"]} >= {"ios", "android", "linux-arm64", "web"}
+    onnx = next(b for b in data["backends"] if b["name"] == "onnx")
+    assert onnx["recipes"][0] == onnx["default_recipe"]
+
+
+def test_generate_json_is_one_document_on_stdout():
+    result = runner.invoke(app, ["generate", "--prompt", "The", "--max-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["prompt"] == "The" and isinstance(data["text"], str) and data["sampling"]["max_tokens"] == 4

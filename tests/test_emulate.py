@@ -105,27 +105,51 @@ def test_device_runner_reproduces_the_backend_runner(backend, artifacts, tokens,
     assert info["decode_cpu_seconds_per_token"] > 0
 
 
+def _imported(nodes):
+    import ast
+
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            out.add((node.module or "").split(".")[0])
+    return out
+
+
 def test_device_runner_imports_nothing_from_rgexport_or_torch():
     """The script must run where neither rgexport nor torch is installed."""
     import ast
 
     tree = ast.parse(emulate.RUNNER_SCRIPT.read_text())
-    def modules(nodes):
-        out = set()
-        for node in nodes:
-            if isinstance(node, ast.Import):
-                out |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                out.add((node.module or "").split(".")[0])
-        return out
-
-    everywhere = modules(ast.walk(tree))
+    everywhere = _imported(ast.walk(tree))
     assert "rgexport" not in everywhere
     assert everywhere <= {"__future__", "argparse", "json", "platform", "sys", "time", "pathlib", "numpy",
-                          "onnxruntime", "ai_edge_litert", "importlib", "torch", "executorch"}
-    # At module level only the standard library and numpy; runtimes (and torch, which ExecuTorch's Python
-    # bindings take) are imported inside the class that uses them.
-    assert modules(tree.body) == {"__future__", "argparse", "json", "platform", "sys", "time", "pathlib", "numpy"}
+                          "importlib"}
+    # At module level only the standard library and numpy; each runtime comes with its backend's device module.
+    assert _imported(tree.body) == {"__future__", "argparse", "json", "platform", "sys", "time", "pathlib", "numpy"}
+
+
+def test_device_modules_are_standalone_and_dispatched_by_table():
+    """Each backend's device module (from the registry) imports the standard library, numpy, the runner's
+    ContractError and, inside its class only, its runtime (and torch, which ExecuTorch's bindings take)."""
+    import ast
+
+    from rgexport.backends import device_modules
+    from rgexport.emulate.device_runner import default_runtimes, load_methods
+
+    modules = device_modules()
+    assert set(modules) == set(environment.runtimes()) and modules  # every device runtime has its runner
+    assert default_runtimes() == modules  # the standalone script finds the same table beside itself
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        assert "rgexport" not in _imported(ast.walk(tree)), name
+        assert _imported(tree.body) <= {"__future__", "pathlib", "numpy", "rgexport_device_runner"}, name
+        assert "torch" not in _imported(tree.body), name
+        methods = load_methods(name, path)
+        assert callable(methods) and methods.runtime
+    source = emulate.RUNNER_SCRIPT.read_text()
+    assert all(f'"{name}"' not in source for name in modules)  # no branch on a backend's name
 
 
 def test_device_runner_reports_a_contract_gap(artifacts, tokens, tmp_path):

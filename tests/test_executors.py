@@ -216,7 +216,7 @@ def test_unreachable_address_is_one_line_and_fast(tmp_path):
     env.pop("RAY_ADDRESS", None)
     env["COLUMNS"] = "400"  # rich wraps at 80 columns when not on a terminal
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "rgexport", "evaluate", "--targets", "onnx", "--recipes", "fp32",
+    proc = subprocess.run([sys.executable, "-m", "rgexport", "evaluate", "--target", "onnx", "--recipe", "fp32",
                            "--out", str(tmp_path / "m"), "--address", f"127.0.0.1:{port}"],
                           capture_output=True, text=True, env=env, timeout=120, check=False)
     elapsed = time.monotonic() - start
@@ -259,7 +259,7 @@ def test_ctrl_c_cancels_the_matrix_and_leaves_nothing(tmp_path):
     out = tmp_path / "m"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "rgexport", "evaluate", "--targets", "onnx", "--recipes", "fp32",
+    proc = subprocess.Popen([sys.executable, "-m", "rgexport", "evaluate", "--target", "onnx", "--recipe", "fp32",
                              "--recipes", "int8", "--tokens", str(TOKENS), "--out", str(out), "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     started = set()

@@ -134,6 +134,34 @@ class Backend(abc.ABC):
     # converted program: ONNX graphs, the LiteRT flatbuffer, the Core ML program). The build names its stages
     # after it: "quantise" where `quantize` quantises, "prepare" where it only checks inputs.
     quantizes_in: ClassVar[str] = "quantise"
+    # Peak resident memory of one build beyond its weights (the runtime and toolchain), for the executors'
+    # resource estimate (`rgexport.executors.cell_resources`).
+    build_base_bytes: ClassVar[int] = 1 << 30
+    # The runtime on the emulated aarch64 device (`rgexport.emulate`); empty where there is none:
+    #   dists       distribution -> version to install (this machine's installed version wins)
+    #   module      what the smoke test imports
+    #   extras      further distributions (with no_deps: the ones the runtime imports)
+    #   no_deps     install without dependencies
+    #   cuda_stubs  {"lib_dirs": [...], "extensions": [...]}: link stand-ins for the CUDA libraries that
+    #               these extensions (globs under the site folder) need, searched for in lib_dirs
+    device_runtime: ClassVar[dict[str, Any]] = {}
+    # The device-side runner class: a module in this backend's package, standalone (the standard library,
+    # numpy and the runtime; no torch, nothing from rgexport), that `rgexport/emulate/device_runner.py`
+    # loads by path. It defines `METHODS`, the class that loads an artifact and calls its methods.
+    device_module: ClassVar[str | None] = None
+
+    def device_module_path(self) -> Path | None:
+        """The file of `device_module`, or None where this backend has no device-side runner."""
+        if self.device_module is None:
+            return None
+        import inspect
+
+        return Path(inspect.getfile(type(self))).with_name(self.device_module)
+
+    def describe_file(self, path: Path) -> dict[str, Any] | None:
+        """A summary of one of this backend's files (`rgexport info FILE`), where the backend can read one
+        alone; None where it cannot."""
+        return None
 
     # Availability ------------------------------------------------------------------------------
     def require(self, module: str) -> Any:

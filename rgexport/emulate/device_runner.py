@@ -2,12 +2,14 @@
 """Runs an rgexport artifact from its manifest.json alone, the way a third-party program on a device would.
 
     python device_runner.py ARTIFACT_DIR TOKENS.npy OUT.npz [--threads N] [--greedy K] [--ort-format]
+                            [--runtime BACKEND=PATH ...]
 
-Reads `manifest.json` in ARTIFACT_DIR and drives the artifact in its runtime (`manifest["backend"]`:
-onnx -> onnxruntime, tflite -> ai_edge_litert.interpreter, executorch -> executorch.runtime) using only
-the I/O contract in `manifest["io"]`: method names, input and output names, shapes and dtypes, the state
-tensors with their input/output names (placement "io") or the `reset`/`read_state` methods (placement
-"internal"), and `prefill_chunk`. TOKENS.npy holds n token ids (any integer dtype, shape [n]).
+Reads `manifest.json` in ARTIFACT_DIR and drives the artifact in its runtime (`manifest["backend"]`, looked
+up in a table of device modules: `--runtime BACKEND=PATH`, by default each `backends/<name>/device.py` of
+the rgexport tree this file sits in) using only the I/O contract in `manifest["io"]`: method names,
+input and output names, shapes and dtypes, the state tensors with their input/output names (placement
+"io") or the `reset`/`read_state` methods (placement "internal"), and `prefill_chunk`. TOKENS.npy holds
+n token ids (any integer dtype, shape [n]).
 
 From position 0 it prefills the first `prefill_chunk` tokens (when n >= chunk > 1), then decodes the
 rest one at a time, feeding each call's new state back, and writes to OUT.npz:
@@ -17,9 +19,10 @@ rest one at a time, feeding each call's new state back, and writes to OUT.npz:
   info          a JSON string: runtime and version, machine, seconds spent loading, prefilling and
                 decoding (mean per token), the files it ran
 
-This file is deliberately standalone: the standard library, numpy and the artifact's runtime, nothing
-from rgexport and no torch (except that ExecuTorch's Python runtime takes torch tensors), so it can be
-copied next to an artifact and run on any machine that has the runtime, e.g. an emulated aarch64 one
+This file is deliberately standalone: the standard library, numpy and the artifact's runtime (through the
+backend's device module, itself standalone), nothing from rgexport and no torch (except that ExecuTorch's
+Python runtime takes torch tensors), so it can be copied next to an artifact with the device module of its
+backend (`--runtime`) and run on any machine that has the runtime, e.g. an emulated aarch64 one
 (`rgexport validate --device emulated-arm64`). Exit status 0 on success, 2 on a contract problem.
 """
 
@@ -48,152 +51,39 @@ def _dtype(name: str) -> np.dtype:
         raise ContractError(f"unknown dtype {name!r} in the manifest") from None
 
 
-# Runtimes: each loads the artifact and calls one method with {contract name: array} -> {name: array}.
-class OnnxRuntimeMethods:
-    """One ONNX Runtime session per method; tensors are addressed by their contract names."""
-
-    runtime = "onnxruntime"
-
-    def __init__(self, folder: Path, manifest: dict, threads: int, ort_format: bool = False):
-        import onnxruntime as ort
-
-        self.version = ort.__version__
-        io, facts = manifest["io"], manifest.get("backend_facts") or {}
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.files = {}
-        self.sessions = {}
-        for method in ("decode", "prefill"):
-            spec = io["methods"][method]
-            key = "ort_file" if ort_format else "file"
-            name = spec.get(key) or (facts.get("onnx_ort_files" if ort_format else "onnx_files") or {}).get(method)
-            if name is None:
-                raise ContractError(
-                    f"the manifest names no {'ORT-format ' if ort_format else ''}file for method {method} "
-                    f"(io.methods.{method}.{key} or backend_facts.{'onnx_ort_files' if ort_format else 'onnx_files'})"
-                )
-            path = folder / name
-            if not path.is_file():
-                raise ContractError(f"{path} (method {method}) does not exist")
-            self.files[method] = name
-            self.sessions[method] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            got_in = [i.name for i in self.sessions[method].get_inputs()]
-            got_out = [o.name for o in self.sessions[method].get_outputs()]
-            want_in = [t["name"] for t in spec["inputs"]]
-            want_out = [t["name"] for t in spec["outputs"]]
-            if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
-                raise ContractError(f"{name} has inputs {got_in} and outputs {got_out}; the manifest says "
-                                    f"{want_in} and {want_out}")
-        self.outputs = {m: [t["name"] for t in io["methods"][m]["outputs"]] for m in self.sessions}
-
-    def methods(self) -> set[str]:
-        return set(self.sessions)
-
-    def call(self, method: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.sessions[method].run(self.outputs[method], feeds)
-        return dict(zip(self.outputs[method], values))
+# Runtimes: one module per backend, in the backend's package (`rgexport/backends/<name>/device.py`), loaded by
+# path. Each defines METHODS, a class that loads the artifact (folder, manifest, threads, **options) and calls
+# one method with {contract name: array} -> {name: array}; it raises this module's ContractError, which it
+# imports under RUNNER_MODULE.
+RUNNER_MODULE = "rgexport_device_runner"
+sys.modules.setdefault(RUNNER_MODULE, sys.modules[__name__])
+DEVICE_MODULE = "device.py"
 
 
-class LiteRTMethods:
-    """One LiteRT signature runner per method; contract names map to `litert_name` when given."""
-
-    runtime = "ai-edge-litert"
-
-    def __init__(self, folder: Path, manifest: dict, threads: int):
-        from ai_edge_litert import interpreter as litert
-
-        try:
-            from importlib.metadata import version
-
-            self.version = version("ai-edge-litert")
-        except Exception:  # noqa: BLE001 - metadata is optional here (e.g. a copied site dir)
-            self.version = getattr(litert, "__version__", "unknown")
-        path = folder / manifest["artifact"]["file"]
-        if not path.is_file():
-            raise ContractError(f"{path} does not exist")
-        self.files = {"model": manifest["artifact"]["file"]}
-        self.interpreter = litert.Interpreter(model_path=str(path), num_threads=threads)
-        available = set(self.interpreter.get_signature_list())
-        self.runners = {}
-        self.names = {}  # method -> (inputs {contract: litert}, outputs {contract: litert})
-        for method, spec in manifest["io"]["methods"].items():
-            signature = spec.get("signature", method)
-            if signature not in available:
-                if method in ("decode", "prefill"):
-                    raise ContractError(f"{path.name} has no signature {signature!r} (it has {sorted(available)})")
-                continue
-            runner = self.interpreter.get_signature_runner(signature)
-            names_in = {t["name"]: t.get("litert_name", t["name"]) for t in spec["inputs"]}
-            names_out = {t["name"]: t.get("litert_name", t["name"]) for t in spec["outputs"]}
-            got_in, got_out = set(runner.get_input_details()), set(runner.get_output_details())
-            if set(names_in.values()) != got_in or set(names_out.values()) != got_out:
-                raise ContractError(
-                    f"signature {signature}: inputs {sorted(got_in)} and outputs {sorted(got_out)}, the manifest "
-                    f"says {sorted(names_in.values())} and {sorted(names_out.values())} (litert_name)"
-                )
-            self.runners[method] = runner
-            self.names[method] = (names_in, names_out)
-
-    def methods(self) -> set[str]:
-        return set(self.runners)
-
-    def call(self, method: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names_in, names_out = self.names[method]
-        out = self.runners[method](**{names_in[k]: v for k, v in feeds.items()})
-        # Copies: the runner's arrays may be views into the interpreter's arena.
-        return {k: np.array(out[v], copy=True) for k, v in names_out.items()}
+def default_runtimes() -> dict[str, Path]:
+    """backend -> its device module, where this file sits in an rgexport tree (backends/<name>/device.py)."""
+    backends = Path(__file__).resolve().parents[1] / "backends"
+    return {p.parent.name: p for p in sorted(backends.glob(f"*/{DEVICE_MODULE}"))}
 
 
-class ExecuTorchMethods:
-    """ExecuTorch's Python runtime; inputs and outputs are positional, in the contract's order."""
+def load_methods(backend: str, path: Path) -> type:
+    """The METHODS class of the device module at `path`."""
+    import importlib.util
 
-    runtime = "executorch"
-
-    def __init__(self, folder: Path, manifest: dict, threads: int):
-        import torch  # ExecuTorch's Python bindings take and return torch tensors
-        from executorch.runtime import Runtime
-
-        self.torch = torch
-        try:
-            from importlib.metadata import version
-
-            self.version = version("executorch")
-        except Exception:  # noqa: BLE001
-            self.version = "unknown"
-        torch.set_num_threads(threads)
-        path = folder / manifest["artifact"]["file"]
-        if not path.is_file():
-            raise ContractError(f"{path} does not exist")
-        self.files = {"program": manifest["artifact"]["file"]}
-        self.specs = manifest["io"]["methods"]
-        program = Runtime.get().load_program(path)
-        wanted = [m for m in self.specs if m in program.method_names]
-        if not {"decode", "prefill"} <= set(wanted):
-            raise ContractError(f"{path.name} has methods {sorted(program.method_names)}, needs decode and prefill")
-        # Load every method before running any (loading one re-initialises shared mutable state).
-        self.loaded = {m: program.load_method(m) for m in wanted}
-
-    def methods(self) -> set[str]:
-        return set(self.loaded)
-
-    def call(self, method: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        spec = self.specs[method]
-        args = [self.torch.from_numpy(np.ascontiguousarray(feeds[t["name"]])) for t in spec["inputs"]]
-        # A method that returns nothing (reset) yields one None output.
-        out = [v for v in self.loaded[method].execute(args) if v is not None]
-        if len(out) != len(spec["outputs"]):
-            raise ContractError(f"method {method} returned {len(out)} outputs, the manifest lists "
-                                f"{len(spec['outputs'])}")
-        return {t["name"]: np.array(v.numpy(), copy=True) for t, v in zip(spec["outputs"], out)}
+    spec = importlib.util.spec_from_file_location(f"rgexport_device_{backend}", path)
+    if spec is None or spec.loader is None or not Path(path).is_file():
+        raise ContractError(f"the {backend} runtime module {path} does not exist")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.METHODS
 
 
 # The driver: everything below uses only the contract ------------------------------------------------
 class ArtifactDriver:
     """Decode/prefill with the state carried as the manifest says, from position 0."""
 
-    def __init__(self, folder: str | Path, threads: int = 1, ort_format: bool = False, on_tokens=None):
+    def __init__(self, folder: str | Path, threads: int = 1, ort_format: bool = False, on_tokens=None,
+                 runtimes: dict[str, Path] | None = None):
         self.folder = Path(folder)
         self.on_tokens = on_tokens or (lambda n: None)  # called with the number of tokens each call consumed
         path = self.folder / MANIFEST
@@ -202,15 +92,12 @@ class ArtifactDriver:
         self.manifest = json.loads(path.read_text())
         self.io = self.manifest["io"]
         backend = self.manifest["backend"]
+        runtimes = default_runtimes() if runtimes is None else runtimes
+        if backend not in runtimes:
+            raise ContractError(f"backend {backend!r} has no runtime in this program ({', '.join(sorted(runtimes))})")
+        methods = load_methods(backend, runtimes[backend])
         start = time.perf_counter()
-        if backend == "onnx":
-            self.rt = OnnxRuntimeMethods(self.folder, self.manifest, threads, ort_format)
-        elif backend == "tflite":
-            self.rt = LiteRTMethods(self.folder, self.manifest, threads)
-        elif backend == "executorch":
-            self.rt = ExecuTorchMethods(self.folder, self.manifest, threads)
-        else:
-            raise ContractError(f"backend {backend!r} has no runtime in this program (onnx, tflite, executorch)")
+        self.rt = methods(self.folder, self.manifest, threads, **({"ort_format": True} if ort_format else {}))
         self.load_seconds = time.perf_counter() - start
         self.chunk = int(self.io["prefill_chunk"])
         self.placement = self.io["state"]["placement"]
@@ -310,12 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--greedy", type=int, default=0, help="also generate K tokens greedily")
     parser.add_argument("--ort-format", action="store_true", help="ONNX: run the .ort files instead of .onnx")
     parser.add_argument("--progress", action="store_true", help="print '@progress N' after each call")
+    parser.add_argument("--runtime", action="append", default=[], metavar="BACKEND=PATH",
+                        help="the device module of a backend's runtime (repeatable; default: "
+                             f"backends/*/{DEVICE_MODULE} beside this program)")
     args = parser.parse_args(argv)
     on_tokens = (lambda n: print(f"@progress {n}", flush=True)) if args.progress else None
+    runtimes = None
+    if args.runtime:
+        pairs = [r.partition("=") for r in args.runtime]
+        if any(not sep or not name for name, sep, _ in pairs):
+            parser.error("--runtime takes BACKEND=PATH")
+        runtimes = {name: Path(path) for name, _, path in pairs}
     try:
         tokens = [int(t) for t in np.load(args.tokens).reshape(-1)]
         driver = ArtifactDriver(args.artifact, threads=args.threads, ort_format=args.ort_format,
-                               on_tokens=on_tokens)
+                                on_tokens=on_tokens, runtimes=runtimes)
         if any(not 0 <= t < driver.vocab for t in tokens):
             raise ContractError(f"token ids must lie in [0, {driver.vocab})")
         logits, t_prefill, t_decode = driver.teacher_forced(tokens)

@@ -23,6 +23,15 @@ from rgexport.errors import RgexportError
 
 RUNNER_SCRIPT = Path(__file__).with_name("device_runner.py")  # the device side: stdlib, numpy and the runtime only
 
+
+def runtime_args() -> list[str]:
+    """device_runner.py's table of runtimes: `--runtime BACKEND=PATH` for each backend's device module
+    (`Backend.device_module`, through the registry), so the device side dispatches by table."""
+    from rgexport.backends import device_modules
+
+    return [a for name, path in device_modules().items() for a in ("--runtime", f"{name}={path}")]
+
+
 # Running -----------------------------------------------------------------------------------------
 def _run_runner(cmd: list[str], env: dict[str, str] | None, out: Path, advance: Callable[[int], None] | None,
                 timeout: float | None, what: str) -> dict[str, np.ndarray]:
@@ -60,7 +69,7 @@ def run_on_device(env: ArmEnvironment, artifact_dir: Path, tokens: Sequence[int]
         tok, out = Path(tmp) / "tokens.npy", Path(tmp) / "out.npz"
         np.save(tok, np.asarray(tokens, np.int64))
         args = [RUNNER_SCRIPT, Path(artifact_dir).resolve(), tok, out, "--threads", threads, "--greedy", greedy,
-                "--progress"] + (["--ort-format"] if ort_format else [])
+                "--progress", *runtime_args()] + (["--ort-format"] if ort_format else [])
         return _run_runner(env.command(args), env.env(threads), out, advance, timeout,
                            f"The artifact on emulated {env.cpu}")
 
@@ -71,7 +80,7 @@ def run_native(artifact_dir: Path, tokens: Sequence[int], *, threads: int = 1, g
         tok, out = Path(tmp) / "tokens.npy", Path(tmp) / "out.npz"
         np.save(tok, np.asarray(tokens, np.int64))
         cmd = [sys.executable, str(RUNNER_SCRIPT), str(Path(artifact_dir).resolve()), str(tok), str(out),
-               "--threads", str(threads), "--greedy", str(greedy), "--progress"]
+               "--threads", str(threads), "--greedy", str(greedy), "--progress", *runtime_args()]
         cmd += ["--ort-format"] if ort_format else []
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="2")
         return _run_runner(cmd, env, out, advance, None, f"The artifact on this machine ({platform.machine()})")

@@ -32,30 +32,16 @@ QEMU_CPUS = ("cortex-a76", "neoverse-n1", "cortex-a72", "cortex-a57", "cortex-a5
 DEBIAN_PACKAGES = ("python3", "libstdc++6")  # apt resolves the rest (libc6, libpython3.X-stdlib, ...)
 _READY = ".rgexport-ready.json"
 
-# Per backend: the distributions its runtime needs on the device, and the module the runner imports.
-# Versions follow this machine's installed ones (the x86 runtime the artifact was validated with);
-# these are used only where a runtime is not installed here.
-RUNTIMES: dict[str, dict[str, Any]] = {
-    "onnx": {"dists": {"onnxruntime": "1.31.1"}, "module": "onnxruntime"},
-    "tflite": {"dists": {"ai-edge-litert": "2.3.0"}, "module": "ai_edge_litert.interpreter"},
-    # ExecuTorch's Python runtime takes torch tensors, so it needs torch; PyPI's aarch64 torch 2.13.0 is
-    # a CUDA 13 build whose libraries need libcudart, cuBLAS, cuDNN, NCCL... at load time (several GB
-    # of NVIDIA wheels, one of them not published for aarch64 in the pinned version). The CPU path never
-    # calls them, so `_build_cuda_stubs` links small aarch64 stand-ins that define each symbol torch
-    # imports from them (every function returns 100, cudaErrorNoDevice). Installed without
-    # dependencies: executorch's own list is its compiler's (pandas, torchao, hydra, ...); `extras` is
-    # what `import torch` and `executorch.runtime` import.
-    "executorch": {
-        "dists": {"executorch": "1.5.1", "torch": "2.13.0"},
-        "extras": {"ruamel.yaml": "0.18.10", "pyyaml": "6.0.2", "packaging": "25.0", "tabulate": "0.9.0",
-                   "flatbuffers": "25.2.10", "typing-extensions": "4.12.2", "sympy": "1.14.0", "mpmath": "1.3.0",
-                   "filelock": "3.18.0", "networkx": "3.4.2", "jinja2": "3.1.6", "markupsafe": "3.0.2",
-                   "fsspec": "2025.3.0"},
-        "no_deps": True,
-        "cuda_stubs": True,
-        "module": "executorch.runtime",
-    },
-}
+
+def runtimes() -> dict[str, dict[str, Any]]:
+    """Per backend: the distributions its runtime needs on the device and the module the runner imports
+    (`Backend.device_runtime`, declared in each backend's package). Versions follow this machine's
+    installed ones (the x86 runtime the artifact was validated with); the declared ones are used only where
+    a runtime is not installed here."""
+    from rgexport.backends import device_runtimes
+
+    return device_runtimes()
+
 
 # The Features line of /proc/cpuinfo, by HWCAP / HWCAP2 bit (linux/arch/arm64/include/uapi/asm/hwcap.h).
 _HWCAP = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc "
@@ -302,9 +288,10 @@ def ensure_site(
     cache: Path, root: Path, python_version: str, backend: str, steps: _Steps, log: Path,
 ) -> tuple[Path, dict[str, str]]:
     """aarch64 wheels of `backend`'s runtime in their own folder (pip install --target --platform)."""
-    if backend not in RUNTIMES:
-        raise RgexportError(f"--device {DEVICE} runs {', '.join(sorted(RUNTIMES))} artifacts; this one is {backend}")
-    spec = RUNTIMES[backend]
+    known = runtimes()
+    if backend not in known:
+        raise RgexportError(f"--device {DEVICE} runs {', '.join(sorted(known))} artifacts; this one is {backend}")
+    spec = known[backend]
     versions = {d: host_version(d, v) for d, v in spec["dists"].items()}
     numpy_version = np.__version__
     name = "-".join(f"{d}-{v}" for d, v in versions.items()) + f"-numpy-{numpy_version}-py{python_version}"
@@ -332,7 +319,7 @@ def ensure_site(
             )
         if spec.get("cuda_stubs"):
             with steps.stage("cuda stubs", "aarch64 stand-ins for the CUDA libraries torch links"):
-                stubs = _build_cuda_stubs(tmp, root, tmp / STUBS_DIR, log)
+                stubs = _build_cuda_stubs(tmp, root, tmp / STUBS_DIR, log, spec["cuda_stubs"])
             (tmp / STUBS_DIR / "README").write_text(
                 "Stand-ins for CUDA libraries that PyPI's aarch64 torch links but the CPU path never calls; "
                 "every function returns 100 (cudaErrorNoDevice). Written by rgexport.emulate.\n" + "\n".join(stubs)
@@ -366,15 +353,15 @@ def _readelf(args: Sequence[str | Path]) -> str:
     return subprocess.run(["readelf", "-W", *map(str, args)], capture_output=True, text=True, check=False).stdout
 
 
-def _build_cuda_stubs(site: Path, root: Path, out: Path, log: Path) -> list[str]:
-    """Links an aarch64 stand-in for every library that torch's and ExecuTorch's extensions need but that
-    is not here (libcudart.so.13, libcublas.so.13, ...), defining the symbols they import from it with
-    the versions they ask for. Returns the libraries written."""
+def _build_cuda_stubs(site: Path, root: Path, out: Path, log: Path, spec: dict[str, Any]) -> list[str]:
+    """Links an aarch64 stand-in for every library that the runtime's extensions (`spec["extensions"]`,
+    globs under `site`: torch's and ExecuTorch's) need but that is not here (libcudart.so.13,
+    libcublas.so.13, ...), defining the symbols they import from it with the versions they ask for.
+    Returns the libraries written."""
     _ensure_cross_binutils(log)
-    libdirs = [site / "torch" / "lib", site / "executorch" / "lib", site / "executorch" / "extension" / "pybindings",
-               root / "lib" / "aarch64-linux-gnu", root / "usr" / "lib" / "aarch64-linux-gnu"]
-    start = [*site.glob("torch/_C.*.so"), *site.glob("torch/lib/libtorch_global_deps.so"),
-             *site.glob("executorch/extension/pybindings/_C.*.so")]
+    libdirs = [*(site / d for d in spec["lib_dirs"]), root / "lib" / "aarch64-linux-gnu",
+               root / "usr" / "lib" / "aarch64-linux-gnu"]
+    start = [f for pattern in spec["extensions"] for f in site.glob(pattern)]
 
     def find(name: str) -> Path | None:
         return next((d / name for d in libdirs if (d / name).exists()), None)
@@ -539,9 +526,10 @@ def ensure_environment(backend: str, cpu: str = DEFAULT_CPU, stages: Any | None 
     if cpu.split(",")[0] not in QEMU_CPUS:
         raise RgexportError(f"Unknown emulated CPU {cpu!r}; choose one of {', '.join(QEMU_CPUS)} "
                             "(qemu options may follow, e.g. max,sve=off)")
-    if backend not in RUNTIMES:
+    known = runtimes()
+    if backend not in known:
         raise RgexportError(
-            f"--device {DEVICE} runs {' and '.join(sorted(RUNTIMES))} artifacts; {backend} has no aarch64 "
+            f"--device {DEVICE} runs {' and '.join(sorted(known))} artifacts; {backend} has no aarch64 "
             "runtime set up here (see notes/emulate.md)"
         )
     steps = _Steps(stages)
@@ -563,7 +551,7 @@ def ensure_environment(backend: str, cpu: str = DEFAULT_CPU, stages: Any | None 
                              features, notes)
         marker = site / f".smoke-{cpu}"
         if not marker.is_file():
-            module = RUNTIMES[backend]["module"]
+            module = known[backend]["module"]
             with steps.stage("smoke test", f"import {module} on emulated {cpu}"):
                 proc = subprocess.run(env.command(["-c", f"import {module}, numpy; print('ok')"]), env=env.env(),
                                       capture_output=True, text=True, timeout=600, check=False)

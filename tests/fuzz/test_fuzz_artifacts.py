@@ -203,7 +203,7 @@ def test_bench(sandbox, case):
     change, match = ARTIFACT_CASES[case]
     art = _broken(sandbox, f"bench-{case}", change)
     report = sandbox.root / "outputs" / f"bench-{case}"
-    sandbox.run(["bench", art, "--tokens", "8", "--no-memory", "--no-hf", "--no-eager", "--report", report],
+    sandbox.run(["bench", art, "--steps", "8", "--no-memory", "--no-hf", "--no-eager", "--report", report],
                 match=match, allow_changes_under=(report,))
 
 
@@ -285,7 +285,8 @@ def test_neither_artifact_nor_bundle(sandbox):
 
 
 def test_unknown_device(sandbox):
-    sandbox.run(["validate", sandbox.artifact, "--device", "phone"], match=r"Unknown device 'phone'")
+    sandbox.run(["validate", sandbox.artifact, "--device", "phone"], code=2,
+                match=r"'phone' is not one of 'emulated-arm64', 'browser'")
 
 
 @pytest.mark.parametrize("content", [b"garbage", b"", os.urandom(3000)])

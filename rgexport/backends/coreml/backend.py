@@ -78,6 +78,7 @@ class CoreMLBackend(Backend):
     extra = "coreml"
     artifact_suffix = ".mlpackage"
     packages = ("coremltools", "torch")
+    build_base_bytes = int(1.5 * (1 << 30))  # a larger toolchain than ONNX's and LiteRT's
     options = {
         "state_dtype": '"float16" (default) or "float32": how the state is held (module docstring)',
         "compute_units": '"ALL" (default), "CPU_ONLY", "CPU_AND_GPU" or "CPU_AND_NE", used when loading',

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -60,6 +60,29 @@ class ExecuTorchBackend(Backend):
     extra = "executorch"
     artifact_suffix = ".pte"
     packages = ("executorch", "torch", "torchao")
+    build_base_bytes = int(1.5 * (1 << 30))  # a larger toolchain than ONNX's and LiteRT's
+    # ExecuTorch's Python runtime takes torch tensors, so it needs torch; PyPI's aarch64 torch 2.13.0 is
+    # a CUDA 13 build whose libraries need libcudart, cuBLAS, cuDNN, NCCL... at load time (several GB
+    # of NVIDIA wheels, one of them not published for aarch64 in the pinned version). The CPU path never
+    # calls them, so the emulated device links small aarch64 stand-ins that define each symbol torch
+    # imports from them (every function returns 100, cudaErrorNoDevice). Installed without
+    # dependencies: executorch's own list is its compiler's (pandas, torchao, hydra, ...); `extras` is
+    # what `import torch` and `executorch.runtime` import.
+    device_runtime: ClassVar[dict[str, Any]] = {
+        "dists": {"executorch": "1.5.1", "torch": "2.13.0"},
+        "extras": {"ruamel.yaml": "0.18.10", "pyyaml": "6.0.2", "packaging": "25.0", "tabulate": "0.9.0",
+                   "flatbuffers": "25.2.10", "typing-extensions": "4.12.2", "sympy": "1.14.0", "mpmath": "1.3.0",
+                   "filelock": "3.18.0", "networkx": "3.4.2", "jinja2": "3.1.6", "markupsafe": "3.0.2",
+                   "fsspec": "2025.3.0"},
+        "no_deps": True,
+        "cuda_stubs": {
+            "lib_dirs": ["torch/lib", "executorch/lib", "executorch/extension/pybindings"],
+            "extensions": ["torch/_C.*.so", "torch/lib/libtorch_global_deps.so",
+                           "executorch/extension/pybindings/_C.*.so"],
+        },
+        "module": "executorch.runtime",
+    }
+    device_module = "device.py"
     options = {
         "delegate": '"xnnpack" (the only one supported)',
         "quantized_gather": "int4: the embedding gather reads the head's int8 rows (embedding_byte) instead of "
