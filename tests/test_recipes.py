@@ -62,8 +62,12 @@ def test_thresholds_follow_the_backend_and_the_earlier_names():
     assert load_thresholds("qdq8", True, "onnx") == onnx  # a manifest written under the earlier name
     et = load_thresholds("a8w8", True, "executorch")
     assert et["table_entry"] == "w8a8.executorch" and et["max_mean_kl"] == 0.01
-    tflite = load_thresholds("w8a8", True, "tflite")
-    assert tflite["table_entry"] == "w8a8" and tflite["min_top1_agreement"] == 0.93
-    assert not any(isinstance(v, dict) for v in tflite.values())
-    assert load_thresholds("int8", True, "coreml")["table_entry"] == "w8"
+    coreml = load_thresholds("w8a8", True, "coreml")
+    assert coreml["table_entry"] == "w8a8" and coreml["min_top1_agreement"] == 0.93
+    assert not any(isinstance(v, dict) for v in coreml.values())
+    # A recipe with backend rows only: the other backends fall back to [quantized], bounds and all.
+    assert load_thresholds("int4", True, "onnx") == load_thresholds("palette4", True, "coreml")
+    assert load_thresholds("int4", True, "tflite")["table_entry"] == "int4.tflite"
+    assert load_thresholds("int4", True, "tflite")["min_top1_agreement"] == 0.85
+    assert load_thresholds("int8", True, "coreml")["table_entry"] == "w8.coreml"
     assert load_thresholds("8da4w", True, "executorch")["table_entry"] == "quantized"
