@@ -30,9 +30,10 @@ from rgexport.errors import RgexportError  # noqa: E402
 
 CHUNK = 8
 RECIPES = ("fp32", "fp16", "int8", "int4", "w8a8")
-# Measured on SMALL over the 80 small_tokens with run_mixed (x86-64, AVX2): fp16 80/80, int8 75/80, int4 59/80,
-# w8a8 70/80 (MinMax; Entropy 68/80, Percentile 73/80).
-MIN_TOP1 = {"fp16": 0.97, "int8": 0.85, "int4": 0.60, "w8a8": 0.80}
+# Measured on SMALL over the 80 small_tokens with run_mixed: fp16 80/80, int8 75/80, int4 59/80 (AVX2) and
+# 58/80 (AVX-512), w8a8 70/80 (MinMax; Entropy 68/80, Percentile 73/80). The bounds sit 3 tokens under the
+# lowest measurement (CPUs' kernels moved one token), so a defect that costs 4 tokens (5 points) fails.
+MIN_TOP1 = {"fp16": 0.97, "int8": 0.90, "int4": 0.68, "w8a8": 0.83}
 W8A8_OTHER_MIN_TOP1 = {"entropy": 0.75, "percentile": 0.80}
 
 

@@ -40,14 +40,15 @@ from rgexport.validate import load_thresholds
 CHUNK = 8
 # Top-1 agreement with eager fp32 over the 80 SMALL tokens, measured on this random model (perturbed
 # paper init, weights x1.5, so logits are large and flat): fp16 100%, int8 97.5%, int4 (block 32)
-# 62.5%. The bounds sit below those by a few tokens; random weights are harsher on 4-bit weights than a
-# trained model (see notes/tflite.md for the shipped model).
-MIN_TOP1 = {"fp16": 0.95, "int8": 0.90, "int4": 0.50}
+# 62.5% (the same on AVX2 and AVX-512). The bounds sit 3 tokens under those, so a defect that costs 4 tokens
+# (5 points) fails; random weights are harsher on 4-bit weights than a trained model (see notes/tflite.md
+# for the shipped model).
+MIN_TOP1 = {"fp16": 0.96, "int8": 0.93, "int4": 0.58}
 # w8a8 on SMALL, calibrated on SMALL_CALIBRATION: 95.0% top-1 (int8: 97.5%), mean |err| 0.088 (int8:
 # 0.042). Other calibration seeds gave 88.8-95.0%, 0.088-0.095. Regressions this must catch, measured on the
 # same file: gate matmuls with per-channel weights 88.8% / 0.144; moving-average ranges 75.0% / 0.302;
 # attention scores static too 68.8% / 0.498.
-W8A8_MIN_TOP1 = 0.90
+W8A8_MIN_TOP1 = 0.91  # 3 tokens under the 95.0% measured (AVX2 and AVX-512)
 W8A8_MAX_MEAN_ERROR = 0.12
 
 

@@ -7,7 +7,9 @@ import re
 import pytest
 
 from rgexport.backends import BuildContext, get_backend
-from rgexport.samples import kotlin_executorch, kotlin_litert, swift_coreml, swift_executorch
+from rgexport.backends.coreml.app_samples import swift_coreml
+from rgexport.backends.executorch.app_samples import kotlin_executorch, swift_executorch
+from rgexport.backends.tflite.app_samples import kotlin_litert
 
 tree_sitter = pytest.importorskip("tree_sitter")
 

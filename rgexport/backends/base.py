@@ -247,6 +247,18 @@ class Backend(abc.ABC):
         arguments (ONNX's .ort files for ONNX Runtime Mobile, say)."""
         return {}
 
+    def app_samples(self) -> dict[str, tuple[str, Any]]:
+        """Sample code for apps: platform -> (file name, generator(folder name, manifest) -> source), from the
+        `SAMPLES` table of the backend package's `app_samples` module; {} when it has none."""
+        package = type(self).__module__.rpartition(".")[0]
+        try:
+            module = importlib.import_module(f"{package}.app_samples")
+        except ModuleNotFoundError as e:
+            if e.name != f"{package}.app_samples":
+                raise
+            return {}
+        return dict(module.SAMPLES)
+
     def check_recipe(self, recipe: str) -> None:
         from rgexport.errors import RgexportError
 
