@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from rgexport.archive import BUNDLE_MANIFEST, safe_extract
 from rgexport.backends import get_backend
+from rgexport.budget import MB, RecipeChoice, plan, within_quality_budget
 from rgexport.build import BuildError, BuildOptions, _move_into_place, make_work_dir
 from rgexport.errors import RgexportError
 from rgexport.manifest import file_entries, now, rgexport_version, sha256_file
@@ -59,9 +60,8 @@ def build_bundle(
     """Builds every artifact of `profile` into one bundle folder, atomically (like `build`). The artifacts
     are cells on `executor` (default: in this process, one after another); the first that fails fails the
     bundle and cancels the others."""
-    from rgexport.cells import build_cell
     from rgexport.checkpoint import load_checkpoint
-    from rgexport.executors import Cell, InProcessExecutor, MatrixProgress, cell_resources, run_cells
+    from rgexport.executors import InProcessExecutor
     from rgexport.samples import write_samples
 
     executor = executor or InProcessExecutor()
@@ -80,39 +80,12 @@ def build_bundle(
     try:
         with stages.stage("load", opts.checkpoint or "shipped model"):
             ckpt = load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
-        artifacts = []
-        cells = []
-        for spec in profile.artifacts:
-            recipe = (recipe_overrides or {}).get(spec.backend) or spec.recipe
-            recipe = get_backend(spec.backend).resolve_recipe(recipe) if recipe else recipe
-            folder = work / f"{spec.backend}-{recipe or 'default'}"
-            sub = dataclasses.replace(opts, backend=spec.backend, recipe=recipe, out=folder, force=False,
-                                      options={**spec.options, **opts.options})
-            key = folder.name if folder.name not in {c.key for c in cells} else f"{folder.name}#{len(cells) + 1}"
-            cells.append(Cell(key, build_cell, (sub,), out=folder,
-                              local_kwargs={"stages": Stages(stages.console, stages.quiet), "checkpoint": ckpt},
-                              **cell_resources(ckpt.config, spec.backend, recipe)))
-        executor.check_output(work)
-        with MatrixProgress(stages.console, [c.key for c in cells], f"bundle {profile.name}", live=executor.live,
-                            quiet=stages.quiet) as progress:
-            done = run_cells(executor, cells, progress, stop_on_error=True)
-        for cell in cells:
-            res = done.get(cell.key)
-            if res is None or not res.ok:
-                failed = res or next(r for r in done.values() if not r.ok)
-                if failed.exception is not None:
-                    raise failed.exception
-                raise RgexportError(f"bundle artifact {failed.key} failed: {failed.error}")
-            result = res.value
-            final = work / f"{cell.args[0].backend}-{result.manifest['recipe']['name']}"
-            if final != result.out:
-                os.replace(result.out, final)
-            artifacts.append((final, result.manifest))
+        artifacts, choices = _build_fitting(profile, opts, ckpt, work, stages, executor, recipe_overrides)
         with stages.stage("bundle", "tokenizer, samples, guide, checksums"):
             if ckpt.tokenizer_path:
                 shutil.copyfile(ckpt.tokenizer_path, work / "tokenizer.model")
             samples = write_samples(work, profile, artifacts)
-            manifest = _bundle_manifest(work, profile, artifacts, samples)
+            manifest = _bundle_manifest(work, profile, artifacts, samples, choices)
             (work / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             (work / BUNDLE_DIGEST).write_text(f"{sha256_file(work / BUNDLE_MANIFEST)}  {BUNDLE_MANIFEST}\n")
         _move_into_place(work, out)
@@ -134,7 +107,89 @@ def build_bundle(
     return BundleResult(out, manifest, archive_path)
 
 
-def _bundle_manifest(work: Path, profile: TargetProfile, artifacts, samples: list[Path]) -> dict[str, Any]:
+def _build_fitting(profile: TargetProfile, opts: BuildOptions, ckpt: Any, work: Path, stages: Stages,
+                   executor: Executor, recipe_overrides: dict[str, str] | None
+                   ) -> tuple[list[tuple[Path, dict[str, Any]]], list[RecipeChoice]]:
+    """Builds every artifact of `profile` into `work`, each with the most precise recipe that fits the
+    memory budget (`rgexport.budget`): the profile's, or a smaller one that also passes the quality budget.
+    Rounds of cells on `executor`: the first tries each artifact's first candidate, the next ones the
+    artifacts whose build went over the budget."""
+    from rgexport.cells import build_cell
+    from rgexport.executors import Cell, MatrixProgress, cell_resources, run_cells
+    from rgexport.notices import notice
+
+    budget_mb = profile.memory_budget_mb
+    plans, choices = [], []
+    for spec in profile.artifacts:
+        backend = get_backend(spec.backend)
+        asked = (recipe_overrides or {}).get(spec.backend) or spec.recipe
+        asked = backend.resolve_recipe(asked) if asked else backend.default_recipe
+        choice = RecipeChoice(spec.backend, asked)
+        plans.append((spec, plan(backend, asked, ckpt.config, budget_mb, choice)))
+        choices.append(choice)
+    done: dict[int, tuple[Path, dict[str, Any]]] = {}
+    pending = list(range(len(plans)))
+    while pending:
+        cells, index = [], {}
+        for i in pending:
+            spec, tries = plans[i]
+            recipe = tries[0]
+            folder = work / f"{spec.backend}-{recipe}"
+            sub = dataclasses.replace(opts, backend=spec.backend, recipe=recipe, out=folder, force=False,
+                                      options={**spec.options, **opts.options})
+            key = folder.name if folder.name not in {c.key for c in cells} else f"{folder.name}#{len(cells) + 1}"
+            index[key] = i
+            cells.append(Cell(key, build_cell, (sub,), out=folder,
+                              local_kwargs={"stages": Stages(stages.console, stages.quiet), "checkpoint": ckpt},
+                              **cell_resources(ckpt.config, spec.backend, recipe)))
+        executor.check_output(work)
+        with MatrixProgress(stages.console, [c.key for c in cells], f"bundle {profile.name}", live=executor.live,
+                            quiet=stages.quiet) as progress:
+            results = run_cells(executor, cells, progress, stop_on_error=True)
+        pending = []
+        for cell in cells:
+            res = results.get(cell.key)
+            if res is None or not res.ok:
+                failed = res or next(r for r in results.values() if not r.ok)
+                if failed.exception is not None:
+                    raise failed.exception
+                raise RgexportError(f"bundle artifact {failed.key} failed: {failed.error}")
+            i = index[cell.key]
+            spec, tries = plans[i]
+            choice, recipe, result = choices[i], tries[0], res.value
+            reason = None
+            if recipe != choice.asked:
+                ok, figures = within_quality_budget(result.report)
+                if not ok:
+                    reason = f"{recipe}: outside the quality budget ({figures})"
+            if reason is None and budget_mb is not None:
+                with stages.stage("memory", f"{spec.backend} / {recipe}, {result.report.tokens} tokens in a fresh "
+                                  "process"):
+                    peak = peak_memory_of(result.out, result.report.tokens)
+                if peak > budget_mb * MB:
+                    reason = f"{recipe}: peaked at {peak / MB:,.0f} MB, over the {budget_mb:g} MB budget"
+            if reason is None:
+                choice.built = recipe
+                final = work / f"{spec.backend}-{result.manifest['recipe']['name']}"
+                if final != result.out:
+                    os.replace(result.out, final)
+                done[i] = (final, result.manifest)
+                if recipe != choice.asked:
+                    notice(f"{spec.backend}: {choice.asked} does not fit the {budget_mb:g} MB budget "
+                           f"({'; '.join(choice.passed_over)}); the bundle has {recipe}")
+                continue
+            choice.passed_over.append(reason)
+            shutil.rmtree(result.out, ignore_errors=True)
+            if len(tries) == 1:
+                raise RgexportError(f"no {spec.backend} recipe of profile {profile.name} fits its memory and "
+                                    f"quality budgets: {'; '.join(choice.passed_over)}")
+            plans[i] = (spec, tries[1:])
+            pending.append(i)
+    return [done[i] for i in range(len(plans))], choices
+
+
+def _bundle_manifest(work: Path, profile: TargetProfile, artifacts, samples: list[Path],
+                     choices: list[RecipeChoice] | None = None) -> dict[str, Any]:
     files = sorted(p for p in work.rglob("*") if p.is_file() and p.relative_to(work).as_posix()
                    not in (BUNDLE_MANIFEST, BUNDLE_DIGEST))
     return {
@@ -146,8 +201,9 @@ def _bundle_manifest(work: Path, profile: TargetProfile, artifacts, samples: lis
         "artifacts": [
             {"backend": m["backend"], "recipe": m["recipe"]["name"], "folder": folder.name,
              "file": f"{folder.name}/{m['artifact']['file']}", "bytes": m["artifact"]["total_bytes"],
-             "validation": m["validation"]["status"]}
-            for folder, m in artifacts
+             "validation": m["validation"]["status"],
+             **({"recipe_choice": c.to_dict()} if c is not None and c.passed_over else {})}
+            for (folder, m), c in zip(artifacts, choices or [None] * len(artifacts))
         ],
         "tokenizer": "tokenizer.model" if (work / "tokenizer.model").is_file() else None,
         "chat_template": next(((m.get("tokenizer") or {}).get("chat_template") for _, m in artifacts), None),

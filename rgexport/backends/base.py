@@ -37,6 +37,9 @@ RECIPE_NAMES = {
     "w4": "weight-only int4: 4-bit weights in blocks of 32 input channels, float compute",
     "palette4": "weight-only 4-bit palettes (k-means lookup tables), float compute",
 }
+# The fewest bits a recipe stores any weight in (scales, tables and float islands come on top): parameters x
+# bits / 8 is a lower bound of an artifact's weights, whatever the backend.
+RECIPE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "w8a8": 8, "w8": 8, "w4": 4, "palette4": 4}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,90 @@
+"""Fitting a target profile's artifacts to its memory budget.
+
+The budget is what `rgexport validate` checks a bundle against: the peak RSS of a fresh process that loads
+an artifact and decodes the validation tokens (`bundle.peak_memory_of`). Before anything is built, a recipe
+whose weights alone exceed the budget is passed over: every recipe stores each weight in at least
+`RECIPE_BITS` bits, so parameters x bits / 8 is a lower bound of what decoding holds. After a build, the
+measured peak decides. When the profile's recipe does not fit, the next candidate is the backend's most
+precise recipe with fewer bits; it must also pass the quality budget (`[quality_budget]`, the accuracy
+matrix's rule) against the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rgexport.backends.base import RECIPE_BITS, Backend
+from rgexport.config import GriffinConfig
+
+MB = 1e6  # profiles give budgets in MB (10^6 bytes), as `rgexport validate` reports them
+
+
+def parameter_count(config: GriffinConfig) -> int:
+    from rgexport.streaming import block_weight_bytes
+
+    return sum(block_weight_bytes(config).values()) // 4
+
+
+def weights_lower_bound(config: GriffinConfig, recipe: str) -> int:
+    """Bytes that `recipe`'s weights take at the least, on any backend."""
+    return parameter_count(config) * RECIPE_BITS[recipe] // 8
+
+
+def fallbacks(backend: Backend, asked: str) -> list[str]:
+    """The recipes tried after `asked`, in order: fewer bits than it, most precise first (the backend's
+    recipe order breaks ties)."""
+    order = list(backend.recipes)
+    smaller = [r for r in order if RECIPE_BITS[r] < RECIPE_BITS[asked]]
+    return sorted(smaller, key=lambda r: (-RECIPE_BITS[r], order.index(r)))
+
+
+@dataclasses.dataclass
+class RecipeChoice:
+    """Why an artifact of a bundle has the recipe it has: what the profile asked for, what was built, and
+    one sentence per recipe passed over."""
+
+    backend: str
+    asked: str
+    built: str | None = None
+    passed_over: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan(backend: Backend, asked: str, config: GriffinConfig, budget_mb: float | None,
+         choice: RecipeChoice) -> list[str]:
+    """The recipes to try for one artifact, in order, after the lower-bound check (recorded in `choice`);
+    an RgexportError naming the smallest recipe's size when none can fit."""
+    from rgexport.errors import RgexportError
+
+    tries = [asked, *fallbacks(backend, asked)]
+    if budget_mb is None:
+        return [asked]
+    fitting = []
+    for r in tries:
+        low = weights_lower_bound(config, r)
+        if low > budget_mb * MB:
+            choice.passed_over.append(f"{r}: its weights alone take at least {low / MB:,.0f} MB, over the "
+                                      f"{budget_mb:g} MB budget")
+        else:
+            fitting.append(r)
+    if not fitting:
+        smallest = tries[-1]
+        raise RgexportError(
+            f"no {backend.name} recipe fits the {budget_mb:g} MB memory budget: the smallest, {smallest}, needs "
+            f"at least {weights_lower_bound(config, smallest) / MB:,.0f} MB for its weights; raise "
+            "memory_budget_mb in the profile or choose a smaller model")
+    return fitting
+
+
+def within_quality_budget(report: Any) -> tuple[bool, str]:
+    """Whether a validation report meets [quality_budget], and the figures that say so."""
+    from rgexport.evaluate import quality_budget
+
+    b = quality_budget()
+    m = report.metrics
+    ok = m["ppl_ratio"] <= b["max_ppl_ratio"] and m["top1_agreement"] >= b["min_top1_agreement"]
+    return ok, (f"perplexity x{m['ppl_ratio']:.3f} (budget x{b['max_ppl_ratio']:g}), top-1 "
+                f"{100 * m['top1_agreement']:.1f}% (budget {100 * b['min_top1_agreement']:.0f}%)")
