@@ -223,15 +223,27 @@ class Backend(abc.ABC):
         runtime's CPU thread pool where it has one (None: the runtime's default)."""
 
     def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Bytes of weights one decode step reads, for the bandwidth limit of `rgexport bench`.
-
-        Backends override this with what their decode program reads: its weights, without tables it only
-        gathers from (an embedding table is read one row per token). This default counts the main
-        artifact file whole, which overstates the figure by any gathered table.
-        """
+        """Bytes of weights one decode step reads, for the bandwidth limit of `rgexport bench`: what the
+        backend package's `weights.weights_read_per_token` counts (its decode program's weights, without
+        tables it only gathers from: an embedding table is read one row per token). A backend without that
+        module counts the main artifact file whole, which overstates the figure by any gathered table."""
+        weights = self._own_module("weights")
+        if weights is not None:
+            return weights.weights_read_per_token(artifact_dir, manifest)
         main = manifest["artifact"]["file"]
         return sum(f["bytes"] for f in manifest["artifact"]["files"]
                    if f["path"] == main or f["path"].startswith(main + "/"))
+
+    def _own_module(self, name: str) -> Any:
+        """Module `name` of this backend's package, or None when the package has none."""
+        package = type(self).__module__.rpartition(".")[0]
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{package}.{name}":
+                raise
+            return None
+
     def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
         """Checks, without loading it into the runtime, that the artifact's main file is what this backend
         reads (magic bytes, a structural parse; anything that could abort the process runs in a child
@@ -253,14 +265,8 @@ class Backend(abc.ABC):
     def app_samples(self) -> dict[str, tuple[str, Any]]:
         """Sample code for apps: platform -> (file name, generator(folder name, manifest) -> source), from the
         `SAMPLES` table of the backend package's `app_samples` module; {} when it has none."""
-        package = type(self).__module__.rpartition(".")[0]
-        try:
-            module = importlib.import_module(f"{package}.app_samples")
-        except ModuleNotFoundError as e:
-            if e.name != f"{package}.app_samples":
-                raise
-            return {}
-        return dict(module.SAMPLES)
+        module = self._own_module("app_samples")
+        return dict(module.SAMPLES) if module is not None else {}
 
     def check_recipe(self, recipe: str) -> None:
         from rgexport.errors import RgexportError

@@ -246,12 +246,6 @@ class CoreMLBackend(Backend):
         contract["functions"] = {"decode": "decode", "prefill": "prefill", "default": "decode"}
         return contract
 
-    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Blob bytes the decode function reads, gathered tables left out."""
-        from rgexport.backends.coreml import weights
-
-        return weights.weights_read_per_token(artifact_dir, manifest)
-
     def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
         """The package's manifest and model spec parse (protobuf), and the spec is an ML program."""
         from rgexport.safety import first_line

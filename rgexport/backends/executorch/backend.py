@@ -321,12 +321,6 @@ class ExecuTorchBackend(Backend):
         )
         return contract
 
-    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Bytes a decode step reads from the .pte (its delegate, weight data, constants), gathered tables left out."""
-        from rgexport.backends.executorch import weights
-
-        return weights.weights_read_per_token(artifact_dir, manifest)
-
     def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
         """The flatbuffer's file identifier, then a load of the program and its methods in a child process:
         ExecuTorch's Python bindings abort the process on some corrupt files (a log line that is not UTF-8)."""

@@ -328,12 +328,6 @@ class OnnxBackend(Backend):
         """The .ort files (ONNX Runtime Mobile), where the build wrote them, are validated as well."""
         return {"ort": {"ort_format": True}} if (Path(artifact_dir) / "decode.ort").is_file() else {}
 
-    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Initializer bytes the decode graph reads, wherever stored, gathered tables left out."""
-        from rgexport.backends.onnx import weights
-
-        return weights.weights_read_per_token(artifact_dir, manifest)
-
     def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
         """Each .onnx parses as an ONNX model (protobuf; external weights are not read) with a graph; each
         .ort file, where present, carries ONNX Runtime's flatbuffer identifier."""

@@ -237,12 +237,6 @@ class TFLiteBackend(Backend):
         return contract
 
     # Runtime -------------------------------------------------------------------------------------
-    def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Bytes of constant buffers the decode signature reads, gathered tables left out."""
-        from rgexport.backends.tflite import weights
-
-        return weights.weights_read_per_token(artifact_dir, manifest)
-
     def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
         """The flatbuffer's file identifier; LiteRT's own verifier runs when it loads (and raises)."""
         from rgexport.safety import check_magic
