@@ -27,7 +27,7 @@ def _numel(shape: list[int]) -> int:
 
 def _io(manifest: dict[str, Any], method: str, direction: str, name: str) -> dict[str, Any]:
     for t in manifest["io"]["methods"][method][direction]:
-        if t["name"] == name or t.get("litert_name") == name:
+        if name in (t["name"], t.get("identifier"), t.get("litert_name")):
             return t
     raise KeyError(f"{method} has no {direction[:-1]} named {name}")
 
@@ -208,7 +208,7 @@ def kotlin_litert(folder: str, m: dict[str, Any]) -> str:
     head = HEADER.format(version=m["rgexport_version"], folder=folder, backend=m["backend"],
                          recipe=m["recipe"]["name"])
     dec, pre = io["methods"]["decode"], io["methods"]["prefill"]
-    name = lambda t: t.get("litert_name", t["name"])  # noqa: E731
+    name = lambda t: t.get("identifier", t.get("litert_name", t["name"]))  # noqa: E731
     states = io["state"]["tensors"]
     alloc = "\n".join(
         f'        "{t.get("litert_input", t["input"])}" to direct({t["bytes"]}),  // {t["name"]} {t["shape"]}'
@@ -955,7 +955,7 @@ def integration_guide(profile: TargetProfile, artifacts, samples: list[Path], bu
     for folder, m in artifacts:
         lines += [f"### {m['backend']} / {m['recipe']['name']}", "", m["io"]["new_sequence"], ""]
         for method, spec in m["io"]["methods"].items():
-            ins = ", ".join(f"`{t.get('litert_name', t['name'])}` {t['dtype']}{t['shape']}" for t in spec["inputs"][:2])
+            ins = ", ".join(f"`{t.get('identifier', t.get('litert_name', t['name']))}` {t['dtype']}{t['shape']}" for t in spec["inputs"][:2])
             more = len(spec["inputs"]) - 2
             outs = spec["outputs"]
             result = (f"`{outs[0]['name']}` {outs[0]['dtype']}{outs[0]['shape']}" if outs else "nothing")
