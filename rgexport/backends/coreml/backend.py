@@ -230,8 +230,8 @@ class CoreMLBackend(Backend):
             for kind in ("inputs", "outputs"):
                 method[kind] = [{**t, "name": identifier(t["name"]), "identifier": identifier(t["name"])}
                                 for t in method[kind]]
-        for t in contract["state"]["tensors"]:
-            if not stateful:
+        if not stateful:
+            for t in contract["state"]["tensors"]:
                 t["input"], t["output"] = identifier(t["input"]), identifier(t["output"])
         contract["functions"] = {"decode": "decode", "prefill": "prefill", "default": "decode"}
         return contract
