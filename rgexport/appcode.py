@@ -18,6 +18,6 @@ def header(m: dict[str, Any], folder: str) -> str:
 def io_tensor(manifest: dict[str, Any], method: str, direction: str, name: str) -> dict[str, Any]:
     """The I/O contract's entry for tensor `name` of `method` (`direction`: "inputs" or "outputs")."""
     for t in manifest["io"]["methods"][method][direction]:
-        if t["name"] == name or t.get("litert_name") == name:
+        if name in (t["name"], t.get("identifier"), t.get("litert_name")):
             return t
     raise KeyError(f"{method} has no {direction[:-1]} named {name}")

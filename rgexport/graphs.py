@@ -2,7 +2,8 @@
 
 Two ways to carry the decode state across calls; each backend picks the one its runtime supports:
 - functional (`DecodeIO`, `PrefillIO`): state tensors are graph inputs and outputs, in `state_spec`
-  order, inputs named `state.<name>` and outputs `new_state.<name>` (ONNX, LiteRT, Core ML fp32-state).
+  order, inputs named `state.<name>` and outputs `new_state.<name>` (ONNX, LiteRT, Core ML fp32-state;
+  runtimes that forbid dots take `identifier` of these names).
 - stateful (`StatefulModel`): state tensors are module buffers updated in place, so the runtime keeps
   them inside the program (ExecuTorch mutable buffers, Core ML `StateType`).
 Tokens and positions are int32 at every boundary: phones' runtimes and LiteRT prefer it and a 2^31
@@ -23,11 +24,6 @@ def input_name(spec: TensorSpec) -> str:
 
 def output_name(spec: TensorSpec) -> str:
     return f"new_state.{spec.name}"
-
-
-def buffer_name(spec: TensorSpec) -> str:
-    """Module attribute names cannot hold dots: blocks.0.rg_lru -> blocks_0_rg_lru."""
-    return spec.name.replace(".", "_")
 
 
 class DecodeIO(nn.Module):
@@ -65,7 +61,8 @@ class PrefillIO(DecodeIO):
 
 
 class StatefulModel(nn.Module):
-    """Decode and prefill with the state held in buffers (`buffer_name`), written back in place.
+    """Decode and prefill with the state held in buffers, written back in place. Buffers are named
+    `TensorSpec.identifier` (`blocks__0__rg_lru`): attribute names cannot hold dots.
 
     `forward(tokens [1, t] int32, position [1] int32) -> logits [1, t, v]`; export it once with t = 1
     (decode) and once with t = chunk (prefill). Both share the same buffers. `assign_slices` writes
@@ -78,13 +75,13 @@ class StatefulModel(nn.Module):
         self.specs = model.state_spec(1)
         self.assign_slices = assign_slices
         for s in self.specs:
-            self.register_buffer(buffer_name(s), torch.zeros(s.shape, dtype=state_dtype))
+            self.register_buffer(s.identifier, torch.zeros(s.shape, dtype=state_dtype))
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        state = {s.name: getattr(self, buffer_name(s)).to(torch.float32) for s in self.specs}
+        state = {s.name: getattr(self, s.identifier).to(torch.float32) for s in self.specs}
         logits, new = self.model.forward(tokens.to(torch.long), position, state)
         for s in self.specs:
-            buf = getattr(self, buffer_name(s))
+            buf = getattr(self, s.identifier)
             value = new[s.name].to(buf.dtype)
             if self.assign_slices:
                 buf[:] = value

@@ -444,7 +444,7 @@ def integration_guide(profile: TargetProfile, artifacts, samples: list[Path], bu
     for folder, m in artifacts:
         lines += [f"### {m['backend']} / {m['recipe']['name']}", "", m["io"]["new_sequence"], ""]
         for method, spec in m["io"]["methods"].items():
-            ins = ", ".join(f"`{t.get('litert_name', t['name'])}` {t['dtype']}{t['shape']}" for t in spec["inputs"][:2])
+            ins = ", ".join(f"`{t.get('identifier', t.get('litert_name', t['name']))}` {t['dtype']}{t['shape']}" for t in spec["inputs"][:2])
             more = len(spec["inputs"]) - 2
             outs = spec["outputs"]
             result = (f"`{outs[0]['name']}` {outs[0]['dtype']}{outs[0]['shape']}" if outs else "nothing")

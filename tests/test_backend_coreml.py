@@ -22,8 +22,9 @@ import torch
 ct = pytest.importorskip("coremltools")
 
 from rgexport.backends import BuildContext, feed, get_backend  # noqa: E402
-from rgexport.backends.coreml.export import state_input_name  # noqa: E402
 from rgexport.errors import RgexportError  # noqa: E402
+from rgexport.graphs import input_name, output_name  # noqa: E402
+from rgexport.model import identifier, state_spec  # noqa: E402
 from rgexport.validate import load_thresholds  # noqa: E402
 
 CHUNK = 8
@@ -193,13 +194,36 @@ def test_position_arithmetic_and_recurrence_are_float32(fp16):
         assert counts["position"] > 0 and counts["rg_lru"] > 0
 
 
+@pytest.mark.parametrize("state_dtype", ["float16", "float32"])
+def test_runner_takes_state_names_from_the_contract(state_dtype, small_config):
+    """Packages built under the older naming rule (`coreml_state`, `state_blocks_0_rg_lru`) still run."""
+    from rgexport.backends.coreml.runner import _names_from_contract
+
+    ctx = BuildContext(config=small_config, recipe="fp16", work_dir=None, prefill_chunk=CHUNK,
+                       options={"state_dtype": state_dtype})
+    io = get_backend("coreml").io_contract(ctx)
+    new = {s.name: (identifier(input_name(s)), identifier(output_name(s))) if state_dtype == "float32"
+           else (s.identifier, s.identifier) for s in state_spec(small_config)}
+    assert _names_from_contract(io) == new
+    old = {}
+    for t in io["state"]["tensors"]:
+        flat = t["name"].replace(".", "_")
+        if state_dtype == "float32":
+            t["input"], t["output"] = old[t["name"]] = f"state_{flat}", f"new_state_{flat}"
+        else:
+            del t["identifier"]
+            t["coreml_state"] = flat
+            old[t["name"]] = (flat, flat)
+    assert _names_from_contract(io) == old
+
+
 def test_io_contract(fp16, small_config):
     io = fp16[3]["io"]
     assert io["state"]["placement"] == "internal"
     assert {t["dtype"] for t in io["state"]["tensors"]} == {"float16"}
     assert io["state"]["total_bytes"] == sum(2 * math.prod(t["shape"]) for t in io["state"]["tensors"])
     program = fp16[0].program
-    assert {t["coreml_state"] for t in io["state"]["tensors"]} == set(program.functions["decode"].states)
+    assert {t["identifier"] for t in io["state"]["tensors"]} == set(program.functions["decode"].states)
     assert [i["name"] for i in io["methods"]["decode"]["inputs"]] == ["token", "position"]
     assert set(program.functions["decode"].inputs) - set(program.functions["decode"].states) == {"token", "position"}
     assert set(program.functions["prefill"].inputs) - set(program.functions["prefill"].states) == {"tokens", "position"}
@@ -286,8 +310,9 @@ def test_float32_state_variant(small_model, small_config, small_tokens, eager, t
     decode = runner.program.functions["decode"]
     assert not decode.states
     for spec in small_model.state_spec(1):
-        assert decode.inputs[state_input_name(spec)].dtype == np.float32
-        assert any(i["name"] == state_input_name(spec) for i in io["methods"]["decode"]["inputs"])
+        name = identifier(input_name(spec))
+        assert decode.inputs[name].dtype == np.float32
+        assert any(i["name"] == i["identifier"] == name for i in io["methods"]["decode"]["inputs"])
     out = decode_all(runner, small_tokens[0].tolist())
     assert np.abs(out - eager).max() < fp16_tolerance(eager)
     runner.reset()

@@ -20,7 +20,6 @@ from rgexport.backends.base import BuildContext
 from rgexport.backends.executorch import ExecuTorchBackend
 from rgexport.backends.executorch import rewrites as executorch_rewrites
 from rgexport.errors import RgexportError
-from rgexport.graphs import buffer_name
 from rgexport.model import state_bytes, state_spec
 
 pytest.importorskip("executorch")
@@ -43,7 +42,7 @@ def build(model, config, recipe, work_dir, chunk=CHUNK, calibration_tokens=None)
 
 def eager_decode_logits(module, config, tokens):
     """Logits of a quantised torch-level decode module (what `export` captured), token by token."""
-    names = {buffer_name(s) for s in state_spec(config)}
+    names = {s.identifier for s in state_spec(config)}
     with torch.no_grad():
         for name, buf in module.named_buffers():
             if name in names:
@@ -374,7 +373,7 @@ def test_op_groups_of_the_captured_graph(small_model, small_config):
     assert {kind(g) for n, g in groups.items() if n.target == torch.ops.aten.softmax.int} == {"attention"}
     kinds = collections.Counter(kind(g) for g in groups.values())
     assert kinds["positions"] > 0 and kinds["norm"] > 0 and kinds["conv1d"] > 0 and kinds["residual"] > 0
-    names = {buffer_name(s) for s in state_spec(small_config)}
+    names = {s.identifier for s in state_spec(small_config)}
     state_reads = [u for n in gm.graph.nodes if n.op == "get_attr" and n.target in names for u in n.users]
     assert len(state_reads) >= 2 * len(names)  # read once, written back once (copy_)
     assert {groups[u] for u in state_reads} == {"state"}
@@ -407,7 +406,7 @@ def test_w8a8_quantises_the_linears_only_and_keeps_the_state_float(w8a8_build, s
     from rgexport.backends.executorch.calibration import W8A8_KINDS, integer_ops, kind, node_groups, qdq_groups
 
     _, _, ctx, prepared = w8a8_build
-    names = {buffer_name(s) for s in state_spec(small_config)}
+    names = {s.identifier for s in state_spec(small_config)}
     blocks = len(small_config.block_types)
     recurrent = sum(t == "recurrent" for t in small_config.block_types)
     static = {"attention_proj": 4 * (blocks - recurrent), "mlp": 3 * blocks, "recurrent_proj": 3 * recurrent}

@@ -29,12 +29,10 @@ from rgexport.backends.tflite.export import (
     _check_against_eager,
     _check_runs,
     _signatures,
-    litert_name,
     op_histogram,
-    our_name,
 )
 from rgexport.errors import RgexportError
-from rgexport.graphs import input_name, output_name
+from rgexport.model import identifier
 from rgexport.validate import load_thresholds
 
 CHUNK = 8
@@ -146,16 +144,6 @@ def test_backend_is_registered():
     assert [r for r, recipe in backend.recipes.items() if recipe.calibrated] == ["w8a8"]
 
 
-def test_litert_names_reverse_to_ours(small_model):
-    for s in small_model.state_spec():
-        for name in (input_name(s), output_name(s)):
-            mapped = litert_name(name)
-            assert "." not in mapped and mapped.isidentifier()
-            assert our_name(mapped) == name
-    with pytest.raises(RgexportError, match="reserves"):
-        litert_name("state.blocks__0")
-
-
 def test_signatures_match_the_contract(artifacts):
     """Names, shapes and dtypes of both signatures, read from the interpreter, equal the contract's."""
     from ai_edge_litert.interpreter import Interpreter
@@ -167,13 +155,13 @@ def test_signatures_match_the_contract(artifacts):
             runner = interpreter.get_signature_runner(contract["signature"])
             for kind, details in (("inputs", runner.get_input_details()), ("outputs", runner.get_output_details())):
                 got = {n: (list(d["shape"]), np.dtype(d["dtype"]).name) for n, d in details.items()}
-                want = {t["litert_name"]: (t["shape"], t["dtype"]) for t in contract[kind]}
+                want = {t["identifier"]: (t["shape"], t["dtype"]) for t in contract[kind]}
                 assert got == want, (recipe, method, kind)
             first = "token" if method == "decode" else "tokens"
             assert np.dtype(runner.get_input_details()[first]["dtype"]) == np.int32
             assert np.dtype(runner.get_input_details()["position"]["dtype"]) == np.int32
         for t in manifest["io"]["state"]["tensors"]:
-            assert (t["litert_input"], t["litert_output"]) == (litert_name(t["input"]), litert_name(t["output"]))
+            assert (t["litert_input"], t["litert_output"]) == (identifier(t["input"]), identifier(t["output"]))
 
 
 def test_conversion_check_catches_swapped_names(float_export, small_model, small_config):
@@ -182,7 +170,7 @@ def test_conversion_check_catches_swapped_names(float_export, small_model, small
     assert ctx.facts["conversion_check"]["max_relative_error"] < 1e-4
     signatures = _signatures(small_model, CHUNK)
     names = signatures["decode"].output_names
-    a, b = names.index(litert_name("new_state.blocks.0.rg_lru")), names.index(litert_name("new_state.blocks.1.rg_lru"))
+    a, b = names.index(identifier("new_state.blocks.0.rg_lru")), names.index(identifier("new_state.blocks.1.rg_lru"))
     names[a], names[b] = names[b], names[a]
     with pytest.raises(RgexportError, match="differs from eager"):
         _check_against_eager(flatbuffer, signatures, ctx)
@@ -320,14 +308,14 @@ def test_representative_dataset_is_real_inputs_past_the_window(small_dataset, ar
     _, _, manifest = artifacts["w8a8"]
     window = small_config.attention_window_size
     for sig, rows in small_dataset.items():
-        contract = {t["litert_name"]: (t["shape"], t["dtype"]) for t in manifest["io"]["methods"][sig]["inputs"]}
+        contract = {t["identifier"]: (t["shape"], t["dtype"]) for t in manifest["io"]["methods"][sig]["inputs"]}
         for row in rows:
             assert {n: (list(a.shape), a.dtype.name) for n, a in row.items()} == contract, sig
         positions = [int(r["position"][0]) for r in rows]
         assert min(positions) == 0 and max(positions) >= 2 * window, (sig, positions)
         late = [r for r in rows if int(r["position"][0]) >= window]
-        assert late and all(np.abs(r[litert_name("state.blocks.0.rg_lru")]).max() > 0 for r in late)
-        assert all(np.abs(r[litert_name("state.blocks.2.keys")]).min() != 0 for r in late)  # every slot live
+        assert late and all(np.abs(r[identifier("state.blocks.0.rg_lru")]).max() > 0 for r in late)
+        assert all(np.abs(r[identifier("state.blocks.2.keys")]).min() != 0 for r in late)  # every slot live
     assert len(small_dataset["decode"]) == 4 * 3 * window  # every decode step of the four sequences
     assert len(small_dataset["prefill"]) == 4 * 3 * window // CHUNK
 

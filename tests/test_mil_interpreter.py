@@ -440,7 +440,9 @@ def test_fp32_griffin_decode_matches_eager(small_model, small_tokens, tmp_path):
     """
     import torch
 
-    from rgexport.backends.coreml.export import _graphs, state_input_name, state_output_name
+    from rgexport.backends.coreml.export import _graphs
+    from rgexport.graphs import input_name, output_name
+    from rgexport.model import identifier
 
     model = small_model.requires_grad_(False)
     specs = model.state_spec(1)
@@ -450,9 +452,9 @@ def test_fp32_griffin_decode_matches_eager(small_model, small_tokens, tmp_path):
         traced,
         inputs=[ct.TensorType(name="token", shape=(1,), dtype=np.int32),
                 ct.TensorType(name="position", shape=(1,), dtype=np.int32)]
-        + [ct.TensorType(name=state_input_name(s), shape=s.shape, dtype=np.float32) for s in specs],
+        + [ct.TensorType(name=identifier(input_name(s)), shape=s.shape, dtype=np.float32) for s in specs],
         outputs=[ct.TensorType(name="logits", dtype=np.float32)]
-        + [ct.TensorType(name=state_output_name(s), dtype=np.float32) for s in specs],
+        + [ct.TensorType(name=identifier(output_name(s)), dtype=np.float32) for s in specs],
         minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT32,
         skip_model_load=True,
     )
@@ -461,8 +463,8 @@ def test_fp32_griffin_decode_matches_eager(small_model, small_tokens, tmp_path):
     assert program.op_types() <= GRIFFIN_OPS
     tokens = small_tokens[0, :32]
     ref = model.score(tokens[None], chunk=1)[0].numpy()
-    state = {state_input_name(s): np.zeros(s.shape, np.float32) for s in specs}
+    state = {identifier(input_name(s)): np.zeros(s.shape, np.float32) for s in specs}
     for i, t in enumerate(tokens.tolist()):
         out = program.run("main", {"token": np.array([t], np.int32), "position": np.array([i], np.int32), **state})
-        state = {state_input_name(s): out[state_output_name(s)] for s in specs}
+        state = {identifier(input_name(s)): out[identifier(output_name(s))] for s in specs}
         assert np.abs(out["logits"][0] - ref[i]).max() < 5e-5, i

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rgexport.config import get_preset
-from rgexport.model import Griffin, init_state, state_bytes, state_spec
+from rgexport.errors import RgexportError
+from rgexport.graphs import input_name, output_name
+from rgexport.model import Griffin, dotted, identifier, init_state, state_bytes, state_spec
 
 
 def test_chunked_prefill_equals_token_by_token(small_model, small_tokens):
@@ -48,9 +51,45 @@ def test_state_spec_is_exact_for_recurrentgemma_2b():
     assert {k: tuple(v.shape) for k, v in state.items()} == {s.name: s.shape for s in specs}
 
 
-def test_chunk_longer_than_window_is_refused(small_model, small_config):
-    import pytest
+def test_identifier_reverses_to_the_contract_name(small_config):
+    for s in state_spec(small_config):
+        assert s.identifier == identifier(s.name) == s.name.replace(".", "__")
+        for name in (s.name, input_name(s), output_name(s)):
+            mapped = identifier(name)
+            assert "." not in mapped and mapped.isidentifier()
+            assert dotted(mapped) == name
+    assert identifier("state.blocks.0.rg_lru") == "state__blocks__0__rg_lru"
+    with pytest.raises(RgexportError, match="reserves"):
+        identifier("state.blocks__0")
+    with pytest.raises(RgexportError, match="not a Python identifier"):
+        identifier("0.rg_lru")
 
+
+@pytest.mark.parametrize("backend, options", [
+    ("tflite", {}), ("coreml", {"state_dtype": "float32"}), ("coreml", {}), ("executorch", {}),
+])
+def test_every_manifest_names_tensors_by_the_one_rule(backend, options, small_config):
+    """Each name a runtime that forbids dots uses is `identifier` of ONNX's (dotted) contract name, under the
+    key `identifier`: method inputs and outputs where the state is passed in and out, state tensors where
+    the runtime keeps it."""
+    from rgexport.backends import BuildContext, get_backend
+
+    def contract(name, options):
+        ctx = BuildContext(config=small_config, recipe=get_backend(name).default_recipe, work_dir=None,
+                           prefill_chunk=8, options=options)
+        return get_backend(name).io_contract(ctx)
+
+    io, onnx = contract(backend, options), contract("onnx", {})
+    if io["state"]["placement"] == "io":
+        for method in ("decode", "prefill"):
+            for kind in ("inputs", "outputs"):
+                got = [t["identifier"] for t in io["methods"][method][kind]]
+                assert got == [identifier(t["name"]) for t in onnx["methods"][method][kind]], (method, kind)
+    else:
+        assert [t["identifier"] for t in io["state"]["tensors"]] == [s.identifier for s in state_spec(small_config)]
+
+
+def test_chunk_longer_than_window_is_refused(small_model, small_config):
     tokens = torch.zeros(1, small_config.attention_window_size + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="longer than the attention window"):
         small_model.prefill(tokens, torch.tensor([0]), small_model.init_state())

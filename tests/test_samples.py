@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -65,6 +66,16 @@ def test_sample_parses_and_uses_manifest_names(backend, fn, language, small_conf
         for t in io["state"]["tensors"]:
             assert t.get("litert_input", t["input"]) in code
             assert t.get("litert_output", t["output"]) in code
+
+
+def test_bundles_named_before_identifier_still_read(small_config):
+    """Manifests written before the `identifier` key gave LiteRT names as `litert_name`."""
+    manifest = _manifest("tflite", small_config)
+    old = json.loads(json.dumps(manifest))
+    for method in old["io"]["methods"].values():
+        for t in (*method["inputs"], *method["outputs"]):
+            t["litert_name"] = t.pop("identifier")
+    assert kotlin_litert("x", old) == kotlin_litert("x", manifest)
 
 
 def test_a_broken_sample_is_caught():

@@ -297,7 +297,8 @@ def tensor_io(name: str, shape: Sequence[int], dtype: str) -> dict[str, Any]:
 
 
 def state_tensors(specs: list[TensorSpec], placement: str, dtype: str = "float32") -> list[dict[str, Any]]:
-    """Manifest entries for the state. placement: "internal" (kept by the runtime) or "io"."""
+    """Manifest entries for the state. placement: "internal" (kept by the runtime under its `identifier`,
+    as ExecuTorch buffers and Core ML states are) or "io"."""
     out = []
     for s in specs:
         d = s.to_dict()
@@ -308,6 +309,8 @@ def state_tensors(specs: list[TensorSpec], placement: str, dtype: str = "float32
         if placement == "io":
             d["input"] = input_name(s)
             d["output"] = output_name(s)
+        else:
+            d["identifier"] = s.identifier
         out.append(d)
     return out
 

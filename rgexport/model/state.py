@@ -11,6 +11,9 @@ Per attention block i:
 
 The state holds no position: the caller passes the position of each token, and position 0 starts a new
 sequence (the model clears the recurrence and the conv window there, and masks every cache slot).
+
+Runtimes that forbid dots in names (ExecuTorch buffers, Core ML features and states, LiteRT signatures)
+all get `identifier(name)`: '.' written '__' (`state.blocks.0.rg_lru` -> `state__blocks__0__rg_lru`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,24 @@ import dataclasses
 import torch
 
 from rgexport.config import ATTENTION, RECURRENT, GriffinConfig
+from rgexport.errors import RgexportError
 
 State = dict[str, torch.Tensor]
+
+
+def identifier(name: str) -> str:
+    """A contract name as a dot-free identifier ('.' -> '__'); refused where `dotted` could not undo it."""
+    if "__" in name:
+        raise RgexportError(f"Tensor name {name!r} holds '__', which the identifier mapping reserves")
+    mapped = name.replace(".", "__")
+    if not mapped.isidentifier():
+        raise RgexportError(f"Tensor name {name!r} maps to {mapped!r}, which is not a Python identifier")
+    return mapped
+
+
+def dotted(name: str) -> str:
+    """Inverse of `identifier`."""
+    return name.replace("__", ".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +51,10 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     kind: str  # rg_lru | conv1d | keys | values
+
+    @property
+    def identifier(self) -> str:
+        return identifier(self.name)
 
     @property
     def numel(self) -> int:

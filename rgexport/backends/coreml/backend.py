@@ -8,7 +8,8 @@ weights and their state.
 State, two ways (option `state_dtype`):
 - "float16": Core ML states (`ct.StateType`), kept inside the program; Core ML only stores states in
   fp16, so the RG-LRU hidden state and the K/V window are held in fp16 between calls.
-- "float32": functional state, passed in and out as float32 tensors (`state_*` -> `new_state_*`).
+- "float32": functional state, passed in and out as float32 tensors (`state__*` -> `new_state__*`,
+  `identifier` of the contract's `state.*` -> `new_state.*`).
 Default "float16": over 4096 tokens of the shipped model, fp16 state adds no measurable drift (error
 flat with position, perplexity equal to 4 digits; notes/coreml.md), and Core ML states avoid copying
 the state through every call.
@@ -58,19 +59,17 @@ from rgexport.backends.coreml.export import (
     STATE_DTYPES,
     _graphs,
     _IslandSelector,
-    state_input_name,
-    state_output_name,
 )
 from rgexport.backends.coreml.recipes import (
     RECIPES,
     _compress,
     _w8a8,
 )
-from rgexport.backends.coreml.runner import CoreMLRunner, InterpreterRunner, _specs_from_contract
+from rgexport.backends.coreml.runner import CoreMLRunner, InterpreterRunner, _names_from_contract, _specs_from_contract
 from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
-from rgexport.graphs import buffer_name
-from rgexport.model import Griffin, TensorSpec
+from rgexport.graphs import input_name, output_name
+from rgexport.model import Griffin, TensorSpec, identifier
 
 
 class CoreMLBackend(Backend):
@@ -153,11 +152,11 @@ class CoreMLBackend(Backend):
             states = None
             if stateful:
                 states = [ct.StateType(wrapped_type=ct.TensorType(shape=s.shape, dtype=np.float16),
-                                       name=buffer_name(s)) for s in specs]
+                                       name=s.identifier) for s in specs]
             else:
-                inputs += [ct.TensorType(name=state_input_name(s), shape=s.shape, dtype=np.float32)
+                inputs += [ct.TensorType(name=identifier(input_name(s)), shape=s.shape, dtype=np.float32)
                            for s in specs]
-                outputs += [ct.TensorType(name=state_output_name(s), dtype=np.float32) for s in specs]
+                outputs += [ct.TensorType(name=identifier(output_name(s)), dtype=np.float32) for s in specs]
             selector = _IslandSelector()
             start = time.perf_counter()
             mlmodel = ct.convert(
@@ -227,22 +226,15 @@ class CoreMLBackend(Backend):
             ctx.config, ctx.prefill_chunk, specs, "internal" if stateful else "io",
             state_dtype="float16" if stateful else "float32",
         )
-        # Core ML feature names: dots are not allowed, so the state names use underscores.
-        by_name = {s.name: s for s in specs}
-        for t in contract["state"]["tensors"]:
-            s = by_name[t["name"]]
-            if stateful:
-                t["coreml_state"] = buffer_name(s)
-            else:
-                t["input"], t["output"] = state_input_name(s), state_output_name(s)
+        # Core ML feature names cannot hold dots: every name is the `identifier` of the contract's name
+        # (new dicts: decode and prefill share their state entries).
+        for method in contract["methods"].values():
+            for kind in ("inputs", "outputs"):
+                method[kind] = [{**t, "name": identifier(t["name"]), "identifier": identifier(t["name"])}
+                                for t in method[kind]]
         if not stateful:
-            for method in contract["methods"].values():
-                for io in method["inputs"] + method["outputs"]:
-                    for s in specs:
-                        if io["name"] == f"state.{s.name}":
-                            io["name"] = state_input_name(s)
-                        elif io["name"] == f"new_state.{s.name}":
-                            io["name"] = state_output_name(s)
+            for t in contract["state"]["tensors"]:
+                t["input"], t["output"] = identifier(t["input"]), identifier(t["output"])
         contract["functions"] = {"decode": "decode", "prefill": "prefill", "default": "decode"}
         return contract
 
@@ -267,11 +259,11 @@ class CoreMLBackend(Backend):
         path = Path(artifact_dir) / manifest["artifact"]["file"]
         io = manifest["io"]
         chunk = int(io["prefill_chunk"])
-        specs = _specs_from_contract(io)
+        specs, names = _specs_from_contract(io), _names_from_contract(io)
         stateful = io["state"]["placement"] == "internal"
         if platform.system() == "Darwin":
             facts = manifest.get("backend_facts", manifest.get("facts", {})).get("coreml", {})
-            return CoreMLRunner(path, specs, chunk, stateful, facts.get("compute_units", "ALL"))
-        return InterpreterRunner(path, specs, chunk, stateful)
+            return CoreMLRunner(path, specs, names, chunk, stateful, facts.get("compute_units", "ALL"))
+        return InterpreterRunner(path, specs, names, chunk, stateful)
 
 

@@ -41,10 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from rgexport.backends.coreml.export import state_input_name
 from rgexport.errors import RgexportError
-from rgexport.graphs import buffer_name
-from rgexport.model import TensorSpec
+from rgexport.graphs import input_name
+from rgexport.model import TensorSpec, identifier
 
 # Groups of the ops coremltools' activation passes can quantise (`linear` and two-input `add`).
 LINEAR_GROUPS = ("mlp", "recurrent_proj", "attention_proj", "head")
@@ -263,6 +262,6 @@ def _calibration_feeds(samples: list[Any], fn: str, specs: list[TensorSpec], sta
                   "position": sample.position.numpy().astype(np.int32).reshape(1)}
         state = {s.name: sample.state[s.name].numpy().astype(np.float32) for s in specs}
         if stateful:
-            yield inputs, {buffer_name(s): state[s.name] for s in specs}
+            yield inputs, {s.identifier: state[s.name] for s in specs}
         else:
-            yield {**inputs, **{state_input_name(s): state[s.name] for s in specs}}, {}
+            yield {**inputs, **{identifier(input_name(s)): state[s.name] for s in specs}}, {}

@@ -1,11 +1,11 @@
-"""Tracing the decode and prefill functions for coremltools, state names, and the float32 islands of fp16 programs."""
+"""Tracing the decode and prefill functions for coremltools, and the float32 islands of fp16 programs."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rgexport.graphs import StatefulModel, buffer_name
-from rgexport.model import Griffin, TensorSpec
+from rgexport.graphs import StatefulModel
+from rgexport.model import Griffin
 
 STATE_DTYPES = ("float16", "float32")
 
@@ -22,13 +22,6 @@ _ELEMENTWISE = frozenset({
     "add", "sub", "mul", "real_div", "exp", "sqrt", "rsqrt", "clip", "abs", "maximum", "minimum",
     "slice_by_index", "slice_update", "expand_dims", "squeeze", "reshape", "concat", "stack", "cast",
 })
-
-def state_input_name(spec: TensorSpec) -> str:
-    """Core ML feature names cannot hold dots: state.blocks.0.rg_lru -> state_blocks_0_rg_lru."""
-    return f"state_{buffer_name(spec)}"
-
-def state_output_name(spec: TensorSpec) -> str:
-    return f"new_state_{buffer_name(spec)}"
 
 # Graphs -----------------------------------------------------------------------------------------
 def _graphs(model: Griffin, chunk: int, state_dtype: str) -> dict[str, tuple[Any, tuple]]:
@@ -78,7 +71,7 @@ def fp32_islands(block: Any) -> dict[str, set[Any]]:
     """Ops of a MIL function (before fp16 casting) that must compute in float32, by reason.
 
     "position": ops computing only from the `position` input and constants.
-    "rg_lru": elementwise ops on a path into an RG-LRU state write (or `new_state_*rg_lru` output).
+    "rg_lru": elementwise ops on a path into an RG-LRU state write (or `new_state__*rg_lru` output).
     """
     position_var = block.inputs.get("position")
     position: set[Any] = set()

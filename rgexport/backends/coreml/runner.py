@@ -9,9 +9,8 @@ from typing import Any
 import numpy as np
 
 from rgexport.backends.base import Runner
-from rgexport.backends.coreml.export import FUNCTIONS, state_input_name, state_output_name
+from rgexport.backends.coreml.export import FUNCTIONS
 from rgexport.errors import RgexportError
-from rgexport.graphs import buffer_name
 from rgexport.model import TensorSpec
 
 
@@ -20,12 +19,21 @@ def _specs_from_contract(io: dict[str, Any]) -> list[TensorSpec]:
 
     return [TensorSpec(t["name"], tuple(t["shape"]), torch.float32, t["kind"]) for t in io["state"]["tensors"]]
 
+def _names_from_contract(io: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """{state name: (name fed, name read back)} as the package holds them: feature names (float32 state) or
+    Core ML state names; read from the contract, so packages built under an older naming rule still run."""
+    tensors = io["state"]["tensors"]
+    if io["state"]["placement"] == "io":
+        return {t["name"]: (t["input"], t["output"]) for t in tensors}
+    return {t["name"]: (t.get("identifier", t.get("coreml_state")),) * 2 for t in tensors}
+
 # Runners ----------------------------------------------------------------------------------------
 class _StepRunner(Runner):
     """Shared input building and state handling; subclasses run one function."""
 
-    def __init__(self, specs: list[TensorSpec], chunk: int, stateful: bool):
+    def __init__(self, specs: list[TensorSpec], names: dict[str, tuple[str, str]], chunk: int, stateful: bool):
         self.specs = specs
+        self.names = names
         self.prefill_chunk = chunk
         self.stateful = stateful
         self.io_state: dict[str, np.ndarray] = {}
@@ -36,10 +44,10 @@ class _StepRunner(Runner):
     def _call(self, function: str, token_name: str, tokens: np.ndarray, position: int) -> np.ndarray:
         inputs = {token_name: tokens, "position": np.array([position], np.int32)}
         if not self.stateful:
-            inputs.update({state_input_name(s): self.io_state[s.name] for s in self.specs})
+            inputs.update({self.names[s.name][0]: self.io_state[s.name] for s in self.specs})
         out = self._run(function, inputs)
         if not self.stateful:
-            self.io_state = {s.name: np.asarray(out[state_output_name(s)], np.float32) for s in self.specs}
+            self.io_state = {s.name: np.asarray(out[self.names[s.name][1]], np.float32) for s in self.specs}
         return np.asarray(out["logits"], np.float32)
 
     def reset(self) -> None:
@@ -62,10 +70,11 @@ class InterpreterRunner(_StepRunner):
 
     stand_in = "rgexport's numpy MIL interpreter, not Core ML: its speed says nothing about a device"
 
-    def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool):
+    def __init__(self, path: Path, specs: list[TensorSpec], names: dict[str, tuple[str, str]], chunk: int,
+                 stateful: bool):
         from rgexport.backends.coreml.mil_interpreter import Program
 
-        super().__init__(specs, chunk, stateful)
+        super().__init__(specs, names, chunk, stateful)
         self.program = Program.load(path)
         missing = set(FUNCTIONS) - set(self.program.functions)
         if missing:
@@ -79,7 +88,7 @@ class InterpreterRunner(_StepRunner):
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         super().load_state(state)
         for s in self.specs if self.stateful else ():
-            self.states[buffer_name(s)][...] = np.asarray(state[s.name]).reshape(s.shape)
+            self.states[self.names[s.name][0]][...] = np.asarray(state[s.name]).reshape(s.shape)
 
     def _run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.program.run(function, inputs, self.states)
@@ -87,15 +96,16 @@ class InterpreterRunner(_StepRunner):
     def state(self) -> dict[str, np.ndarray]:
         if not self.stateful:
             return {k: v.copy() for k, v in self.io_state.items()}
-        return {s.name: self.states[buffer_name(s)].astype(np.float32) for s in self.specs}
+        return {s.name: self.states[self.names[s.name][0]].astype(np.float32) for s in self.specs}
 
 class CoreMLRunner(_StepRunner):
     """Runs the package with Core ML itself (macOS 15+): one MLState shared by both functions."""
 
-    def __init__(self, path: Path, specs: list[TensorSpec], chunk: int, stateful: bool, compute_units: str = "ALL"):
+    def __init__(self, path: Path, specs: list[TensorSpec], names: dict[str, tuple[str, str]], chunk: int,
+                 stateful: bool, compute_units: str = "ALL"):
         import coremltools as ct
 
-        super().__init__(specs, chunk, stateful)
+        super().__init__(specs, names, chunk, stateful)
         units = getattr(ct.ComputeUnit, compute_units)
         self.models = {fn: ct.models.MLModel(str(path), function_name=fn, compute_units=units) for fn in FUNCTIONS}
         self.reset()
@@ -107,7 +117,7 @@ class CoreMLRunner(_StepRunner):
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         super().load_state(state)
         for s in self.specs if self.stateful else ():
-            self.ml_state.write_state(buffer_name(s), np.asarray(state[s.name], np.float16).reshape(s.shape))
+            self.ml_state.write_state(self.names[s.name][0], np.asarray(state[s.name], np.float16).reshape(s.shape))
 
     def _run(self, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.stateful:
@@ -119,4 +129,4 @@ class CoreMLRunner(_StepRunner):
             return {k: v.copy() for k, v in self.io_state.items()}
         if not hasattr(self.ml_state, "read_state"):
             return None
-        return {s.name: np.asarray(self.ml_state.read_state(buffer_name(s)), np.float32) for s in self.specs}
+        return {s.name: np.asarray(self.ml_state.read_state(self.names[s.name][0]), np.float32) for s in self.specs}

@@ -49,7 +49,7 @@ from rgexport.backends.executorch.export import (
 from rgexport.backends.executorch.recipes import GROUP_SIZE, RECIPES, _tie_head_as_linear_
 from rgexport.backends.executorch.runner import ExecuTorchRunner
 from rgexport.errors import RgexportError
-from rgexport.graphs import StatefulModel, buffer_name
+from rgexport.graphs import StatefulModel
 from rgexport.model import Griffin, TensorSpec
 
 
@@ -248,7 +248,7 @@ class ExecuTorchBackend(Backend):
 
         from rgexport.backends.executorch import rewrites as executorch_rewrites
 
-        names = [buffer_name(s) for s in self.state_specs(ctx)]
+        names = [s.identifier for s in self.state_specs(ctx)]
         rewrites = list(ctx.options.get("xnnpack_rewrites", executorch_rewrites.REWRITES))
         executorch_rewrites.edge_passes(rewrites)  # refuses an unknown name before the slow work
         # One set of pass objects per compute method, as for InitializedMutableBufferPass.

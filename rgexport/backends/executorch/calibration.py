@@ -26,7 +26,6 @@ from torch import nn
 
 from rgexport.calibrate import Sample
 from rgexport.errors import RgexportError
-from rgexport.graphs import buffer_name
 from rgexport.model import Griffin, TensorSpec
 
 # Group kinds. Linear kinds carry weights; the others are elementwise work the quantizer also annotates
@@ -182,14 +181,14 @@ def static_int8_config(observer: str = "histogram") -> Any:
 
 
 def set_state_(module: nn.Module, specs: Sequence[TensorSpec], state: dict[str, torch.Tensor] | None) -> None:
-    """Writes `state` (by state name; None: zeros) into the module's state buffers (`buffer_name`)."""
+    """Writes `state` (by state name; None: zeros) into the module's state buffers (`TensorSpec.identifier`)."""
     buffers = dict(module.named_buffers())
-    missing = [buffer_name(s) for s in specs if buffer_name(s) not in buffers]
+    missing = [s.identifier for s in specs if s.identifier not in buffers]
     if missing:
         raise RgexportError(f"The captured graph has no state buffers {missing}; cannot calibrate it on real states")
     with torch.no_grad():
         for s in specs:
-            buf = buffers[buffer_name(s)]
+            buf = buffers[s.identifier]
             if state is None:
                 buf.zero_()
             else:

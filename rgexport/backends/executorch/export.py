@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from rgexport.graphs import buffer_name
 from rgexport.model import TensorSpec
 
 ARTIFACT_FILE = "model.pte"
@@ -33,14 +32,14 @@ class _StateMethods(nn.Module):
         super().__init__()
         self.specs = specs
         for s in specs:
-            self.register_buffer(buffer_name(s), torch.zeros(s.shape, dtype=s.dtype))
+            self.register_buffer(s.identifier, torch.zeros(s.shape, dtype=s.dtype))
 
     def reset(self) -> None:
         for s in self.specs:
-            getattr(self, buffer_name(s)).zero_()
+            getattr(self, s.identifier).zero_()
 
     def read_state(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, buffer_name(s)).clone() for s in self.specs)
+        return tuple(getattr(self, s.identifier).clone() for s in self.specs)
 
 @contextlib.contextmanager
 def _forward_as(module: nn.Module, method: Any) -> Iterator[nn.Module]:
@@ -68,7 +67,7 @@ def _example_inputs(chunk: int) -> dict[str, tuple[torch.Tensor, ...]]:
 
 def _zero_buffers_(module: nn.Module, specs: list[TensorSpec]) -> None:
     """Zeroes the state buffers: their values at export become the program's initial state."""
-    names = {buffer_name(s) for s in specs}
+    names = {s.identifier for s in specs}
     with torch.no_grad():
         for name, buf in module.named_buffers():
             if name in names:

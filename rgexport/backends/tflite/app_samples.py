@@ -14,7 +14,7 @@ def kotlin_litert(folder: str, m: dict[str, Any]) -> str:
     vocab = m["model"]["config"]["vocab_size"]
     head = header(m, folder)
     dec, pre = io["methods"]["decode"], io["methods"]["prefill"]
-    name = lambda t: t.get("litert_name", t["name"])  # noqa: E731
+    name = lambda t: t.get("identifier", t.get("litert_name", t["name"]))  # noqa: E731
     states = io["state"]["tensors"]
     alloc = "\n".join(
         f'        "{t.get("litert_input", t["input"])}" to direct({t["bytes"]}),  // {t["name"]} {t["shape"]}'

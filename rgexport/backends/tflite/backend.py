@@ -17,9 +17,9 @@ The runner drives the two signatures with `ai_edge_litert.interpreter`.
 
 Names: LiteRT signature names may hold dots (a signature output named `new_state.blocks.0.rg_lru`
 converts and runs), but litert-torch names each signature input after a Python parameter of the traced
-module, so inputs cannot. Both directions therefore use `litert_name`: '.' written as '__'
-(`state.blocks.0.rg_lru` -> `state__blocks__0__rg_lru`), which `our_name` reverses; the contract
-records both.
+module, so inputs cannot. Both directions therefore use `rgexport.model.state.identifier`: '.' written
+as '__' (`state.blocks.0.rg_lru` -> `state__blocks__0__rg_lru`), which `dotted` reverses; the contract
+records both (`identifier`).
 """
 
 from __future__ import annotations
@@ -41,14 +41,13 @@ from rgexport.backends.tflite.export import (
     _signature_io,
     _signatures,
     file_metadata,
-    litert_name,
     op_histogram,
 )
 from rgexport.backends.tflite.recipes import DEFAULT_INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, RECIPES
 from rgexport.backends.tflite.runner import DELEGATES, TFLiteRunner
 from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
-from rgexport.model import Griffin, state_spec
+from rgexport.model import Griffin, identifier, state_spec
 
 
 class TFLiteBackend(Backend):
@@ -148,7 +147,7 @@ class TFLiteBackend(Backend):
         ctx.facts["enable_x64"] = False
         ctx.facts["runtime_options"] = {"delegate": ctx.options.get("delegate", "xnnpack"),
                                         "num_threads": ctx.options.get("num_threads")}
-        ctx.facts["name_mapping"] = "litert_name = name with '.' written '__' (inputs cannot hold dots)"
+        ctx.facts["name_mapping"] = "identifier = name with '.' written '__' (inputs cannot hold dots)"
         ctx.facts["file_metadata"] = file_metadata(lowered)
         ctx.notes.append(
             f"LiteRT {ctx.recipe}: {len(lowered):,} bytes ({len(lowered) / len(exported):.2f} of float32)."
@@ -225,14 +224,14 @@ class TFLiteBackend(Backend):
         for method_name, method in contract["methods"].items():
             method["signature"] = method_name
             for tensor in (*method["inputs"], *method["outputs"]):
-                tensor["litert_name"] = litert_name(tensor["name"])
+                tensor["identifier"] = identifier(tensor["name"])
         for tensor in contract["state"]["tensors"]:
-            tensor["litert_input"] = litert_name(tensor["input"])
-            tensor["litert_output"] = litert_name(tensor["output"])
+            tensor["litert_input"] = identifier(tensor["input"])
+            tensor["litert_output"] = identifier(tensor["output"])
         contract["litert_names"] = (
-            "Each tensor's LiteRT signature name is its name with '.' written '__' (litert-torch names "
-            "signature inputs after Python parameters, which cannot hold dots); outputs follow the same "
-            "rule so that new_state__X feeds state__X."
+            "Each tensor's LiteRT signature name is its `identifier`: its name with '.' written '__' "
+            "(litert-torch names signature inputs after Python parameters, which cannot hold dots); outputs "
+            "follow the same rule so that new_state__X feeds state__X."
         )
         return contract
 

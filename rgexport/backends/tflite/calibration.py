@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from rgexport.backends.tflite.export import Dataset, litert_name
+from rgexport.backends.tflite.export import Dataset
 from rgexport.errors import RgexportError
 from rgexport.graphs import input_name
-from rgexport.model import Griffin
+from rgexport.model import Griffin, identifier
 
 # Group kinds. `positions` (masks, rotary angles, resets, ring-buffer slots) never holds activations.
 KINDS = ("embed", "positions", "norm", "recurrent_proj", "conv1d", "rglru_gates", "rglru", "attention_proj",
@@ -344,7 +344,7 @@ def representative_dataset(model: Griffin, sequences: Sequence[Sequence[int]], c
             row = {first: tokens[0] if sig == "decode" else tokens,
                    "position": sample.position.numpy().astype(np.int32)}
             for spec in specs:
-                row[litert_name(input_name(spec))] = sample.state[spec.name].numpy().astype(np.float32)
+                row[identifier(input_name(spec))] = sample.state[spec.name].numpy().astype(np.float32)
             rows.append(row)
         if not rows:
             raise RgexportError(

@@ -15,8 +15,14 @@ import numpy as np
 from rgexport_device_runner import ContractError
 
 
+def _identifier(tensor: dict) -> str:
+    """The name a runtime that forbids dots uses: `identifier`, `litert_name` in older bundles, else the name."""
+    return tensor.get("identifier", tensor.get("litert_name", tensor["name"]))
+
+
 class LiteRTMethods:
-    """One LiteRT signature runner per method; contract names map to `litert_name` when given."""
+    """One LiteRT signature runner per method; contract names map to `identifier` when given (`litert_name`
+    in bundles built before it)."""
 
     runtime = "ai-edge-litert"
 
@@ -46,13 +52,13 @@ class LiteRTMethods:
                     raise ContractError(f"{path.name} has no signature {signature!r} (it has {sorted(available)})")
                 continue
             runner = self.interpreter.get_signature_runner(signature)
-            names_in = {t["name"]: t.get("litert_name", t["name"]) for t in spec["inputs"]}
-            names_out = {t["name"]: t.get("litert_name", t["name"]) for t in spec["outputs"]}
+            names_in = {t["name"]: _identifier(t) for t in spec["inputs"]}
+            names_out = {t["name"]: _identifier(t) for t in spec["outputs"]}
             got_in, got_out = set(runner.get_input_details()), set(runner.get_output_details())
             if set(names_in.values()) != got_in or set(names_out.values()) != got_out:
                 raise ContractError(
                     f"signature {signature}: inputs {sorted(got_in)} and outputs {sorted(got_out)}, the manifest "
-                    f"says {sorted(names_in.values())} and {sorted(names_out.values())} (litert_name)"
+                    f"says {sorted(names_in.values())} and {sorted(names_out.values())} (identifier)"
                 )
             self.runners[method] = runner
             self.names[method] = (names_in, names_out)

@@ -12,7 +12,7 @@ from torch import nn
 from rgexport.backends.base import BuildContext
 from rgexport.errors import RgexportError
 from rgexport.graphs import DecodeIO, PrefillIO, input_name, output_name
-from rgexport.model import Griffin
+from rgexport.model import Griffin, identifier
 
 Dataset = dict[str, list[dict[str, np.ndarray]]]  # signature -> samples, each {LiteRT input name: array}
 
@@ -31,19 +31,6 @@ _OLD_RUNTIME_FAILS = {
     "int4": "refuses it (EMBEDDING_LOOKUP: 'Type not currently supported')",
 }
 
-def litert_name(name: str) -> str:
-    """Our tensor name as a LiteRT signature name ('.' -> '__'); see the module docstring."""
-    if "__" in name:
-        raise RgexportError(f"Tensor name {name!r} holds '__', which the LiteRT name mapping reserves")
-    mapped = name.replace(".", "__")
-    if not mapped.isidentifier():
-        raise RgexportError(f"Tensor name {name!r} maps to {mapped!r}, which is not a Python identifier")
-    return mapped
-
-def our_name(name: str) -> str:
-    """Inverse of `litert_name`."""
-    return name.replace("__", ".")
-
 class _NamedSignature(nn.Module):
     """Gives a DecodeIO/PrefillIO keyword inputs and a dict of outputs, so LiteRT names them for us."""
 
@@ -51,8 +38,8 @@ class _NamedSignature(nn.Module):
         super().__init__()
         self.io = io
         first = "tokens" if isinstance(io, PrefillIO) else "token"
-        self.input_names = [first, "position", *[litert_name(input_name(s)) for s in io.specs]]
-        self.output_names = ["logits", *[litert_name(output_name(s)) for s in io.specs]]
+        self.input_names = [first, "position", *[identifier(input_name(s)) for s in io.specs]]
+        self.output_names = ["logits", *[identifier(output_name(s)) for s in io.specs]]
 
     def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.io(*[inputs[n] for n in self.input_names])

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from rgexport.backends.base import Runner
-from rgexport.backends.tflite.export import SIGNATURES, litert_name
+from rgexport.backends.tflite.export import SIGNATURES
 from rgexport.errors import RgexportError
+from rgexport.model import identifier
 
 # Runtime option `delegate` -> the interpreter's op resolver. XNNPACK is LiteRT's default CPU delegate;
 # "none" runs LiteRT's builtin kernels (a second opinion on numerics).
@@ -35,8 +36,8 @@ class TFLiteRunner(Runner):
             self._runners[method] = runner
         # state name -> (LiteRT input name, LiteRT output name, shape)
         self._state_io = [
-            (t["name"], t.get("litert_input", litert_name(t["input"])),
-             t.get("litert_output", litert_name(t["output"])), tuple(t["shape"]))
+            (t["name"], t.get("litert_input", identifier(t["input"])),
+             t.get("litert_output", identifier(t["output"])), tuple(t["shape"]))
             for t in io["state"]["tensors"]
         ]
         self._vocab = int(io["methods"]["decode"]["outputs"][0]["shape"][-1])
@@ -85,11 +86,14 @@ def _owned(a: np.ndarray) -> np.ndarray:
 def _nbytes(details: dict[str, Any]) -> int:
     return int(np.prod(details["shape"])) * np.dtype(details["dtype"]).itemsize
 
+def _signature_name(tensor: dict[str, Any]) -> str:
+    """A contract tensor's LiteRT name: `identifier` (`litert_name` in bundles built before it)."""
+    return tensor.get("identifier", tensor.get("litert_name")) or identifier(tensor["name"])
+
 def _check_contract(method: str, runner: Any, contract: dict[str, Any]) -> None:
     """The signature's names, shapes and dtypes must be those the manifest promises."""
     for kind, details in (("inputs", runner.get_input_details()), ("outputs", runner.get_output_details())):
-        want = {t.get("litert_name", litert_name(t["name"])): (tuple(t["shape"]), t["dtype"])
-                for t in contract[kind]}
+        want = {_signature_name(t): (tuple(t["shape"]), t["dtype"]) for t in contract[kind]}
         got = {n: (tuple(int(x) for x in d["shape"]), np.dtype(d["dtype"]).name) for n, d in details.items()}
         if want != got:
             missing = sorted(set(want) - set(got))
