@@ -157,12 +157,14 @@ def _build_fitting(profile: TargetProfile, opts: BuildOptions, ckpt: Any, work: 
             i = index[cell.key]
             spec, tries = plans[i]
             choice, recipe, result = choices[i], tries[0], res.value
+            # Built with --no-validate (no report): nothing measured to judge by; the lower bound alone chose.
+            judged = result.report is not None
             reason = None
-            if recipe != choice.asked:
+            if judged and recipe != choice.asked:
                 ok, figures = within_quality_budget(result.report)
                 if not ok:
                     reason = f"{recipe}: outside the quality budget ({figures})"
-            if reason is None and budget_mb is not None:
+            if judged and reason is None and budget_mb is not None:
                 with stages.stage("memory", f"{spec.backend} / {recipe}, {result.report.tokens} tokens in a fresh "
                                   "process"):
                     peak = peak_memory_of(result.out, result.report.tokens)
