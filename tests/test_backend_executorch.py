@@ -266,7 +266,7 @@ def test_prefill_refuses_a_wrong_chunk(runner):
 
 def test_bad_recipe_lists_the_recipes(small_model, small_config, tmp_path):
     ctx = BuildContext(config=small_config, recipe="fp16", work_dir=tmp_path, prefill_chunk=CHUNK)
-    with pytest.raises(RgexportError, match=r"no recipe 'fp16'.*\['int4', 'w8a8', 'fp32', 'int8'\]"):
+    with pytest.raises(RgexportError, match=r"no recipe 'fp16'.*\['fp32', 'int4', 'int8', 'w8a8'\]"):
         ExecuTorchBackend().quantize(small_model, ctx)
 
 
