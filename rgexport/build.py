@@ -33,12 +33,12 @@ import torch
 
 from rgexport.backends import BuildContext, get_backend
 from rgexport.checkpoint import SHIPPED_SOURCE, Checkpoint, load_checkpoint
+from rgexport.config import is_small
 from rgexport.errors import RgexportError
 from rgexport.logs import captured
 from rgexport.manifest import file_entries, now, rgexport_version, write_manifest
 from rgexport.progress import StageFailed, Stages
 
-LARGE_MODEL_BYTES = 2 * 1024**3  # fp32 weights above this are never copied during a build
 BUILD_LOG = "build.log"
 
 
@@ -81,11 +81,6 @@ class BuildError(RgexportError):
         self.stage = stage
         self.cause = cause
         self.log = log
-
-
-def is_small(config: Any) -> bool:
-    """Whether a build may hold a second copy of the float32 weights (`LARGE_MODEL_BYTES`)."""
-    return config.num_parameters() * 4 < LARGE_MODEL_BYTES
 
 
 def default_out(backend: str, recipe: str) -> Path:
@@ -185,7 +180,8 @@ def _move_into_place(work: Path, out: Path) -> None:
 def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildResult:
     from rgexport.tokenizer import Tokenizer
 
-    with stages.stage("load", opts.checkpoint or "shipped model"):
+    what = opts.checkpoint or (f"random weights, {opts.preset}" if opts.random_weights else "shipped model")
+    with stages.stage("load", what):
         backend.runtime_versions()  # fails early if metadata is broken
         if checkpoint is not None:
             ckpt = checkpoint
@@ -285,7 +281,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
 
     report = None
     if opts.validate:
-        from rgexport.validate import heldout_tokens, reference_run, run_validation, validate_variants
+        from rgexport.validate import heldout_tokens, run_validation, validate_variants
 
         if tokenizer is None:
             raise RgexportError("validation needs a tokenizer (tokenizer.model); pass --tokenizer or --no-validate")
@@ -295,20 +291,23 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
             prepared = exported = lowered = None  # free graph copies of the weights before loading the artifact
             gc.collect()
             with stages.bar("validating", 2 * n) as advance:
-                reference = model
-                if not reference_intact:
-                    from rgexport.checkpoint import load_source
-
-                    # The reloaded float32 model runs first and goes before the artifact loads: at 2B the two
-                    # resident together peaked at 21.85 GiB (ONNX int4), the model alone is 10.7 GB.
-                    model = load_source(manifest["model"]["checkpoint"]["source"], opts.preset).model
-                    reference = reference_run(model, chunk, tokens)
-                    model = None
-                    gc.collect()
-                    advance(n)
                 from rgexport.runtime import open_artifact
 
                 runner = open_artifact(work, manifest=manifest, verify=False)  # written just now
+                if reference_intact:
+                    reference = model
+                else:
+                    from rgexport.streaming import stream_source
+                    from rgexport.validate import artifact_run, streamed_reference_run
+
+                    # The model was let go after export. The artifact runs first, then the runtime goes and the
+                    # reference streams from the checkpoint one block at a time (layer-major): never the
+                    # float32 model (10.7 GB at 2B) and never beside the artifact.
+                    runner = artifact_run(runner, tokens, progress=advance)
+                    gc.collect()
+                    stream = stream_source(manifest["model"]["checkpoint"]["source"], opts.preset)
+                    reference = streamed_reference_run(stream, chunk, tokens, runner.greedy)
+                    advance(n)
                 report = run_validation(runner, reference, tokens, backend=backend.name, recipe=recipe.name,
                                         quantized=recipe.quantized, progress=advance)
             runner = None

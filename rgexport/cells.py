@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rgexport.build import BuildOptions, BuildResult, build, is_small
+from rgexport.build import BuildOptions, BuildResult, build
+from rgexport.config import is_small
 from rgexport.progress import Stages
 
 _CHECKPOINTS: dict[tuple, Any] = {}  # small checkpoints a worker process has loaded, for its next cells

@@ -345,3 +345,13 @@ def get_preset(name: str) -> GriffinConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"Unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
+
+
+# float32 weights above this are never copied during a build, and their validation streams the reference
+LARGE_MODEL_BYTES = 2 * 1024**3
+
+
+def is_small(config: GriffinConfig) -> bool:
+    """Whether a build may hold a second copy of the float32 weights and validate against the whole float32
+    model in memory (`LARGE_MODEL_BYTES`); a larger model streams its reference."""
+    return config.num_parameters() * 4 < LARGE_MODEL_BYTES

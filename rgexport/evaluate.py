@@ -158,9 +158,9 @@ def _reusable(folder: Path, digest: str, backend: str, recipe: Any, tokens: int)
 
 
 def _main_file_bytes(manifest: dict[str, Any]) -> int:
-    main = manifest["artifact"]["file"]
-    files = manifest["artifact"]["files"]
-    return sum(f["bytes"] for f in files if f["path"] == main or f["path"].startswith(main + "/"))
+    """The decode program's bytes: its main file with the data files it refers to (ONNX: weights.bin)."""
+    files = set(get_backend(manifest["backend"]).program_files(manifest))
+    return sum(f["bytes"] for f in manifest["artifact"]["files"] if f["path"] in files)
 
 
 def choose_defaults(rows: list[dict[str, Any]], budget: dict[str, float]) -> dict[str, dict[str, Any]]:

@@ -82,7 +82,7 @@ def cell_resources(config: Any, backend: str, recipe: str | None = None) -> dict
     weights), so two 2B builds are never placed on one 24 GB machine.
     """
     from rgexport.backends import build_base_bytes
-    from rgexport.build import is_small
+    from rgexport.config import is_small
 
     weights = config.num_parameters() * 4
     small = is_small(config)

@@ -297,13 +297,14 @@ class LayerMajorRun:
     segments: list[tuple[int, int]]  # the calls the step model would have made
     stream: StreamedCheckpoint
     _embedder: Embedder | None = None
+    _shared: Any = None  # a _SharedEmbedder of the pass that made this run
 
     @torch.no_grad()
     def logits(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Logits [stop - start, vocab] of tokens start..stop (a slice at a time keeps a 256000-entry
         vocabulary's logits from filling memory); the embedding is read again on first use."""
         if self._embedder is None:
-            self._embedder = self.stream.embedder()
+            self._embedder = self._shared.get() if self._shared is not None else self.stream.embedder()
         out = self._embedder.decode(self.hidden[start:stop])
         cap = self.stream.config.logits_soft_cap
         return torch.tanh(out / cap) * cap if cap else out
@@ -316,29 +317,55 @@ def layer_major_run(stream: StreamedCheckpoint, tokens: list[int] | torch.Tensor
     the next block loads. What is resident at once is one block (or the embedding) plus the activations of
     the sequence ([n, width]), so a model larger than memory can be the reference of its own artifact.
     """
+    return layer_major_runs(stream, [tokens], chunk)[0]
+
+
+@torch.no_grad()
+def layer_major_runs(stream: StreamedCheckpoint, sequences: list[list[int] | torch.Tensor],
+                     chunk: int) -> list[LayerMajorRun]:
+    """`layer_major_run` of several sequences (each from position 0, each with its own state) in one pass
+    over the weights: every part is loaded once for all of them. The runs share one embedding for their
+    logits, read again on first use."""
     from rgexport.model import init_state
 
     config = stream.config
-    ids = torch.as_tensor(tokens, dtype=torch.long).reshape(1, -1)
-    segments = schedule(ids.shape[1], chunk)
+    ids = [torch.as_tensor(t, dtype=torch.long).reshape(1, -1) for t in sequences]
+    segments = [schedule(i.shape[1], chunk) for i in ids]
     embedder = stream.embedder()
-    x = embedder.encode(ids)  # [1 n d]
+    xs = [embedder.encode(i) for i in ids]  # [1 n d] each
     del embedder  # the head needs it again at the end; one block at a time is the budget meanwhile
     zero = init_state(config)
-    state: dict[str, torch.Tensor] = {}
+    states: list[dict[str, torch.Tensor]] = [{} for _ in ids]
     for i in range(len(config.block_types)):
         block = stream.block(i)  # the previous block is gone: `del block` below dropped the last reference
         n0, n1 = [k for k in zero if k.startswith(f"blocks.{i}.")]
-        s0, s1 = zero[n0], zero[n1]
-        out = torch.empty_like(x)
-        for start, t in segments:
-            positions = torch.arange(start, start + t, dtype=torch.float32)[None]
-            out[:, start:start + t], s0, s1 = block(x[:, start:start + t], positions, s0, s1)
-        x, state[n0], state[n1] = out, s0, s1
-        del block, out
+        for k, (x, segs) in enumerate(zip(xs, segments)):
+            s0, s1 = zero[n0], zero[n1]
+            out = torch.empty_like(x)
+            for start, t in segs:
+                positions = torch.arange(start, start + t, dtype=torch.float32)[None]
+                out[:, start:start + t], s0, s1 = block(x[:, start:start + t], positions, s0, s1)
+            xs[k], states[k][n0], states[k][n1] = out, s0, s1
+            del out
+        del block
     norm = stream.final_norm()
-    hidden = norm(x)[0]
-    return LayerMajorRun(hidden, state, segments, stream)
+    runs = [LayerMajorRun(norm(x)[0], state, segs, stream) for x, state, segs in zip(xs, states, segments)]
+    shared = _SharedEmbedder(stream)
+    for run in runs:
+        run._shared = shared
+    return runs
+
+
+class _SharedEmbedder:
+    """One embedding for the logits of several runs of one pass, loaded on first use."""
+
+    def __init__(self, stream: StreamedCheckpoint):
+        self.stream, self.embedder = stream, None
+
+    def get(self) -> Embedder:
+        if self.embedder is None:
+            self.embedder = self.stream.embedder()
+        return self.embedder
 
 
 def stream_checkpoint(path: str | Path | None = None, preset: str | None = None,
@@ -366,7 +393,8 @@ def block_weight_bytes(config: GriffinConfig) -> dict[str, int]:
 
 
 __all__ = ["LayerMajorRun", "MaterialisedBytes", "StreamedCheckpoint", "block_weight_bytes", "layer_major_run",
-           "schedule", "stream_checkpoint", "stream_deepmind", "stream_huggingface", "stream_random"]
+           "layer_major_runs", "schedule", "stream_checkpoint", "stream_deepmind", "stream_huggingface",
+           "stream_random"]
 
 
 def stream_source(source: str, preset: str | None = None) -> StreamedCheckpoint:

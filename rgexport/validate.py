@@ -212,6 +212,24 @@ class ReferenceRun:
     state: dict[str, np.ndarray]  # after the teacher-forced run
     greedy: list[int]
     window: int  # the model's attention window
+    # A streamed reference (`streamed_reference_run`) cannot generate on its own: its greedy tokens are the
+    # reference's choice after each prefix of `greedy_of` (an artifact's greedy tokens), and `verify` gives
+    # them for another artifact's tokens. None: `greedy` is the reference's own free-running continuation.
+    greedy_of: list[int] | None = None
+    verify: Callable[[list[int]], list[int]] | None = None
+
+    def divergence(self, tokens: list[int]) -> int | None:
+        """The first greedy step where an artifact that generated `tokens` parts from the reference."""
+        if self.greedy_of is None:
+            return next((i for i, (a, b) in enumerate(zip(self.greedy, tokens)) if a != b), None)
+        same = next((i for i, (a, b) in enumerate(zip(self.greedy_of, tokens)) if a != b), len(tokens))
+        # The reference's tokens hold after prefixes of greedy_of; `tokens` shares them up to step `same`.
+        for i in range(min(same + 1, len(tokens))):
+            if self.greedy[i] != tokens[i]:
+                return i
+        if same == len(tokens):
+            return None
+        return next((i for i, (a, b) in enumerate(zip(self.verify(tokens), tokens)) if a != b), None)
 
     def matches(self, model: Griffin, key: tuple) -> bool:
         objects = [model, *model.parameters()]
@@ -251,8 +269,64 @@ def _reference_run(model: Griffin, chunk: int, inputs: list[int], greedy_tokens:
     return _last_reference
 
 
+@dataclasses.dataclass
+class ArtifactRun:
+    """An artifact's side of a validation, made before the reference (`artifact_run`): a streamed reference
+    then runs after the runtime is gone, so the two are never resident together."""
+
+    prefill_chunk: int
+    inputs: list[int]
+    logits: np.ndarray  # teacher-forced [n, v]
+    state: dict[str, np.ndarray] | None
+    greedy: list[int]
+
+
+def artifact_run(runner: Runner, tokens: Sequence[int], greedy_tokens: int = 64,
+                 progress: Callable[[int], None] | None = None) -> ArtifactRun:
+    """Runs the artifact for a validation on `tokens` (n + 1 ids): teacher-forced logits, the state, greedy."""
+    inputs = list(tokens[:-1])
+    tick = (lambda: progress(1)) if progress else None
+    logits = teacher_forced(runner, inputs, tick)
+    state = runner.state()
+    state = None if state is None else {k: np.asarray(v) for k, v in state.items()}
+    return ArtifactRun(runner.prefill_chunk, inputs, logits, state,
+                       greedy(runner, inputs[: runner.prefill_chunk], greedy_tokens))
+
+
+def streamed_reference_run(stream: Any, chunk: int, tokens: Sequence[int], artifact_greedy: list[int],
+                           greedy_tokens: int = 64) -> ReferenceRun:
+    """The fp32 reference of a validation, computed layer-major from a streamed checkpoint
+    (`rgexport.streaming`): one block in memory at a time instead of the whole model (10.7 GB at 2B, 34 GB
+    at 9B). One pass over the weights gives the teacher-forced logits and state over `tokens` and the
+    reference's next token after every prefix of the artifact's greedy continuation (prompt + those
+    tokens, teacher-forced), which finds the first divergence exactly as free-running greedy would."""
+    from rgexport.streaming import layer_major_runs
+
+    inputs = list(tokens[:-1])
+    prompt = inputs[:chunk]
+
+    def choices(runs: list, seqs: list[list[int]]) -> list[list[int]]:
+        out = []
+        for run, seq in zip(runs, seqs):
+            logits = run.logits(len(prompt) - 1, len(seq)).numpy()
+            out.append([int(t) for t in logits.argmax(-1)][: len(seq) - len(prompt) + 1][:greedy_tokens])
+        return out
+
+    def verify(art: list[int]) -> list[int]:
+        seq = prompt + list(art[:-1])
+        return choices(layer_major_runs(stream, [seq], chunk), [seq])[0]
+
+    greedy_seq = prompt + list(artifact_greedy[:-1])
+    run, greedy_run = layer_major_runs(stream, [inputs, greedy_seq], chunk)
+    logits = run.logits().numpy()
+    state = {k: (v[0] if v.shape[0] == 1 else v).numpy() for k, v in run.state.items()}
+    ref_greedy = choices([greedy_run], [greedy_seq])[0]
+    return ReferenceRun([], [], (chunk, tuple(inputs), greedy_tokens), logits, state, ref_greedy,
+                        stream.config.attention_window_size, greedy_of=list(artifact_greedy), verify=verify)
+
+
 def run_validation(
-    runner: Runner, model: Griffin | ReferenceRun, tokens: Sequence[int], *, backend: str, recipe: str,
+    runner: Runner | ArtifactRun, model: Griffin | ReferenceRun, tokens: Sequence[int], *, backend: str, recipe: str,
     quantized: bool, greedy_tokens: int = 64, progress: Callable[[int], None] | None = None,
     variant: str | None = None,
 ) -> ValidationReport:
@@ -274,8 +348,9 @@ def run_validation(
         if tick:
             for _ in inputs:
                 tick()
+    art = runner if isinstance(runner, ArtifactRun) else None
     ref_logits = ref.logits
-    art_logits = teacher_forced(runner, inputs, tick)
+    art_logits = art.logits if art is not None else teacher_forced(runner, inputs, tick)
     metrics = compare_logits(ref_logits, art_logits, targets)
     window = ref.window
     per_pos = metrics["_per_position_max_error"]
@@ -283,7 +358,7 @@ def run_validation(
     metrics["max_abs_logit_error_after_window"] = float(per_pos[window:].max()) if len(per_pos) > window else None
 
     state_errors = None
-    art_state = runner.state()
+    art_state = art.state if art is not None else runner.state()
     if art_state is not None:
         state_errors = {}
         for name, expected in ref.state.items():
@@ -292,9 +367,8 @@ def run_validation(
                 state_errors[name] = float(np.abs(a - expected).max())
 
     prompt = inputs[: runner.prefill_chunk]
-    g_ref = ref.greedy
-    g_art = greedy(runner, prompt, greedy_tokens)
-    divergence = next((i for i, (a, b) in enumerate(zip(g_ref, g_art)) if a != b), None)
+    g_art = art.greedy if art is not None else greedy(runner, prompt, greedy_tokens)
+    divergence = ref.divergence(g_art)
 
     thresholds = load_thresholds(recipe, quantized, backend)
     failures = judge(metrics, thresholds)
@@ -315,19 +389,30 @@ class ValidationFailed(RgexportError):
         self.report = report
 
 
-def artifact_checkpoint(manifest: dict[str, Any], checkpoint: str | None = None, preset: str | None = None):
+def _small(manifest: dict[str, Any]) -> bool:
+    """Whether the artifact's model is small enough to validate against the whole float32 model in memory
+    (`rgexport.config.is_small`); a larger one streams its reference."""
+    from rgexport import config
+
+    return 4 * int(manifest["model"]["parameters"]) < config.LARGE_MODEL_BYTES
+
+
+def artifact_checkpoint(manifest: dict[str, Any], checkpoint: str | None = None, preset: str | None = None,
+                        *, streamed: bool = False):
     """The checkpoint an artifact was built from: the one its manifest records (the shipped model, random
-    weights of a preset, or a path that must still exist), or `checkpoint`; its digest must match."""
+    weights of a preset, or a path that must still exist), or `checkpoint`; its digest must match.
+    `streamed=True`: a `rgexport.streaming.StreamedCheckpoint` (read part by part) instead of the model."""
     from rgexport.checkpoint import RANDOM_PREFIX, SHIPPED_SOURCE, load_checkpoint, load_source
+    from rgexport.streaming import stream_checkpoint, stream_source
 
     recorded = manifest["model"]["checkpoint"]
     if checkpoint is None:
         source = recorded["source"]
         if not (source == SHIPPED_SOURCE or source.startswith(RANDOM_PREFIX) or Path(source).exists()):
             raise RgexportError(f"the artifact was built from {source}, which is not here; pass --checkpoint PATH")
-        ckpt = load_source(source, preset or recorded.get("preset"))
+        ckpt = (stream_source if streamed else load_source)(source, preset or recorded.get("preset"))
     else:
-        ckpt = load_checkpoint(checkpoint, preset or recorded.get("preset"))
+        ckpt = (stream_checkpoint if streamed else load_checkpoint)(checkpoint, preset or recorded.get("preset"))
     if ckpt.digest != recorded["sha256"]:
         raise RgexportError(
             f"checkpoint {ckpt.source} (sha256 {ckpt.digest[:12]}…) is not the one the artifact was built "
@@ -361,17 +446,35 @@ def validate_artifact(
 
     stages = stages or Stages(quiet=True)
     folder, manifest = checked_artifact(path)  # paths, checksums, the backend's structural check
+    backend = get_backend(manifest["backend"])
+    recipe = manifest["recipe"]
+    chunk = int(manifest["io"]["prefill_chunk"])
+    if not _small(manifest):
+        # Streamed: the artifact runs first, then the reference one block at a time, never the whole model.
+        with stages.stage("load", "checkpoint (streamed)"):
+            stream = artifact_checkpoint(manifest, checkpoint, preset, streamed=True)
+            tokenizer = artifact_tokenizer(folder, manifest, stream)
+        n = tokens or 4 * stream.config.attention_window_size
+        ids = heldout_tokens(tokenizer, n, text)
+        with stages.stage("validate", f"{n} tokens, reference streamed"), stages.bar("validating", 2 * n) as advance:
+            runner = open_artifact(folder, manifest=manifest, verify=False)  # the files were verified above
+            art = artifact_run(runner, ids, greedy_tokens, progress=advance)
+            runner = None
+            reference = streamed_reference_run(stream, chunk, ids, art.greedy, greedy_tokens)
+            advance(n)
+            report = run_validation(art, reference, ids, backend=manifest["backend"], recipe=recipe["name"],
+                                    quantized=recipe["quantized"], greedy_tokens=greedy_tokens)
+        validate_variants(report, backend, folder, manifest, reference, ids, stages)
+        return report
     with stages.stage("load", "checkpoint"):
         ckpt = artifact_checkpoint(manifest, checkpoint, preset)
-        backend = get_backend(manifest["backend"])
         tokenizer = artifact_tokenizer(folder, manifest, ckpt)
     n = tokens or 4 * ckpt.config.attention_window_size
     ids = heldout_tokens(tokenizer, n, text)
-    recipe = manifest["recipe"]
     with stages.stage("validate", f"{n} tokens"), stages.bar("validating", 2 * n) as advance:
         # The reference runs first and the model goes before the runtime loads the artifact: the two are
         # never resident together (at 2B: 10.7 GB of float32 weights beside the artifact's).
-        reference = reference_run(ckpt.model, int(manifest["io"]["prefill_chunk"]), ids, greedy_tokens)
+        reference = reference_run(ckpt.model, chunk, ids, greedy_tokens)
         ckpt = None
         advance(n)
         runner = open_artifact(folder, manifest=manifest, verify=False)  # the files were verified above

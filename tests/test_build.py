@@ -124,12 +124,13 @@ def test_large_build_copies_nothing_and_frees_the_model_before_lowering(tmp_path
     import weakref
 
     import rgexport.build as build_module
+    import rgexport.config
     from rgexport.backends.onnx import OnnxBackend
     from rgexport.backends.onnx.export import EXPORT_SCRATCH
     from rgexport.checkpoint import load_checkpoint as real_load
     from rgexport.model import Griffin
 
-    monkeypatch.setattr(build_module, "LARGE_MODEL_BYTES", 0)
+    monkeypatch.setattr(rgexport.config, "LARGE_MODEL_BYTES", 0)
     loaded: list[weakref.ref] = []
 
     def load(*args, **kwargs):

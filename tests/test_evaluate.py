@@ -31,6 +31,9 @@ def test_small_matrix_end_to_end(tmp_path):
     rows = {r["recipe"]: r for r in result["rows"]}
     assert rows["fp32"]["top1_agreement"] == 1.0 and abs(rows["fp32"]["ppl_change_pct"]) < 0.1
     assert rows["int8"]["main_file_bytes"] < rows["fp32"]["main_file_bytes"] / 3
+    # The decode program's bytes include the weights.bin decode.onnx points into: float32 weights, once.
+    params = result["rows"][0].get("parameters") or 3_533_760
+    assert 0.95 * 4 * params < rows["fp32"]["main_file_bytes"] < 1.1 * 4 * params
     assert 0.0 < rows["int8"]["mean_kl"] < 0.1
     paths = write_reports(result, tmp_path / "report")
     assert "| onnx | int8 |" in markdown_table(result) and paths["json"].is_file()

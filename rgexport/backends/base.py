@@ -222,6 +222,13 @@ class Backend(abc.ABC):
         """Loads the artifact described by `manifest` from `artifact_dir` into a runner; `threads` sizes the
         runtime's CPU thread pool where it has one (None: the runtime's default)."""
 
+    def program_files(self, manifest: dict[str, Any]) -> list[str]:
+        """The files (manifest paths) of the decode program an app loads: the main file (or folder) and the
+        data files it refers to. The accuracy matrix sizes an artifact by them."""
+        main = manifest["artifact"]["file"]
+        return [f["path"] for f in manifest["artifact"]["files"]
+                if f["path"] == main or f["path"].startswith(main + "/")]
+
     def weights_read_per_token(self, artifact_dir: Path, manifest: dict[str, Any]) -> int:
         """Bytes of weights one decode step reads, for the bandwidth limit of `rgexport bench`: what the
         backend package's `weights.weights_read_per_token` counts (its decode program's weights, without
@@ -230,9 +237,8 @@ class Backend(abc.ABC):
         weights = self._own_module("weights")
         if weights is not None:
             return weights.weights_read_per_token(artifact_dir, manifest)
-        main = manifest["artifact"]["file"]
-        return sum(f["bytes"] for f in manifest["artifact"]["files"]
-                   if f["path"] == main or f["path"].startswith(main + "/"))
+        files = set(self.program_files(manifest))
+        return sum(f["bytes"] for f in manifest["artifact"]["files"] if f["path"] in files)
 
     def _own_module(self, name: str) -> Any:
         """Module `name` of this backend's package, or None when the package has none."""

@@ -18,6 +18,7 @@ def js_onnx_web(folder: str, m: dict[str, Any]) -> str:
     vocab = m["model"]["config"]["vocab_size"]
     tok = m["tokenizer"] or {"bos_id": 2, "eos_id": 1}
     files = m["backend_facts"].get("onnx_files", {"decode": "decode.onnx", "prefill": "prefill.onnx"})
+    weights = m["backend_facts"].get("onnx_external_data")  # one file both graphs point into, or None
     dec, pre = io["methods"]["decode"], io["methods"]["prefill"]
     states = io["state"]["tensors"]
     bad = [t["name"] for t in states if t["dtype"] != "float32"]
@@ -35,6 +36,8 @@ export const VOCAB_SIZE = {vocab};
 export const PREFILL_CHUNK = {chunk};
 export const BOS_ID = {tok['bos_id']};
 export const EOS_ID = {tok['eos_id']};
+// The weights both graphs point into (ONNX external data), fetched once and handed to both sessions.
+const WEIGHTS_FILE = {'"' + weights + '"' if weights else "null"};
 const STATE = [
 {state_js},
 ];
@@ -43,6 +46,11 @@ export class RecurrentGemmaWeb {{
   /** `ort` is the onnxruntime-web module; `baseUrl` the artifact folder's URL (ending in /). */
   static async create(ort, baseUrl, {{ executionProviders = ["wasm"] }} = {{}}) {{
     const options = {{ executionProviders, graphOptimizationLevel: "all" }};
+    if (WEIGHTS_FILE) {{
+      const response = await fetch(new URL(WEIGHTS_FILE, baseUrl).href);
+      if (!response.ok) throw new Error(`${{WEIGHTS_FILE}}: HTTP ${{response.status}}`);
+      options.externalData = [{{ path: WEIGHTS_FILE, data: new Uint8Array(await response.arrayBuffer()) }}];
+    }}
     const [decode, prefill] = await Promise.all([
       ort.InferenceSession.create(new URL("{files['decode']}", baseUrl).href, options),
       ort.InferenceSession.create(new URL("{files['prefill']}", baseUrl).href, options),

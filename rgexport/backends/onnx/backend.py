@@ -7,14 +7,15 @@ Stages (see `rgexport.backends.base`):
    (`rgexport.graphs.input_name` / `output_name`), checked in the written model.
 3. lower: the recipe's graph passes (`rgexport.backends.onnx.recipes`), then the exporter's debug metadata
    is dropped and the recipe recorded in the model's metadata.
-4. write: `decode.onnx` (the main file) and `prefill.onnx`, self-contained while they fit protobuf's
-   2 GB limit; above it (or with `options["external_data"] = True`) both point into one `weights.bin`
-   that holds each distinct tensor once. Then `decode.ort`, `prefill.ort` and `required_operators.config`
-   for ONNX Runtime Mobile (the ORT format has no external data, so it is skipped above 2 GB, and for fp16
-   on x86 hosts, where the converter would bake float32 Casts into it; see `OnnxBackend.write`).
+4. write: `decode.onnx` (the main file) and `prefill.onnx`, both pointing into one `weights.bin` that
+   holds each distinct tensor once (`options["external_data"] = False`: self-contained files below 2 GB,
+   each with every weight). With `options["ort_format"] = True` also `decode.ort`, `prefill.ort` and
+   `required_operators.config` for reduced ONNX Runtime Mobile builds (the ORT format has no external
+   data, so each file holds the weights again; skipped above 2 GB, and for fp16 on x86 hosts, where the
+   converter would bake float32 Casts into it; see `OnnxBackend.write`).
 
 Options (`BuildContext.options`, from the target profile): `opset` (default 21, at least 18),
-`external_data` ("auto", True, False), `ort_format` (default True), `ort_target` ("arm" or "amd64"),
+`external_data` (default True), `ort_format` (default False), `ort_target` ("arm" or "amd64"),
 `calibration_method` (w8a8: "minmax" (default), "entropy" or "percentile"), `stream_export` ("auto", True,
 False), `fuse` (default True: RMSNorm and tanh-GELU become one ONNX Runtime node each, `onnx_fusions`).
 
@@ -82,8 +83,10 @@ class OnnxBackend(Backend):
     device_module = "device.py"
     options = {
         "opset": "ONNX opset, at least 18 (default 21)",
-        "external_data": '"auto" (default: above 2 GB), true or false: weights in one weights.bin',
-        "ort_format": "also write .ort files for ONNX Runtime Mobile (default true)",
+        "external_data": "true (default): both graphs' weights in one weights.bin; false: self-contained "
+        ".onnx files, each holding every weight (below 2 GB only)",
+        "ort_format": "also write .ort files for reduced ONNX Runtime Mobile builds; each holds the weights "
+        "again (default false)",
         "ort_target": '"arm" (default) or "amd64": the platform the .ort files are optimised for',
         "calibration_method": 'w8a8: "minmax" (default), "entropy" or "percentile"',
         "stream_export": '"auto" (default: above 2 GB), true or false: export graphs straight to disk',
@@ -255,9 +258,15 @@ class OnnxBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         base_dir = getattr(lowered, "base_dir", None)
         weight_bytes = max(_initializer_bytes(p) for p in lowered.values())
-        external = ctx.options.get("external_data", "auto")
-        if external == "auto":
-            external = weight_bytes > PROTOBUF_LIMIT
+        # One weights.bin by default at every size: self-contained files hold every weight once per graph
+        # (an 81 M-parameter fp32 build was 0.65 GB of .onnx for 0.32 GB of weights; notes/perf.md).
+        external = ctx.options.get("external_data", True)
+        if external == "auto":  # the earlier default's name
+            external = True
+        if not external and weight_bytes > PROTOBUF_LIMIT:
+            raise RgexportError(
+                f"external_data=false needs self-contained .onnx files, but {weight_bytes / 2**30:.1f} GiB of "
+                "weights exceed protobuf's 2 GiB limit; leave the option out (one shared weights.bin)")
         paths = [out_dir / METHOD_FILES[m] for m in ("decode", "prefill")]
         if base_dir is not None and not external:
             from onnx.external_data_helper import load_external_data_for_model
@@ -281,7 +290,9 @@ class OnnxBackend(Backend):
         ctx.facts["onnx_files"] = {m: METHOD_FILES[m] for m in ("decode", "prefill")}
         ctx.facts["onnx_external_data"] = WEIGHTS_FILE if external else None
 
-        if ctx.options.get("ort_format", True):
+        # Off by default: the ORT format cannot refer to external data, so each .ort holds the weights again
+        # (three copies beside weights.bin); reduced ONNX Runtime Mobile builds need it, full builds do not.
+        if ctx.options.get("ort_format", False):
             if ctx.recipe == "fp16" and not _cpu_has_fp16_kernels():
                 ctx.notes.append(
                     f"No ORT-format files for fp16 on this {platform.machine()} host: the converter bakes the host "
@@ -301,6 +312,11 @@ class OnnxBackend(Backend):
                 ctx.facts["onnx_ort_config"] = ORT_CONFIG_FILE
         ctx.facts["onnx_file_bytes"] = {f.name: f.stat().st_size for f in files}
         return files
+
+    def program_files(self, manifest: dict[str, Any]) -> list[str]:
+        """decode.onnx and the weights.bin it points into."""
+        data = manifest.get("backend_facts", {}).get("onnx_external_data")
+        return [*super().program_files(manifest), *([data] if data else [])]
 
     def io_contract(self, ctx: BuildContext) -> dict[str, Any]:
         from rgexport.model import state_spec
