@@ -37,6 +37,8 @@ memory_budget_mb = 4096
 [[artifacts]]
 backend = "onnx"
 recipe = "fp32"
+[artifacts.options]
+ort_format = true  # the .ort files too, so that their checks are fuzzed (off by default)
 """
 
 

@@ -68,6 +68,20 @@ def _escape_with_real_hash(target: str) -> Mutation:
     return change
 
 
+def _external_location(location: str) -> Mutation:
+    """decode.onnx's first external tensor points at `location` instead of weights.bin (rehashed)."""
+    def change(m: dict, folder: Path) -> None:
+        import onnx
+
+        model = onnx.load(str(folder / "decode.onnx"), load_external_data=False)
+        entry = next(e for t in model.graph.initializer for e in t.external_data if e.key == "location")
+        entry.value = location
+        (folder.parent / "outside.bin").write_bytes(os.urandom(1 << 20))
+        replace_file(folder / "decode.onnx", model.SerializeToString())
+        _rehash(m, folder, "decode.onnx")
+    return change
+
+
 def _symlink_out(m: dict, folder: Path) -> None:
     outside = folder.parent / "outside.onnx"
     outside.write_bytes((folder / "prefill.onnx").read_bytes())
@@ -145,6 +159,12 @@ FILES = {
     "empty-rehashed": (_replace_and_rehash("decode.onnx", lambda b: b""), r"decode\.onnx is not an rgexport ONNX"),
     "prefill-garbage-rehashed": (_replace_and_rehash("prefill.onnx", lambda b: os.urandom(4096)),
                                  r"prefill\.onnx is not an ONNX model"),
+    # ONNX external data names its file inside the model: ONNX Runtime would read whatever it names.
+    "external-data-outside": (_external_location("../outside.bin"), r"external data for .* points outside"),
+    "external-data-absolute": (_external_location("/etc/passwd"), r"external data for .* points outside"),
+    "weights-truncated-rehashed": (_replace_and_rehash("weights.bin", lambda b: b[: len(b) // 2]),
+                                   r"decode\.onnx: tensor .* ends at byte [\d,]+ of weights\.bin, which holds"),
+    "weights-missing": (lambda m, f: (f / "weights.bin").unlink(), r"weights\.bin: missing"),
     "ort-garbage-rehashed": (_replace_and_rehash("decode.ort", lambda b: os.urandom(4096)),
                              r"decode\.ort is not an ONNX Runtime"),
     "tokenizer-garbage-rehashed": (_replace_and_rehash("tokenizer.model", lambda b: os.urandom(len(b))),

@@ -345,8 +345,9 @@ class OnnxBackend(Backend):
         return {"ort": {"ort_format": True}} if (Path(artifact_dir) / "decode.ort").is_file() else {}
 
     def check_artifact(self, artifact_dir: Path, manifest: dict[str, Any]) -> Path:
-        """Each .onnx parses as an ONNX model (protobuf; external weights are not read) with a graph; each
-        .ort file, where present, carries ONNX Runtime's flatbuffer identifier."""
+        """Each .onnx parses as an ONNX model (protobuf; external weights are not read) with a graph whose
+        external tensors lie inside the artifact folder and inside their file; each .ort file, where
+        present, carries ONNX Runtime's flatbuffer identifier."""
         import onnx
 
         from rgexport.errors import RgexportError
@@ -365,6 +366,7 @@ class OnnxBackend(Backend):
                                     "artifact") from None
             if not model.graph.node or not model.graph.output:
                 raise RgexportError(f"{p} is not an rgexport ONNX model (its graph is empty); rebuild the artifact")
+            _check_external_data(model, p, Path(artifact_dir))
             ort = p.with_suffix(".ort")
             if ort.is_file():
                 check_magic(ort, b"ORTM", 4, "an ONNX Runtime (.ort) model")
@@ -398,3 +400,30 @@ class OnnxBackend(Backend):
         return OnnxRunner(decode, prefill, chunk, threads=threads)
 
 
+def _check_external_data(model: Any, path: Path, folder: Path) -> None:
+    """Every initializer stored as external data names a file inside `folder` and a byte range inside
+    that file: ONNX Runtime would otherwise read whatever file the path names, or fail deep in loading."""
+    from onnx import TensorProto
+
+    from rgexport.safety import contained
+
+    sizes: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        where = contained(folder, info.get("location", ""), f"{path.name}'s external data for {t.name!r}")
+        if where.name not in sizes:
+            if not where.is_file():
+                raise RgexportError(f"{path.name} keeps its weights in {where.name}, which is missing; rebuild "
+                                    "the artifact or copy the whole folder")
+            sizes[where.name] = where.stat().st_size
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise RgexportError(f"{path.name}: tensor {t.name!r} has a non-numeric external-data offset or "
+                                "length; rebuild the artifact") from None
+        if end > sizes[where.name]:
+            raise RgexportError(
+                f"{path.name}: tensor {t.name!r} ends at byte {end:,} of {where.name}, which holds "
+                f"{sizes[where.name]:,} bytes (truncated?); rebuild the artifact or copy the whole file")
