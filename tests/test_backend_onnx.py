@@ -498,6 +498,32 @@ def test_both_graphs_share_one_weights_file(recipe, built):
         assert big == [], (f, big[:3])
 
 
+def test_int4_tied_table_stored_once(built):
+    """int4 quantises the tied embedding twice, as the gather's data and as the head's MatMulNBits weight,
+    to the same bytes and scales: weights.bin holds them once and both initializers point there."""
+    folder = built["int4"][0]
+    model = onnx.load(folder / "decode.onnx", load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    where = lambda name: {e.key: e.value for e in inits[name].external_data}  # noqa: E731
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    vocab = inits[gather.input[0]].dims[0]
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
+                and next(a.i for a in n.attribute if a.name == "N") == vocab)
+    assert list(inits[gather.input[0]].dims) != list(inits[head.input[1]].dims)  # data: two shapes, one copy
+    for g, h in ((gather.input[0], head.input[1]), (gather.input[2], head.input[2])):  # data, scales
+        assert where(g)["location"] == where(h)["location"] == "weights.bin"
+        assert (where(g)["offset"], where(g)["length"]) == (where(h)["offset"], where(h)["length"])
+    # Nothing else in weights.bin but distinct tensors, each on a page boundary.
+    spans = {(int(where(n)["offset"]), int(where(n)["length"])) for n in inits
+             if inits[n].data_location == onnx.TensorProto.EXTERNAL}
+    prefill = onnx.load(folder / "prefill.onnx", load_external_data=False)
+    spans |= {(int(e["offset"]), int(e["length"])) for e in
+              ({x.key: x.value for x in t.external_data} for t in prefill.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL)}
+    size = (folder / "weights.bin").stat().st_size
+    assert sum(length for _, length in spans) <= size <= sum(length for _, length in spans) + 4096 * len(spans)
+
+
 def test_self_contained_files_on_request(backend, exported, built, small_config, tmp_path, small_tokens):
     """external_data=false: two .onnx files that each hold every weight (the layout before one weights.bin)."""
     ctx = BuildContext(config=small_config, recipe="fp32", work_dir=tmp_path, prefill_chunk=CHUNK,

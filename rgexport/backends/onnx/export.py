@@ -103,8 +103,11 @@ def _save_with_shared_weights(protos: Sequence[Any], paths: Sequence[Path], data
     """Saves models whose large tensors live in one data file, each distinct tensor stored once.
 
     The decode and prefill graphs hold the same weights (under exporter-generated names that differ);
-    tensors are matched by dtype, shape and content, and both models point at the same bytes. Tensors
-    already external (a streamed export) are read one at a time from `base_dir`.
+    tensors are matched by element type and content (bytes), and every tensor with those bytes points at
+    one copy whatever its shape: int4's tied table is the gather's [vocab, width/2] data and the head's
+    [vocab, blocks, 16] `MatMulNBits` weight, the same bytes and scales (both blocks of 32 along the
+    width, symmetric, zero point 8), so it is stored once. Tensors already external (a streamed export)
+    are read one at a time from `base_dir`.
     """
     from onnx import TensorProto, save_model
 
@@ -121,7 +124,7 @@ def _save_with_shared_weights(protos: Sequence[Any], paths: Sequence[Path], data
                         t.data_location = TensorProto.DEFAULT
                         t.raw_data = raw
                     continue
-                key = (t.data_type, tuple(t.dims), hashlib.sha256(raw).digest())
+                key = (t.data_type, len(raw), hashlib.sha256(raw).digest())
                 if key not in where:
                     offset = -f.tell() % _ALIGN + f.tell()
                     f.seek(offset)
