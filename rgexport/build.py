@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import gc
 import os
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from rgexport.config import is_small
 from rgexport.errors import RgexportError
 from rgexport.logs import captured
 from rgexport.manifest import file_entries, now, rgexport_version, write_manifest
+from rgexport.memory import release_freed
 from rgexport.progress import StageFailed, Stages
 
 BUILD_LOG = "build.log"
@@ -177,17 +177,45 @@ def _move_into_place(work: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _weights_stream(opts: BuildOptions, backend: Any, recipe: str) -> Any:
+    """The checkpoint as a `StreamedCheckpoint` where the backend exports from one (`streams_weights`: asked
+    for, or the model is large), else None (the build loads the whole model)."""
+    want = backend.streams_weights(recipe, opts.options)
+    if want is False:
+        return None
+    from rgexport.streaming import stream_checkpoint, stream_random
+
+    if opts.random_weights:
+        stream = stream_random(opts.preset, opts.seed)
+    else:
+        stream = stream_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
+    return stream if want or not is_small(stream.config) else None
+
+
+def _chat_template(stream: Any) -> Any:
+    """A Hugging Face folder's chat template, as `load_checkpoint` reads it."""
+    if stream.format != "huggingface":
+        return None
+    from rgexport.templates import load_chat_template
+
+    return load_chat_template(Path(stream.source))
+
+
 def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildResult:
     from rgexport.tokenizer import Tokenizer
 
     what = opts.checkpoint or (f"random weights, {opts.preset}" if opts.random_weights else "shipped model")
     with stages.stage("load", what):
         backend.runtime_versions()  # fails early if metadata is broken
+        if opts.random_weights and (not opts.preset or opts.checkpoint):
+            raise RgexportError("--random-weights needs --preset NAME and no --checkpoint")
+        stream = None if checkpoint is not None else _weights_stream(opts, backend, recipe.name)
         if checkpoint is not None:
             ckpt = checkpoint
+        elif stream is not None:
+            ckpt = Checkpoint(None, stream.config, stream.source, stream.format, stream.digest,  # type: ignore[arg-type]
+                              stream.tokenizer_path, _chat_template(stream))
         elif opts.random_weights:
-            if not opts.preset or opts.checkpoint:
-                raise RgexportError("--random-weights needs --preset NAME and no --checkpoint")
             from rgexport.checkpoint import random_checkpoint
 
             ckpt = random_checkpoint(opts.preset, opts.seed)
@@ -204,7 +232,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
     if not 1 <= chunk <= config.attention_window_size:
         raise RgexportError(f"--prefill-chunk must be between 1 and the window ({config.attention_window_size})")
     ctx = BuildContext(config=config, recipe=recipe.name, work_dir=work, prefill_chunk=chunk,
-                       options=dict(opts.options))
+                       options=dict(opts.options), stream=stream)
     if recipe.calibrated:
         from rgexport.calibrate import calibration_token_sequences
 
@@ -212,8 +240,14 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
             raise RgexportError(f"recipe {recipe.name} is calibrated on text, which needs a tokenizer")
         ctx.calibration_tokens = calibration_token_sequences(tokenizer, config, opts.calibration)
 
-    with stages.stage("model", f"{config.num_parameters() / 1e6:.2f} M parameters"):
-        model = ckpt.model.eval()
+    with stages.stage("model", f"{config.num_parameters() / 1e6:.2f} M parameters"
+                      + (", weights streamed block by block" if stream is not None else "")):
+        if stream is not None:
+            from rgexport.streaming import fake_griffin
+
+            model = fake_griffin(config)  # shapes only: the backend reads the weights from `ctx.stream`
+        else:
+            model = ckpt.model.eval()
         model.requires_grad_(False)
     # Stage names say what happens: a backend that quantises its converted program does so in "lower".
     in_lower = backend.quantizes_in == "lower"
@@ -222,8 +256,9 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         # model is copied; a large one is not (a second copy of 2B weights is 10 GB): validation then
         # reloads the reference from its source.
         small = is_small(config)
-        prepared = backend.quantize(copy.deepcopy(model) if small and recipe.quantized else model, ctx)
-        reference_intact = small or not recipe.quantized
+        copied = small and recipe.quantized and stream is None
+        prepared = backend.quantize(copy.deepcopy(model) if copied else model, ctx)
+        reference_intact = (small or not recipe.quantized) and stream is None
     with stages.stage("export", backend.name):
         exported = backend.export(prepared, ctx)
     if not small and checkpoint is None:
@@ -233,7 +268,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         prepared = model = None
         ckpt = dataclasses.replace(ckpt, model=None)
         reference_intact = False
-        gc.collect()
+        release_freed()
     with stages.stage("lower", backend.name + (f", quantise {recipe.name}" if in_lower and recipe.quantized else "")):
         lowered = backend.lower(exported, ctx)
     with stages.stage("write", str(out)):
@@ -289,7 +324,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         tokens = heldout_tokens(tokenizer, n, opts.validation_text)
         with stages.stage("validate", f"{n} tokens, teacher-forced + greedy"):
             prepared = exported = lowered = None  # free graph copies of the weights before loading the artifact
-            gc.collect()
+            release_freed()
             with stages.bar("validating", 2 * n) as advance:
                 from rgexport.runtime import open_artifact
 
@@ -304,7 +339,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                     # reference streams from the checkpoint one block at a time (layer-major): never the
                     # float32 model (10.7 GB at 2B) and never beside the artifact.
                     runner = artifact_run(runner, tokens, progress=advance)
-                    gc.collect()
+                    release_freed()
                     stream = stream_source(manifest["model"]["checkpoint"]["source"], opts.preset)
                     reference = streamed_reference_run(stream, chunk, tokens, runner.greedy)
                     advance(n)

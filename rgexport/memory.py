@@ -60,3 +60,25 @@ def reset_peak_rss() -> bool:
 def rss_split() -> dict[str, int | None]:
     """Anonymous and file-backed resident bytes (Linux), e.g. to tell weights read from a mapped file apart."""
     return {"anon_bytes": status_bytes("RssAnon"), "file_bytes": status_bytes("RssFile")}
+
+
+def release_freed() -> None:
+    """Collects garbage and hands freed heap memory back to the system (glibc's `malloc_trim`).
+
+    Tensors of a few MB to tens of MB come from glibc's heap, not from their own mappings, once its
+    mmap threshold has grown; freed, they stay in the process (resident) until trimmed. A build that has
+    just let a model or a graph go calls this before the next stage, so the next stage's peak is its own.
+    """
+    import gc
+
+    gc.collect()
+    if platform.system() != "Linux":
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to hand back
+        pass

@@ -141,6 +141,27 @@ def _meta_griffin(config: GriffinConfig) -> Griffin:
         return Griffin(config)
 
 
+def fake_griffin(config: GriffinConfig) -> Griffin:
+    """A Griffin whose parameters are FakeTensors on the CPU (shapes and dtypes, no storage) and whose buffers
+    (RoPE frequencies) are real: what `torch.export` needs to trace the graphs while the weights stay in
+    the stream (`rgexport.backends.onnx.export.fill_from_stream` gives the graphs their values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    model = _meta_griffin(config)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            with mode:
+                fake = torch.empty(p.shape, dtype=p.dtype)
+            setattr(module, name, nn.Parameter(fake, requires_grad=False))
+        for name, b in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, torch.empty(b.shape, dtype=b.dtype),
+                                   persistent=name not in module._non_persistent_buffers_set)
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers()
+    return model.eval()
+
+
 def _part_module(config: GriffinConfig, kind: str, i: int | None) -> Part:
     """An empty (meta) module of one part."""
     with torch.device("meta"):
@@ -392,9 +413,9 @@ def block_weight_bytes(config: GriffinConfig) -> dict[str, int]:
     return out
 
 
-__all__ = ["LayerMajorRun", "MaterialisedBytes", "StreamedCheckpoint", "block_weight_bytes", "layer_major_run",
-           "layer_major_runs", "schedule", "stream_checkpoint", "stream_deepmind", "stream_huggingface",
-           "stream_random"]
+__all__ = ["LayerMajorRun", "MaterialisedBytes", "StreamedCheckpoint", "block_weight_bytes", "fake_griffin",
+           "layer_major_run", "layer_major_runs", "schedule", "stream_checkpoint", "stream_deepmind",
+           "stream_huggingface", "stream_random"]
 
 
 def stream_source(source: str, preset: str | None = None) -> StreamedCheckpoint:

@@ -541,6 +541,39 @@ def test_self_contained_files_on_request(backend, exported, built, small_config,
     assert np.abs(got - want).max() <= 1e-5
 
 
+@pytest.mark.parametrize("recipe", ["fp32", "int4"])
+def test_export_from_a_stream_equals_the_in_memory_export(recipe, backend, small_model, small_config, built,
+                                                          small_tokens, tmp_path):
+    """Traced from a model without weights (`fake_griffin`) and given its weights from the checkpoint one part
+    at a time (`fill_from_stream`), the artifact computes exactly what the in-memory export's does, and the
+    stream never held two parts at once (counted)."""
+    from rgexport.checkpoint import save_huggingface
+    from rgexport.streaming import block_weight_bytes, fake_griffin, stream_huggingface
+
+    stream = stream_huggingface(save_huggingface(small_model, tmp_path / "ckpt"))
+    ctx = BuildContext(config=small_config, recipe=recipe, work_dir=tmp_path / "out", prefill_chunk=CHUNK,
+                       stream=stream)
+    backend.write(backend.lower(backend.export(backend.quantize(fake_griffin(small_config), ctx), ctx), ctx), ctx)
+    facts = ctx.facts["onnx_streamed_weights"]
+    assert facts["parts"] == len(small_config.block_types) + 2
+    assert stream.counter.parts == facts["parts"]
+    assert stream.counter.peak == max(block_weight_bytes(small_config).values())  # one part at a time
+    assert not (tmp_path / "out" / "_export").exists()  # the float scratch file is not part of the artifact
+    tokens = small_tokens[0, :41].tolist()
+    want = run_mixed(backend.load(built[recipe][0], manifest_for(), threads=1), tokens)
+    got = run_mixed(backend.load(tmp_path / "out", manifest_for(), threads=1), tokens)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_stream_weights_option(backend):
+    assert backend.streams_weights("int4", {}) is None  # the build decides by size
+    assert backend.streams_weights("fp32", {"stream_weights": True}) is True
+    assert backend.streams_weights("w8a8", {"stream_weights": True}) is False  # calibration runs the model
+    assert backend.streams_weights("int4", {"stream_weights": False}) is False
+    with pytest.raises(RgexportError, match="stream_weights"):
+        backend.streams_weights("int4", {"stream_weights": "yes"})
+
+
 @pytest.fixture(scope="module")
 def streamed(backend, small_model, small_config, tmp_path_factory):
     """SMALL exported the way a model above 2 GiB is: graphs saved straight to disk, weights left there."""

@@ -157,9 +157,51 @@ def test_large_build_copies_nothing_and_frees_the_model_before_lowering(tmp_path
         return real_lower(self, exported, ctx)
 
     monkeypatch.setattr(OnnxBackend, "lower", lower)
+    # stream_weights=false: the whole model is loaded, as for a backend that cannot export from a stream.
     result = build(BuildOptions(backend="onnx", recipe="int4", out=tmp_path / "int4", validation_tokens=40,
-                                options={"stream_export": True}))
+                                options={"stream_export": True, "stream_weights": False}))
     assert alive_at_lower == [False]  # the float32 weights were gone while lowering
     assert result.manifest["validation"]["status"] == "passed"  # against the reloaded reference
     assert result.manifest["backend_facts"]["onnx_streamed_export"] is True
+    assert "onnx_streamed_weights" not in result.manifest["backend_facts"]
+    assert not (result.out / EXPORT_SCRATCH).exists()
+
+
+def test_large_build_never_loads_the_whole_model(tmp_path, monkeypatch):
+    """Above `LARGE_MODEL_BYTES` (0 here) an ONNX build traces a model without weights and reads them from
+    the checkpoint one part at a time, for the export and again for the reference: the eager loader is
+    never called, and what the stream held at once was one part (counted)."""
+    import rgexport.build as build_module
+    import rgexport.config
+    import rgexport.streaming
+    from rgexport.backends.onnx.export import EXPORT_SCRATCH
+
+    monkeypatch.setattr(rgexport.config, "LARGE_MODEL_BYTES", 0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a large build loaded the whole model")
+
+    monkeypatch.setattr(build_module, "load_checkpoint", refuse)
+    monkeypatch.setattr("rgexport.checkpoint.load_checkpoint", refuse)
+    streams = []
+    real_stream = rgexport.streaming.stream_checkpoint
+
+    def stream_checkpoint(*args, **kwargs):
+        streams.append(real_stream(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(rgexport.streaming, "stream_checkpoint", stream_checkpoint)
+    result = build(BuildOptions(backend="onnx", recipe="fp32", out=tmp_path / "fp32", validation_tokens=40))
+    manifest = result.manifest
+    assert manifest["validation"]["status"] == "passed"
+    assert manifest["validation"]["metrics"]["max_abs_logit_error"] < 1e-3  # fp32: the same model
+    blocks = len(manifest["model"]["config"]["block_types"])
+    assert manifest["backend_facts"]["onnx_streamed_weights"]["parts"] == blocks + 2
+    assert manifest["model"]["checkpoint"]["source"] == "shipped:tiny"
+    from rgexport.streaming import block_weight_bytes
+
+    largest = max(block_weight_bytes(streams[0].config).values())
+    assert len(streams) == 2  # the export's, then the streamed reference's
+    assert streams[0].counter.peak == largest  # the export: one part at a time
+    assert streams[1].counter.peak <= 2 * largest  # the reference: a block beside the embedding, at most
     assert not (result.out / EXPORT_SCRATCH).exists()

@@ -64,6 +64,9 @@ class BuildContext:
     calibration_tokens: list[list[int]] | None = None  # tokenised calibration text (calibrated recipes)
     notes: list[str] = dataclasses.field(default_factory=list)  # sentences for the manifest and report
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend-specific manifest fields
+    # A StreamedCheckpoint when the model handed to `export` has no weights (`Backend.streams_weights`): the
+    # backend reads them from here part by part.
+    stream: Any = None
 
     def calibration_sequences(self) -> list[list[int]]:
         """The calibration token sequences of a calibrated recipe; an error naming where they come from if
@@ -192,6 +195,12 @@ class Backend(abc.ABC):
         if unknown:
             known = "; ".join(f"{k}: {v}" for k, v in self.options.items()) or "none"
             raise RgexportError(f"backend {self.name} has no option {', '.join(unknown)}. Its options: {known}")
+
+    def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
+        """Whether `export` can take a model without weights and read them from `BuildContext.stream` part by
+        part, so the float32 model is never whole: False (the default) where it cannot, True where
+        `options` ask for it, None where the build decides by size (`config.is_small`)."""
+        return False
 
     # Build stages --------------------------------------------------------------------------------
     def quantize(self, model: Griffin, ctx: BuildContext) -> Any:

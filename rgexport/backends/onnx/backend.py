@@ -17,14 +17,18 @@ Stages (see `rgexport.backends.base`):
 Options (`BuildContext.options`, from the target profile): `opset` (default 21, at least 18),
 `external_data` (default True), `ort_format` (default False), `ort_target` ("arm" or "amd64"),
 `calibration_method` (w8a8: "minmax" (default), "entropy" or "percentile"), `stream_export` ("auto", True,
-False), `fuse` (default True: RMSNorm and tanh-GELU become one ONNX Runtime node each, `onnx_fusions`).
+False), `stream_weights` ("auto", True, False), `fuse` (default True: RMSNorm and tanh-GELU become one ONNX
+Runtime node each, `onnx_fusions`).
 
-Large models (float32 weights above `PROTOBUF_LIMIT`, or `stream_export=True`) never hold an exported graph's
-weights in memory: each graph is saved by the exporter straight from the torch tensors into a scratch folder
-(`EXPORT_SCRATCH` in the work folder, external data), and `export` returns protos whose initializers point
-there. int4 quantises tensor by tensor from those files and fp32 copies them into `weights.bin`; `write`
-deletes the scratch folder. In memory, `program.model_proto` of each graph was another full copy of the
-weights: torch model + decode + prefill = three copies, 32 GB for RecurrentGemma-2B (notes/perf.md).
+Large models (float32 weights above `config.LARGE_MODEL_BYTES`, or `stream_weights=True`; every recipe but
+the calibrated w8a8) are never whole in memory: the build hands `export` a model without weights
+(`streaming.fake_griffin`) and the checkpoint as a stream (`BuildContext.stream`). Both graphs are traced
+with FakeTensor parameters, then `fill_from_stream` reads the embedding, each block and the final norm in
+turn and writes them into a scratch file (`EXPORT_SCRATCH` in the work folder) in the layout the graphs
+use, and the graphs are optimised over those external weights as the exporter would have. Without a stream
+(`stream_export`, above `PROTOBUF_LIMIT`), each graph is saved by the exporter from the torch model into the
+same folder. Either way `export` returns protos whose initializers point there: int4 quantises tensor by
+tensor from those files and fp32 copies them into `weights.bin`; `write` deletes the scratch folder.
 
 The calibrated recipe w8a8 runs the model itself (the one `export` returns with the graphs, `OnnxGraphs.model`)
 over `ctx.calibration_tokens` in `lower`, capturing real (token, position, state) inputs for each graph.
@@ -60,6 +64,7 @@ from rgexport.backends.onnx.export import (
     _save_with_shared_weights,
     convert_to_ort,
     expected_names,
+    fill_from_stream,
     parameter_bytes,
 )
 from rgexport.backends.onnx.recipes import INT4_ACCURACY_LEVEL, RECIPES, W8A8_FLOAT_GROUPS, W8A8_NOTE
@@ -90,6 +95,8 @@ class OnnxBackend(Backend):
         "ort_target": '"arm" (default) or "amd64": the platform the .ort files are optimised for',
         "calibration_method": 'w8a8: "minmax" (default), "entropy" or "percentile"',
         "stream_export": '"auto" (default: above 2 GB), true or false: export graphs straight to disk',
+        "stream_weights": '"auto" (default: above 2 GiB of float32 weights), true or false: export from a model '
+                          'without weights and read them from the checkpoint one block at a time',
         "fuse": "fuse RMSNorm and tanh-GELU into one ONNX Runtime node each (default true)",
         "int4_accuracy_level": "int4: MatMulNBits compute, 4 (int8 activations, default) or 0 (float32: "
         "2.5x slower at 2B; notes/onnx.md)",
@@ -109,8 +116,20 @@ class OnnxBackend(Backend):
             p.requires_grad_(False)
         return model
 
+    def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
+        """Every recipe but the calibrated one (w8a8 runs the model over calibration text in `lower`)."""
+        want = options.get("stream_weights", "auto")
+        if want not in ("auto", True, False):
+            raise RgexportError(f'option stream_weights is {want!r}; expected "auto", true or false')
+        if self.recipes[self.resolve_recipe(recipe)].calibrated or want is False:
+            return False
+        return True if want is True else None
+
     def export(self, prepared: Griffin, ctx: BuildContext) -> dict[str, Any]:
-        """Exports decode and prefill with the torch.export-based exporter -> {method: ModelProto}."""
+        """Exports decode and prefill with the torch.export-based exporter -> {method: ModelProto}.
+
+        With `ctx.stream` (`streams_weights`), `prepared` is `streaming.fake_griffin`: the graphs are traced
+        without weights and `fill_from_stream` writes them into the scratch folder one part at a time."""
         self.require("onnx")
         self.require("onnxscript")
         import torch
@@ -124,30 +143,54 @@ class OnnxBackend(Backend):
                 f"opset {opset} is not available: torch.onnx.export(dynamo=True) writes opset 18 when asked for "
                 f"less and cannot convert down; use 18 or later (default {OPSET})"
             )
+        from_stream = ctx.stream is not None
         stream = ctx.options.get("stream_export", "auto")
         if stream == "auto":
-            stream = parameter_bytes(prepared) > PROTOBUF_LIMIT
+            stream = from_stream or parameter_bytes(prepared) > PROTOBUF_LIMIT
+        if from_stream and not stream:
+            raise RgexportError("stream_weights needs the streamed export: leave stream_export out or set it true")
         graphs = OnnxGraphs()
         # Only a calibrated recipe runs the model in `lower`; a streamed export lets it go, so that the
         # build can free the float32 weights before lowering.
         graphs.model = prepared if not stream or self.recipes[ctx.recipe].calibrated else None
+        if from_stream:
+            graphs.model = None
         if stream:
             graphs.base_dir = Path(ctx.work_dir) / EXPORT_SCRATCH
             graphs.base_dir.mkdir(parents=True, exist_ok=True)
         seconds, fused = {}, {}
         modules = {"decode": DecodeIO(prepared), "prefill": PrefillIO(prepared, ctx.prefill_chunk)}
+        programs = {}
         for method, module in modules.items():
             module.eval()
             inputs, outputs = expected_names(prepared, method)
             start = time.perf_counter()
             with torch.no_grad():
-                program = torch.onnx.export(
+                programs[method] = torch.onnx.export(
                     module, module.example_inputs(), dynamo=True, opset_version=opset,
-                    input_names=inputs, output_names=outputs, optimize=True, verbose=False,
+                    input_names=inputs, output_names=outputs, optimize=not from_stream, verbose=False,
                 )
+            seconds[method] = round(time.perf_counter() - start, 2)
+        if from_stream:
+            # Traced without weights: the stream's parts go into the scratch folder one at a time, then the
+            # graphs are optimised as the exporter would have (`optimize=True`) over real small constants.
+            start = time.perf_counter()
+            ctx.facts["onnx_streamed_weights"] = fill_from_stream(programs, ctx.stream, graphs.base_dir)
+            for program in programs.values():
+                program.optimize()
+            seconds["weights"] = round(time.perf_counter() - start, 2)
+        for method in modules:
+            program = programs.pop(method)
+            inputs, outputs = expected_names(prepared, method)
+            start = time.perf_counter()
             if ctx.options.get("fuse", True):
                 fused[method] = fuse_for_ort(program.model, opset)
-            if stream:
+            if from_stream:
+                import onnx_ir as ir
+
+                proto = ir.to_proto(program.model)  # weights stay external references into the scratch file
+                del program
+            elif stream:
                 # The exported IR wraps the torch tensors without copying; `model_proto` would serialise
                 # every weight into the proto. Saving with external data writes them one at a time.
                 import onnx
@@ -163,7 +206,7 @@ class OnnxBackend(Backend):
                 proto = onnx.load(str(path), load_external_data=False)
             else:
                 proto = program.model_proto
-            seconds[method] = round(time.perf_counter() - start, 2)
+            seconds[method] = round(seconds[method] + time.perf_counter() - start, 2)
             _check_names(proto, method, inputs, outputs)
             written = {o.domain: o.version for o in proto.opset_import}.get("", None)
             if written != opset:

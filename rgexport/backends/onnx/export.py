@@ -175,3 +175,122 @@ def convert_to_ort(onnx_paths: Sequence[Path], out_dir: Path, target_platform: s
 def _cpu_has_fp16_kernels() -> bool:
     """ONNX Runtime's CPU provider has float16 MatMul/Gemm kernels on arm64 builds only."""
     return platform.machine().lower() in ("arm64", "aarch64")
+
+
+# Weights from a stream ------------------------------------------------------------------------------
+# In the export scratch folder: the stream's float weights, in the layout the graphs use.
+STREAMED_WEIGHTS_FILE = "float32.bin"
+
+# onnxscript's constant folder (the exporter's `optimize=True`) reads constant inputs up to this many elements
+# (`DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT`) and folds nodes over them: those get their real values before
+# optimising, larger ones stay external (the folder only looks at their size), so the folding decisions are
+# the ones the in-memory export makes.
+FOLD_INPUT_LIMIT = 8192
+
+_GRAPH_PREFIX = "model."  # DecodeIO/PrefillIO hold the Griffin as `model`: its parameters' initializer names
+
+
+def _is_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(getattr(value.const_value, "raw", None), FakeTensor)
+
+
+def _single_transpose(value: Any) -> Any | None:
+    """The Transpose(perm=[1, 0]) node that is `value`'s only use (the exporter's `linear`), else None;
+    the constant folder would fold it into a transposed initializer."""
+    uses = list(value.uses())
+    if len(uses) != 1 or len(value.shape) != 2:
+        return None
+    node = uses[0].node
+    perm = node.attributes.get("perm")
+    if node.op_type != "Transpose" or node.domain != "" or (perm is not None and list(perm.as_ints()) != [1, 0]):
+        return None
+    return node
+
+
+def fill_from_stream(programs: dict[str, Any], stream: Any, base_dir: Path) -> dict[str, Any]:
+    """Gives exported graphs whose parameters are FakeTensors their weights from `stream`, one part at a time.
+
+    `programs`: {method: ONNXProgram} exported with `optimize=False` from `streaming.fake_griffin(config)`
+    (shapes, no storage). Each parameter is read once from the stream (a `StreamedCheckpoint`: the embedding,
+    each block, the final norm, each float32 only while in hand) and written into `STREAMED_WEIGHTS_FILE` in
+    `base_dir` in the layout the graphs use: a parameter whose only use is `Transpose` (every `nn.Linear`)
+    is written transposed and the Transpose dropped, which is what the constant folder does in memory.
+    Parameters of at most `FOLD_INPUT_LIMIT` elements (norm scales, biases, RG-LRU gates) stay in memory, so
+    that the optimiser folds over them as it does for an in-memory export. Afterwards every initializer is
+    either real or an `ExternalTensor` into that file, and the programs can be optimised and serialised
+    without the float32 model ever being whole. Returns facts: tensors written, bytes, parts read.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    # What each graph wants of each parameter: {(fqn, transposed)}.
+    wanted: dict[str, set[bool]] = {}
+    plans: dict[str, list[tuple[Any, str, Any]]] = {}  # method -> [(value, fqn, transpose node or None)]
+    for method, program in programs.items():
+        plan = plans.setdefault(method, [])
+        for name, value in program.model.graph.initializers.items():
+            if not _is_fake(value):
+                continue
+            if not name.startswith(_GRAPH_PREFIX):
+                raise RgexportError(f"The exported {method} graph has a weight '{name}' that is not a model parameter")
+            fqn = name[len(_GRAPH_PREFIX):]
+            node = _single_transpose(value)
+            wanted.setdefault(fqn, set()).add(node is not None)
+            plan.append((value, fqn, node))
+
+    base_dir = Path(base_dir)
+    where: dict[tuple[str, bool], tuple[int, int, tuple[int, ...]]] = {}
+    small: dict[tuple[str, bool], np.ndarray] = {}
+    parts = 0
+    with open(base_dir / STREAMED_WEIGHTS_FILE, "wb") as f:
+        def take(prefix: str, part: Any) -> None:
+            for key, tensor in part.state_dict().items():
+                fqn = prefix + key
+                for transposed in sorted(wanted.get(fqn, ())):
+                    t = (tensor.t() if transposed else tensor).detach().contiguous()
+                    if t.numel() <= FOLD_INPUT_LIMIT:
+                        small[(fqn, transposed)] = t.numpy().copy()
+                        continue
+                    raw = memoryview(t.numpy()).cast("B")  # the tensor's own bytes: no copy of a 2.6 GB table
+                    offset = -f.tell() % _ALIGN + f.tell()
+                    f.seek(offset)
+                    f.write(raw)
+                    where[(fqn, transposed)] = (offset, raw.nbytes, tuple(t.shape))
+                    del raw
+
+        take("embedder.", stream.embedder())
+        parts += 1
+        for i in range(len(stream.config.block_types)):
+            take(f"blocks.{i}.", stream.block(i))  # the block goes when `take` returns
+            parts += 1
+        take("final_norm.", stream.final_norm())
+        parts += 1
+
+    missing = sorted({fqn for fqn, ts in wanted.items() for t in ts if (fqn, t) not in where and (fqn, t) not in small})
+    if missing:
+        raise RgexportError(f"The checkpoint stream has no tensor for the graph weights {missing[:3]}")
+    for method, plan in plans.items():
+        graph = programs[method].model.graph
+        for value, fqn, node in plan:
+            key = (fqn, node is not None)
+            name = value.name + (".T" if node is not None else "")
+            if key in small:
+                tensor = ir.Tensor(small[key], name=name)
+            else:
+                offset, length, shape = where[key]
+                tensor = ir.ExternalTensor(STREAMED_WEIGHTS_FILE, offset, length, ir.DataType.FLOAT,
+                                           shape=ir.Shape(shape), name=name, base_dir=str(base_dir))
+            if node is None:
+                value.const_value = tensor
+                continue
+            # The folded Transpose: a new initializer in its place, the parameter and the node removed.
+            folded = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                              const_value=tensor)
+            ir.convenience.replace_all_uses_with(node.outputs[0], folded)
+            graph.remove(node, safe=True)
+            del graph.initializers[value.name]
+            graph.register_initializer(folded)
+    return {"tensors": len(where), "bytes": (base_dir / STREAMED_WEIGHTS_FILE).stat().st_size,
+            "in_memory_tensors": len(small), "parts": parts}

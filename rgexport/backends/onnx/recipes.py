@@ -182,14 +182,16 @@ def tie_head_as_gemm(model) -> int:
     return len(new_nodes)
 
 
-def untie_head(model, base_dir: str | Path | None = None) -> int:
+def untie_head(model, base_dir: str | Path | None = None, untied: dict[str, str] | None = None) -> int:
     """Replaces `Transpose(E)` feeding the head MatMul by a transposed initializer (in place).
 
     Weight-only quantisers only quantise a MatMul whose weight is an initializer; this gives the head one.
     With `base_dir` (the folder of a model whose weights are external data) E is read from there and the
     transposed copy written beside it as external data too, so that it is not held in memory until the
-    quantiser reaches it (2.6 GB at RecurrentGemma-2B). Returns the number of heads untied.
+    quantiser reaches it (2.6 GB at RecurrentGemma-2B). Returns the number of heads untied; `untied`, where
+    given, receives {embedding name: untied head name}.
     """
+    import numpy as np
     from onnx import TensorProto, numpy_helper
 
     graph = model.graph
@@ -203,7 +205,9 @@ def untie_head(model, base_dir: str | Path | None = None) -> int:
             head_t = numpy_helper.to_array(emb, str(base_dir)).T
             location = f"{name}.bin"
             with open(Path(base_dir) / location, "wb") as f:
-                f.write(head_t.tobytes())  # C order of the transposed view: the untied weight's layout
+                rows = max(1, (64 << 20) // (4 * head_t.shape[1]))
+                for i in range(0, head_t.shape[0], rows):  # C order of the transposed view, 64 MB at a time
+                    f.write(np.ascontiguousarray(head_t[i:i + rows]).data)
             tensor = TensorProto(name=name, data_type=emb.data_type, dims=head_t.shape,
                                  data_location=TensorProto.EXTERNAL)
             for key, value in (("location", location), ("offset", "0"), ("length", str(head_t.nbytes))):
@@ -214,6 +218,8 @@ def untie_head(model, base_dir: str | Path | None = None) -> int:
         for matmul in matmuls:
             matmul.input[1] = name
         dead.add(id(transpose))
+        if untied is not None:
+            untied[emb.name] = name
     nodes = [n for n in graph.node if id(n) not in dead]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -431,23 +437,74 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path
     )
 
     model = copy.deepcopy(model)  # with external weights: the graph only
-    untie_head(model, base_dir)
+    untied: dict[str, str] = {}
+    untie_head(model, base_dir, untied)
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QOperator,
         accuracy_level=accuracy_level or None,
         op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
+    # The tied table's gather is built from the head's quantised weight (`_gather_from_head`), not quantised
+    # again: the quantiser's numpy path for Gather held about 4 GB more at 2B and rounds a few ties otherwise
+    # than the head's C++ kernel, so the two 4-bit copies differed and were both stored.
+    tied_gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in untied]
     where = contextlib.chdir(base_dir) if base_dir is not None else contextlib.nullcontext()
     with _quiet_quantizer_logs(), where:
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=tied_gathers)
         quantizer.process()
     model = quantizer.model.model
+    _gather_from_head(model, untied, block_size)
     if base_dir is not None:
         from onnx.external_data_helper import load_external_data_for_model
 
         load_external_data_for_model(model, str(base_dir))
     _pack_int4_gathers(model)
     return model
+
+
+def _gather_from_head(model, untied: dict[str, str], block_size: int) -> int:
+    """Replaces each `Gather(E, ids)` of a tied table by `GatherBlockQuantized` over the head's `MatMulNBits`
+    weight of E (in place); E itself goes. The head's weight is E's rows, each cut into blocks of
+    `block_size` along the width, symmetric 4-bit with the default zero point 8, low nibble first, and one
+    float scale per block: [vocab, blocks, block_size / 2] uint8 and [vocab, blocks]. That is exactly
+    `GatherBlockQuantized`'s uint8 `bits=4` layout along `quantize_axis=1`, so the data is the same bytes
+    (stored once in weights.bin) and the scales the same initializer. Returns the number replaced."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    count = 0
+    for emb_name, head_name in untied.items():
+        emb = inits[emb_name]
+        vocab, width = emb.dims
+        heads = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(head_name)]
+        attrs = {a.name: helper.get_attribute_value(a) for a in heads[0].attribute} if len(heads) == 1 else {}
+        shape = (attrs.get("N"), attrs.get("K"), attrs.get("bits"), attrs.get("block_size"))
+        if shape != (vocab, width, 4, block_size) or len(heads[0].input) > 3 and heads[0].input[3]:
+            raise RgexportError(f"The int4 head of {emb_name} is not one symmetric 4-bit MatMulNBits "
+                                f"(N={vocab}, K={width}, block {block_size}): cannot share it with the gather")
+        weight, scales = heads[0].input[1], heads[0].input[2]
+        packed = numpy_helper.to_array(inits[weight]).reshape(vocab, -1)  # [vocab, width / 2] uint8
+        data_name = _unique_name(_all_names(graph), f"{emb_name}_Q4")
+        graph.initializer.append(numpy_helper.from_array(packed, data_name))
+        for i, node in enumerate(graph.node):
+            if node.op_type != "Gather" or node.input[0] != emb_name:
+                continue
+            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+            replacement = helper.make_node(
+                "GatherBlockQuantized", [data_name, node.input[1], scales], list(node.output), name=node.name,
+                domain="com.microsoft", gather_axis=axis, quantize_axis=1, block_size=block_size, bits=4)
+            replacement.metadata_props.extend(node.metadata_props)
+            graph.node.remove(node)
+            graph.node.insert(i, replacement)
+            count += 1
+        if any(emb_name in n.input for n in graph.node):
+            raise RgexportError(f"{emb_name} has uses besides the gather and the head; the int4 recipe cannot drop it")
+        graph.initializer.remove(emb)
+        del packed
+    if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return count
 
 
 def _pack_int4_gathers(model) -> int:
