@@ -65,8 +65,11 @@ def test_bench_without_eager_times_the_artifacts_alone(onnx_artifact):
 
 
 def test_weights_read_per_token_follow_external_data_and_skip_gathered_tables(onnx_artifact, tmp_path):
-    """A model above 2 GiB keeps its weights in weights.bin beside a small decode.onnx; the embedding table
-    of a quantised gather is read one row per token, not whole."""
+    """A model above 2 GiB keeps its weights in weights.bin beside a small decode.onnx; a tensor only
+    gathered from is read one row per token, not whole; the tied int4 table, which the head reads whole,
+    counts in full and once."""
+    import onnx
+
     from rgexport.backends.onnx.graph_info import describe_onnx
     from rgexport.bench import weights_read_per_token
     from rgexport.manifest import read_manifest
@@ -82,8 +85,15 @@ def test_weights_read_per_token_follow_external_data_and_skip_gathered_tables(on
     assert (folder / "decode.onnx").stat().st_size < 0.1 * info["weights"]["bytes"]
     config = manifest["model"]["config"]
     table = config["vocab_size"] * config["width"]
-    gathered = table // 2 + table // 32 * 4  # GatherBlockQuantized: 4-bit table, a float32 scale per 32
-    assert weights_read_per_token(folder, manifest) == info["weights"]["bytes"] - gathered
+    # The tied table is stored once: the gather's 4-bit data is a second initializer over the head's
+    # MatMulNBits bytes (one offset in weights.bin) and its scales are the head's. The head reads all of it
+    # every step, so only the duplicate initializer (counted twice by describe_onnx) is not read again.
+    graph = onnx.load(str(folder / "decode.onnx"), load_external_data=False).graph
+    offsets = {t.name: {e.key: e.value for e in t.external_data}.get("offset") for t in graph.initializer}
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[2] == gather.input[2])
+    assert gather.input[0] != head.input[1] and offsets[gather.input[0]] == offsets[head.input[1]]
+    assert weights_read_per_token(folder, manifest) == info["weights"]["bytes"] - table // 2
 
 
 def test_cli_bench_without_eager(onnx_artifact):
