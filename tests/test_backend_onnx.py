@@ -524,6 +524,79 @@ def test_int4_tied_table_stored_once(built):
     assert sum(length for _, length in spans) <= size <= sum(length for _, length in spans) + 4096 * len(spans)
 
 
+def _tied_table_model(vocab: int, width: int, seed: int = 0):
+    """x [2, width] -> (MatMul(x, Transpose(E)), Gather(E, ids)): a tied table E [vocab, width]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(seed).standard_normal((vocab, width)).astype(np.float32)
+    table[3] = 0.0  # an all-zero row: scale 0
+    nodes = [helper.make_node("Transpose", ["E"], ["E_t"], name="t", perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "E_t"], ["logits"], name="head"),
+             helper.make_node("Gather", ["E", "ids"], ["rows"], name="embed", axis=0)]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, width]),
+                        helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, vocab]),
+         helper.make_tensor_value_info("rows", TensorProto.FLOAT, [3, width])],
+        [numpy_helper.from_array(table, "E")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), table
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["in_memory", "external"])
+def test_tied_table_quantised_once_as_onnx_runtime_would(external, tmp_path):
+    """The tied table is quantised in slices of rows (never whole in memory) to the bytes ONNX Runtime's
+    MatMulNBitsQuantizer gives for the untied, transposed head; the gather reads the same bytes and scales,
+    and its rows are the head's dequantised weights. Uneven slices (7 rows) and a row of zeros included."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from rgexport.backends.onnx.recipes import quantize_tied_tables
+
+    vocab, width = 45, 96
+    model, table = _tied_table_model(vocab, width)
+    base_dir = None
+    if external:
+        convert_model_to_external_data(model, location="float32.bin", size_threshold=0)
+        onnx.save_model(model, tmp_path / "tied.onnx")  # writes float32.bin beside it
+        model, base_dir = onnx.load(tmp_path / "tied.onnx", load_external_data=False), tmp_path
+    assert quantize_tied_tables(model, base_dir, block_size=32, accuracy_level=4, slice_bytes=7 * 4 * width) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["MatMulNBits", "GatherBlockQuantized"] and "E" not in {t.name for t in model.graph.initializer}
+    head, gather = model.graph.node
+    mine = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    # ONNX Runtime's quantiser on the same table, untied by hand.
+    untied, _ = _tied_table_model(vocab, width)
+    untied.graph.initializer[0].CopyFrom(numpy_helper.from_array(table.T.copy(), "E_t"))
+    untied.graph.node.pop(0)  # the Transpose: E_t is now the initializer
+    untied.graph.node.pop()  # its gather is not what this compares
+    untied.graph.output.pop()
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, quant_format=QuantFormat.QOperator,
+                                          accuracy_level=4, op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(untied, algo_config=config)
+    quantizer.process()
+    (theirs,) = quantizer.model.model.graph.node
+    ref = {t.name: numpy_helper.to_array(t) for t in quantizer.model.model.graph.initializer}
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute} == {
+        a.name: onnx.helper.get_attribute_value(a) for a in theirs.attribute}
+    for mine_name, their_name in zip(head.input[1:], theirs.input[1:]):  # weight, scales
+        assert mine[mine_name].shape == ref[their_name].shape
+        assert mine[mine_name].tobytes() == ref[their_name].tobytes()
+    assert gather.input[2] == head.input[2]  # one scales tensor
+    assert mine[gather.input[0]].tobytes() == mine[head.input[1]].tobytes()
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.eye(2, width, dtype=np.float32)
+    ids = np.array([3, 0, vocab - 1], np.int64)
+    logits, rows = session.run(None, {"x": x, "ids": ids})
+    # x[0] = e_0, so logits[0] is element 0 of every dequantised row: the head and the gather agree.
+    assert np.allclose(rows[:, 0], logits[0][ids], atol=1e-5) and np.all(rows[0] == 0)
+    scale = np.abs(table[ids]).max(axis=1, keepdims=True) / 8
+    assert np.all(np.abs(rows - table[ids]) <= scale * 1.01)  # 4-bit: within one step of the float rows
+
+
 def test_self_contained_files_on_request(backend, exported, built, small_config, tmp_path, small_tokens):
     """external_data=false: two .onnx files that each hold every weight (the layout before one weights.bin)."""
     ctx = BuildContext(config=small_config, recipe="fp32", work_dir=tmp_path, prefill_chunk=CHUNK,
@@ -611,8 +684,13 @@ def test_streamed_export_lowers_to_the_same_artifacts(backend, streamed, built, 
     tokens = small_tokens[0, :21].tolist()
     ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path, prefill_chunk=CHUNK)
     lowered = backend.lower(graphs, ctx)
-    for proto in lowered.values():  # int4 read the float weights from disk and owns what it keeps
-        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    scratch = Path(lowered.base_dir)
+    for proto in lowered.values():  # int4 read the float weights from disk and put what it made there too:
+        for t in proto.graph.initializer:  # neither graph's weights are held between lower and write
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                assert (scratch / {e.key: e.value for e in t.external_data}["location"]).is_file()
+            else:
+                assert onnx.numpy_helper.to_array(t).nbytes < 1024, t.name
     backend.write(lowered, ctx)
     for recipe, folder in (("int4", tmp_path), ("fp32", work)):
         if recipe == "fp32":  # written into the export's own work folder, which must lose the scratch files

@@ -284,7 +284,7 @@ class OnnxBackend(Backend):
                 prop.key, prop.value = key, value
             lowered[method] = proto
             ctx.facts.setdefault("onnx_head", {})[method] = "gemm_transB_tied" if tied else (
-                "untied_quantized" if ctx.recipe == "int4" else "transpose_of_embedding")
+                "quantized_once_for_gather_and_head" if ctx.recipe == "int4" else "transpose_of_embedding")
         if ctx.recipe == "w8a8":
             ctx.notes.append(W8A8_NOTE.format(method=ctx.facts["onnx_w8a8"]["decode"]["calibration_method"]))
         return lowered

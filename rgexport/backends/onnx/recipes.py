@@ -182,50 +182,6 @@ def tie_head_as_gemm(model) -> int:
     return len(new_nodes)
 
 
-def untie_head(model, base_dir: str | Path | None = None, untied: dict[str, str] | None = None) -> int:
-    """Replaces `Transpose(E)` feeding the head MatMul by a transposed initializer (in place).
-
-    Weight-only quantisers only quantise a MatMul whose weight is an initializer; this gives the head one.
-    With `base_dir` (the folder of a model whose weights are external data) E is read from there and the
-    transposed copy written beside it as external data too, so that it is not held in memory until the
-    quantiser reaches it (2.6 GB at RecurrentGemma-2B). Returns the number of heads untied; `untied`, where
-    given, receives {embedding name: untied head name}.
-    """
-    import numpy as np
-    from onnx import TensorProto, numpy_helper
-
-    graph = model.graph
-    taken = _all_names(graph)
-    dead = set()
-    for transpose, matmuls, emb in _tied_heads(model):
-        name = _unique_name(taken, "lm_head.weight_t")
-        if base_dir is None:
-            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(emb).T.copy(), name))
-        else:
-            head_t = numpy_helper.to_array(emb, str(base_dir)).T
-            location = f"{name}.bin"
-            with open(Path(base_dir) / location, "wb") as f:
-                rows = max(1, (64 << 20) // (4 * head_t.shape[1]))
-                for i in range(0, head_t.shape[0], rows):  # C order of the transposed view, 64 MB at a time
-                    f.write(np.ascontiguousarray(head_t[i:i + rows]).data)
-            tensor = TensorProto(name=name, data_type=emb.data_type, dims=head_t.shape,
-                                 data_location=TensorProto.EXTERNAL)
-            for key, value in (("location", location), ("offset", "0"), ("length", str(head_t.nbytes))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            del head_t
-            graph.initializer.append(tensor)
-        for matmul in matmuls:
-            matmul.input[1] = name
-        dead.add(id(transpose))
-        if untied is not None:
-            untied[emb.name] = name
-    nodes = [n for n in graph.node if id(n) not in dead]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return len(dead)
-
-
 # fp16 -------------------------------------------------------------------------------------------
 # Ops whose float output dtype is set by an attribute rather than by their inputs.
 _TYPED_BY_ATTRIBUTE = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype"}
@@ -415,9 +371,11 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path
     """4-bit symmetric block quantisation of every 2-D MatMul weight (`MatMulNBits`) and the embedding.
 
     Runs on the exported graph as is: after `quant_pre_process` fuses MatMul + Add into Gemm, which
-    `MatMulNBits` does not handle, most weights would stay float. The head is untied first so that its
-    weight is an initializer; the embedding Gather becomes `GatherBlockQuantized` (blocks along width).
-    Returns a new model; `model` is left as it was.
+    `MatMulNBits` does not handle, most weights would stay float. The tied table (the embedding Gather and
+    the head's `MatMul(x, Transpose(E))`) is quantised once, a slice of rows at a time
+    (`quantize_tied_tables`); ONNX Runtime's `MatMulNBitsQuantizer` does every other MatMul, and an untied
+    embedding Gather becomes `GatherBlockQuantized` (blocks along the width). Returns a new model; `model` is
+    left as it was.
 
     `accuracy_level`: `MatMulNBits`' compute type. 0 dequantises the weights and multiplies in float32; 4
     (the backend's default) quantises each activation block to int8 and multiplies in int8, as ExecuTorch's
@@ -427,8 +385,10 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path
     `base_dir`: `model`'s initializers are external data in this folder (a streamed export). ONNX Runtime's
     quantiser reads an external tensor only when it reaches its node (`ir.from_proto(...).numpy()`,
     `numpy_helper.to_array`, both relative to the working directory), so it runs from that folder and holds
-    one float tensor at a time instead of the whole model; the float tensors it leaves (norms, Conv1D,
-    RG-LRU gates) are then loaded into the returned model, which owns all of its weights.
+    one float tensor at a time instead of the whole model. Its results then go into a file of that folder
+    too (`offload_initializers`): the returned model refers to `base_dir` for every large tensor, so the
+    lowered decode graph is not held while the prefill graph is quantised, and `write` copies the tensors
+    one at a time.
     """
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -437,74 +397,148 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path
     )
 
     model = copy.deepcopy(model)  # with external weights: the graph only
-    untied: dict[str, str] = {}
-    untie_head(model, base_dir, untied)
+    quantize_tied_tables(model, base_dir, block_size, accuracy_level)
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QOperator,
         accuracy_level=accuracy_level or None,
         op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
-    # The tied table's gather is built from the head's quantised weight (`_gather_from_head`), not quantised
-    # again: the quantiser's numpy path for Gather held about 4 GB more at 2B and rounds a few ties otherwise
-    # than the head's C++ kernel, so the two 4-bit copies differed and were both stored.
-    tied_gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in untied]
     where = contextlib.chdir(base_dir) if base_dir is not None else contextlib.nullcontext()
     with _quiet_quantizer_logs(), where:
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=tied_gathers)
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
         quantizer.process()
     model = quantizer.model.model
-    _gather_from_head(model, untied, block_size)
-    if base_dir is not None:
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(model, str(base_dir))
+    del quantizer
     _pack_int4_gathers(model)
+    if base_dir is not None:
+        offload_initializers(model, base_dir)
     return model
 
 
-def _gather_from_head(model, untied: dict[str, str], block_size: int) -> int:
-    """Replaces each `Gather(E, ids)` of a tied table by `GatherBlockQuantized` over the head's `MatMulNBits`
-    weight of E (in place); E itself goes. The head's weight is E's rows, each cut into blocks of
-    `block_size` along the width, symmetric 4-bit with the default zero point 8, low nibble first, and one
-    float scale per block: [vocab, blocks, block_size / 2] uint8 and [vocab, blocks]. That is exactly
-    `GatherBlockQuantized`'s uint8 `bits=4` layout along `quantize_axis=1`, so the data is the same bytes
-    (stored once in weights.bin) and the scales the same initializer. Returns the number replaced."""
-    from onnx import helper, numpy_helper
+def _table_rows(table, base_dir: str | Path | None, start: int, stop: int):
+    """Rows `start:stop` of a 2-D float32 initializer, read alone from its external file when it has one."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    width = table.dims[1]
+    if table.data_location != TensorProto.EXTERNAL:
+        if table.raw_data:
+            rows = np.frombuffer(table.raw_data, np.float32, (stop - start) * width, 4 * width * start)
+            return rows.reshape(-1, width)
+        return numpy_helper.to_array(table)[start:stop]
+    if base_dir is None:
+        raise RgexportError(f"{table.name} is external data and no folder was given to read it from")
+    info = {e.key: e.value for e in table.external_data}
+    with open(Path(base_dir) / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)) + 4 * width * start)
+        return np.frombuffer(f.read(4 * width * (stop - start)), np.float32).reshape(-1, width)
+
+
+def quantize_tied_tables(model, base_dir: str | Path | None = None, block_size: int = INT4_BLOCK_SIZE,
+                         accuracy_level: int = 0, slice_bytes: int = 64 << 20) -> int:
+    """Quantises each tied table E [vocab, width] once for both of its uses (in place); returns how many.
+
+    The head `MatMul(x, Transpose(E))` becomes `MatMulNBits` over B = E^T (K = width, N = vocab) and each
+    `Gather(E, ids)` becomes `GatherBlockQuantized` over the same bytes. `MatMulNBits` stores B's columns
+    (E's rows) in blocks of `block_size` along K, symmetric 4-bit with the default zero point 8, low nibble
+    first, one float scale per block: [vocab, blocks, block_size / 2] uint8 and [vocab, blocks]. That is
+    exactly `GatherBlockQuantized`'s uint8 `bits=4` layout along `quantize_axis=1`, so the gather's data is
+    the head's weight reshaped (one copy in weights.bin) and its scales are the same initializer.
+
+    The blocks are computed by ONNX Runtime's own kernel (`quantize_matmul_4bits`, what its
+    `MatMulNBitsQuantizer` calls), one slice of E's rows (`slice_bytes` of float32) at a time: each column of
+    B is quantised on its own, so the result is byte for byte what the quantiser gives for the whole
+    transposed head, without the float table (2.6 GB at RecurrentGemma-2B) or its transpose in memory.
+    E and the Transpose leave the graph.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    taken = _all_names(graph)
     count = 0
-    for emb_name, head_name in untied.items():
-        emb = inits[emb_name]
+    for transpose, matmuls, emb in _tied_heads(model):
+        if emb.data_type != TensorProto.FLOAT:
+            continue
         vocab, width = emb.dims
-        heads = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(head_name)]
-        attrs = {a.name: helper.get_attribute_value(a) for a in heads[0].attribute} if len(heads) == 1 else {}
-        shape = (attrs.get("N"), attrs.get("K"), attrs.get("bits"), attrs.get("block_size"))
-        if shape != (vocab, width, 4, block_size) or len(heads[0].input) > 3 and heads[0].input[3]:
-            raise RgexportError(f"The int4 head of {emb_name} is not one symmetric 4-bit MatMulNBits "
-                                f"(N={vocab}, K={width}, block {block_size}): cannot share it with the gather")
-        weight, scales = heads[0].input[1], heads[0].input[2]
-        packed = numpy_helper.to_array(inits[weight]).reshape(vocab, -1)  # [vocab, width / 2] uint8
-        data_name = _unique_name(_all_names(graph), f"{emb_name}_Q4")
-        graph.initializer.append(numpy_helper.from_array(packed, data_name))
-        for i, node in enumerate(graph.node):
-            if node.op_type != "Gather" or node.input[0] != emb_name:
+        blocks = -(-width // block_size)
+        packed = np.zeros((vocab, blocks, block_size // 2), np.uint8)
+        scales = np.zeros((vocab, blocks), np.float32)
+        step = max(1, slice_bytes // (4 * width))
+        for start in range(0, vocab, step):
+            stop = min(vocab, start + step)
+            weight = np.zeros((blocks * block_size, stop - start), np.float32)  # B's columns start:stop, padded
+            weight[:width] = _table_rows(emb, base_dir, start, stop).T
+            zero_points = np.zeros((stop - start, (blocks + 1) // 2), np.uint8)  # unused: symmetric
+            quantize_matmul_4bits(packed[start:stop], weight, scales[start:stop], zero_points,
+                                  block_size, stop - start, blocks * block_size, True)
+        weight_name = _unique_name(taken, f"{emb.name}_Q4")
+        data_name = _unique_name(taken, f"{emb.name}_Q4_rows")
+        scales_name = _unique_name(taken, f"{emb.name}_scales")
+        graph.initializer.extend([numpy_helper.from_array(packed, weight_name),
+                                  numpy_helper.from_array(packed.reshape(vocab, -1), data_name),
+                                  numpy_helper.from_array(scales, scales_name)])
+        del packed, scales
+        nodes = list(graph.node)  # held, so that id() names each node until the graph is rebuilt
+        replaced: dict[int, Any] = {}
+        for matmul in matmuls:
+            attrs = {"K": width, "N": vocab, "bits": 4, "block_size": block_size}
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            replaced[id(matmul)] = helper.make_node(
+                "MatMulNBits", [matmul.input[0], weight_name, scales_name], list(matmul.output),
+                name=f"{matmul.name}_Q4" if matmul.name else "", domain="com.microsoft", **attrs)
+        for node in nodes:
+            if node.op_type == "Gather" and node.input[0] == emb.name:
+                axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+                replaced[id(node)] = helper.make_node(
+                    "GatherBlockQuantized", [data_name, node.input[1], scales_name], list(node.output),
+                    name=node.name, domain="com.microsoft", gather_axis=axis, quantize_axis=1,
+                    block_size=block_size, bits=4)
+        kept = []
+        for node in nodes:
+            if node is transpose:
                 continue
-            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-            replacement = helper.make_node(
-                "GatherBlockQuantized", [data_name, node.input[1], scales], list(node.output), name=node.name,
-                domain="com.microsoft", gather_axis=axis, quantize_axis=1, block_size=block_size, bits=4)
-            replacement.metadata_props.extend(node.metadata_props)
-            graph.node.remove(node)
-            graph.node.insert(i, replacement)
-            count += 1
-        if any(emb_name in n.input for n in graph.node):
-            raise RgexportError(f"{emb_name} has uses besides the gather and the head; the int4 recipe cannot drop it")
+            new = replaced.get(id(node), node)
+            if new is not node:
+                new.metadata_props.extend(node.metadata_props)
+            kept.append(new)
+        if any(emb.name in n.input for n in kept):
+            raise RgexportError(f"{emb.name} has uses besides the gather and the head; the int4 recipe cannot drop it")
+        del graph.node[:]
+        graph.node.extend(kept)
+        del nodes, kept
         graph.initializer.remove(emb)
-        del packed
+        count += 1
     if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return count
+
+
+def offload_initializers(model, base_dir: str | Path, min_bytes: int = 1024) -> int:
+    """Moves every in-memory initializer of at least `min_bytes` into a new file of `base_dir` (in place),
+    leaving an external-data reference; returns the bytes moved. Small tensors stay inline."""
+    from onnx import TensorProto
+
+    with tempfile.NamedTemporaryFile(dir=base_dir, prefix="lowered-", suffix=".bin", delete=False) as f:
+        location = Path(f.name).name
+        moved = 0
+        for t in model.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL or not t.raw_data or len(t.raw_data) < min_bytes:
+                continue
+            offset = -f.tell() % 4096 + f.tell()
+            f.seek(offset)
+            f.write(t.raw_data)
+            length = len(t.raw_data)
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            moved += length
+    return moved
 
 
 def _pack_int4_gathers(model) -> int:
