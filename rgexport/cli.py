@@ -389,10 +389,15 @@ def run(
     decode tok/s, time to first token, state bytes) go to stderr."""
     from rgexport.run import Interrupt, run_prompt
     from rgexport.runtime import open_artifact
+    from rgexport.safety import utf8_argument
     from rgexport.sampling import SamplingOptions
 
+    utf8_argument(prompt, "--prompt")
+    for text in stop or []:
+        utf8_argument(text, "--stop")
     sampling = SamplingOptions(temperature, top_k, top_p, seed).check()
     with open_artifact(path, threads=threads, artifact=artifact) as art, Interrupt().catching_sigint() as stop_flag:
+        sampling.check(art.vocab_size)
         if not as_json:
             err.print(art.describe(), highlight=False, markup=False, soft_wrap=True)
         gen = run_prompt(art, prompt, sampling, max_tokens, stop or [], None if as_json else _write, stop_flag)
@@ -416,10 +421,14 @@ def chat(
     reply."""
     from rgexport.chat import ChatSession, chat_loop
     from rgexport.runtime import open_artifact
+    from rgexport.safety import utf8_argument
     from rgexport.sampling import SamplingOptions
 
+    for text in stop or []:
+        utf8_argument(text, "--stop")
     sampling = SamplingOptions(temperature, top_k, top_p, seed).check()
     with open_artifact(path, threads=threads, artifact=artifact) as art:
+        sampling.check(art.vocab_size)
         chat_loop(ChatSession(art, sampling, max_tokens, stop or []), sys.stdin, sys.stdout, sys.stderr)
 
 

@@ -156,6 +156,9 @@ def resolve_artifact(path: str | Path, artifact: str | None = None) -> tuple[Pat
     p = Path(path)
     if not p.exists():
         raise RgexportError(f"{p} does not exist: pass an artifact folder or a bundle written by `rgexport build`")
+    if p.is_file() and p.name != "manifest.json":
+        raise RgexportError(f"{p} is a file, not an artifact: pass an artifact folder, a bundle folder or a "
+                            "bundle .zip written by `rgexport build`")
     if p.is_dir() and (p / BUNDLE_MANIFEST).is_file():
         try:
             bundle = json.loads((p / BUNDLE_MANIFEST).read_text())

@@ -2,7 +2,8 @@
 judged against the fp32 step model with the bounds of thresholds.toml.
 
 The default run covers each backend's most precise recipe; `-m slow` covers every recipe. A backend added to
-the registry is covered without a line here.
+the registry is covered without a line here. The same artifacts then go through `rgexport run` and `chat`'s
+library functions, so that every backend's runtime is driven the way an app drives it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from rgexport.validate import load_thresholds
 
 # Past the attention window (128): the ring buffer wraps, and the mask must follow it.
 TOKENS = 256
+# Longer than one prefill chunk (32 tokens), so `run` goes through the prefill graph, then decode.
+PROMPT = ("Python's built-in list type is a mutable sequence. Lists may be constructed in several ways: "
+          "using a pair of square brackets to denote the empty list, using square brackets and separating "
+          "items with commas, or using a list comprehension.")
 
 
 def _precise(name: str) -> str:
@@ -34,9 +39,15 @@ def _cases(every_recipe: bool) -> list:
     return cases
 
 
+_BUILT: dict[tuple[str, str], object] = {}  # each artifact built once per session, for both tests below
+
+
 def _build(name: str, recipe: str, tmp_path_factory):
-    out = tmp_path_factory.mktemp("parity") / f"{name}-{recipe}"
-    return build(BuildOptions(backend=name, recipe=recipe, out=out, validation_tokens=TOKENS, require_pass=False))
+    if (name, recipe) not in _BUILT:
+        out = tmp_path_factory.mktemp("parity") / f"{name}-{recipe}"
+        _BUILT[name, recipe] = build(BuildOptions(backend=name, recipe=recipe, out=out, validation_tokens=TOKENS,
+                                                  require_pass=False))
+    return _BUILT[name, recipe]
 
 
 @pytest.mark.parametrize("name, recipe", _cases(every_recipe=False) + _cases(every_recipe=True))
@@ -63,3 +74,40 @@ def test_every_registered_backend_is_in_the_parity_suite():
     assert covered == set(BACKENDS)
     every = {(p.values[0], p.values[1]) for p in _cases(every_recipe=False) + _cases(every_recipe=True)}
     assert every == {(n, r) for n in BACKENDS for r in get_backend(n).recipes}
+
+
+@pytest.mark.parametrize("name, recipe", _cases(every_recipe=False))
+def test_run_and_chat_on_the_backend(name, recipe, tmp_path_factory, shipped):
+    """`run` (prompt through the prefill graph in chunks, then greedy decode) is the runtime layer's own
+    step loop: every generated token is the argmax of the logits that feeding the same tokens in the same
+    pattern gives. A float32 artifact generates exactly what the eager model generates. `chat` carries the
+    state: turn 2 starts where turn 1 left off and feeds only its own tokens."""
+    import numpy as np
+
+    from rgexport.chat import ChatSession
+    from rgexport.generate import generate_tokens
+    from rgexport.run import open_tokenizer, run_prompt
+    from rgexport.runtime import open_artifact
+    from rgexport.tokenizer import Tokenizer
+
+    result = _build(name, recipe, tmp_path_factory)
+    prompt = PROMPT
+    with open_artifact(result.out) as art:
+        gen = run_prompt(art, prompt, max_tokens=12)
+        assert gen.stats.prompt_tokens > art.prefill_chunk and gen.stats.generated_tokens == 12
+        ids = open_tokenizer(art).encode(prompt)
+        assert len(ids) == gen.stats.prompt_tokens
+        art.reset()
+        steps = [art.feed(ids, 0)[-1]]
+        for i, token in enumerate(gen.tokens[:-1]):
+            steps.append(art.feed([token], len(ids) + i)[-1])
+        assert [int(np.argmax(x)) for x in steps] == gen.tokens
+        if recipe == "fp32":
+            eager = list(generate_tokens(shipped.model, Tokenizer(shipped.tokenizer_path), prompt, max_tokens=12))
+            assert gen.tokens == eager
+        art.reset()
+        session = ChatSession(art, max_tokens=8)
+        session.send("The list type")
+        history = len(session.history)
+        t2 = session.send("Dictionaries are")
+        assert t2.stats.start_position == history > 0 and t2.fed_tokens < len(session.history)

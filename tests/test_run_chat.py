@@ -242,6 +242,37 @@ def test_raw_chat_carries_the_state_across_turns(tflite_art):
         assert session.send("The list type").reply == t1.reply  # a new sequence at position 0
 
 
+def test_ctrl_c_stops_the_reply_not_the_conversation(tflite_art):
+    """SIGINT during a reply ends it between two tokens; the state and the position stay in step, so the
+    next turn goes on from there, as if the shorter reply had been the whole reply."""
+    import os
+    import signal
+
+    from rgexport.chat import ChatSession
+    from rgexport.runtime import open_artifact
+
+    pieces = []
+
+    def press_ctrl_c_at_the_third_piece(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with open_artifact(tflite_art) as art, open_artifact(tflite_art) as fresh:
+        session = ChatSession(art, max_tokens=40)
+        session.send("The list type", on_text=press_ctrl_c_at_the_third_piece)
+        cut = session.last_reply
+        assert cut.stats.stop_reason == "interrupted" and len(cut.tokens) < 40
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Ctrl-C again
+        fed = len(session.history)
+        assert cut.pending == cut.tokens[-1:]  # sampled, not yet fed: the next turn feeds it first
+        assert fed == session.position == len(session.turns[0].ids) + len(cut.tokens) - 1
+        t2 = session.send("Dictionaries are")
+        assert t2.stats.start_position == fed and t2.ids[:1] == cut.pending
+        assert session.last_reply.stats.stop_reason == "max_tokens"
+        np.testing.assert_allclose(fresh.feed(session.history, 0)[-1], session.last_logits, atol=1e-4)
+
+
 def test_chat_from_a_pipe(tflite_art):
     turns = "The list type\n/stats\nDictionaries are\n/bogus\n/reset\nThe list type\n/quit\nnever read\n"
     result = cli.invoke(app, ["chat", str(tflite_art), "--max-tokens", "8"], input=turns)

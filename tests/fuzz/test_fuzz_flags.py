@@ -1,7 +1,7 @@
-"""Fuzz: bad flags and outputs on every command (unknown targets and recipes, values out of range,
-sampling options, non-UTF-8 text, an --out or --report that is a file, impossible or an earlier output),
-signals during a build, and the error boundary itself (a bug: one line and a crash file). See fuzzing.py
-for what every case asserts."""
+"""Fuzz: bad flags and outputs on every command, run and chat included (unknown targets and recipes, values
+out of range, sampling options, non-UTF-8 text, a bundle's artifact that is not there, an --out or --report
+that is a file, impossible or an earlier output), signals during a build, and the error boundary itself (a
+bug: one line and a crash file). See fuzzing.py for what every case asserts."""
 
 from __future__ import annotations
 
@@ -83,6 +83,29 @@ CASES = {
     "generate-no-prompt": (["generate"], 2, r"Missing option '--prompt'"),
     "generate-checkpoint-missing": (["generate", "--prompt", "x", "--checkpoint", "{root}/none"], 1,
                                     r"does not exist"),
+    "run-missing-artifact": (["run", "{root}/none", "--prompt", "x"], 1,
+                             r"none does not exist: pass an artifact folder"),
+    "run-a-file": (["run", "{file}", "--prompt", "x"], 1, r"a-file is a file, not an artifact"),
+    "run-no-prompt": (["run", "{prior}"], 2, r"Missing option '--prompt'"),
+    "run-empty-prompt": (["run", "{prior}", "--prompt", ""], 1, r"the prompt is empty"),
+    "run-non-utf8-prompt": (["run", "{prior}", "--prompt", "caf\udce9"], 1, r"--prompt holds bytes that are not UTF-8"),
+    "run-non-utf8-stop": (["run", "{prior}", "--prompt", "x", "--stop", "\udcff"], 1,
+                          r"--stop holds bytes that are not UTF-8"),
+    "run-max-tokens-zero": (["run", "{prior}", "--prompt", "x", "--max-tokens", "0"], 2, r"--max-tokens"),
+    "run-temperature-nan": (["run", "{prior}", "--prompt", "x", "--temperature", "nan"], 2, r"--temperature"),
+    "run-temperature-tiny": (["run", "{prior}", "--prompt", "x", "--temperature", "1e-300"], 1,
+                             r"--temperature is 1e-300"),
+    "run-top-k-above-vocab": (["run", "{prior}", "--prompt", "x", "--temperature", "1", "--top-k", "99999"], 1,
+                              r"--top-k is 99999; use 0 \(all tokens\) or at most the vocabulary \(4096\)"),
+    "run-top-p-zero": (["run", "{prior}", "--prompt", "x", "--top-p", "0"], 1, r"--top-p must be in \(0, 1\]"),
+    "run-threads-zero": (["run", "{prior}", "--prompt", "x", "--threads", "0"], 2, r"--threads"),
+    "run-artifact-on-an-artifact": (["run", "{prior}", "--prompt", "x", "--artifact", "onnx"], 1, r"not a bundle"),
+    "run-artifact-not-in-bundle": (["run", "{bundle}", "--prompt", "x", "--artifact", "tflite"], 1, r"tflite"),
+    "chat-missing-artifact": (["chat", "{root}/none"], 1, r"none does not exist: pass an artifact folder"),
+    "chat-top-p-big": (["chat", "{prior}", "--top-p", "1.5"], 1, r"--top-p must be in \(0, 1\]"),
+    "chat-top-k-above-vocab": (["chat", "{prior}", "--temperature", "1", "--top-k", "99999"], 1,
+                               r"--top-k is 99999"),
+    "chat-artifact-not-in-bundle": (["chat", "{bundle}", "--artifact", "coreml"], 1, r"coreml"),
     "info-unknown-preset": (["info", "--preset", "gpt-9"], 1, r"Unknown preset 'gpt-9'"),
     "info-missing-path": (["info", "{root}/none"], 1, r"has no manifest\.json"),
     "info-missing-onnx": (["info", "{root}/none.onnx"], 1, r"none\.onnx does not exist"),
@@ -106,7 +129,7 @@ def places(sandbox) -> dict[str, str]:
     (d / "nottoml.toml").write_text("[[[ not toml\n")
     return {"root": str(sandbox.root), "prior": str(sandbox.prior), "file": str(d / "a-file"),
             "badtoml": str(d / "bad.toml"), "goodtoml": str(d / "good.toml"), "binary": str(d / "binary.txt"),
-            "shipped": str(sandbox.shipped), "nottoml": str(d / "nottoml.toml")}
+            "shipped": str(sandbox.shipped), "nottoml": str(d / "nottoml.toml"), "bundle": str(sandbox.bundle)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -71,6 +71,7 @@ from rgexport.backends.onnx.recipes import INT4_ACCURACY_LEVEL, RECIPES, W8A8_FL
 from rgexport.backends.onnx.runner import OnnxRunner
 from rgexport.errors import RgexportError
 from rgexport.graphs import DecodeIO, PrefillIO
+from rgexport.memory import release_freed
 from rgexport.model import Griffin
 
 
@@ -272,6 +273,10 @@ class OnnxBackend(Backend):
                     raise RgexportError(f"int4_accuracy_level is {level!r}; expected 0 or 1 (float32 compute), "
                                         "2 (float16), 3 (bfloat16) or 4 (int8 activations, default)")
                 proto = q.quantize_int4(proto, base_dir=base_dir, accuracy_level=level)
+                if base_dir is not None:
+                    # Its tensors are in the scratch folder now; what the quantiser held is freed, and handed
+                    # back before the next graph is quantised (at 9B: 5.4 GB of 4-bit tensors per graph).
+                    release_freed()
                 ctx.facts["onnx_int4_accuracy_level"] = level
                 tied = 0
             q.strip_debug_metadata(proto)
