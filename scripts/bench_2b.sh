@@ -9,7 +9,7 @@
 #   ARTIFACTS="onnx:int4 onnx:fp32" OUT=/tmp/b2 scripts/bench_2b.sh
 #
 # One build at a time; each one's log is OUT/<backend>-<recipe>.log. Only ONNX builds from a stream (peak
-# 7.65 GiB for int4 at 2B on a 24 GB machine); the other backends load the whole float32 model (10.7 GB)
+# 5.54 GiB for int4 at 2B, 15.52 GiB at 9B); the other backends load the whole float32 model (10.7 GB)
 # and need more memory than that.
 set -euo pipefail
 
