@@ -387,6 +387,7 @@ def run(
 ) -> None:
     """Generates from an artifact in its own runtime, streaming text; figures (prompt tokens, prefill and
     decode tok/s, time to first token, state bytes) go to stderr."""
+    from rgexport.logs import held_back
     from rgexport.run import Interrupt, run_prompt
     from rgexport.runtime import open_artifact
     from rgexport.safety import utf8_argument
@@ -396,7 +397,9 @@ def run(
     for text in stop or []:
         utf8_argument(text, "--stop")
     sampling = SamplingOptions(temperature, top_k, top_p, seed).check()
-    with open_artifact(path, threads=threads, artifact=artifact) as art, Interrupt().catching_sigint() as stop_flag:
+    with held_back(not _verbose):  # the runtime's own load-time lines (--verbose shows them)
+        art = open_artifact(path, threads=threads, artifact=artifact)
+    with art, Interrupt().catching_sigint() as stop_flag:
         sampling.check(art.vocab_size)
         if not as_json:
             err.print(art.describe(), highlight=False, markup=False, soft_wrap=True)
@@ -420,6 +423,7 @@ def chat(
     carries the conversation, so each turn feeds only its own tokens. /reset, /stats, /quit; Ctrl-C stops a
     reply."""
     from rgexport.chat import ChatSession, chat_loop
+    from rgexport.logs import held_back
     from rgexport.runtime import open_artifact
     from rgexport.safety import utf8_argument
     from rgexport.sampling import SamplingOptions
@@ -427,7 +431,9 @@ def chat(
     for text in stop or []:
         utf8_argument(text, "--stop")
     sampling = SamplingOptions(temperature, top_k, top_p, seed).check()
-    with open_artifact(path, threads=threads, artifact=artifact) as art:
+    with held_back(not _verbose):  # the runtime's own load-time lines (--verbose shows them)
+        art = open_artifact(path, threads=threads, artifact=artifact)
+    with art:
         sampling.check(art.vocab_size)
         chat_loop(ChatSession(art, sampling, max_tokens, stop or []), sys.stdin, sys.stdout, sys.stderr)
 

@@ -59,3 +59,41 @@ def captured(log_path: Path | None) -> Iterator[TextIO]:
         log.close()
         if terminal is not sys.stderr:
             terminal.close()
+
+
+@contextlib.contextmanager
+def held_back(enabled: bool = True) -> Iterator[None]:
+    """Within the block, other libraries' output to fds 1 and 2 (torchao's library probes, LiteRT's
+    delegate line while a runtime loads) is held in an anonymous temporary file: dropped when the block
+    succeeds, written to stderr when it raises, so a failure still shows everything. `enabled` False
+    (`--verbose`) holds nothing back. Writes no file anywhere."""
+    if not enabled:
+        yield
+        return
+    import tempfile
+
+    for s in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            s.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    held = tempfile.TemporaryFile()
+    failed = False
+    try:
+        for fd in (1, 2):
+            os.dup2(held.fileno(), fd)
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                s.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        if failed:
+            held.seek(0)
+            with contextlib.suppress(OSError):
+                os.write(2, held.read()[-20000:])
+        held.close()

@@ -85,3 +85,27 @@ def test_native_output_goes_to_the_log(tmp_path):
     assert all(s in text for s in ("native out", "native err", "python out", "library warning"))
     with captured(None) as stream:  # --verbose: nothing captured
         assert stream is sys.stderr
+
+
+def test_held_back_drops_native_output_unless_the_block_fails(capfd, tmp_path, monkeypatch):
+    """run/chat hold the runtimes' load-time lines back (fds 1 and 2): gone when loading succeeds, shown
+    when it fails, and no file is left anywhere."""
+    import tempfile
+
+    from rgexport.logs import held_back
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a temporary file would appear
+    before = set(os.listdir(tmp_path))
+    with held_back():
+        os.write(1, b"native stdout line\n")
+        os.write(2, b"native stderr line\n")
+    out, err = capfd.readouterr()
+    assert "native" not in out + err
+    with pytest.raises(RuntimeError), held_back():
+        os.write(2, b"what a failed load printed\n")
+        raise RuntimeError("load failed")
+    assert "what a failed load printed" in capfd.readouterr().err
+    with held_back(enabled=False):
+        os.write(1, b"verbose line\n")
+    assert "verbose line" in capfd.readouterr().out
+    assert set(os.listdir(tmp_path)) == before
