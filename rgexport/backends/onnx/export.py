@@ -98,6 +98,43 @@ def _typed_bytes(t: Any) -> int:
     return numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data)
 
 # Writing --------------------------------------------------------------------------------------------
+def _append_aligned(f: Any, raw: Any) -> int:
+    """Writes `raw` to the open file `f` at its next `_ALIGN` boundary; returns the offset."""
+    offset = -f.tell() % _ALIGN + f.tell()
+    f.seek(offset)
+    f.write(raw)
+    return offset
+
+
+def _point_external(t: Any, location: str, offset: int, length: int) -> None:
+    """Makes initializer `t` refer to `length` bytes at `offset` of `location` (its own data cleared)."""
+    from onnx import TensorProto
+
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(field)
+    t.data_location = TensorProto.EXTERNAL
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def offload_initializers(model: Any, base_dir: str | Path, min_bytes: int = _EXTERNAL_MIN_BYTES) -> int:
+    """Moves every in-memory initializer of at least `min_bytes` into a new file of `base_dir` (in place),
+    leaving an external-data reference that `write` reads from there; returns the bytes moved."""
+    from onnx import TensorProto
+
+    moved = 0
+    with tempfile.NamedTemporaryFile(dir=base_dir, prefix="lowered-", suffix=".bin", delete=False) as f:
+        for t in model.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL or len(t.raw_data) < min_bytes:
+                continue
+            length = len(t.raw_data)
+            _point_external(t, Path(f.name).name, _append_aligned(f, t.raw_data), length)
+            moved += length
+    return moved
+
+
 def _save_with_shared_weights(protos: Sequence[Any], paths: Sequence[Path], data_path: Path,
                               base_dir: Path | None = None) -> None:
     """Saves models whose large tensors live in one data file, each distinct tensor stored once.
@@ -126,18 +163,8 @@ def _save_with_shared_weights(protos: Sequence[Any], paths: Sequence[Path], data
                     continue
                 key = (t.data_type, len(raw), hashlib.sha256(raw).digest())
                 if key not in where:
-                    offset = -f.tell() % _ALIGN + f.tell()
-                    f.seek(offset)
-                    f.write(raw)
-                    where[key] = (offset, len(raw))
-                offset, length = where[key]
-                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    t.ClearField(field)
-                t.data_location = TensorProto.EXTERNAL
-                del t.external_data[:]
-                for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = k, v
+                    where[key] = (_append_aligned(f, raw), len(raw))
+                _point_external(t, data_path.name, *where[key])
             save_model(proto, str(path))
 
 def convert_to_ort(onnx_paths: Sequence[Path], out_dir: Path, target_platform: str = "arm") -> list[Path]:
@@ -254,10 +281,7 @@ def fill_from_stream(programs: dict[str, Any], stream: Any, base_dir: Path) -> d
                         small[(fqn, transposed)] = t.numpy().copy()
                         continue
                     raw = memoryview(t.numpy()).cast("B")  # the tensor's own bytes: no copy of a 2.6 GB table
-                    offset = -f.tell() % _ALIGN + f.tell()
-                    f.seek(offset)
-                    f.write(raw)
-                    where[(fqn, transposed)] = (offset, raw.nbytes, tuple(t.shape))
+                    where[(fqn, transposed)] = (_append_aligned(f, raw), raw.nbytes, tuple(t.shape))
                     del raw
 
         take("embedder.", stream.embedder())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rgexport.backends.base import Recipe
+from rgexport.backends.onnx.export import _external_info, offload_initializers
 from rgexport.errors import RgexportError
 
 # Node metadata the torch exporter writes: which nn.Module classes a node came from.
@@ -428,7 +429,7 @@ def _table_rows(table, base_dir: str | Path | None, start: int, stop: int):
         return numpy_helper.to_array(table)[start:stop]
     if base_dir is None:
         raise RgexportError(f"{table.name} is external data and no folder was given to read it from")
-    info = {e.key: e.value for e in table.external_data}
+    info = _external_info(table)
     with open(Path(base_dir) / info["location"], "rb") as f:
         f.seek(int(info.get("offset", 0)) + 4 * width * start)
         return np.frombuffer(f.read(4 * width * (stop - start)), np.float32).reshape(-1, width)
@@ -514,31 +515,6 @@ def quantize_tied_tables(model, base_dir: str | Path | None = None, block_size: 
     if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return count
-
-
-def offload_initializers(model, base_dir: str | Path, min_bytes: int = 1024) -> int:
-    """Moves every in-memory initializer of at least `min_bytes` into a new file of `base_dir` (in place),
-    leaving an external-data reference; returns the bytes moved. Small tensors stay inline."""
-    from onnx import TensorProto
-
-    with tempfile.NamedTemporaryFile(dir=base_dir, prefix="lowered-", suffix=".bin", delete=False) as f:
-        location = Path(f.name).name
-        moved = 0
-        for t in model.graph.initializer:
-            if t.data_location == TensorProto.EXTERNAL or not t.raw_data or len(t.raw_data) < min_bytes:
-                continue
-            offset = -f.tell() % 4096 + f.tell()
-            f.seek(offset)
-            f.write(t.raw_data)
-            length = len(t.raw_data)
-            t.ClearField("raw_data")
-            t.data_location = TensorProto.EXTERNAL
-            del t.external_data[:]
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
-            moved += length
-    return moved
 
 
 def _pack_int4_gathers(model) -> int:
