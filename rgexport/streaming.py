@@ -162,6 +162,16 @@ def fake_griffin(config: GriffinConfig) -> Griffin:
     return model.eval()
 
 
+def assert_real(model: nn.Module) -> None:
+    """Raises if a parameter or buffer of `model` is still a FakeTensor or on the meta device (a part of a
+    `fake_griffin` that was never given its weights)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if isinstance(t, FakeTensor) or t.device.type == "meta":
+            raise AssertionError(f"{name} has no weights: it was not read from the stream")
+
+
 def _part_module(config: GriffinConfig, kind: str, i: int | None) -> Part:
     """An empty (meta) module of one part."""
     with torch.device("meta"):

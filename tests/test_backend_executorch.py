@@ -509,3 +509,64 @@ def test_8da4w_quantized_gather_reads_the_int8_table(fp32_build, small_model, sm
               "print(ExecuTorchBackend().load(d, m).decode(5, 0).shape)")
     proc = subprocess.run([sys.executable, "-c", script, str(work_dir)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and f"({small_config.vocab_size},)" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def int4_from_stream(small_model, small_config, tmp_path_factory):
+    """SMALL's int4 quantised the way a model above 2 GiB is: from a weightless model, a block at a time from
+    transformers-format shards."""
+    from rgexport.checkpoint import save_huggingface
+    from rgexport.streaming import fake_griffin, stream_huggingface
+
+    stream = stream_huggingface(save_huggingface(small_model, tmp_path_factory.mktemp("ckpt")))
+    ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path_factory.mktemp("executorch-stream"),
+                       prefill_chunk=CHUNK, stream=stream)
+    return ExecuTorchBackend().quantize(fake_griffin(small_config), ctx), ctx, stream
+
+
+def test_int4_from_a_stream_is_the_in_memory_recipe_one_block_at_a_time(int4_from_stream, small_model,
+                                                                          small_config, small_tokens, tmp_path):
+    """Quantised as each block arrives, the model equals the in-memory int4 (with the quantized gather, the
+    streamed default) tensor for tensor, and the stream never held two parts at once (counted)."""
+    from rgexport.streaming import block_weight_bytes
+
+    prepared, ctx, stream = int4_from_stream
+    parts = block_weight_bytes(small_config)
+    model = prepared.modules["decode"].model
+    # What the recipe keeps in float32 (the RG-LRU's gates, Conv1D, norms, biases) stays alive; the linears'
+    # float weights and the float table go as soon as their quantised copies exist.
+    quantised_gather = {id(model.embedder.embedding_int8), id(model.embedder.embedding_scales)}
+    kept = sum(t.numel() * t.element_size() for m in (model.embedder, model.blocks, model.final_norm)
+               for t in [*m.parameters(), *m.buffers()]
+               if type(t) in (torch.Tensor, torch.nn.Parameter) and id(t) not in quantised_gather)
+    assert stream.counter.parts == len(small_config.block_types) + 2
+    assert stream.counter.live == kept
+    assert max(parts.values()) <= stream.counter.peak <= max(parts.values()) + kept  # one float part at a time
+    assert stream.counter.peak < sum(parts.values()) / 2
+    assert ctx.options["quantized_gather"] is True and ctx.facts["quantized_ops"]
+
+    want_ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path, prefill_chunk=CHUNK,
+                            options={"quantized_gather": True})
+    want = ExecuTorchBackend().quantize(copy.deepcopy(small_model), want_ctx)
+    got_sd, want_sd = prepared.modules["decode"].state_dict(), want.modules["decode"].state_dict()
+    assert sorted(got_sd) == sorted(want_sd)
+    for name, value in want_sd.items():
+        for attr in ("qdata", "scale", "zero_point"):  # torchao's quantised weights, else the tensor itself
+            a, b = getattr(got_sd[name], attr, None), getattr(value, attr, None)
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}.{attr}")
+        if not hasattr(value, "qdata"):
+            torch.testing.assert_close(got_sd[name], value, rtol=0, atol=0, msg=name)
+    tokens = small_tokens[:, :24]
+    np.testing.assert_array_equal(eager_decode_logits(prepared.modules["decode"], small_config, tokens),
+                                  eager_decode_logits(want.modules["decode"], small_config, tokens))
+
+
+def test_stream_weights_option():
+    backend = ExecuTorchBackend()
+    assert backend.streams_weights("int4", {}) is None  # the build decides by size
+    assert backend.streams_weights("8da4w", {"stream_weights": True}) is True
+    assert backend.streams_weights("fp32", {"stream_weights": True}) is False  # PT2E / fp32 need the whole graph
+    assert backend.streams_weights("int4", {"stream_weights": False}) is False
+    with pytest.raises(RgexportError, match="stream_weights"):
+        backend.streams_weights("int4", {"stream_weights": "yes"})

@@ -86,7 +86,10 @@ class ExecuTorchBackend(Backend):
     options = {
         "delegate": '"xnnpack" (the only one supported)',
         "quantized_gather": "int4: the embedding gather reads the head's int8 rows (embedding_byte) instead of "
-        "a float32 table (default false)",
+        "a float32 table (default: true when the weights are streamed, else false)",
+        "stream_weights": '"auto" (default: above 2 GiB of float32 weights), true or false: int4 reads the '
+        "checkpoint one block at a time and quantises each block as it arrives, so the float32 model is never "
+        "whole in memory",
         "activation_observer": 'w8a8: "histogram" (default) or "minmax"',
         "xnnpack_rewrites": "edge rewrites that let XNNPACK take more of the graph (default: all of "
         "executorch_rewrites.REWRITES)",
@@ -105,11 +108,16 @@ class ExecuTorchBackend(Backend):
         if delegate != "xnnpack":
             raise RgexportError(f"ExecuTorch delegate {delegate!r} is not supported; expected one of ['xnnpack']")
         self.require("executorch")
+        if ctx.stream is not None and ctx.recipe != "int4":
+            raise RgexportError(f"ExecuTorch streams the weights for int4 only, not {ctx.recipe}; leave "
+                                "stream_weights out or set it false")
         stateful = StatefulModel(model).eval()
         stateful.requires_grad_(False)
         inputs = _example_inputs(ctx.prefill_chunk)
         modules: dict[str, nn.Module] = {"decode": stateful, "prefill": stateful}
-        if ctx.recipe == "int4":
+        if ctx.recipe == "int4" and ctx.stream is not None:
+            self._quantize_int4_from_stream(stateful, ctx)
+        elif ctx.recipe == "int4":
             self._quantize_int4(stateful, ctx)
         elif ctx.recipe == "int8":
             modules = {m: self._quantize_int8_pt2e(stateful, inputs[m]) for m in inputs}
@@ -117,22 +125,70 @@ class ExecuTorchBackend(Backend):
             modules = self._quantize_w8a8_pt2e(stateful, inputs, ctx)
         return _Prepared(modules, inputs, stateful.specs)
 
-    def _quantize_int4(self, stateful: StatefulModel, ctx: BuildContext) -> None:
-        self.require("torchao")
-        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-        from torchao.quantization.granularity import PerAxis, PerGroup
+    def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
+        """int4 only: its quantisation works layer by layer (torchao `quantize_`), so each block is quantised as
+        it is read; the PT2E recipes capture the whole float graph first."""
+        want = options.get("stream_weights", "auto")
+        if want not in ("auto", True, False):
+            raise RgexportError(f'option stream_weights is {want!r}; expected "auto", true or false')
+        if self.resolve_recipe(recipe) != "int4" or want is False:
+            return False
+        return True if want is True else None
 
+    def _quantize_int4(self, stateful: StatefulModel, ctx: BuildContext) -> None:
         model = stateful.model
         head = _tie_head_as_linear_(model)
-        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+        skipped = self._int4_linears(model, skip=head)
+        self._int4_head(model, head, ctx)
+        self._int4_note(skipped, ctx)
+
+    def _quantize_int4_from_stream(self, stateful: StatefulModel, ctx: BuildContext) -> None:
+        """int4 over a model without weights (`streaming.fake_griffin`): the embedding, then each block, then
+        the final norm are read from `ctx.stream` and put in place, each block's linears quantised before the
+        next block is read. The float32 model is never whole: at most the float table (with
+        quantized_gather, freed once the head's int8 copy exists) or one float block at a time. The result
+        is the in-memory recipe's, tensor for tensor (`_int4_linears` and `_int4_head` are the same calls)."""
+        from rgexport.streaming import assert_real
+
+        model, stream = stateful.model, ctx.stream
+        ctx.options.setdefault("quantized_gather", True)
+        model.embedder = stream.embedder()
+        self._int4_head(model, _tie_head_as_linear_(model), ctx)
+        skipped = []
+        for i in range(len(model.blocks)):
+            block = stream.block(i)
+            skipped += [f"blocks.{i}.{n}" for n in self._int4_linears(block)]
+            model.blocks[i] = block
+            del block
+        model.final_norm = stream.final_norm()
+        assert_real(model)
+        self._int4_note(skipped, ctx)
+
+    def _int4_linears(self, module: nn.Module, skip: nn.Module | None = None) -> list[str]:
+        """int4 weights in groups of GROUP_SIZE on `module`'s nn.Linear layers (not `skip`, the head); returns
+        the names of those left float32 because their in-features are not a multiple of the group."""
+        self.require("torchao")
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+
+        linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear) and m is not skip}
         skipped = sorted(n for n, m in linears.items() if m.in_features % GROUP_SIZE)
         # Only the nn.Linear layers: the RG-LRU's block-diagonal gates (bmm), the recurrence and the
         # embedding gather stay float32.
         quantize_(
-            model,
+            module,
             Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE)),
-            filter_fn=lambda m, fqn: m is not head and isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0,
+            filter_fn=lambda m, fqn: m is not skip and isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0,
         )
+        return skipped
+
+    def _int4_head(self, model: Griffin, head: nn.Linear, ctx: BuildContext) -> None:
+        """The tied output head (`_tie_head_as_linear_`) in int8 per channel, and (option quantized_gather)
+        the gather over its int8 rows with the float32 table dropped."""
+        self.require("torchao")
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerAxis
+
         # The tied output head in int8 per channel: as large as all other linears together in small
         # models; int8 costs no top-1 agreement where int4 does (notes/executorch.md).
         quantize_(
@@ -141,12 +197,12 @@ class ExecuTorchBackend(Backend):
             filter_fn=lambda m, fqn: m is head,
         )
         if ctx.options.get("quantized_gather", False):
-            # Opt-in (option quantized_gather): the embedding gather reads the head's int8 rows through
-            # ExecuTorch's quantized `embedding_byte` (as its llama export does) instead of keeping the float32
-            # table, the largest tensor in the program (2.6 GB of about 4.3 GB at RecurrentGemma-2B,
-            # notes/perf.md). Same int8 values and per-row scales as the head, so the gather adds no error the
-            # head does not have. The op's kernels live in executorch.kernels.quantized: the manifest lists the
-            # op under backend_facts.quantized_ops and `load` imports them. Opt-in until measured at 2B.
+            # The embedding gather reads the head's int8 rows through ExecuTorch's quantized `embedding_byte`
+            # (as its llama export does) instead of keeping the float32 table, the largest tensor in the
+            # program (2.6 GB of about 4.3 GB at RecurrentGemma-2B, notes/perf.md). Same int8 values and
+            # per-row scales as the head, so the gather adds no error the head does not have. The op's kernels
+            # live in executorch.kernels.quantized: the manifest lists the op under backend_facts.quantized_ops
+            # and `load` imports them. Default for streamed (large) builds; opt-in otherwise.
             import executorch.exir.passes._quant_patterns_and_replacements  # registers the op
             import executorch.kernels.quantized  # noqa: F401 - its kernels, for validation in this process
 
@@ -169,10 +225,13 @@ class ExecuTorchBackend(Backend):
             ctx.facts["quantized_ops"] = ["quantized_decomposed::embedding_byte.dtype"]
             ctx.notes.append("int4: the embedding gather reads the head's int8 table (embedding_byte); a runtime "
                              "must link ExecuTorch's quantized kernels (Python: import executorch.kernels.quantized).")
+
+    @staticmethod
+    def _int4_note(skipped: list[str], ctx: BuildContext) -> None:
         if skipped:
             ctx.notes.append(
                 f"int4 left {len(skipped)} linear layers in float32 because their in-features are not a "
-                f"multiple of the group size {GROUP_SIZE}: {skipped}."
+                f"multiple of the group size {GROUP_SIZE}: {sorted(skipped)}."
             )
 
     def _quantize_int8_pt2e(self, stateful: StatefulModel, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
