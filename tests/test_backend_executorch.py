@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from rgexport.backends.base import BuildContext
 from rgexport.backends.executorch import ExecuTorchBackend
@@ -570,3 +571,30 @@ def test_stream_weights_option():
     assert backend.streams_weights("int4", {"stream_weights": False}) is False
     with pytest.raises(RgexportError, match="stream_weights"):
         backend.streams_weights("int4", {"stream_weights": "yes"})
+
+
+def test_head_quantised_in_row_slices_is_torchaos_tensor_byte_for_byte():
+    """`quantize_rows_` (the int8 per-row head, a slice at a time) gives what `quantize_` gives on the whole
+    weight: uneven slices, a zero row, the same torchao tensor type and attributes."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    from rgexport.backends.executorch.recipes import quantize_rows_
+
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(1000, 96, generator=g) * torch.rand(1000, 1, generator=g) * 4
+    weight[17] = 0
+    whole, sliced = nn.Linear(96, 1000, bias=False), nn.Linear(96, 1000, bias=False)
+    whole.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    sliced.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    quantize_(whole, config)
+    quantize_rows_(sliced, config, slice_bytes=96 * 4 * 77)  # 77 rows a slice: 13 slices, the last short
+    a, b = sliced.weight, whole.weight
+    assert type(a) is type(b)
+    for attr in ("target_dtype", "block_size", "dtype", "activation_quantization"):
+        assert getattr(a, attr) == getattr(b, attr), attr
+    for attr in ("qdata", "scale", "zero_point"):
+        torch.testing.assert_close(getattr(a, attr), getattr(b, attr), rtol=0, atol=0, msg=attr)
+    x = torch.randn(3, 96, generator=g)
+    torch.testing.assert_close(sliced(x), whole(x), rtol=0, atol=0)

@@ -46,7 +46,7 @@ from rgexport.backends.executorch.export import (
     _zero_buffers_,
     planned_memory,
 )
-from rgexport.backends.executorch.recipes import GROUP_SIZE, RECIPES, _tie_head_as_linear_
+from rgexport.backends.executorch.recipes import GROUP_SIZE, RECIPES, _tie_head_as_linear_, quantize_rows_
 from rgexport.backends.executorch.runner import ExecuTorchRunner
 from rgexport.errors import RgexportError
 from rgexport.graphs import StatefulModel
@@ -148,6 +148,7 @@ class ExecuTorchBackend(Backend):
         next block is read. The float32 model is never whole: at most the float table (with
         quantized_gather, freed once the head's int8 copy exists) or one float block at a time. The result
         is the in-memory recipe's, tensor for tensor (`_int4_linears` and `_int4_head` are the same calls)."""
+        from rgexport.memory import release_freed
         from rgexport.streaming import assert_real
 
         model, stream = stateful.model, ctx.stream
@@ -162,6 +163,7 @@ class ExecuTorchBackend(Backend):
             del block
         model.final_norm = stream.final_norm()
         assert_real(model)
+        release_freed()  # the float parts' heap, before export and lowering
         self._int4_note(skipped, ctx)
 
     def _int4_linears(self, module: nn.Module, skip: nn.Module | None = None) -> list[str]:
@@ -186,16 +188,14 @@ class ExecuTorchBackend(Backend):
         """The tied output head (`_tie_head_as_linear_`) in int8 per channel, and (option quantized_gather)
         the gather over its int8 rows with the float32 table dropped."""
         self.require("torchao")
-        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig
         from torchao.quantization.granularity import PerAxis
 
         # The tied output head in int8 per channel: as large as all other linears together in small
-        # models; int8 costs no top-1 agreement where int4 does (notes/executorch.md).
-        quantize_(
-            model,
-            Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-            filter_fn=lambda m, fqn: m is head,
-        )
+        # models; int8 costs no top-1 agreement where int4 does (notes/executorch.md). A slice of rows at a
+        # time: torchao's temporaries for the whole 2.6 GB table of RecurrentGemma-2B came to 6 GB.
+        quantize_rows_(head, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
+                                                                   weight_granularity=PerAxis(0)))
         if ctx.options.get("quantized_gather", False):
             # The embedding gather reads the head's int8 rows through ExecuTorch's quantized `embedding_byte`
             # (as its llama export does) instead of keeping the float32 table, the largest tensor in the

@@ -2,12 +2,56 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from rgexport.backends.base import Recipe
 from rgexport.model import Griffin
 
 GROUP_SIZE = 32  # int4 weight group: must divide the in-features of every quantised linear
+SLICE_BYTES = 64 << 20  # float32 rows quantised at a time by `quantize_rows_`
+
+
+def quantize_rows_(linear: nn.Linear, config: Any, slice_bytes: int = SLICE_BYTES) -> None:
+    """torchao's `quantize_(linear, config)` for a per-row (PerAxis(0)) config, a slice of rows at a time.
+
+    On a whole weight, torchao's affine quantisation makes several float temporaries the size of the weight:
+    quantising the tied 256000 x 2560 head (2.6 GB in float32) peaked 6 GB above the table (notes/perf.md).
+    Each row's scale and values depend on that row alone, so each slice goes through `quantize_` itself
+    (a temporary nn.Linear) and its int8 rows, scales and zero points are copied into one preallocated
+    tensor of torchao's own type: the same tensor, byte for byte (tests/test_backend_executorch.py)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+    )
+
+    weight = linear.weight.detach()
+    rows, cols = weight.shape
+    step = max(1, slice_bytes // (cols * weight.element_size()))
+    qdata = scale = zero_point = first = None
+    for start in range(0, rows, step):
+        part = nn.Linear(cols, min(step, rows - start), bias=False)
+        part.weight = nn.Parameter(weight[start:start + step], requires_grad=False)
+        quantize_(part, config)
+        q = part.weight
+        if first is None:
+            if tuple(q.block_size) != (1, cols):
+                raise ValueError(f"quantize_rows_ needs a per-row config; torchao gave block size {q.block_size}")
+            first = q
+            qdata = torch.empty((rows, cols), dtype=q.qdata.dtype)
+            scale = torch.empty((rows, 1), dtype=q.scale.dtype)
+            zero_point = torch.empty((rows, 1), dtype=q.zero_point.dtype)
+        qdata[start:start + step] = q.qdata
+        scale[start:start + step] = q.scale
+        zero_point[start:start + step] = q.zero_point
+        del part, q
+    linear.weight = nn.Parameter(
+        IntxUnpackedToInt8Tensor(qdata, scale, zero_point, first.target_dtype, (1, cols), first.dtype,
+                                 first.activation_quantization),
+        requires_grad=False,
+    )
 
 def _tie_head_as_linear_(model: Griffin) -> nn.Linear:
     """Routes the tied output projection through an nn.Linear sharing the embedding table.
