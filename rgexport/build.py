@@ -61,6 +61,9 @@ class BuildOptions:
     seed: int = 0
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend options (target profile)
     log_output: bool = False  # other libraries' output (Python and native) into build.log, not the terminal
+    # Whether agreement with float32 judges a quantised artifact (None: yes, unless the weights are random and
+    # the artifact's own quantised model judges it instead; `rgexport.validate.quality_judged`).
+    judge_quality: bool | None = None
 
 
 @dataclasses.dataclass
@@ -309,6 +312,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
             "tokenizer": tok_entry,
             "io": backend.io_contract(ctx),
             "backend_facts": ctx.facts,
+            "options": ctx.options,  # as the backend resolved them (what validation's own model needs)
             "notes": ctx.notes,
             "build": {},
             "validation": {"status": "unvalidated"},
@@ -316,7 +320,13 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
 
     report = None
     if opts.validate:
-        from rgexport.validate import heldout_tokens, run_validation, validate_variants
+        from rgexport.validate import (
+            heldout_tokens,
+            own_model_logits,
+            quality_judged,
+            run_validation,
+            validate_variants,
+        )
 
         if tokenizer is None:
             raise RgexportError("validation needs a tokenizer (tokenizer.model); pass --tokenizer or --no-validate")
@@ -331,6 +341,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                 runner = open_artifact(work, manifest=manifest, verify=False)  # written just now
                 if reference_intact:
                     reference = model
+                    own = own_model_logits(model, backend, manifest, chunk, tokens[:-1])
                 else:
                     from rgexport.streaming import stream_source
                     from rgexport.validate import artifact_run, streamed_reference_run
@@ -342,9 +353,11 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                     release_freed()
                     stream = stream_source(manifest["model"]["checkpoint"]["source"], opts.preset)
                     reference = streamed_reference_run(stream, chunk, tokens, runner.greedy)
+                    own = own_model_logits(stream, backend, manifest, chunk, tokens[:-1])
                     advance(n)
                 report = run_validation(runner, reference, tokens, backend=backend.name, recipe=recipe.name,
-                                        quantized=recipe.quantized, progress=advance)
+                                        quantized=recipe.quantized, progress=advance, own_logits=own,
+                                        judge_quality=quality_judged(manifest, opts.judge_quality, own))
             runner = None
             validate_variants(report, backend, work, manifest, reference, tokens, Stages(quiet=True))
             manifest["validation"] = report.to_dict()

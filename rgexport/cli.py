@@ -472,6 +472,14 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+QualityOpt = Annotated[bool | None, typer.Option(
+    "--judge-quality/--no-judge-quality",
+    help="Whether agreement with the float32 model judges a quantised artifact. Default: yes, except for "
+         "--random-weights, where the artifact's own quantised model judges it (agreement with float32 then "
+         "measures the randomness and is only reported). --no-judge-quality: the same for a checkpoint "
+         "folder of untrained weights.")]
+
+
 @app.command(cls=_Command)
 @_friendly
 def build(
@@ -504,6 +512,7 @@ def build(
     = False,
     workers: WorkersOpt = None,
     address: AddressOpt = None,
+    judge_quality: QualityOpt = None,
 ) -> None:
     """Builds one artifact (--target BACKEND) or an app bundle (--target PROFILE: ios, android, ...):
     load, quantise, export, lower, write, validate, manifest. Other libraries' output goes to build.log."""
@@ -519,7 +528,7 @@ def build(
                         out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
                         validation_tokens=tokens, validation_text=text, calibration=calibration,
                         random_weights=random_weights, seed=seed, options=parse_options(option or []),
-                        log_output=not (verbose or _verbose))
+                        log_output=not (verbose or _verbose), judge_quality=judge_quality)
     if profile.source != "backend":
         from rgexport.bundle import build_bundle
 
@@ -588,6 +597,7 @@ def validate(
         help="Also validate memory: peak RSS of a fresh process decoding N tokens must stay flat for N doubling "
              "up to --memory-multiple x the window, and the state bytes must equal the analytic figure.")] = True,
     memory_multiple: Annotated[int, typer.Option(min=1, help="Largest N of the memory check, in windows.")] = 16,
+    judge_quality: QualityOpt = None,
 ) -> None:
     """Runs an artifact in its runtime beside the fp32 reference (logits, state, greedy tokens, and memory
     against sequence length); exit 0 only if everything passes."""
@@ -618,7 +628,8 @@ def validate(
         _validate_bundle(path, checkpoint, tokens, as_json)
         return
     stages = Stages(err, quiet=as_json)
-    report = validate_artifact(path, checkpoint=checkpoint, preset=preset, tokens=tokens, text=text, stages=stages)
+    report = validate_artifact(path, checkpoint=checkpoint, preset=preset, tokens=tokens, text=text, stages=stages,
+                               judge_quality=judge_quality)
     profile = None
     if memory:
         from rgexport.bench import memory_profile

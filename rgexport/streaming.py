@@ -399,6 +399,26 @@ class _SharedEmbedder:
         return self.embedder
 
 
+def stream_model(model: Griffin, source: str = "memory") -> StreamedCheckpoint:
+    """A model already in memory as a stream: each part handed out is a copy (so that a caller may quantise
+    it in place) and the model itself is left as it was."""
+    import copy
+
+    def load(kind: str, i: int | None) -> Part:
+        part = model.embedder if kind == "embedder" else model.final_norm if kind == "final_norm" else model.blocks[i]
+        return copy.deepcopy(part).eval()
+
+    return StreamedCheckpoint(model.config, source, "memory", "", None, load)
+
+
+def quantised_stream(stream: StreamedCheckpoint, quantise: Callable[[Part, str], Part]) -> StreamedCheckpoint:
+    """`stream` with every part passed through `quantise(part, kind)` as it is handed out (a backend's
+    `quantise_part`): a quantised model, a part at a time, for `layer_major_runs`."""
+    load = stream._load
+    return dataclasses.replace(stream, _load=lambda kind, i: quantise(load(kind, i), kind),
+                               counter=MaterialisedBytes())
+
+
 def stream_checkpoint(path: str | Path | None = None, preset: str | None = None,
                       tokenizer: str | Path | None = None) -> StreamedCheckpoint:
     """`load_checkpoint(path, preset, tokenizer)`, streamed: the shipped model (no path), a Hugging Face
@@ -424,8 +444,8 @@ def block_weight_bytes(config: GriffinConfig) -> dict[str, int]:
 
 
 __all__ = ["LayerMajorRun", "MaterialisedBytes", "StreamedCheckpoint", "block_weight_bytes", "fake_griffin",
-           "layer_major_run", "layer_major_runs", "schedule", "stream_checkpoint", "stream_deepmind",
-           "stream_huggingface", "stream_random"]
+           "layer_major_run", "layer_major_runs", "quantised_stream", "schedule", "stream_checkpoint",
+           "stream_deepmind", "stream_huggingface", "stream_model", "stream_random"]
 
 
 def stream_source(source: str, preset: str | None = None) -> StreamedCheckpoint:

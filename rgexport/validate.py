@@ -164,10 +164,14 @@ class ValidationReport:
     greedy_divergence: int | None  # first step where greedy outputs differ; None if never
     notes: list[str]
     variants: dict[str, ValidationReport] = dataclasses.field(default_factory=dict)
+    own_model: OwnModelCheck | None = None  # the artifact against its own quantised model
+    quality_judged: bool = True  # False: the float32 comparison is reported, not judged (random weights)
+    unjudged: list[str] = dataclasses.field(default_factory=list)  # the bounds it missed, when not judged
 
     @property
     def passed(self) -> bool:
-        return not self.failures and all(v.passed for v in self.variants.values())
+        own = self.own_model is None or not self.own_model.failures
+        return not self.failures and own and all(v.passed for v in self.variants.values())
 
     def to_dict(self) -> dict[str, Any]:
         metrics = {k: v for k, v in self.metrics.items() if not k.startswith("_")}
@@ -183,7 +187,42 @@ class ValidationReport:
             "greedy": {"tokens": self.greedy_tokens, "first_divergence": self.greedy_divergence},
             "notes": self.notes,
             "variants": {k: v.to_dict() for k, v in self.variants.items()},
+            "own_model": self.own_model.to_dict() if self.own_model else None,
+            "quality_judged": self.quality_judged,
+            "quality_unjudged_failures": self.unjudged,
         }
+
+
+@dataclasses.dataclass
+class OwnModelCheck:
+    """The artifact against its own quantised model (`Backend.quantise_part`, run in PyTorch over the same
+    tokens): what the runtime adds to the recipe, so a miscompile shows whatever the weights are."""
+
+    metrics: dict[str, Any]
+    thresholds: dict[str, Any]
+    failures: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": {k: v for k, v in self.metrics.items() if not k.startswith("_")},
+                "thresholds": self.thresholds, "failures": self.failures}
+
+
+def own_model_logits(source: Any, backend: Any, manifest: dict[str, Any], chunk: int,
+                     inputs: Sequence[int]) -> np.ndarray | None:
+    """Teacher-forced logits of the artifact's own quantised model over `inputs`, layer-major: `source` (a
+    `StreamedCheckpoint`, or the float32 Griffin in memory, left unchanged) a part at a time through the
+    backend's `quantise_part`. None where the backend has no such model for the recipe."""
+    from rgexport.backends import BuildContext
+    from rgexport.streaming import StreamedCheckpoint, layer_major_runs, quantised_stream, stream_model
+
+    stream = source if isinstance(source, StreamedCheckpoint) else stream_model(source)
+    ctx = BuildContext(config=stream.config, recipe=manifest["recipe"]["name"], work_dir=Path("."),
+                       prefill_chunk=chunk, options=dict(manifest.get("options") or {}))
+    if backend.quantise_part(stream.final_norm(), "final_norm", ctx) is None:  # the smallest part asks
+        return None
+    (run,) = layer_major_runs(quantised_stream(stream, lambda part, kind: backend.quantise_part(part, kind, ctx)),
+                              [list(inputs)], chunk)
+    return run.logits().numpy()
 
 
 def heldout_tokens(tokenizer, n: int, text_file: Path | None = None) -> list[int]:
@@ -325,16 +364,29 @@ def streamed_reference_run(stream: Any, chunk: int, tokens: Sequence[int], artif
                         stream.config.attention_window_size, greedy_of=list(artifact_greedy), verify=verify)
 
 
+def quality_judged(manifest: dict[str, Any], asked: bool | None, own_logits: np.ndarray | None) -> bool:
+    """Whether the float32 comparison judges the artifact: as asked, else yes unless the weights are random
+    (`--random-weights`) and the artifact's own quantised model is there to judge it instead."""
+    if asked is not None:
+        return asked
+    return own_logits is None or manifest["model"]["checkpoint"].get("format") != "random"
+
+
 def run_validation(
     runner: Runner | ArtifactRun, model: Griffin | ReferenceRun, tokens: Sequence[int], *, backend: str, recipe: str,
     quantized: bool, greedy_tokens: int = 64, progress: Callable[[int], None] | None = None,
-    variant: str | None = None,
+    variant: str | None = None, own_logits: np.ndarray | None = None, judge_quality: bool = True,
 ) -> ValidationReport:
     """Compares `runner` with the fp32 eager model on `tokens` (n + 1 ids: inputs and next-token targets).
 
     `model` is the model, or its run on the same tokens made beforehand by `reference_run`. `backend` names
     the thresholds' backend (a registered one, or a label such as "eager"); `variant` another way of loading
     the same artifact, shown beside it in the report.
+
+    `own_logits`: the artifact's own quantised model over the same inputs (`own_model_logits`), judged by
+    `[own_model]`. `judge_quality=False` (random weights, where agreement with float32 measures the
+    randomness) reports the float32 comparison without judging it; it needs `own_logits`, which then judges
+    alone.
     """
     inputs, targets = list(tokens[:-1]), np.asarray(tokens[1:])
     tick = (lambda: progress(1)) if progress else None
@@ -372,12 +424,24 @@ def run_validation(
 
     thresholds = load_thresholds(recipe, quantized, backend)
     failures = judge(metrics, thresholds)
+    own = None
+    if own_logits is not None:
+        own_metrics = compare_logits(own_logits, art_logits, targets)
+        own_thresholds = load_thresholds("own_model", True)
+        own = OwnModelCheck(own_metrics, own_thresholds, judge(own_metrics, own_thresholds))
+    unjudged = []
+    if not judge_quality:
+        if own is None:
+            raise RgexportError("the float32 comparison can go unjudged only beside the artifact's own quantised "
+                                "model, which this backend does not give for this recipe")
+        failures, unjudged = [], failures
     backend = f"{backend} ({variant})" if variant else backend
     notes = []
     if divergence is not None:
         notes.append(f"greedy outputs diverge at step {divergence} of {greedy_tokens}")
     return ValidationReport(backend, recipe, len(inputs), metrics, thresholds, failures, state_errors,
-                            greedy_tokens, divergence, notes)
+                            greedy_tokens, divergence, notes, own_model=own, quality_judged=judge_quality,
+                            unjudged=unjudged)
 
 
 class ValidationFailed(RgexportError):
@@ -433,7 +497,7 @@ def artifact_tokenizer(folder: Path, manifest: dict[str, Any], ckpt):
 
 def validate_artifact(
     path: str | Path, *, checkpoint: str | None = None, preset: str | None = None, tokens: int | None = None,
-    text: Path | None = None, greedy_tokens: int = 64, stages=None,
+    text: Path | None = None, greedy_tokens: int = 64, stages=None, judge_quality: bool | None = None,
 ) -> ValidationReport:
     """Validates an artifact folder written by `rgexport build` against its checkpoint.
 
@@ -461,9 +525,11 @@ def validate_artifact(
             art = artifact_run(runner, ids, greedy_tokens, progress=advance)
             runner = None
             reference = streamed_reference_run(stream, chunk, ids, art.greedy, greedy_tokens)
+            own = own_model_logits(stream, backend, manifest, chunk, ids[:-1])
             advance(n)
             report = run_validation(art, reference, ids, backend=manifest["backend"], recipe=recipe["name"],
-                                    quantized=recipe["quantized"], greedy_tokens=greedy_tokens)
+                                    quantized=recipe["quantized"], greedy_tokens=greedy_tokens, own_logits=own,
+                                    judge_quality=quality_judged(manifest, judge_quality, own))
         validate_variants(report, backend, folder, manifest, reference, ids, stages)
         return report
     with stages.stage("load", "checkpoint"):
@@ -475,11 +541,13 @@ def validate_artifact(
         # The reference runs first and the model goes before the runtime loads the artifact: the two are
         # never resident together (at 2B: 10.7 GB of float32 weights beside the artifact's).
         reference = reference_run(ckpt.model, chunk, ids, greedy_tokens)
+        own = own_model_logits(ckpt.model, backend, manifest, chunk, ids[:-1])
         ckpt = None
         advance(n)
         runner = open_artifact(folder, manifest=manifest, verify=False)  # the files were verified above
         report = run_validation(runner, reference, ids, backend=manifest["backend"], recipe=recipe["name"],
-                                quantized=recipe["quantized"], greedy_tokens=greedy_tokens, progress=advance)
+                                quantized=recipe["quantized"], greedy_tokens=greedy_tokens, progress=advance,
+                                own_logits=own, judge_quality=quality_judged(manifest, judge_quality, own))
     runner = None
     validate_variants(report, backend, folder, manifest, reference, ids, stages)
     return report
@@ -524,6 +592,16 @@ def format_report(report: ValidationReport) -> str:
         lines.append("  state       not exposed by this runtime")
     for f in report.failures:
         lines.append(f"  FAIL        {f}")
+    if not report.quality_judged:
+        lines.append("  quality     against float32 reported, not judged (random weights: it measures the randomness)"
+                     + (f"; it would miss {len(report.unjudged)} bound(s)" if report.unjudged else ""))
+    own = report.own_model
+    if own is not None:
+        om = own.metrics
+        lines.append(f"  own model   {'passed' if not own.failures else 'FAILED'}: the artifact against its recipe's "
+                     f"quantised model in PyTorch: top-1 {100 * om['top1_agreement']:.2f}%, mean KL "
+                     f"{om['mean_kl']:.3g}, max |err| {om['max_abs_logit_error']:.3g}")
+        lines += [f"  FAIL        [own model] {f}" for f in own.failures]
     for name, v in report.variants.items():
         vm = v.metrics
         verdict = "passed" if v.passed else "FAILED"

@@ -202,6 +202,14 @@ class Backend(abc.ABC):
         `options` ask for it, None where the build decides by size (`config.is_small`)."""
         return False
 
+    def quantise_part(self, part: Any, kind: str, ctx: BuildContext) -> Any:
+        """The recipe's own quantised model, a part at a time: `part` (an Embedder, a ResidualBlock or the
+        final RMSNorm; `kind` "embedder", "block" or "final_norm", float32, the caller's to change) as the
+        artifact holds it, run in PyTorch. Validation compares the artifact with it at a tight bound (a
+        miscompile shows whatever the weights, random ones included); None where this backend cannot give
+        it for `ctx.recipe` (then only the comparison with float32 judges the artifact)."""
+        return None
+
     # Build stages --------------------------------------------------------------------------------
     def quantize(self, model: Griffin, ctx: BuildContext) -> Any:
         """Applies the recipe's torch-level quantisation (`quantizes_in == "quantise"`), or checks what the

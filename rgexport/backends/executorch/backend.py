@@ -26,6 +26,7 @@ ExecuTorch facts this relies on (measured with executorch 1.5.1, see notes/execu
 from __future__ import annotations
 
 import collections
+import types
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -165,6 +166,18 @@ class ExecuTorchBackend(Backend):
         assert_real(model)
         release_freed()  # the float parts' heap, before export and lowering
         self._int4_note(skipped, ctx)
+
+    def quantise_part(self, part: nn.Module, kind: str, ctx: BuildContext) -> nn.Module | None:
+        """int4's own quantised model, a part at a time (the same calls as the build): the reference that the
+        artifact must compute closely whatever the weights (`rgexport.validate`, own-model check)."""
+        if ctx.recipe != "int4":
+            return None
+        if kind == "embedder":
+            holder = types.SimpleNamespace(embedder=part, config=ctx.config)
+            self._int4_head(holder, _tie_head_as_linear_(holder), ctx)
+        elif kind == "block":
+            self._int4_linears(part)
+        return part
 
     def _int4_linears(self, module: nn.Module, skip: nn.Module | None = None) -> list[str]:
         """int4 weights in groups of GROUP_SIZE on `module`'s nn.Linear layers (not `skip`, the head); returns

@@ -117,6 +117,25 @@ class OnnxBackend(Backend):
             p.requires_grad_(False)
         return model
 
+    def quantise_part(self, part: Any, kind: str, ctx: BuildContext) -> Any:
+        """int4's own quantised model, a part at a time: every nn.Linear weight and the tied table as
+        `MatMulNBits` / `GatherBlockQuantized` hold them (ONNX Runtime's kernel, dequantised); the rest float32.
+        The reference the artifact must compute closely whatever the weights (`rgexport.validate`)."""
+        if ctx.recipe != "int4":
+            return None
+        import torch
+        from torch import nn
+
+        from rgexport.backends.onnx.recipes import dequantised_int4
+
+        with torch.no_grad():
+            for module in part.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.copy_(dequantised_int4(module.weight))
+            if kind == "embedder":
+                part.input_embedding.copy_(dequantised_int4(part.input_embedding))
+        return part
+
     def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
         """Every recipe but the calibrated one (w8a8 runs the model over calibration text in `lower`)."""
         want = options.get("stream_weights", "auto")

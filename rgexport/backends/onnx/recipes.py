@@ -416,6 +416,33 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path
     return model
 
 
+def dequantised_int4(weight, block_size: int = INT4_BLOCK_SIZE, slice_bytes: int = 64 << 20):
+    """A float32 [N, K] weight (an nn.Linear's, or the tied table: the head multiplies by its transpose) as
+    int4 leaves it: quantised by ONNX Runtime's own kernel as `MatMulNBits` holds it (B = weight^T, blocks of
+    `block_size` along K, symmetric, zero point 8), then dequantised. What the artifact's own quantised model
+    multiplies by (`OnnxBackend.quantise_part`); a slice of rows at a time, like `quantize_tied_tables`."""
+    import numpy as np
+    import torch
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    w = weight.detach().to(torch.float32).numpy()
+    n, k = w.shape
+    blocks = -(-k // block_size)
+    out = np.empty((n, k), np.float32)
+    step = max(1, slice_bytes // (4 * k))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        b = np.zeros((blocks * block_size, stop - start), np.float32)
+        b[:k] = w[start:stop].T
+        packed = np.zeros((stop - start, blocks, block_size // 2), np.uint8)
+        scales = np.zeros((stop - start, blocks), np.float32)
+        zero_points = np.zeros((stop - start, (blocks + 1) // 2), np.uint8)
+        quantize_matmul_4bits(packed, b, scales, zero_points, block_size, stop - start, blocks * block_size, True)
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(stop - start, blocks, block_size)  # low first
+        out[start:stop] = ((q.astype(np.float32) - 8) * scales[..., None]).reshape(stop - start, -1)[:, :k]
+    return torch.from_numpy(out)
+
+
 def _table_rows(table, base_dir: str | Path | None, start: int, stop: int):
     """Rows `start:stop` of a 2-D float32 initializer, read alone from its external file when it has one."""
     import numpy as np
