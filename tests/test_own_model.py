@@ -1,0 +1,103 @@
+"""Validation's first layer: the artifact against its own quantised model (`Backend.quantise_part`), which
+judges a quantised artifact whatever its weights are, random ones included."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from rgexport.errors import RgexportError
+from rgexport.validate import EagerRunner, own_model_logits, run_validation
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def random_int4(tmp_path_factory):
+    """ONNX int4 of the shipped shape with random weights, built and validated as `rgexport build` does."""
+    from rgexport.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("own") / "onnx-int4-random"
+    return build(BuildOptions(backend="onnx", recipe="int4", preset="tiny", random_weights=True, out=out,
+                              validation_tokens=96))
+
+
+def test_random_weights_are_judged_by_the_artifacts_own_model(random_int4):
+    report, manifest = random_int4.report, random_int4.manifest
+    assert report.passed and not report.quality_judged
+    own = manifest["validation"]["own_model"]
+    assert own["failures"] == [] and own["metrics"]["mean_kl"] < own["thresholds"]["max_mean_kl"]
+    # The own model is far closer to the artifact than float32 is: it holds the same 4-bit weights.
+    assert own["metrics"]["mean_kl"] < manifest["validation"]["metrics"]["mean_kl"] / 10
+    assert manifest["validation"]["quality_judged"] is False
+
+
+def test_own_model_fails_an_artifact_with_a_wrong_weight(random_int4):
+    """The own-model bound can fail: against the quantised model of slightly different weights (one MLP scaled
+    by 1.3, as a weight written to the wrong place or with the wrong scale would be), the artifact misses it."""
+    from rgexport.backends import get_backend
+    from rgexport.checkpoint import random_checkpoint
+    from rgexport.runtime import open_artifact
+    from rgexport.tokenizer import Tokenizer
+    from rgexport.validate import artifact_run, heldout_tokens, reference_run
+
+    manifest = random_int4.manifest
+    model = random_checkpoint("tiny", 0).model
+    tokens = heldout_tokens(Tokenizer(random_int4.out / "tokenizer.model"), 96)
+    backend = get_backend("onnx")
+    art = artifact_run(open_artifact(random_int4.out), tokens, greedy_tokens=8)
+    reference = reference_run(model, 32, tokens, greedy_tokens=8)
+    own = own_model_logits(model, backend, manifest, 32, tokens[:-1])
+    good = run_validation(art, reference, tokens, backend="onnx", recipe="int4", quantized=True, greedy_tokens=8,
+                          own_logits=own, judge_quality=False)
+    assert good.passed, good.own_model.failures
+
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.blocks[1].mlp_block.ffw_down.weight.mul_(1.3)
+    bad = run_validation(art, reference, tokens, backend="onnx", recipe="int4", quantized=True, greedy_tokens=8,
+                         own_logits=own_model_logits(wrong, backend, manifest, 32, tokens[:-1]), judge_quality=False)
+    assert not bad.passed and bad.own_model.failures
+
+
+def test_quality_goes_unjudged_only_beside_an_own_model(small_model, small_config):
+    tokens = torch.randint(0, small_config.vocab_size, (41,), generator=torch.Generator().manual_seed(5)).tolist()
+    artifact = EagerRunner(copy.deepcopy(small_model), 8)
+    with pytest.raises(RgexportError, match="own quantised model"):
+        run_validation(artifact, small_model, tokens, backend="eager", recipe="fp32", quantized=False,
+                       greedy_tokens=4, judge_quality=False)
+
+
+def test_backends_without_an_own_model_say_so(small_model):
+    from rgexport.backends import get_backend
+
+    manifest = {"recipe": {"name": "fp32"}, "options": {}}
+    assert own_model_logits(small_model, get_backend("onnx"), manifest, 8, [1, 2, 3]) is None
+
+
+def test_executorch_own_model_is_the_build_s_quantised_model(small_model, small_config, small_tokens, tmp_path):
+    """ExecuTorch int4's own model, a part at a time, computes what the build's quantised model (the module
+    `export` captures) computes, token by token."""
+    pytest.importorskip("executorch")
+    from rgexport.backends import BuildContext
+    from rgexport.backends.executorch import ExecuTorchBackend
+    from rgexport.model import state_spec
+
+    backend = ExecuTorchBackend()
+    ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path, prefill_chunk=8,
+                       options={"quantized_gather": True})
+    decode = backend.quantize(copy.deepcopy(small_model), ctx).modules["decode"]
+    tokens = small_tokens[0, :40].tolist()
+    names = {s.identifier for s in state_spec(small_config)}
+    with torch.no_grad():
+        for name, buf in decode.named_buffers():
+            if name in names:
+                buf.zero_()
+        want = torch.cat([decode(torch.tensor([[t]], dtype=torch.int32), torch.tensor([i], dtype=torch.int32))[0]
+                          for i, t in enumerate(tokens)]).numpy()
+    manifest = {"recipe": {"name": "int4"}, "options": ctx.options}
+    got = own_model_logits(small_model, backend, manifest, 1, tokens)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
