@@ -24,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="recurrentgemma-2b")
     parser.add_argument("--layers", type=int, default=None, help="fewer blocks than the preset (same pattern)")
+    parser.add_argument("--vocab", type=int, default=None, help="another vocabulary size than the preset's")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shard", default="2GB", help="max_shard_size for save_pretrained")
     parser.add_argument("--seed", type=int, default=0)
@@ -37,6 +38,8 @@ def main() -> None:
     config = get_preset(args.preset)
     if args.layers is not None:
         config = config.replace(block_types=config.block_types[: args.layers])
+    if args.vocab is not None:
+        config = config.replace(vocab_size=args.vocab)
     hf = RecurrentGemmaConfig(**{k: v for k, v in config.to_hf_config().items() if k not in ("architectures",
                                                                                          "model_type")})
     torch.manual_seed(args.seed)

@@ -598,3 +598,18 @@ def test_head_quantised_in_row_slices_is_torchaos_tensor_byte_for_byte():
         torch.testing.assert_close(getattr(a, attr), getattr(b, attr), rtol=0, atol=0, msg=attr)
     x = torch.randn(3, 96, generator=g)
     torch.testing.assert_close(sliced(x), whole(x), rtol=0, atol=0)
+
+
+def test_preprocess_sharing_the_weights_writes_the_same_program(fp32_build, small_model, small_config, tmp_path,
+                                                                  monkeypatch):
+    """`preprocess_shares_weights` (XNNPACK preprocesses a copy of each partition that shares its weights,
+    instead of ExecuTorch's deep copy) changes memory, not the program: byte for byte the same `.pte`."""
+    import contextlib
+
+    from rgexport.backends.executorch import backend as executorch_backend
+
+    monkeypatch.setattr(executorch_backend, "preprocess_shares_weights", contextlib.nullcontext)
+    manifest, _, _ = build(small_model, small_config, "fp32", tmp_path)
+    work_dir, shared_manifest, _ = fp32_build
+    deep_copied = (tmp_path / manifest["artifact"]["file"]).read_bytes()
+    assert deep_copied == (work_dir / shared_manifest["artifact"]["file"]).read_bytes()

@@ -46,6 +46,7 @@ from rgexport.backends.executorch.export import (
     _StateMethods,
     _zero_buffers_,
     planned_memory,
+    preprocess_shares_weights,
 )
 from rgexport.backends.executorch.recipes import GROUP_SIZE, RECIPES, _tie_head_as_linear_, quantize_rows_
 from rgexport.backends.executorch.runner import ExecuTorchRunner
@@ -324,12 +325,13 @@ class ExecuTorchBackend(Backend):
         rewrites = list(ctx.options.get("xnnpack_rewrites", executorch_rewrites.REWRITES))
         executorch_rewrites.edge_passes(rewrites)  # refuses an unknown name before the slow work
         # One set of pass objects per compute method, as for InitializedMutableBufferPass.
-        edge = to_edge_transform_and_lower(
-            exported,
-            partitioner={m: [XnnpackPartitioner()] for m in ("decode", "prefill")},
-            transform_passes={m: [*executorch_rewrites.edge_passes(rewrites), InitializedMutableBufferPass(names)]
-                              for m in _INITIALISED_METHODS},
-        )
+        with preprocess_shares_weights():
+            edge = to_edge_transform_and_lower(
+                exported,
+                partitioner={m: [XnnpackPartitioner()] for m in ("decode", "prefill")},
+                transform_passes={m: [*executorch_rewrites.edge_passes(rewrites), InitializedMutableBufferPass(names)]
+                                  for m in _INITIALISED_METHODS},
+            )
         delegation = {m: _delegation(edge, m) for m in ("decode", "prefill")}
         ctx.facts["xnnpack_rewrites"] = rewrites
         program = edge.to_executorch(ExecutorchBackendConfig(

@@ -113,3 +113,33 @@ def planned_memory(program: Any) -> dict[str, dict[str, int]]:
             "state": int(sizes[2]) if len(sizes) > 2 else 0,
         }
     return out
+
+
+@contextlib.contextmanager
+def preprocess_shares_weights() -> Iterator[None]:
+    """XNNPACK's preprocess works on a copy of each partition's program that shares its weight tensors.
+
+    `BackendDetails.copy_exported_program_for_preprocess` (the hook for this, executorch 1.5.1) deep-copies
+    every partition's program before `preprocess`, weights included, and the lowered module keeps that copy:
+    one more copy of the weights per method (decode and prefill), 5 GB of int4-in-int8 data at
+    RecurrentGemma-2B. XNNPACK's preprocess reads the constants and never writes them, so the copy here is of
+    the graph only (deepcopy with the constants pre-seeded in its memo). The `.pte` is byte-identical
+    (notes/perf.md; `tests/test_backend_executorch.py` compares builds with and without)."""
+    import copy
+
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    def copy_sharing_weights(cls: Any, program: Any, compile_specs: Any) -> Any:
+        memo = {id(t): t for t in [*program.state_dict.values(), *program.constants.values()]}
+        return copy.deepcopy(program, memo)
+
+    had = "copy_exported_program_for_preprocess" in vars(XnnpackBackend)
+    before = vars(XnnpackBackend).get("copy_exported_program_for_preprocess")
+    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
+    try:
+        yield
+    finally:
+        if had:
+            XnnpackBackend.copy_exported_program_for_preprocess = before
+        else:
+            del XnnpackBackend.copy_exported_program_for_preprocess
