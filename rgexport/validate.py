@@ -217,7 +217,8 @@ def own_model_logits(source: Any, backend: Any, manifest: dict[str, Any], chunk:
 
     stream = source if isinstance(source, StreamedCheckpoint) else stream_model(source)
     ctx = BuildContext(config=stream.config, recipe=manifest["recipe"]["name"], work_dir=Path("."),
-                       prefill_chunk=chunk, options=dict(manifest.get("options") or {}))
+                       prefill_chunk=chunk, options=dict(manifest.get("options") or {}),
+                       facts=dict(manifest.get("backend_facts") or {}))
     if backend.quantise_part(stream.final_norm(), "final_norm", ctx) is None:  # the smallest part asks
         return None
     (run,) = layer_major_runs(quantised_stream(stream, lambda part, kind: backend.quantise_part(part, kind, ctx)),
