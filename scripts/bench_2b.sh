@@ -6,11 +6,11 @@
 #
 #   scripts/bench_2b.sh                                   # ONNX int4, random 2B weights
 #   CHECKPOINT=/path/to/recurrentgemma-2b scripts/bench_2b.sh
-#   ARTIFACTS="onnx:int4 onnx:fp32" OUT=/tmp/b2 scripts/bench_2b.sh
+#   ARTIFACTS="onnx:int4 executorch:int4" OUT=/tmp/b2 scripts/bench_2b.sh
 #
-# One build at a time; each one's log is OUT/<backend>-<recipe>.log. Only ONNX builds from a stream (peak
-# 5.54 GiB for int4 at 2B, 15.52 GiB at 9B); the other backends load the whole float32 model (10.7 GB)
-# and need more memory than that.
+# One build at a time; each one's log is OUT/<backend>-<recipe>.log. ONNX and ExecuTorch int4 build from a
+# stream (2B int4 peaks: ONNX 5.54 GiB, ExecuTorch 16.38 GiB; 9B ONNX int4 15.52 GiB); TFLite and Core ML load
+# the whole float32 model (10.7 GB) and need more memory than that.
 set -euo pipefail
 
 ARTIFACTS=${ARTIFACTS:-onnx:int4}
