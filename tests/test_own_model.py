@@ -101,3 +101,38 @@ def test_executorch_own_model_is_the_build_s_quantised_model(small_model, small_
     manifest = {"recipe": {"name": "int4"}, "options": ctx.options}
     got = own_model_logits(small_model, backend, manifest, 1, tokens)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_onnx_int4_quantises_the_matmuls_and_the_embedding_only_at_real_widths(tmp_path):
+    """A Conv1D weight above 8192 elements (RecurrentGemma-2B's [4, 2560] and up) is not folded by the exporter,
+    and the 4-bit quantiser used to turn its fixed-index Gathers (the taps) into 4-bit GatherBlockQuantized: the
+    own model, which quantises the linears and the table, then missed the artifact by up to 0.37 in a logit.
+    Now only the embedding's Gather is quantised, and at float32 compute (accuracy level 0) the artifact is its
+    own model to float rounding."""
+    import onnx
+
+    from rgexport.backends import BuildContext, get_backend
+    from rgexport.config import GriffinConfig
+    from rgexport.model import Griffin
+    from rgexport.streaming import fake_griffin, stream_model
+
+    config = GriffinConfig(vocab_size=512, width=128, mlp_expanded_width=256, num_heads=8, lru_width=2304,
+                           block_types=("recurrent", "recurrent", "attention"), attention_window_size=16,
+                           logits_soft_cap=0.0, embeddings_scale_by_sqrt_dim=False)
+    model = Griffin(config).reset_parameters_(torch.Generator().manual_seed(0)).eval()
+    backend = get_backend("onnx")
+    ctx = BuildContext(config=config, recipe="int4", work_dir=tmp_path, prefill_chunk=8, stream=stream_model(model),
+                       options={"int4_accuracy_level": 0})
+    backend.write(backend.lower(backend.export(backend.quantize(fake_griffin(config), ctx), ctx), ctx), ctx)
+    graph = onnx.load(tmp_path / "decode.onnx", load_external_data=False).graph
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == 1, [n.name for n in gathers]  # the embedding
+    assert sum(n.op_type == "Gather" for n in graph.node) >= 4  # the Conv1D taps stay float32 Gathers
+
+    manifest = {"backend": "onnx", "recipe": {"name": "int4"}, "io": backend.io_contract(ctx),
+                "artifact": {"file": "decode.onnx"}, "options": ctx.options, "backend_facts": ctx.facts}
+    tokens = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    from rgexport.validate import teacher_forced
+
+    got = teacher_forced(backend.load(tmp_path, manifest, threads=1), tokens)
+    np.testing.assert_allclose(got, own_model_logits(model, backend, manifest, 8, tokens), rtol=0, atol=1e-4)

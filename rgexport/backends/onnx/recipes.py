@@ -406,7 +406,7 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path
     )
     where = contextlib.chdir(base_dir) if base_dir is not None else contextlib.nullcontext()
     with _quiet_quantizer_logs(), where:
-        quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=_fixed_index_gathers(model))
         quantizer.process()
     model = quantizer.model.model
     del quantizer
@@ -414,6 +414,22 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path
     if base_dir is not None:
         offload_initializers(model, base_dir)
     return model
+
+
+def _fixed_index_gathers(model) -> list[str]:
+    """Gathers that read a weight at a fixed index: a Conv1D tap `w[i]` where the weight is too large for the
+    exporter to fold (above 8192 elements: RecurrentGemma-2B's [4, 2560] and up). The quantiser would make
+    each a 4-bit `GatherBlockQuantized`; int4 means the embedding and the MatMul weights, and a 4-bit
+    Conv1D was a silent accuracy loss at real sizes that the small models (taps folded to constants) never
+    showed (found by validation's own-model layer: notes/perf.md). Unnamed nodes get a name to be left out by."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    fixed = []
+    for k, node in enumerate(model.graph.node):
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in constants:
+            node.name = node.name or f"fixed_index_gather_{k}"
+            fixed.append(node.name)
+    return fixed
 
 
 def dequantised_int4(weight, block_size: int = INT4_BLOCK_SIZE, slice_bytes: int = 64 << 20):
