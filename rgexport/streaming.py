@@ -75,19 +75,31 @@ class _Tensors:
 
 
 def _safetensors(files: list[Path]) -> _Tensors:
+    """Each tensor read through a `safe_open` of its own: the tensor it returns is a view of that file's memory
+    map, which then lives exactly as long as the tensor (a bf16 view is dropped as soon as its part is cast to
+    float32). A handle kept open for the whole stream kept every page it had read resident, and counted in
+    RSS: 5.4 GB of bf16 shards by the end of a 2B build."""
     from safetensors import SafetensorError, safe_open
 
-    handles: dict[str, Any] = {}
+    where: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for p in files:
         try:
-            h = safe_open(str(p), framework="pt")
-            for name in h.keys():
-                shapes[name] = tuple(h.get_slice(name).get_shape())
-                handles[name] = h
+            with safe_open(str(p), framework="pt") as h:
+                for name in h.keys():
+                    shapes[name] = tuple(h.get_slice(name).get_shape())
+                    where[name] = p
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"Cannot read safetensors file {p}: {e}") from None
-    return _Tensors(shapes, lambda name: handles[name].get_tensor(name))
+
+    def get(name: str) -> torch.Tensor:
+        try:
+            with safe_open(str(where[name]), framework="pt") as h:
+                return h.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"Cannot read {name} from safetensors file {where[name]}: {e}") from None
+
+    return _Tensors(shapes, get)
 
 
 def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
