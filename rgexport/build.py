@@ -264,6 +264,10 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         reference_intact = (small or not recipe.quantized) and stream is None
     with stages.stage("export", backend.name):
         exported = backend.export(prepared, ctx)
+    if stream is not None:
+        # The weights are in `exported` now. The checkpoint's memory maps go before lowering: their pages count
+        # in RSS once read (5.4 GB of bf16 shards at 2B). Validation opens the checkpoint again if it needs it.
+        ctx.stream = stream = None
     if not small and checkpoint is None:
         # From here on the weights the backend needs are in `exported` (ONNX: on disk). The build's own
         # references would keep the float32 model (10.7 GB at 2B) alive through lowering and then beside
@@ -271,11 +275,6 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         prepared = model = None
         ckpt = dataclasses.replace(ckpt, model=None)
         reference_intact = False
-        release_freed()
-    if stream is not None:
-        # The weights are in `exported` now. The checkpoint's memory maps go before lowering: their pages count
-        # in RSS once read (5.4 GB of bf16 shards at 2B). Validation opens the checkpoint again if it needs it.
-        ctx.stream = stream = None
         release_freed()
     with stages.stage("lower", backend.name + (f", quantise {recipe.name}" if in_lower and recipe.quantized else "")):
         lowered = backend.lower(exported, ctx)

@@ -411,7 +411,7 @@ class _SharedEmbedder:
         return self.embedder
 
 
-def stream_model(model: Griffin, source: str = "memory") -> StreamedCheckpoint:
+def stream_model(model: Griffin) -> StreamedCheckpoint:
     """A model already in memory as a stream: each part handed out is a copy (so that a caller may quantise
     it in place) and the model itself is left as it was."""
     import copy
@@ -420,7 +420,7 @@ def stream_model(model: Griffin, source: str = "memory") -> StreamedCheckpoint:
         part = model.embedder if kind == "embedder" else model.final_norm if kind == "final_norm" else model.blocks[i]
         return copy.deepcopy(part).eval()
 
-    return StreamedCheckpoint(model.config, source, "memory", "", None, load)
+    return StreamedCheckpoint(model.config, "memory", "memory", "", None, load)
 
 
 def quantised_stream(stream: StreamedCheckpoint, quantise: Callable[[Part, str], Part]) -> StreamedCheckpoint:

@@ -439,7 +439,6 @@ def dequantised_int4(weight, block_size: int = INT4_BLOCK_SIZE, slice_bytes: int
     multiplies by (`OnnxBackend.quantise_part`); a slice of rows at a time, like `quantize_tied_tables`."""
     import numpy as np
     import torch
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     w = weight.detach().to(torch.float32).numpy()
     n, k = w.shape
@@ -448,15 +447,27 @@ def dequantised_int4(weight, block_size: int = INT4_BLOCK_SIZE, slice_bytes: int
     step = max(1, slice_bytes // (4 * k))
     for start in range(0, n, step):
         stop = min(n, start + step)
-        b = np.zeros((blocks * block_size, stop - start), np.float32)
-        b[:k] = w[start:stop].T
         packed = np.zeros((stop - start, blocks, block_size // 2), np.uint8)
         scales = np.zeros((stop - start, blocks), np.float32)
-        zero_points = np.zeros((stop - start, (blocks + 1) // 2), np.uint8)
-        quantize_matmul_4bits(packed, b, scales, zero_points, block_size, stop - start, blocks * block_size, True)
+        _quantize_rows_4bit(w[start:stop], block_size, packed, scales)
         q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(stop - start, blocks, block_size)  # low first
         out[start:stop] = ((q.astype(np.float32) - 8) * scales[..., None]).reshape(stop - start, -1)[:, :k]
     return torch.from_numpy(out)
+
+
+def _quantize_rows_4bit(rows, block_size: int, packed, scales) -> None:
+    """Float32 rows [n, K] of a weight whose transpose B is `MatMulNBits`' input (a linear's weight, the tied
+    table) into `packed` [n, blocks, block_size / 2] and `scales` [n, blocks], by ONNX Runtime's own kernel:
+    each row is a column of B, quantised on its own (symmetric, zero point 8, K padded to whole blocks)."""
+    import numpy as np
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    n, k = rows.shape
+    blocks = scales.shape[1]
+    b = np.zeros((blocks * block_size, n), np.float32)  # B's columns, padded
+    b[:k] = rows.T
+    zero_points = np.zeros((n, (blocks + 1) // 2), np.uint8)  # unused: symmetric
+    quantize_matmul_4bits(packed, b, scales, zero_points, block_size, n, blocks * block_size, True)
 
 
 def _table_rows(table, base_dir: str | Path | None, start: int, stop: int):
@@ -497,7 +508,6 @@ def quantize_tied_tables(model, base_dir: str | Path | None = None, block_size: 
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     graph = model.graph
     taken = _all_names(graph)
@@ -512,11 +522,8 @@ def quantize_tied_tables(model, base_dir: str | Path | None = None, block_size: 
         step = max(1, slice_bytes // (4 * width))
         for start in range(0, vocab, step):
             stop = min(vocab, start + step)
-            weight = np.zeros((blocks * block_size, stop - start), np.float32)  # B's columns start:stop, padded
-            weight[:width] = _table_rows(emb, base_dir, start, stop).T
-            zero_points = np.zeros((stop - start, (blocks + 1) // 2), np.uint8)  # unused: symmetric
-            quantize_matmul_4bits(packed[start:stop], weight, scales[start:stop], zero_points,
-                                  block_size, stop - start, blocks * block_size, True)
+            _quantize_rows_4bit(_table_rows(emb, base_dir, start, stop), block_size, packed[start:stop],
+                                scales[start:stop])
         weight_name = _unique_name(taken, f"{emb.name}_Q4")
         data_name = _unique_name(taken, f"{emb.name}_Q4_rows")
         scales_name = _unique_name(taken, f"{emb.name}_scales")
