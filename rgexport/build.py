@@ -342,10 +342,11 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
             with stages.bar("validating", 2 * n) as advance:
                 from rgexport.runtime import open_artifact
 
-                runner = open_artifact(work, manifest=manifest, verify=False)  # written just now
                 if reference_intact:
+                    runner = open_artifact(work, manifest=manifest, verify=False)  # written just now
                     reference = model
-                    own = own_model_logits(model, backend, manifest, chunk, tokens[:-1])
+                    with stages.part("own model"):
+                        own = own_model_logits(model, backend, manifest, chunk, tokens[:-1])
                 else:
                     from rgexport.streaming import stream_source
                     from rgexport.validate import artifact_run, streamed_reference_run
@@ -353,11 +354,15 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                     # The model was let go after export. The artifact runs first, then the runtime goes and the
                     # reference streams from the checkpoint one block at a time (layer-major): never the
                     # float32 model (10.7 GB at 2B) and never beside the artifact.
-                    runner = artifact_run(runner, tokens, progress=advance)
-                    release_freed()
+                    with stages.part("artifact"):
+                        runner = artifact_run(open_artifact(work, manifest=manifest, verify=False), tokens,
+                                              progress=advance)
+                        release_freed()
                     stream = stream_source(manifest["model"]["checkpoint"]["source"], opts.preset)
-                    reference = streamed_reference_run(stream, chunk, tokens, runner.greedy)
-                    own = own_model_logits(stream, backend, manifest, chunk, tokens[:-1])
+                    with stages.part("reference"):
+                        reference = streamed_reference_run(stream, chunk, tokens, runner.greedy)
+                    with stages.part("own model"):
+                        own = own_model_logits(stream, backend, manifest, chunk, tokens[:-1])
                     advance(n)
                 report = run_validation(runner, reference, tokens, backend=backend.name, recipe=recipe.name,
                                         quantized=recipe.quantized, progress=advance, own_logits=own,
@@ -371,6 +376,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                 raise ValidationFailed(report)
     with stages.stage("manifest"):
         manifest["build"] = {"stages_seconds": dict(stages.timings), "stages_peak_rss_bytes": dict(stages.peak_rss),
+                             "parts": dict(stages.parts),
                              "peak_rss_bytes": max(stages.peak_rss.values(), default=0)}
         write_manifest(work, manifest)
     return BuildResult(out=work, manifest=manifest, report=report)

@@ -576,6 +576,9 @@ def _build_summary(manifest: dict[str, Any], folder: Path, logged: bool) -> str:
 
     b = manifest["build"]
     stage, peak = max(b["stages_peak_rss_bytes"].items(), key=lambda kv: kv[1])
+    # The part of that stage that reached the peak, where the stage was split into parts (validate).
+    stage = next((k for k, v in b.get("parts", {}).items() if k.startswith(f"{stage}: ")
+                  and v["peak_rss_bytes"] == peak), stage)
     seconds = sum(b["stages_seconds"].values())
     log = f"; log {folder / BUILD_LOG}" if logged else ""
     return f"  build       {seconds:.0f} s, peak RSS {peak / 2**30:.2f} GiB ({stage}){log}"

@@ -31,7 +31,9 @@ class Stages:
     """Prints one line per stage with its duration; `quiet` prints nothing (library use, tests).
 
     Each stage's wall time and peak RSS are recorded (`timings`, `peak_rss`): the peak-RSS mark is reset as a
-    stage starts, so a stage's figure is its own (Linux; elsewhere the process's peak so far).
+    stage starts, so a stage's figure is its own (Linux; elsewhere the process's peak so far). A stage can be
+    split into parts (`part`), recorded as "stage: part" beside it, so a summary can say which part of a
+    stage peaked (`parts`, not in `timings`: those add up to the whole).
     """
 
     def __init__(self, console: Console | None = None, quiet: bool = False):
@@ -39,12 +41,37 @@ class Stages:
         self.quiet = quiet
         self.timings: dict[str, float] = {}
         self.peak_rss: dict[str, int] = {}
+        self.parts: dict[str, dict[str, float | int]] = {}  # "stage: part" -> seconds, peak_rss_bytes
+        self._stage: str | None = None
+        self._carried = 0  # the running stage's peak before its current part reset the mark
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """A part of the running stage, timed and peak-measured on its own as "stage: part" (a line under the
+        stage's); the stage's own peak stays the largest of its parts'."""
+        from rgexport.memory import peak_rss_bytes, reset_peak_rss
+
+        if self._stage is None:
+            raise RuntimeError("Stages.part outside a stage")
+        self._carried = max(self._carried, peak_rss_bytes())
+        reset_peak_rss()
+        start = time.perf_counter()
+        yield
+        seconds, peak = time.perf_counter() - start, peak_rss_bytes()
+        self._carried = max(self._carried, peak)
+        key = f"{self._stage}: {name}"
+        was = self.parts.get(key, {"seconds": 0.0, "peak_rss_bytes": 0})
+        self.parts[key] = {"seconds": round(was["seconds"] + seconds, 3),
+                           "peak_rss_bytes": max(was["peak_rss_bytes"], peak)}
+        if not self.quiet:
+            self.console.print(f"  [dim]· {name}  {seconds:.1f} s, peak {peak / 2**30:.2f} GiB[/dim]")
 
     @contextlib.contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[None]:
         from rgexport.memory import peak_rss_bytes, reset_peak_rss
 
         reset_peak_rss()
+        self._stage, self._carried = name, 0
         start = time.perf_counter()
         label = f"{name}" + (f" [dim]{detail}[/dim]" if detail else "")
         try:
@@ -60,15 +87,18 @@ class Stages:
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             # Ctrl-C, SIGTERM (the CLI raises KeyboardInterrupt for it) and exits pass through as themselves:
             # the CLI reports them as an interruption, and `finally` blocks clean up partial output.
+            self._stage = None
             if not self.quiet:
                 self.console.print(f"[red]✗[/red] {label}  [red]interrupted[/red]")
             raise
         except BaseException as e:
-            self._record(name, time.perf_counter() - start, peak_rss_bytes())
+            self._stage = None
+            self._record(name, time.perf_counter() - start, max(self._carried, peak_rss_bytes()))
             if not self.quiet:
                 self.console.print(f"[red]✗[/red] {label}  [red]{type(e).__name__}[/red]")
             raise StageFailed(name, e) from e
-        seconds, peak = time.perf_counter() - start, peak_rss_bytes()
+        seconds, peak = time.perf_counter() - start, max(self._carried, peak_rss_bytes())
+        self._stage = None
         self._record(name, seconds, peak)
         if not self.quiet:
             self.console.print(f"[green]✓[/green] {label}  [dim]{seconds:.1f} s, peak {peak / 2**30:.2f} GiB[/dim]")
@@ -89,10 +119,6 @@ class Stages:
         # A stage name can repeat (validate, then its variants): keep the sum of times and the largest peak.
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)
         self.peak_rss[name] = max(self.peak_rss.get(name, 0), peak)
-
-    def peak(self) -> tuple[str, int] | None:
-        """The stage with the largest peak RSS, and that peak; None before any stage."""
-        return max(self.peak_rss.items(), key=lambda kv: kv[1]) if self.peak_rss else None
 
     @contextlib.contextmanager
     def bar(self, description: str, total: int) -> Iterator:

@@ -45,6 +45,9 @@ total = m["artifact"]["total_bytes"]
 print(f"   wall {sum(build['stages_seconds'].values()) / 60:.1f} min (stages), peak "
       f"{build['peak_rss_bytes'] / 2**30:.2f} GiB; validation {m['validation']['status']}")
 print("   per stage: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in build["stages_peak_rss_bytes"].items()) + " GiB")
+if build.get("parts"):
+    print("   parts: " + ", ".join(f"{k} {v['seconds']:.0f} s {v['peak_rss_bytes'] / 2**30:.2f} GiB"
+                                  for k, v in build["parts"].items()))
 print(f"   bytes {total:,}" + (f" = {total / ideal:.2f}x the ideal {ideal / 1e9:.2f} GB" if ideal else ""))
 EOF
   folders+=("$folder")

@@ -205,3 +205,32 @@ def test_large_build_never_loads_the_whole_model(tmp_path, monkeypatch):
     assert streams[0].counter.peak == largest  # the export: one part at a time
     assert streams[1].counter.peak <= 2 * largest  # the reference: a block beside the embedding, at most
     assert not (result.out / EXPORT_SCRATCH).exists()
+    # The streamed validation in its three parts, each measured on its own, none above the stage's peak.
+    build_info = manifest["build"]
+    assert set(build_info["parts"]) == {"validate: artifact", "validate: reference", "validate: own model"}
+    for part in build_info["parts"].values():
+        assert 0 < part["peak_rss_bytes"] <= build_info["stages_peak_rss_bytes"]["validate"]
+        assert 0 < part["seconds"] <= build_info["stages_seconds"]["validate"]
+
+
+def test_stage_parts_are_measured_apart_and_keep_the_stage_peak():
+    """A part resets the peak mark for its own figure, and the stage still reports the largest: a 64 MB
+    buffer held only in the first part is the stage's peak, not the second part's."""
+    from rgexport.memory import peak_rss_bytes
+    from rgexport.progress import Stages
+
+    stages = Stages(quiet=True)
+    with pytest.raises(RuntimeError, match="outside a stage"), stages.part("x"):
+        pass
+    with stages.stage("validate"):
+        with stages.part("big"):
+            buf = np.ones(64 << 18, dtype=np.float32)  # 64 MB, touched
+            del buf
+        with stages.part("small"):
+            pass
+    if peak_rss_bytes() == 0:
+        pytest.skip("no peak RSS figures on this platform")
+    big, small = stages.parts["validate: big"], stages.parts["validate: small"]
+    assert big["peak_rss_bytes"] >= small["peak_rss_bytes"] + (48 << 20)
+    assert stages.peak_rss["validate"] == big["peak_rss_bytes"]
+    assert set(stages.timings) == {"validate"}  # parts are not stages: stage times still add up

@@ -430,6 +430,8 @@ _PROBE = """import sys
 if sys.argv[2] == "1":
     import executorch.kernels.quantized
 from executorch.runtime import Runtime
+from rgexport.backends.executorch.runner import share_packed_weights
+share_packed_weights()
 program = Runtime.get().load_program(sys.argv[1])
 for name in sorted(program.method_names):
     program.load_method(name)

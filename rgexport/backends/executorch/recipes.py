@@ -32,7 +32,7 @@ def quantize_rows_(linear: nn.Linear, config: Any, slice_bytes: int = SLICE_BYTE
     step = max(1, slice_bytes // (cols * weight.element_size()))
     qdata = scale = zero_point = first = None
     for start in range(0, rows, step):
-        part = nn.Linear(cols, min(step, rows - start), bias=False)
+        part = nn.Linear(cols, min(step, rows - start), bias=False, device="meta")  # no weight of its own
         part.weight = nn.Parameter(weight[start:start + step], requires_grad=False)
         quantize_(part, config)
         q = part.weight
@@ -61,7 +61,9 @@ def _tie_head_as_linear_(model: Griffin) -> nn.Linear:
     the same tensor; quantising it then replaces the head's weight only, and the gather keeps the table.
     """
     embedder = model.embedder
-    head = nn.Linear(model.config.width, model.config.vocab_size, bias=False)
+    # On the meta device: a CPU nn.Linear would first allocate and initialise a weight of its own, as large
+    # as the table (2.6 GB at RecurrentGemma-2B, freed only when replaced below).
+    head = nn.Linear(model.config.width, model.config.vocab_size, bias=False, device="meta")
     head.weight = embedder.input_embedding
     embedder.head = head
     embedder.decode = lambda x: embedder.head(x)  # an instance attribute shadows Embedder.decode
