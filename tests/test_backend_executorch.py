@@ -606,10 +606,17 @@ def test_preprocess_sharing_the_weights_writes_the_same_program(fp32_build, smal
     instead of ExecuTorch's deep copy) changes memory, not the program: byte for byte the same `.pte`."""
     import contextlib
 
+    from executorch.exir.backend.utils import is_same_node
+
     from rgexport.backends.executorch import backend as executorch_backend
 
     monkeypatch.setattr(executorch_backend, "preprocess_shares_weights", contextlib.nullcontext)
     manifest, _, _ = build(small_model, small_config, "fp32", tmp_path)
+    # What ExecuTorch keeps of the lowered graphs (and through them the weights) is let go after lowering.
+    assert is_same_node.cache_info().currsize == 0
+    whys = [m.why for n, m in list(sys.modules.items())
+            if n.startswith("executorch.backends.xnnpack.partition") and hasattr(m, "why")]
+    assert len(whys) >= 4 and all(w.node is None for w in whys)
     work_dir, shared_manifest, _ = fp32_build
     deep_copied = (tmp_path / manifest["artifact"]["file"]).read_bytes()
     assert deep_copied == (work_dir / shared_manifest["artifact"]["file"]).read_bytes()

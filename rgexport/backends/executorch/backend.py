@@ -45,6 +45,7 @@ from rgexport.backends.executorch.export import (
     _Prepared,
     _StateMethods,
     _zero_buffers_,
+    forget_lowered_graphs,
     planned_memory,
     preprocess_shares_weights,
 )
@@ -332,6 +333,7 @@ class ExecuTorchBackend(Backend):
                 transform_passes={m: [*executorch_rewrites.edge_passes(rewrites), InitializedMutableBufferPass(names)]
                                   for m in _INITIALISED_METHODS},
             )
+        forget_lowered_graphs()  # ExecuTorch's memos would keep both graphs and their weights alive
         delegation = {m: _delegation(edge, m) for m in ("decode", "prefill")}
         ctx.facts["xnnpack_rewrites"] = rewrites
         program = edge.to_executorch(ExecutorchBackendConfig(

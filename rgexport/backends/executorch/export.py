@@ -143,3 +143,23 @@ def preprocess_shares_weights() -> Iterator[None]:
             XnnpackBackend.copy_exported_program_for_preprocess = before
         else:
             del XnnpackBackend.copy_exported_program_for_preprocess
+
+
+def forget_lowered_graphs() -> None:
+    """Drops what ExecuTorch keeps of the graphs it lowered, once lowering is done (executorch 1.5.1).
+
+    Two module-level holders kept every lowered graph, and through it the lowered modules with their
+    serialized weights and the programs' quantised weights, for the life of the process: `is_same_node`
+    (`exir/backend/utils.py`, an `lru_cache` without a bound over the fx Nodes that `to_backend` compares to
+    check a partitioner left the graph alone) and the `why` of XNNPACK's partitioner configs (a
+    `WhyNoPartition` that remembers the last node it refused). At 0.48 B parameters the first held 0.25 GiB;
+    at RecurrentGemma-2B the first alone held 1.7 GiB through validation (notes/perf.md)."""
+    import sys
+
+    from executorch.exir.backend.utils import WhyNoPartition, is_same_node
+
+    is_same_node.cache_clear()
+    for name, module in list(sys.modules.items()):
+        if name.startswith("executorch.backends.xnnpack.partition") and isinstance(getattr(module, "why", None),
+                                                                                   WhyNoPartition):
+            module.why.node = None
