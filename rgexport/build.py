@@ -345,8 +345,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                 if reference_intact:
                     runner = open_artifact(work, manifest=manifest, verify=False)  # written just now
                     reference = model
-                    with stages.part("own model"):
-                        own = own_model_logits(model, backend, manifest, chunk, tokens[:-1])
+                    own = own_model_logits(model, backend, manifest, chunk, tokens[:-1])
                 else:
                     from rgexport.streaming import stream_source
                     from rgexport.validate import artifact_run, streamed_reference_run

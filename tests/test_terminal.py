@@ -13,9 +13,10 @@ import pytest
 
 from rgexport.build import BUILD_LOG, BuildOptions, build, failed_log_path
 
-# Every line a build may print: a stage, the validation report, the closing summary, the output path.
+# Every line a build may print: a stage (and a part of one), the validation report, the closing summary, the
+# output path.
 RGEXPORT_LINE = re.compile(
-    r"^(✓ |✗ |tflite / fp32: (PASSED|FAILED)|  (logits|agreement|perplexity|greedy|state|build|FAIL) |"
+    r"^(✓ |✗ |  · |tflite / fp32: (PASSED|FAILED)|  (logits|agreement|perplexity|greedy|state|build|FAIL) |"
     r"\S*tfl  \()")
 
 
