@@ -87,18 +87,17 @@ class Stages:
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             # Ctrl-C, SIGTERM (the CLI raises KeyboardInterrupt for it) and exits pass through as themselves:
             # the CLI reports them as an interruption, and `finally` blocks clean up partial output.
-            self._stage = None
             if not self.quiet:
                 self.console.print(f"[red]✗[/red] {label}  [red]interrupted[/red]")
             raise
         except BaseException as e:
-            self._stage = None
             self._record(name, time.perf_counter() - start, max(self._carried, peak_rss_bytes()))
             if not self.quiet:
                 self.console.print(f"[red]✗[/red] {label}  [red]{type(e).__name__}[/red]")
             raise StageFailed(name, e) from e
+        finally:
+            self._stage = None  # a part outside a stage is an error, whichever way this stage ended
         seconds, peak = time.perf_counter() - start, max(self._carried, peak_rss_bytes())
-        self._stage = None
         self._record(name, seconds, peak)
         if not self.quiet:
             self.console.print(f"[green]✓[/green] {label}  [dim]{seconds:.1f} s, peak {peak / 2**30:.2f} GiB[/dim]")
