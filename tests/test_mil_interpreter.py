@@ -24,7 +24,7 @@ from rgexport.backends.coreml.mil_interpreter import Program as MILProgram  # no
 # Every op type coremltools 9 emits for Griffin (decode and prefill, any recipe); each needs a case below.
 GRIFFIN_OPS = {
     "abs", "add", "cast", "clip", "concat", "cos", "exp", "expand_dims", "floor", "gather", "greater_equal",
-    "linear", "matmul", "mul", "read_state", "reduce_mean", "reduce_sum", "reshape", "rsqrt", "select",
+    "linear", "pad", "matmul", "mul", "read_state", "reduce_mean", "reduce_sum", "reshape", "rsqrt", "select",
     "sigmoid", "sin", "slice_by_index", "slice_update", "softmax", "sqrt", "stack", "sub", "tanh", "transpose",
     "write_state", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense",
     "quantize", "dequantize",  # recipe w8a8: coremltools' activation quantize/dequantize pairs
@@ -105,6 +105,11 @@ CASES = {
     "matmul_tx": (lambda x, y, **_: mb.matmul(x=x, y=y, transpose_x=True), {"x": X, "y": Y}, SUM),
     "concat": (lambda x, y, **_: mb.concat(values=[x, y, x], axis=-2), {"x": X, "y": Y}, 0),
     "stack": (lambda x, y, **_: mb.stack(values=[x, y], axis=1), {"x": X, "y": Y}, 0),
+    # The RG-LRU's scan shifts along the chunk with constant pads (zeros, and ones for the products).
+    "pad": (lambda x, **_: mb.pad(x=x, pad=[2, 0, 0, 0], constant_val=1.0), {"x": X}, 0),
+    "pad_all_dims": (lambda x, **_: mb.pad(x=x, pad=[1, 0, 0, 2, 3, 1]), {"x": X}, 0),
+    "pad_replicate": (lambda x, **_: mb.pad(x=x, pad=[1, 2], mode="replicate"), {"x": X}, 0),
+    "pad_reflect": (lambda x, **_: mb.pad(x=x, pad=[2, 1], mode="reflect"), {"x": X}, 0),
     "transpose": (lambda x, **_: mb.transpose(x=x, perm=[2, 0, 1]), {"x": X}, 0),
     "reshape": (lambda x, **_: mb.reshape(x=x, shape=[2, -1, 4]), {"x": X}, 0),
     "reshape_zero": (lambda x, **_: mb.reshape(x=x, shape=[1, 0, -1, 0]), {"x": X}, 0),

@@ -112,3 +112,37 @@ def test_griffin_builds_every_preset_on_meta():
             model = Griffin(config)
         n = sum(p.numel() for p in model.parameters())
         assert n == config.num_parameters(), name
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 7, 8, 32, 33])
+def test_linear_scan_is_the_recurrence(t):
+    """The log-depth scan against the loop it replaces, with a reset (a = 0) inside the chunk."""
+    from rgexport.model.layers import linear_scan
+
+    g = torch.Generator().manual_seed(t)
+    a = torch.rand(2, t, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(2, t, 5, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    a[1, t // 2] = 0.0
+    h, want = h0, []
+    for i in range(t):
+        h = a[:, i] * h + x[:, i]
+        want.append(h)
+    got = linear_scan(a, x, h0)
+    torch.testing.assert_close(got, torch.stack(want, dim=1), rtol=1e-12, atol=1e-12)
+    # After the reset, nothing of h0 or of the steps before it is left.
+    if t > 1:
+        later = linear_scan(a, x, h0 + 1.0)[1, t // 2:]
+        assert torch.equal(later, got[1, t // 2:])
+
+
+def test_prefill_graph_has_no_step_per_token(small_model):
+    """The RG-LRU runs as a scan: a chunk of 16 exports to about the nodes of a chunk of 2, not 8x more."""
+    from rgexport.graphs import PrefillIO
+
+    def nodes(chunk: int) -> int:
+        io = PrefillIO(small_model, chunk)
+        ep = torch.export.export(io, io.example_inputs(), strict=False)
+        return sum(n.op == "call_function" for n in ep.graph.nodes)
+
+    assert nodes(16) < 1.5 * nodes(2)

@@ -113,13 +113,31 @@ class RGLRU(nn.Module):
         multiplier = r + (1.0 - r) * torch.sqrt(1.0 - a_square)
         normalized_x = x * gate_x * multiplier
         a = a * (1.0 - r)
-        ys = []
         h = h.to(torch.float32)
-        for i in range(x.shape[1]):  # unrolled at export: chunks are short and fixed-size
-            h = a[:, i].to(torch.float32) * h + normalized_x[:, i].to(torch.float32)
-            ys.append(h)
-        y = torch.stack(ys, dim=1).to(x.dtype)
-        return y, h
+        if x.shape[1] == 1:  # decode: one step, written as the step it is
+            h = a[:, 0].to(torch.float32) * h + normalized_x[:, 0].to(torch.float32)
+            return torch.stack([h], dim=1).to(x.dtype), h
+        y = linear_scan(a.to(torch.float32), normalized_x.to(torch.float32), h)
+        return y.to(x.dtype), y[:, -1]
+
+
+def linear_scan(a: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Every h_t of h_t = a_t * h_{t-1} + x_t over a chunk; a, x: [b t l], h: [b l] -> [b t l].
+
+    A log-depth (Hillis-Steele) scan: after the level of offset d, position t holds the composition of the
+    steps t-2d+1 .. t, as (product of a, what they add). ceil(log2 t) levels of a few whole-chunk ops,
+    where a loop over the chunk gives t of them: the exported prefill graph has a fraction of the nodes,
+    which is what lowering's time follows (notes/perf.md). The same associative scan DeepMind's Griffin
+    code offers; no division and no log, so no value is computed that the loop would not bound.
+    """
+    t = x.shape[1]
+    d = 1
+    while d < t:
+        # Shifted by d along the chunk; the first d positions compose with the identity step (1, 0).
+        x = a * nn.functional.pad(x[:, :-d], (0, 0, d, 0)) + x
+        a = a * nn.functional.pad(a[:, :-d], (0, 0, d, 0), value=1.0)
+        d *= 2
+    return x + a * h[:, None]
 
 
 class RotaryEmbedding(nn.Module):

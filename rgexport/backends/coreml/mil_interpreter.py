@@ -260,6 +260,22 @@ def _concat(values, axis, interleave=None):
     return np.concatenate(values, axis=_scalar(axis))
 
 
+@op("pad")
+def _pad(x, pad, mode=None, constant_val=None):
+    """`pad` holds (before, after) pairs for the last len(pad) / 2 dimensions, outermost first."""
+    x = np.asarray(x)
+    amounts = _ints(pad)
+    if len(amounts) % 2 or len(amounts) > 2 * x.ndim:
+        raise MILError(f"pad amounts {amounts} do not fit a tensor of rank {x.ndim}")
+    widths = [(0, 0)] * (x.ndim - len(amounts) // 2) + list(zip(amounts[::2], amounts[1::2]))
+    kind = _scalar(mode, "constant")
+    if kind == "constant":
+        return np.pad(x, widths, mode="constant", constant_values=np.asarray(_scalar(constant_val, 0.0), x.dtype))
+    if kind in ("reflect", "replicate"):
+        return np.pad(x, widths, mode="reflect" if kind == "reflect" else "edge")
+    raise MILError(f"pad mode {kind!r} is not implemented; expected constant, reflect or replicate")
+
+
 @op("stack")
 def _stack(values, axis):
     return np.stack(values, axis=_scalar(axis))

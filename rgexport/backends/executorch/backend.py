@@ -49,7 +49,14 @@ from rgexport.backends.executorch.export import (
     planned_memory,
     preprocess_shares_weights,
 )
-from rgexport.backends.executorch.recipes import GROUP_SIZE, RECIPES, _tie_head_as_linear_, quantize_rows_
+from rgexport.backends.executorch.recipes import (
+    GROUP_SIZE,
+    RECIPES,
+    Int8GatherEmbedder,
+    _tie_head_as_linear_,
+    eager_in_slices_,
+    quantize_rows_,
+)
 from rgexport.backends.executorch.runner import ExecuTorchRunner
 from rgexport.errors import RgexportError
 from rgexport.graphs import StatefulModel
@@ -177,6 +184,7 @@ class ExecuTorchBackend(Backend):
         if kind == "embedder":
             holder = types.SimpleNamespace(embedder=part, config=ctx.config)
             self._int4_head(holder, _tie_head_as_linear_(holder), ctx)
+            eager_in_slices_(part)  # the own model runs eagerly: no whole-table temporaries
         elif kind == "block":
             self._int4_linears(part)
         return part
@@ -226,17 +234,13 @@ class ExecuTorchBackend(Backend):
                 raise RgexportError("int4: the int8 head has non-zero zero points; the quantized gather expects "
                                     "symmetric rows")
             embedder = model.embedder
+            # The float32 table first (the head holds its own int8 weight now): the copies below are then
+            # made beside the int8 head alone, not beside the table as well (0.66 GB less peak at 2B).
+            del embedder.input_embedding
             # Own copies: a buffer aliasing the head parameter's inner tensor is not something torch.export keeps.
             embedder.register_buffer("embedding_int8", weight.qdata.detach().clone())
             embedder.register_buffer("embedding_scales", weight.scale.detach().reshape(-1).clone())
-            del embedder.input_embedding  # the float32 table: the head holds its own int8 weight now
-
-            def encode(tokens: torch.Tensor) -> torch.Tensor:
-                rows = torch.ops.quantized_decomposed.embedding_byte.dtype(
-                    embedder.embedding_int8, embedder.embedding_scales, None, -128, 127, tokens, dtype=torch.float32)
-                return rows * embedder.scale
-
-            embedder.encode = encode  # an instance attribute shadows Embedder.encode
+            embedder.__class__ = Int8GatherEmbedder
             ctx.facts["quantized_ops"] = ["quantized_decomposed::embedding_byte.dtype"]
             ctx.notes.append("int4: the embedding gather reads the head's int8 table (embedding_byte); a runtime "
                              "must link ExecuTorch's quantized kernels (Python: import executorch.kernels.quantized).")

@@ -9,6 +9,7 @@ from torch import nn
 
 from rgexport.backends.base import Recipe
 from rgexport.model import Griffin
+from rgexport.model.griffin import Embedder
 
 GROUP_SIZE = 32  # int4 weight group: must divide the in-features of every quantised linear
 SLICE_BYTES = 64 << 20  # float32 rows quantised at a time by `quantize_rows_`
@@ -53,12 +54,69 @@ def quantize_rows_(linear: nn.Linear, config: Any, slice_bytes: int = SLICE_BYTE
         requires_grad=False,
     )
 
+class TiedHeadEmbedder(Embedder):
+    """The embedding whose output projection is `self.head`, an nn.Linear over the table
+    (`_tie_head_as_linear_`). A class, not a closure on the instance: a closure over the module would make a
+    reference cycle that keeps the quantised table alive after its last use until Python's cycle collector
+    happens to run (1.3 GB at RecurrentGemma-2B, seen in the own-model pass)."""
+
+    head: nn.Linear
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+class Int8GatherEmbedder(TiedHeadEmbedder):
+    """The gather reads the head's int8 rows (buffers `embedding_int8`, `embedding_scales`) through
+    ExecuTorch's quantized `embedding_byte`, the op the `.pte` runs."""
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.quantized_decomposed.embedding_byte.dtype(
+            self.embedding_int8, self.embedding_scales, None, -128, 127, tokens, dtype=torch.float32)
+        return rows * self.scale
+
+
+def _head_in_slices(self: TiedHeadEmbedder, x: torch.Tensor) -> torch.Tensor:
+    """The head's linear over SLICE_BYTES of float32 rows at a time: torchao's eager int8 linear dequantises
+    its whole weight per call (2.6 GB at RecurrentGemma-2B, and its temporaries more)."""
+    weight = self.head.weight
+    rows, cols = weight.shape
+    step = max(1, SLICE_BYTES // (cols * 4))
+    return torch.cat([nn.functional.linear(x, weight[s:s + step]) for s in range(0, rows, step)], dim=-1)
+
+
+class EagerTiedHeadEmbedder(TiedHeadEmbedder):
+    """`TiedHeadEmbedder` for eager runs (the own model of validation): the same ops on slices."""
+
+    decode = _head_in_slices
+
+
+class EagerInt8GatherEmbedder(Int8GatherEmbedder):
+    """`Int8GatherEmbedder` for eager runs: `embedding_byte`'s eager kernel dequantises the whole table per
+    call, so it is given only the rows the tokens ask for (the same op, the same values)."""
+
+    decode = _head_in_slices
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        rows = torch.ops.quantized_decomposed.embedding_byte.dtype(
+            self.embedding_int8[flat], self.embedding_scales[flat], None, -128, 127,
+            torch.arange(flat.numel()).reshape(tokens.shape), dtype=torch.float32)
+        return rows * self.scale
+
+
+def eager_in_slices_(embedder: TiedHeadEmbedder) -> None:
+    """Switches a quantised embedding to its eager-friendly class (same values, no whole-table temporaries)."""
+    embedder.__class__ = EagerInt8GatherEmbedder if isinstance(embedder, Int8GatherEmbedder) else EagerTiedHeadEmbedder
+
+
 def _tie_head_as_linear_(model: Griffin) -> nn.Linear:
     """Routes the tied output projection through an nn.Linear sharing the embedding table.
 
     Griffin computes logits with F.linear on the embedding parameter, which torchao's `quantize_` cannot
-    see. Here (in place, like all quantisation) `embedder.decode` becomes a call of a real nn.Linear over
-    the same tensor; quantising it then replaces the head's weight only, and the gather keeps the table.
+    see. Here (in place, like all quantisation) the embedder becomes a `TiedHeadEmbedder` whose `decode`
+    calls a real nn.Linear over the same tensor; quantising it then replaces the head's weight only, and the
+    gather keeps the table.
     """
     embedder = model.embedder
     # On the meta device: a CPU nn.Linear would first allocate and initialise a weight of its own, as large
@@ -66,7 +124,7 @@ def _tie_head_as_linear_(model: Griffin) -> nn.Linear:
     head = nn.Linear(model.config.width, model.config.vocab_size, bias=False, device="meta")
     head.weight = embedder.input_embedding
     embedder.head = head
-    embedder.decode = lambda x: embedder.head(x)  # an instance attribute shadows Embedder.decode
+    embedder.__class__ = TiedHeadEmbedder
     return head
 
 RECIPES = {
