@@ -222,7 +222,8 @@ class Backend(abc.ABC):
 
     def lower(self, exported: Any, ctx: BuildContext) -> Any:
         """Lowers/converts to the runtime's format (and quantises there, where `quantizes_in == "lower"`);
-        returns what `write` takes."""
+        returns what `write` takes. `exported` is the backend's to consume: a backend may empty it to let
+        weights go once they live in the lowered form."""
         return exported
 
     @abc.abstractmethod

@@ -48,6 +48,7 @@ from rgexport.backends.executorch.export import (
     forget_lowered_graphs,
     planned_memory,
     preprocess_shares_weights,
+    release_delegated_weights,
 )
 from rgexport.backends.executorch.recipes import (
     GROUP_SIZE,
@@ -325,6 +326,7 @@ class ExecuTorchBackend(Backend):
         from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
         from rgexport.backends.executorch import rewrites as executorch_rewrites
+        from rgexport.memory import release_freed
 
         names = [s.identifier for s in self.state_specs(ctx)]
         rewrites = list(ctx.options.get("xnnpack_rewrites", executorch_rewrites.REWRITES))
@@ -338,6 +340,9 @@ class ExecuTorchBackend(Backend):
                                   for m in _INITIALISED_METHODS},
             )
         forget_lowered_graphs()  # ExecuTorch's memos would keep both graphs and their weights alive
+        # XNNPACK holds the delegated weights serialized now; their tensors go before the program is emitted.
+        ctx.facts["weights_released_after_lowering_bytes"] = release_delegated_weights(edge, exported)
+        release_freed()
         delegation = {m: _delegation(edge, m) for m in ("decode", "prefill")}
         ctx.facts["xnnpack_rewrites"] = rewrites
         program = edge.to_executorch(ExecutorchBackendConfig(
