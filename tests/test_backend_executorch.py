@@ -603,8 +603,9 @@ def test_head_quantised_in_row_slices_is_torchaos_tensor_byte_for_byte():
 def test_preprocess_sharing_the_weights_writes_the_same_program(fp32_build, small_model, small_config, tmp_path,
                                                                   monkeypatch):
     """`preprocess_shares_weights` (XNNPACK preprocesses a copy of each partition that shares its weights,
-    instead of ExecuTorch's deep copy) and `release_delegated_weights` (the delegated weights' tensors go once
-    XNNPACK has serialized them) change memory, not the program: byte for byte the same `.pte`."""
+    instead of ExecuTorch's deep copy), `serialized_weights_shared` (one serialized copy of a weight for every
+    partition) and `release_delegated_weights` (the delegated weights' tensors go once XNNPACK has serialized
+    them) change memory, not the program: byte for byte the same `.pte`."""
     import contextlib
 
     from executorch.exir.backend.utils import is_same_node
@@ -612,6 +613,7 @@ def test_preprocess_sharing_the_weights_writes_the_same_program(fp32_build, smal
     from rgexport.backends.executorch import backend as executorch_backend
 
     monkeypatch.setattr(executorch_backend, "preprocess_shares_weights", contextlib.nullcontext)
+    monkeypatch.setattr(executorch_backend, "serialized_weights_shared", contextlib.nullcontext)
     monkeypatch.setattr(executorch_backend, "release_delegated_weights", lambda edge, exported: 0)
     manifest, kept_ctx, _ = build(small_model, small_config, "fp32", tmp_path)
     # What ExecuTorch keeps of the lowered graphs (and through them the weights) is let go after lowering.
@@ -624,6 +626,9 @@ def test_preprocess_sharing_the_weights_writes_the_same_program(fp32_build, smal
     linears = sum(m.weight.numel() * 4 for m in small_model.modules() if isinstance(m, torch.nn.Linear))
     assert shared_ctx.facts["weights_released_after_lowering_bytes"] >= linears
     assert kept_ctx.facts["weights_released_after_lowering_bytes"] == 0
+    # decode's and prefill's partitions serialize the same linear weights; the second copy of each was dropped.
+    assert shared_ctx.facts["serialized_duplicates_shared_bytes"] >= linears
+    assert kept_ctx.facts["serialized_duplicates_shared_bytes"] == 0
     deep_copied = (tmp_path / manifest["artifact"]["file"]).read_bytes()
     assert deep_copied == (work_dir / shared_manifest["artifact"]["file"]).read_bytes()
 

@@ -49,6 +49,7 @@ from rgexport.backends.executorch.export import (
     planned_memory,
     preprocess_shares_weights,
     release_delegated_weights,
+    serialized_weights_shared,
 )
 from rgexport.backends.executorch.recipes import (
     GROUP_SIZE,
@@ -332,7 +333,7 @@ class ExecuTorchBackend(Backend):
         rewrites = list(ctx.options.get("xnnpack_rewrites", executorch_rewrites.REWRITES))
         executorch_rewrites.edge_passes(rewrites)  # refuses an unknown name before the slow work
         # One set of pass objects per compute method, as for InitializedMutableBufferPass.
-        with preprocess_shares_weights():
+        with preprocess_shares_weights(), serialized_weights_shared() as shared:
             edge = to_edge_transform_and_lower(
                 exported,
                 partitioner={m: [XnnpackPartitioner()] for m in ("decode", "prefill")},
@@ -340,6 +341,7 @@ class ExecuTorchBackend(Backend):
                                   for m in _INITIALISED_METHODS},
             )
         forget_lowered_graphs()  # ExecuTorch's memos would keep both graphs and their weights alive
+        ctx.facts["serialized_duplicates_shared_bytes"] = shared["bytes"] if shared else 0
         # XNNPACK holds the delegated weights serialized now; their tensors go before the program is emitted.
         ctx.facts["weights_released_after_lowering_bytes"] = release_delegated_weights(edge, exported)
         release_freed()

@@ -145,6 +145,41 @@ def preprocess_shares_weights() -> Iterator[None]:
             del XnnpackBackend.copy_exported_program_for_preprocess
 
 
+@contextlib.contextmanager
+def serialized_weights_shared() -> Iterator[dict[str, int]]:
+    """One `bytes` object per distinct serialized weight across every XNNPACK partition (executorch 1.5.1).
+
+    XNNPACK's preprocess gives each partition a `NamedDataStore` of its own and adds every constant to it as
+    a fresh `bytes` copy keyed by the copy's sha256. decode and prefill use the same weights, so each lowered
+    module kept a full serialized copy (1.8 GB at RecurrentGemma-2B int4), and the program's store later
+    drops the second as a duplicate. Here a blob whose key and bytes equal one already added is replaced by
+    that first object before it is stored, so the second copy lives only while it is compared. Yields
+    {"bytes": the bytes of the copies so replaced}. The `.pte` is byte-identical
+    (tests/test_backend_executorch.py)."""
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    first: dict[str, bytes] = {}
+    shared = {"bytes": 0}
+    add_named_data = NamedDataStore.add_named_data
+
+    def add_shared(self: Any, key: str, data: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(data, bytes):
+            seen = first.get(key)
+            if seen is not None and seen is not data and seen == data:
+                shared["bytes"] += len(data)
+                data = seen
+            else:
+                first.setdefault(key, data)
+        return add_named_data(self, key, data, *args, **kwargs)
+
+    NamedDataStore.add_named_data = add_shared
+    try:
+        yield shared
+    finally:
+        NamedDataStore.add_named_data = add_named_data
+        first.clear()
+
+
 def forget_lowered_graphs() -> None:
     """Drops what ExecuTorch keeps of the graphs it lowered, once lowering is done (executorch 1.5.1).
 
@@ -189,7 +224,7 @@ def release_delegated_weights(edge: Any, exported: dict[str, Any]) -> int:
                 for name, t in list(table.items()):
                     if type(t) not in (torch.Tensor, nn.Parameter) or id(t) in kept or t.numel() <= 1:
                         continue
-                    released[id(t)] = t.untyped_storage().nbytes()
+                    released[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                     stand_in = torch.zeros((), dtype=t.dtype).expand(t.shape)
                     table[name] = nn.Parameter(stand_in, requires_grad=False) if isinstance(t, nn.Parameter) \
                         else stand_in
