@@ -600,20 +600,23 @@ def test_head_quantised_in_row_slices_is_torchaos_tensor_byte_for_byte():
     torch.testing.assert_close(sliced(x), whole(x), rtol=0, atol=0)
 
 
-def test_preprocess_sharing_the_weights_writes_the_same_program(fp32_build, small_model, small_config, tmp_path,
-                                                                  monkeypatch):
-    """`preprocess_shares_weights` (XNNPACK preprocesses a copy of each partition that shares its weights,
-    instead of ExecuTorch's deep copy), `serialized_weights_shared` (one serialized copy of a weight for every
-    partition) and `release_delegated_weights` (the delegated weights' tensors go once XNNPACK has serialized
-    them) change memory, not the program: byte for byte the same `.pte`."""
+def test_lowering_economies_write_the_same_program(fp32_build, small_model, small_config, tmp_path, monkeypatch):
+    """What lowering does to save memory and time changes neither, not the program: byte for byte the same
+    `.pte` with and without `preprocess_shares_weights` (XNNPACK preprocesses a copy of each partition that
+    shares its weights, instead of ExecuTorch's deep copy), `serialized_weights_shared` (one serialized copy
+    of a weight for every partition), `xnnpack_passes_that_apply` (XNNPACK's passes for ops the graph has not
+    are skipped) and `release_delegated_weights` (the delegated weights' tensors go once XNNPACK has
+    serialized them)."""
     import contextlib
 
     from executorch.exir.backend.utils import is_same_node
 
     from rgexport.backends.executorch import backend as executorch_backend
+    from rgexport.backends.executorch.export import _PASS_NEEDS
 
     monkeypatch.setattr(executorch_backend, "preprocess_shares_weights", contextlib.nullcontext)
     monkeypatch.setattr(executorch_backend, "serialized_weights_shared", contextlib.nullcontext)
+    monkeypatch.setattr(executorch_backend, "xnnpack_passes_that_apply", contextlib.nullcontext)
     monkeypatch.setattr(executorch_backend, "release_delegated_weights", lambda edge, exported: 0)
     manifest, kept_ctx, _ = build(small_model, small_config, "fp32", tmp_path)
     # What ExecuTorch keeps of the lowered graphs (and through them the weights) is let go after lowering.
@@ -629,6 +632,10 @@ def test_preprocess_sharing_the_weights_writes_the_same_program(fp32_build, smal
     # decode's and prefill's partitions serialize the same linear weights; the second copy of each was dropped.
     assert shared_ctx.facts["serialized_duplicates_shared_bytes"] >= linears
     assert kept_ctx.facts["serialized_duplicates_shared_bytes"] == 0
+    # XNNPACK's passes for ops Griffin has not were skipped in every partition (decode's and prefill's at least).
+    skipped = shared_ctx.facts["xnnpack_passes_skipped"]
+    assert set(skipped) == set(_PASS_NEEDS) and min(skipped.values()) >= 2
+    assert kept_ctx.facts["xnnpack_passes_skipped"] == {}
     deep_copied = (tmp_path / manifest["artifact"]["file"]).read_bytes()
     assert deep_copied == (work_dir / shared_manifest["artifact"]["file"]).read_bytes()
 

@@ -50,6 +50,7 @@ from rgexport.backends.executorch.export import (
     preprocess_shares_weights,
     release_delegated_weights,
     serialized_weights_shared,
+    xnnpack_passes_that_apply,
 )
 from rgexport.backends.executorch.recipes import (
     GROUP_SIZE,
@@ -333,7 +334,8 @@ class ExecuTorchBackend(Backend):
         rewrites = list(ctx.options.get("xnnpack_rewrites", executorch_rewrites.REWRITES))
         executorch_rewrites.edge_passes(rewrites)  # refuses an unknown name before the slow work
         # One set of pass objects per compute method, as for InitializedMutableBufferPass.
-        with preprocess_shares_weights(), serialized_weights_shared() as shared:
+        with preprocess_shares_weights(), serialized_weights_shared() as shared, \
+                xnnpack_passes_that_apply() as skipped:
             edge = to_edge_transform_and_lower(
                 exported,
                 partitioner={m: [XnnpackPartitioner()] for m in ("decode", "prefill")},
@@ -342,6 +344,7 @@ class ExecuTorchBackend(Backend):
             )
         forget_lowered_graphs()  # ExecuTorch's memos would keep both graphs and their weights alive
         ctx.facts["serialized_duplicates_shared_bytes"] = shared["bytes"] if shared else 0
+        ctx.facts["xnnpack_passes_skipped"] = dict(sorted(skipped.items())) if skipped else {}
         # XNNPACK holds the delegated weights serialized now; their tensors go before the program is emitted.
         ctx.facts["weights_released_after_lowering_bytes"] = release_delegated_weights(edge, exported)
         release_freed()

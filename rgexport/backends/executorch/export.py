@@ -180,6 +180,57 @@ def serialized_weights_shared() -> Iterator[dict[str, int]]:
         first.clear()
 
 
+# XNNPACK preprocess passes that rewrite only ops Griffin's graphs do not have, by the words that name those ops
+# (in a node's target or the function it was traced from).
+_PASS_NEEDS = {
+    "ConvertToUpsampleBilinear2d": ("upsample", "interpolate"),
+    "ConvertToSDPAPass": ("scaled_dot_product",),
+    "FuseBatchNormPass": ("batch_norm",),
+    "DecomposeBatchNorm": ("batch_norm",),
+    "Conv1dUnsqueezePass": ("convolution", "conv1d"),
+    "PReLUReshapePass": ("prelu",),
+}
+
+
+@contextlib.contextmanager
+def xnnpack_passes_that_apply() -> Iterator[dict[str, int]]:
+    """XNNPACK's preprocess without the passes that find nothing to rewrite in the partition (executorch 1.5.1).
+
+    Each partition goes through XNNPACK's 17 passes, every one a walk (several a re-trace) of the graph and
+    a re-verification of the program: graph work that grows with the blocks, and most of lowering's time.
+    Six of them rewrite only upsampling, SDPA, batch norm, conv1d or PReLU, which a partition without such
+    ops never has (`_PASS_NEEDS`); they are skipped where none of their ops is in the partition. Yields {pass
+    name: partitions it was skipped in}. The `.pte` is byte-identical (tests/test_backend_executorch.py)."""
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    skipped: dict[str, int] = {}
+    init = XNNPACKPassManager.__init__
+
+    def init_applicable(self: Any, exported_program: Any, passes: Any = None) -> None:
+        init(self, exported_program, passes)
+        if passes:
+            return
+        names = set()
+        for node in exported_program.graph.nodes:
+            if node.op == "call_function":
+                names.add(str(node.target).lower())
+                names.update(str(fn).lower() for _, fn in node.meta.get("source_fn_stack", []))
+        kept = []
+        for p in self.passes:
+            words = _PASS_NEEDS.get(p.__name__)
+            if words is not None and not any(w in name for name in names for w in words):
+                skipped[p.__name__] = skipped.get(p.__name__, 0) + 1
+                continue
+            kept.append(p)
+        self.passes = kept
+
+    XNNPACKPassManager.__init__ = init_applicable
+    try:
+        yield skipped
+    finally:
+        XNNPACKPassManager.__init__ = init
+
+
 def forget_lowered_graphs() -> None:
     """Drops what ExecuTorch keeps of the graphs it lowered, once lowering is done (executorch 1.5.1).
 
