@@ -9,7 +9,7 @@
 #   ARTIFACTS="onnx:int4 executorch:int4" OUT=/tmp/b2 scripts/bench_2b.sh
 #
 # One build at a time; each one's log is OUT/<backend>-<recipe>.log. ONNX and ExecuTorch int4 build from a
-# stream (2B int4 peaks: ONNX 6.58 GiB, ExecuTorch 9.57 GiB; 9B ONNX int4 15.52 GiB); TFLite and Core ML load
+# stream (2B int4 peaks: ONNX 6.33 GiB, ExecuTorch 6.92 GiB; 9B ONNX int4 15.52 GiB); TFLite and Core ML load
 # the whole float32 model (10.7 GB) and need more memory than that.
 set -euo pipefail
 
