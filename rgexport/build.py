@@ -195,6 +195,35 @@ def _weights_stream(opts: BuildOptions, backend: Any, recipe: str) -> Any:
     return stream if want or not is_small(stream.config) else None
 
 
+def _check_whole_model_fits(opts: BuildOptions, backend: Any, recipe: str) -> None:
+    """Refuses, before anything is loaded, a build that loads the whole float32 model where the backend's
+    measured peak (`Backend.whole_model_build_factor`) times that model exceeds this machine's memory: one
+    line that says so, where the OOM killer would otherwise end the build minutes later."""
+    from rgexport.checkpoint import physical_memory_bytes
+    from rgexport.config import get_preset
+
+    factor = backend.whole_model_build_factor
+    if factor is None or (opts.checkpoint is None and not opts.random_weights):
+        return  # not measured, or the shipped model
+    if opts.random_weights:
+        config = get_preset(opts.preset)
+    else:
+        from rgexport.streaming import stream_checkpoint
+
+        config = stream_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer).config  # the config alone
+    weights = 4 * config.num_parameters()
+    need, have = factor * weights, physical_memory_bytes()
+    if is_small(config) or not have or need <= have:
+        return
+    raise RgexportError(
+        f"{backend.name} / {recipe} loads the whole float32 model ({weights / 1e9:.1f} GB at "
+        f"{config.num_parameters() / 1e9:.2f} B parameters), and its builds peaked at {factor:g}x that where "
+        f"measured: about {need / 1e9:.0f} GB, more than this machine's {have / 2**30:.1f} GiB. Nothing was "
+        "loaded. Build --target onnx or --target executorch --recipe int4 (they read the weights one block at "
+        "a time), or use a machine with more memory."
+    )
+
+
 def _chat_template(stream: Any) -> Any:
     """A Hugging Face folder's chat template, as `load_checkpoint` reads it."""
     if stream.format != "huggingface":
@@ -213,6 +242,8 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         if opts.random_weights and (not opts.preset or opts.checkpoint):
             raise RgexportError("--random-weights needs --preset NAME and no --checkpoint")
         stream = None if checkpoint is not None else _weights_stream(opts, backend, recipe.name)
+        if checkpoint is None and stream is None:
+            _check_whole_model_fits(opts, backend, recipe.name)
         if checkpoint is not None:
             ckpt = checkpoint
         elif stream is not None:

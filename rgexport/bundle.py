@@ -60,7 +60,6 @@ def build_bundle(
     """Builds every artifact of `profile` into one bundle folder, atomically (like `build`). The artifacts
     are cells on `executor` (default: in this process, one after another); the first that fails fails the
     bundle and cancels the others."""
-    from rgexport.checkpoint import load_checkpoint
     from rgexport.executors import InProcessExecutor
     from rgexport.samples import write_samples
 
@@ -78,12 +77,14 @@ def build_bundle(
     created = missing_parents(out.parent)
     work = make_work_dir(out)
     try:
-        with stages.stage("load", opts.checkpoint or "shipped model"):
-            ckpt = load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
-        artifacts, choices = _build_fitting(profile, opts, ckpt, work, stages, executor, recipe_overrides)
+        what = opts.checkpoint or (f"random weights, {opts.preset}" if opts.random_weights else "shipped model")
+        with stages.stage("load", what):
+            source, ckpt = _bundle_source(opts)
+        artifacts, choices = _build_fitting(profile, opts, source.config, ckpt, work, stages, executor,
+                                            recipe_overrides)
         with stages.stage("bundle", "tokenizer, samples, guide, checksums"):
-            if ckpt.tokenizer_path:
-                shutil.copyfile(ckpt.tokenizer_path, work / "tokenizer.model")
+            if source.tokenizer_path:
+                shutil.copyfile(source.tokenizer_path, work / "tokenizer.model")
             samples = write_samples(work, profile, artifacts)
             manifest = _bundle_manifest(work, profile, artifacts, samples, choices)
             (work / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -107,8 +108,31 @@ def build_bundle(
     return BundleResult(out, manifest, archive_path)
 
 
-def _build_fitting(profile: TargetProfile, opts: BuildOptions, ckpt: Any, work: Path, stages: Stages,
-                   executor: Executor, recipe_overrides: dict[str, str] | None
+def _bundle_source(opts: BuildOptions) -> tuple[Any, Any]:
+    """(the weights' source as a `StreamedCheckpoint`: config and tokenizer, no weights read; the loaded
+    checkpoint every artifact reuses, or None). The checkpoint, the random draw (`--random-weights`) or the
+    shipped model, as `build` would read it. A small model is loaded once for all artifacts; a large one is
+    not loaded here at all: each artifact's build reads it as its backend does (streamed, block by block,
+    where it can), so a bundle never holds the float32 model beside an artifact's build."""
+    from rgexport.checkpoint import load_checkpoint, random_checkpoint
+    from rgexport.config import is_small
+    from rgexport.streaming import stream_checkpoint, stream_random
+
+    if opts.random_weights and (not opts.preset or opts.checkpoint):
+        raise RgexportError("--random-weights needs --preset NAME and no --checkpoint")
+    if opts.random_weights:
+        source = stream_random(opts.preset, opts.seed)
+    else:
+        source = stream_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
+    if not is_small(source.config):
+        return source, None
+    if opts.random_weights:
+        return source, random_checkpoint(opts.preset, opts.seed)
+    return source, load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
+
+
+def _build_fitting(profile: TargetProfile, opts: BuildOptions, config: Any, ckpt: Any, work: Path,
+                   stages: Stages, executor: Executor, recipe_overrides: dict[str, str] | None
                    ) -> tuple[list[tuple[Path, dict[str, Any]]], list[RecipeChoice]]:
     """Builds every artifact of `profile` into `work`, each with the most precise recipe that fits the
     memory budget (`rgexport.budget`): the profile's, or a smaller one that also passes the quality budget.
@@ -125,7 +149,7 @@ def _build_fitting(profile: TargetProfile, opts: BuildOptions, ckpt: Any, work: 
         asked = (recipe_overrides or {}).get(spec.backend) or spec.recipe
         asked = backend.resolve_recipe(asked) if asked else backend.default_recipe
         choice = RecipeChoice(spec.backend, asked)
-        plans.append((spec, plan(backend, asked, ckpt.config, budget_mb, choice)))
+        plans.append((spec, plan(backend, asked, config, budget_mb, choice)))
         choices.append(choice)
     done: dict[int, tuple[Path, dict[str, Any]]] = {}
     pending = list(range(len(plans)))
@@ -141,7 +165,7 @@ def _build_fitting(profile: TargetProfile, opts: BuildOptions, ckpt: Any, work: 
             index[key] = i
             cells.append(Cell(key, build_cell, (sub,), out=folder,
                               local_kwargs={"stages": Stages(stages.console, stages.quiet), "checkpoint": ckpt},
-                              **cell_resources(ckpt.config, spec.backend, recipe)))
+                              **cell_resources(config, spec.backend, recipe)))
         executor.check_output(work)
         with MatrixProgress(stages.console, [c.key for c in cells], f"bundle {profile.name}", live=executor.live,
                             quiet=stages.quiet) as progress:

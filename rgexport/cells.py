@@ -14,23 +14,31 @@ _CHECKPOINTS: dict[tuple, Any] = {}  # small checkpoints a worker process has lo
 
 
 def worker_checkpoint(opts: BuildOptions, with_tokenizer: bool = True):
-    """The checkpoint `opts` names, loaded in this process; small ones are kept for the worker's next cell
-    (a large one is not: a worker idling between cells must not hold 10 GB that Ray does not count)."""
+    """The checkpoint `opts` names, loaded in this process, where a cell should reuse one; small ones are kept
+    for the worker's next cell. None where `build` reads the weights itself: random weights (drawn as the
+    backend needs them) and large checkpoints (streamed block by block where the backend can; loaded here
+    they would be whole beside the build, and a worker idling between cells must not hold 10 GB that Ray
+    does not count)."""
     from rgexport.checkpoint import load_checkpoint
+    from rgexport.streaming import stream_checkpoint
 
+    if opts.random_weights:
+        return None
     key = (opts.checkpoint, opts.preset, opts.tokenizer if with_tokenizer else None)
     if key in _CHECKPOINTS:
         return _CHECKPOINTS[key]
+    if not is_small(stream_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer).config):  # the config alone
+        return None
     ckpt = load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer) if with_tokenizer \
         else load_checkpoint(opts.checkpoint, opts.preset)
-    if is_small(ckpt.config):
-        _CHECKPOINTS.clear()
-        _CHECKPOINTS[key] = ckpt
+    _CHECKPOINTS.clear()
+    _CHECKPOINTS[key] = ckpt
     return ckpt
 
 
 def build_cell(opts: BuildOptions, stages: Stages | None = None, checkpoint: Any = None) -> BuildResult:
-    """One artifact of a bundle: `build` with the bundle's checkpoint (loaded here on a worker)."""
+    """One artifact of a bundle: `build` with the bundle's checkpoint (loaded here on a worker where it is
+    reused; see `worker_checkpoint`)."""
     if checkpoint is None:
         checkpoint = worker_checkpoint(opts)
     return build(opts, stages, checkpoint=checkpoint)

@@ -234,3 +234,38 @@ def test_stage_parts_are_measured_apart_and_keep_the_stage_peak():
     assert big["peak_rss_bytes"] >= small["peak_rss_bytes"] + (48 << 20)
     assert stages.peak_rss["validate"] == big["peak_rss_bytes"]
     assert set(stages.timings) == {"validate"}  # parts are not stages: stage times still add up
+
+
+@pytest.mark.parametrize("backend", ["tflite", "coreml"])
+def test_whole_model_build_that_cannot_fit_stops_before_loading(backend, tmp_path, monkeypatch):
+    """TFLite and Core ML load the whole float32 model; at RecurrentGemma-2B their measured peak factor gives
+    about 55-63 GB, past a 24 GiB machine: one line at once, not an OOM kill minutes later."""
+    import rgexport.checkpoint
+
+    monkeypatch.setattr(rgexport.checkpoint, "physical_memory_bytes", lambda: 24 << 30)
+    monkeypatch.setattr(rgexport.checkpoint, "random_checkpoint",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    with pytest.raises(RgexportError, match=r"loads the whole float32 model \(10\.7 GB.*more than this "
+                                            r"machine's 24\.0 GiB.*Nothing was loaded"):
+        build(BuildOptions(backend=backend, preset="recurrentgemma-2b", random_weights=True, out=out))
+    assert time.perf_counter() - start < 30
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_whole_model_build_that_fits_is_not_refused(tmp_path, monkeypatch):
+    """The same check lets a machine with the memory go on (here: into loading, stubbed to stop there)."""
+    import rgexport.checkpoint
+
+    class Loaded(Exception):
+        pass
+
+    def loaded(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(rgexport.checkpoint, "physical_memory_bytes", lambda: 256 << 30)
+    monkeypatch.setattr(rgexport.checkpoint, "random_checkpoint", loaded)
+    with pytest.raises(BuildError) as failed:
+        build(BuildOptions(backend="tflite", preset="recurrentgemma-2b", random_weights=True, out=tmp_path / "o"))
+    assert isinstance(failed.value.cause, Loaded)

@@ -10,7 +10,7 @@ import pytest
 from rgexport.build import BuildOptions
 from rgexport.bundle import build_bundle, safe_extract, validate_bundle
 from rgexport.errors import RgexportError
-from rgexport.profiles import load_profile
+from rgexport.profiles import load_profile, resolve_target
 
 pytest.importorskip("onnxruntime")
 
@@ -118,3 +118,30 @@ def test_existing_bundle_is_not_overwritten_without_force(bundle, tmp_path):
 def load_profile_text(tmp_path, text):
     (tmp_path / "p.toml").write_text(text)
     return load_profile(tmp_path / "p.toml")
+
+
+def test_bundle_builds_the_weights_it_is_given(tmp_path):
+    """`--preset P --random-weights` builds P's random weights in every artifact (it once built the shipped
+    model under that label): the artifact's manifest names the random source and P's shape."""
+    profile = load_profile_text(tmp_path, PROFILE)
+    opts = BuildOptions(backend="onnx", out=tmp_path / "b", preset="tiny", random_weights=True, seed=3,
+                        validate=False)
+    result = build_bundle(profile, opts)
+    import json
+
+    manifest = json.loads((result.out / "onnx-fp32" / "manifest.json").read_text())
+    assert manifest["model"]["checkpoint"]["source"] == "random:tiny:seed3"
+    assert manifest["model"]["checkpoint"]["format"] == "random"
+
+
+def test_bundle_too_large_for_a_backend_stops_at_once(tmp_path, monkeypatch):
+    """An android bundle at RecurrentGemma-2B: TFLite loads the whole float32 model, about 55 GB at its
+    measured peak, past a 24 GiB machine; the bundle stops with that line before loading anything."""
+    import rgexport.checkpoint
+
+    monkeypatch.setattr(rgexport.checkpoint, "physical_memory_bytes", lambda: 24 << 30)
+    monkeypatch.setattr(rgexport.checkpoint, "random_checkpoint", lambda *a, **k: pytest.fail("model loaded"))
+    opts = BuildOptions(backend="android", out=tmp_path / "b", preset="recurrentgemma-2b", random_weights=True)
+    with pytest.raises(RgexportError, match=r"tflite / int\d loads the whole float32 model \(10\.7 GB"):
+        build_bundle(resolve_target("android"), opts)
+    assert not list(tmp_path.iterdir())

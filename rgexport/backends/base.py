@@ -143,6 +143,10 @@ class Backend(abc.ABC):
     # Peak resident memory of one build beyond its weights (the runtime and toolchain), for the executors'
     # resource estimate (`rgexport.executors.cell_resources`).
     build_base_bytes: ClassVar[int] = 1 << 30
+    # A build that loads the whole float32 model (no streaming) peaked at this multiple of the model's bytes
+    # where it was measured at scale; None where not measured. A large model whose estimate exceeds this
+    # machine's memory is refused before anything is loaded (`rgexport.build`), not killed by the OOM killer.
+    whole_model_build_factor: ClassVar[float | None] = None
     # The runtime on the emulated aarch64 device (`rgexport.emulate`); empty where there is none:
     #   dists       distribution -> version to install (this machine's installed version wins)
     #   module      what the smoke test imports
