@@ -114,10 +114,18 @@ class StreamedCheckpoint:
     config: GriffinConfig
     source: str
     format: str  # "huggingface" | "deepmind" | "random"
-    digest: str
+    _digest: str | Callable[[], str]  # or how to compute it, on first use (`digest`)
     tokenizer_path: Path | None
     _load: Callable[[str, int | None], Part]  # ("embedder" | "block" | "final_norm", block index)
     counter: MaterialisedBytes = dataclasses.field(default_factory=MaterialisedBytes)
+
+    @property
+    def digest(self) -> str:
+        """The checkpoint's sha256, computed on first use: it reads every file (5.4 GB of shards at 2B), which
+        a caller that wants only the config or the tokenizer should not pay for."""
+        if callable(self._digest):
+            self._digest = self._digest()
+        return self._digest
 
     def embedder(self) -> Embedder:
         """The embedding table (and tied head), float32."""
@@ -238,7 +246,7 @@ def stream_huggingface(path: str | Path) -> StreamedCheckpoint:
         return _assemble(config, kind, i, {n: ours_to_hf[n][1](source.get(ours_to_hf[n][0])) for n in names})
 
     tokenizer = folder / "tokenizer.model"
-    return StreamedCheckpoint(config, str(folder), "huggingface", _sha256_files(files),
+    return StreamedCheckpoint(config, str(folder), "huggingface", lambda: _sha256_files(files),
                               tokenizer if tokenizer.is_file() else None, load)
 
 
@@ -273,7 +281,7 @@ def stream_deepmind(path: str | Path, preset: str, tokenizer: str | Path | None 
             {n: source.get(n) for n in source.shapes if n.startswith(prefix)}))
 
     tok = Path(tokenizer) if tokenizer else None
-    return StreamedCheckpoint(config, str(file), "deepmind", _sha256_files([file]), tok, load)
+    return StreamedCheckpoint(config, str(file), "deepmind", lambda: _sha256_files([file]), tok, load)
 
 
 def stream_random(preset: str, seed: int = 0) -> StreamedCheckpoint:
