@@ -180,40 +180,39 @@ def _move_into_place(work: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _weights_stream(opts: BuildOptions, backend: Any, recipe: str) -> Any:
-    """The checkpoint as a `StreamedCheckpoint` where the backend exports from one (`streams_weights`: asked
-    for, or the model is large), else None (the build loads the whole model)."""
+def weights_source(opts: BuildOptions) -> Any:
+    """What `opts` builds from, as a `StreamedCheckpoint` (config, tokenizer; no weights read, nothing hashed
+    yet): the random draw of --preset (--random-weights), the checkpoint, or the shipped model."""
+    from rgexport.streaming import stream_checkpoint, stream_random
+
+    if opts.random_weights and (not opts.preset or opts.checkpoint):
+        raise RgexportError("--random-weights needs --preset NAME and no --checkpoint")
+    if opts.random_weights:
+        return stream_random(opts.preset, opts.seed)
+    return stream_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
+
+
+def _weights_stream(source: Any, opts: BuildOptions, backend: Any, recipe: str) -> Any:
+    """`source` where the backend exports from a stream (`streams_weights`: asked for, or the model is
+    large), else None (the build loads the whole model)."""
     want = backend.streams_weights(recipe, opts.options)
     if want is False:
         return None
-    from rgexport.streaming import stream_checkpoint, stream_random
-
-    if opts.random_weights:
-        stream = stream_random(opts.preset, opts.seed)
-    else:
-        stream = stream_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
-    return stream if want or not is_small(stream.config) else None
+    return source if want or not is_small(source.config) else None
 
 
-def _check_whole_model_fits(opts: BuildOptions, backend: Any, recipe: str) -> None:
+def _check_whole_model_fits(config: Any, backend: Any, recipe: str) -> None:
     """Refuses, before anything is loaded, a build that loads the whole float32 model where the backend's
     measured peak (`Backend.whole_model_build_factor`) times that model exceeds this machine's memory: one
     line that says so, where the OOM killer would otherwise end the build minutes later."""
     from rgexport.checkpoint import physical_memory_bytes
-    from rgexport.config import get_preset
 
     factor = backend.whole_model_build_factor
-    if factor is None or (opts.checkpoint is None and not opts.random_weights):
-        return  # not measured, or the shipped model
-    if opts.random_weights:
-        config = get_preset(opts.preset)
-    else:
-        from rgexport.streaming import stream_checkpoint
-
-        config = stream_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer).config  # the config alone
+    if factor is None or is_small(config):
+        return
     weights = 4 * config.num_parameters()
     need, have = factor * weights, physical_memory_bytes()
-    if is_small(config) or not have or need <= have:
+    if not have or need <= have:
         return
     raise RgexportError(
         f"{backend.name} / {recipe} loads the whole float32 model ({weights / 1e9:.1f} GB at "
@@ -239,11 +238,10 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
     what = opts.checkpoint or (f"random weights, {opts.preset}" if opts.random_weights else "shipped model")
     with stages.stage("load", what):
         backend.runtime_versions()  # fails early if metadata is broken
-        if opts.random_weights and (not opts.preset or opts.checkpoint):
-            raise RgexportError("--random-weights needs --preset NAME and no --checkpoint")
-        stream = None if checkpoint is not None else _weights_stream(opts, backend, recipe.name)
-        if checkpoint is None and stream is None:
-            _check_whole_model_fits(opts, backend, recipe.name)
+        source = None if checkpoint is not None else weights_source(opts)
+        stream = None if source is None else _weights_stream(source, opts, backend, recipe.name)
+        if source is not None and stream is None:
+            _check_whole_model_fits(source.config, backend, recipe.name)
         if checkpoint is not None:
             ckpt = checkpoint
         elif stream is not None:

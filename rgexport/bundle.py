@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from rgexport.archive import BUNDLE_MANIFEST, safe_extract
 from rgexport.backends import get_backend
 from rgexport.budget import MB, RecipeChoice, plan, within_quality_budget
-from rgexport.build import BuildError, BuildOptions, _move_into_place, make_work_dir
+from rgexport.build import BuildError, BuildOptions, _move_into_place, make_work_dir, weights_source
 from rgexport.errors import RgexportError
 from rgexport.manifest import file_entries, now, rgexport_version, sha256_file
 from rgexport.profiles import TargetProfile
@@ -109,21 +109,14 @@ def build_bundle(
 
 
 def _bundle_source(opts: BuildOptions) -> tuple[Any, Any]:
-    """(the weights' source as a `StreamedCheckpoint`: config and tokenizer, no weights read; the loaded
-    checkpoint every artifact reuses, or None). The checkpoint, the random draw (`--random-weights`) or the
-    shipped model, as `build` would read it. A small model is loaded once for all artifacts; a large one is
-    not loaded here at all: each artifact's build reads it as its backend does (streamed, block by block,
-    where it can), so a bundle never holds the float32 model beside an artifact's build."""
+    """(the weights' source, `build.weights_source`: config and tokenizer; the loaded checkpoint every
+    artifact reuses, or None). A small model is loaded once for all artifacts; a large one is not loaded here
+    at all: each artifact's build reads it as its backend does (streamed, block by block, where it can), so a
+    bundle never holds the float32 model beside an artifact's build."""
     from rgexport.checkpoint import load_checkpoint, random_checkpoint
     from rgexport.config import is_small
-    from rgexport.streaming import stream_checkpoint, stream_random
 
-    if opts.random_weights and (not opts.preset or opts.checkpoint):
-        raise RgexportError("--random-weights needs --preset NAME and no --checkpoint")
-    if opts.random_weights:
-        source = stream_random(opts.preset, opts.seed)
-    else:
-        source = stream_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer)
+    source = weights_source(opts)
     if not is_small(source.config):
         return source, None
     if opts.random_weights:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rgexport.build import BuildOptions, BuildResult, build
+from rgexport.build import BuildOptions, BuildResult, build, weights_source
 from rgexport.config import is_small
 from rgexport.progress import Stages
 
@@ -20,14 +20,13 @@ def worker_checkpoint(opts: BuildOptions, with_tokenizer: bool = True):
     they would be whole beside the build, and a worker idling between cells must not hold 10 GB that Ray
     does not count)."""
     from rgexport.checkpoint import load_checkpoint
-    from rgexport.streaming import stream_checkpoint
 
     if opts.random_weights:
         return None
     key = (opts.checkpoint, opts.preset, opts.tokenizer if with_tokenizer else None)
     if key in _CHECKPOINTS:
         return _CHECKPOINTS[key]
-    if not is_small(stream_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer).config):  # the config alone
+    if not is_small(weights_source(opts).config):
         return None
     ckpt = load_checkpoint(opts.checkpoint, opts.preset, opts.tokenizer) if with_tokenizer \
         else load_checkpoint(opts.checkpoint, opts.preset)
