@@ -615,8 +615,8 @@ def test_lowering_economies_write_the_same_program(fp32_build, small_model, smal
     from rgexport.backends.executorch.export import _PASS_NEEDS
 
     monkeypatch.setattr(executorch_backend, "preprocess_shares_weights", contextlib.nullcontext)
-    monkeypatch.setattr(executorch_backend, "serialized_weights_shared", contextlib.nullcontext)
-    monkeypatch.setattr(executorch_backend, "xnnpack_passes_that_apply", contextlib.nullcontext)
+    monkeypatch.setattr(executorch_backend, "serialized_weights_shared", lambda: contextlib.nullcontext({"bytes": 0}))
+    monkeypatch.setattr(executorch_backend, "xnnpack_passes_that_apply", lambda: contextlib.nullcontext({}))
     monkeypatch.setattr(executorch_backend, "release_delegated_weights", lambda edge, exported: 0)
     manifest, kept_ctx, _ = build(small_model, small_config, "fp32", tmp_path)
     # What ExecuTorch keeps of the lowered graphs (and through them the weights) is let go after lowering.

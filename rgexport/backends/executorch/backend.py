@@ -343,8 +343,8 @@ class ExecuTorchBackend(Backend):
                                   for m in _INITIALISED_METHODS},
             )
         forget_lowered_graphs()  # ExecuTorch's memos would keep both graphs and their weights alive
-        ctx.facts["serialized_duplicates_shared_bytes"] = shared["bytes"] if shared else 0
-        ctx.facts["xnnpack_passes_skipped"] = dict(sorted(skipped.items())) if skipped else {}
+        ctx.facts["serialized_duplicates_shared_bytes"] = shared["bytes"]
+        ctx.facts["xnnpack_passes_skipped"] = dict(sorted(skipped.items()))
         # XNNPACK holds the delegated weights serialized now; their tensors go before the program is emitted.
         ctx.facts["weights_released_after_lowering_bytes"] = release_delegated_weights(edge, exported)
         release_freed()
