@@ -36,11 +36,18 @@ def fp16_tolerance(ref: np.ndarray) -> float:
 
 
 def build(model, config, work_dir: Path, recipe: str = "fp16", state_dtype: str = "float16", chunk: int = CHUNK,
-          calibration_tokens: list[list[int]] | None = None):
-    """quantize -> export -> lower -> write, then load: (runner, artifact path, context, manifest)."""
+          calibration_tokens: list[list[int]] | None = None, stream=None):
+    """quantize -> export -> lower -> write, then load: (runner, artifact path, context, manifest). With
+    `stream` (a StreamedCheckpoint), `model` is ignored: the build reads the weights from the stream, as
+    `rgexport build` does for a large model."""
     backend = get_backend("coreml")
     ctx = BuildContext(config=config, recipe=recipe, work_dir=work_dir, prefill_chunk=chunk,
-                       options={"state_dtype": state_dtype}, calibration_tokens=calibration_tokens)
+                       options={"state_dtype": state_dtype}, calibration_tokens=calibration_tokens, stream=stream)
+    if stream is not None:
+        from rgexport.streaming import fake_griffin
+
+        assert backend.streams_weights(recipe, {"stream_weights": True})
+        model = fake_griffin(config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         files = backend.write(backend.lower(backend.export(backend.quantize(model, ctx), ctx), ctx), ctx)
@@ -350,6 +357,152 @@ def test_quantized_recipe(recipe, max_ratio, min_top1, padded_model, small_confi
     assert embedding and all(np.isfinite(e).all() and not e[0].any() for e in embedding)
     expected = "constexpr_lut_to_dense" if recipe == "palette4" else "constexpr_blockwise_shift_scale"
     assert expected in runner.program.op_types("decode")
+
+
+# From a stream ---------------------------------------------------------------------------------
+def _compressed_weights(path: Path) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """Every constexpr_blockwise_shift_scale's data and scale in the package, by function and weight name (the
+    two paths name the op after the weight with different suffixes), read with coremltools' own loader."""
+    import re
+
+    from coremltools.converters.mil.frontend.milproto.load import load
+    from coremltools.models.utils import _try_get_weights_dir_path
+
+    spec = ct.utils.load_spec(str(path))
+    program = load(spec, specification_version=spec.specificationVersion,
+                   file_weights_dir=_try_get_weights_dir_path(str(path)))
+    out = {}
+    for fname, f in program.functions.items():
+        for o in f.operations:
+            if o.op_type == "constexpr_blockwise_shift_scale":
+                weight = re.sub(r"(_to_fp16)?_quantized(_cast_fp16)?$", "", o.name)
+                out[fname, weight] = (np.asarray(o.data.val), np.asarray(o.scale.val))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shipped_w4_whole_and_streamed(shipped, tmp_path_factory):
+    from rgexport.streaming import stream_checkpoint
+
+    whole = build(shipped.model, shipped.config, tmp_path_factory.mktemp("w4_whole"), recipe="w4")
+    stream = stream_checkpoint(shipped.source)
+    streamed = build(None, shipped.config, tmp_path_factory.mktemp("w4_streamed"), recipe="w4", stream=stream)
+    return whole, streamed, stream, stream.counter.peak, stream.counter.parts
+
+
+def test_streamed_w4_compresses_every_weight_as_the_whole_model_build_does(shipped_w4_whole_and_streamed,
+                                                                            shipped):
+    """A large model's w4 is converted from a stand-in whose weights are read from the checkpoint as
+    coremltools' pass reaches them. On the shipped model (forced with the stream) it writes the same int4
+    data and scales as compressing the whole converted program, and computes the same logits bit for bit."""
+    whole, streamed = shipped_w4_whole_and_streamed[:2]
+    a, b = _compressed_weights(whole[1]), _compressed_weights(streamed[1])
+    assert len(a) == 2 * 47 and a.keys() == b.keys()  # 47 weights, in decode and in prefill
+    for key in a:
+        assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a[key], b[key])), key
+    assert weight_bytes(whole[1]) == weight_bytes(streamed[1])
+    tokens = list(range(3, 3 + 2 * CHUNK + 5))
+    for runner in (whole[0], streamed[0]):
+        runner.reset()
+    assert np.array_equal(feed(whole[0], tokens), feed(streamed[0], tokens))
+    facts = streamed[2].facts["coreml"]["streamed_weights"]
+    assert facts == {"stand_ins": 47, "compressed": 47, "parts_read": 1 + len(shipped.config.block_types)}
+
+
+def test_own_model_holds_the_weights_the_package_holds(shipped_w4_whole_and_streamed, shipped):
+    """Validation's own quantised model (`quantise_part`, from the manifest's block sizes) holds exactly the
+    values the package's constexpr ops give its program, weight by weight; both build paths record the same
+    blocks."""
+    whole, streamed = shipped_w4_whole_and_streamed[:2]
+    blocks = whole[2].facts["coreml"]["compressed_blocks"]
+    assert blocks == streamed[2].facts["coreml"]["compressed_blocks"]
+    assert blocks["embedder:input_embedding"] == [1, 32]
+    backend = get_backend("coreml")
+    model = copy.deepcopy(shipped.model)
+    backend.quantise_part(model.embedder, "embedder", whole[2])
+    for block in model.blocks:
+        backend.quantise_part(block, "block", whole[2])
+    consts = whole[0].program.functions["decode"].consts
+    compared = 0
+    for name, p in model.named_parameters():
+        key = "model_" + name.replace(".", "_") + "_to_fp16_quantized"
+        value = consts.get(key, consts.get(key + "_exact_zeros"))
+        if value is not None:
+            assert np.array_equal(p.numpy(), value), name
+            compared += 1
+    assert compared == 47
+    assert backend.quantise_part(model.final_norm, "final_norm", BuildContext(
+        config=shipped.config, recipe="fp16", work_dir=Path("."), prefill_chunk=CHUNK, facts=whole[2].facts)) is None
+
+
+def test_streamed_w4_holds_one_part_of_the_model_at_a_time(shipped_w4_whole_and_streamed):
+    """Counted, not timed: the float32 bytes the stream handed out and that were alive at once never pass the
+    largest part (the embedding) plus the small tensors the stand-in keeps real (norms, biases). Holding the
+    whole model would count every part."""
+    from rgexport.model import Griffin
+    from rgexport.streaming import block_weight_bytes
+
+    _, _, stream, peak, parts_read = shipped_w4_whole_and_streamed
+    parts = block_weight_bytes(stream.config)
+    with torch.device("meta"):
+        model = Griffin(stream.config)
+    kept = sum(p.numel() * 4 for p in model.parameters() if p.dim() < 2 or p.numel() <= 2048)
+    kept += sum(b.numel() * 4 for b in model.buffers())
+    blocks = len(stream.config.block_types)
+    assert max(parts.values()) + kept < sum(parts.values())
+    assert peak <= max(parts.values()) + kept
+    # The stand-in reads every part once; the conversion the embedding and each block (prefill takes
+    # decode's compressed weights and reads nothing).
+    assert parts_read == (blocks + 2) + (blocks + 1)
+
+
+def test_compressed_weights_stay_compressed_in_the_interpreter(shipped_w4_whole_and_streamed, monkeypatch):
+    """The interpreter keeps a large blockwise-quantised weight as its int data and scales (a 2B model's int4
+    weights would take 10.7 GB as float32), one object for decode and prefill; `gather` dequantises the rows
+    it takes, `linear` a slice of rows at a time into PyTorch's fp16 GEMM. The logits agree with the dense
+    path's within the fp16 tolerance above (the sums run in another order, so single fp16 roundings differ and
+    travel through the recurrence), whatever the slice."""
+    from rgexport.backends.coreml import mil_interpreter as mil
+
+    whole = shipped_w4_whole_and_streamed[0]
+    path, manifest = whole[1], whole[3]
+    tokens = list(range(3, 3 + CHUNK + 4))
+    dense = get_backend("coreml").load(path.parent, manifest)
+    expected = feed(dense, tokens)
+    assert not any(isinstance(v, mil.CompressedWeight) for f in dense.program.functions.values()
+                   for v in f.consts.values())
+
+    monkeypatch.setattr(mil, "COMPRESSED_MIN_ELEMENTS", 1)
+    for rows in (1 << 30, 3000):
+        monkeypatch.setattr(mil, "_ROWS_PER_SLICE", rows)
+        runner = get_backend("coreml").load(path.parent, manifest)
+        kept = [v for f in runner.program.functions.values() for v in f.consts.values()
+                if isinstance(v, mil.CompressedWeight)]
+        assert len(kept) == 2 * 47 and len({id(v) for v in kept}) == 47  # one object for both functions
+        got = feed(runner, tokens)
+        assert np.abs(got - expected).max() < fp16_tolerance(expected)
+        assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_compressed_linear_is_the_dense_linear_rounded_once():
+    """One `linear` on a compressed weight against the dense path on the same values: the fp16 result of
+    float32 sums, so equal but for a rare last-bit difference from the order of the sums."""
+    from rgexport.backends.coreml import mil_interpreter as mil
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(-8, 8, (300, 256)).astype(np.int8)
+    scale = (rng.random((300, 8)) * 0.02).astype(np.float16).astype(np.float32)
+    weight = mil.CompressedWeight(data, scale, None, np.float16)
+    x = rng.standard_normal((5, 256)).astype(np.float16).astype(np.float32)
+    bias = rng.standard_normal(300).astype(np.float16).astype(np.float32)
+    dense = np.asarray(weight)
+    assert np.array_equal(dense, mil._round(mil._blockwise_shift_scale(data, scale), mil.TensorType(np.float16, ())))
+    ref = mil._round(x @ dense.T + bias, mil.TensorType(np.float16, ()))
+    got = mil._linear(x, weight, bias)
+    assert (got == ref).mean() > 0.99
+    assert np.abs(got - ref).max() <= 2 * U16 * np.abs(ref).max()
+    rows = np.array([[3, 299], [0, 3]])
+    assert np.array_equal(mil._gather(weight, rows), dense[rows])
 
 
 # The shipped model -----------------------------------------------------------------------------

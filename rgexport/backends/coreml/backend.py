@@ -41,6 +41,7 @@ interpreter (`mil_interpreter`); on macOS it uses `MLModel.predict` with `make_s
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 import tempfile
@@ -59,16 +60,25 @@ from rgexport.backends.coreml.export import (
     STATE_DTYPES,
     _graphs,
     _IslandSelector,
+    deduplication_in_slices,
+    placeholder_model,
 )
 from rgexport.backends.coreml.recipes import (
     RECIPES,
+    STREAMED_RECIPES,
+    StreamedWeights,
     _compress,
     _w8a8,
+    block_sizes_by_part,
+    compressed_block_sizes,
+    dequantise_,
+    streamed_pipeline,
 )
 from rgexport.backends.coreml.runner import CoreMLRunner, InterpreterRunner, _names_from_contract, _specs_from_contract
 from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
 from rgexport.graphs import input_name, output_name
+from rgexport.memory import release_freed
 from rgexport.model import Griffin, TensorSpec, identifier
 
 
@@ -84,6 +94,8 @@ class CoreMLBackend(Backend):
     options = {
         "state_dtype": '"float16" (default) or "float32": how the state is held (module docstring)',
         "compute_units": '"ALL" (default), "CPU_ONLY", "CPU_AND_GPU" or "CPU_AND_NE", used when loading',
+        "stream_weights": '"auto" (default: above 2 GiB of float32 weights), true or false: w8 and w4 convert a '
+                          "stand-in and compress each weight as it is read from the checkpoint",
     }
     recipes = RECIPES
     recipe_aliases = {"int8": "w8", "int4": "w4"}  # names before the one recipe vocabulary
@@ -112,26 +124,61 @@ class CoreMLBackend(Backend):
             ctx.calibration_sequences()
         return model
 
+    def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
+        """w8 and w4 (`recipes.STREAMED_RECIPES`): coremltools compresses weight by weight, so each is read
+        from the stream as its pass reaches it; fp16 would hold every weight in fp16 anyway, palette4's k-means
+        and w8a8's calibration run over the whole float program."""
+        want = options.get("stream_weights", "auto")
+        if want not in ("auto", True, False):
+            raise RgexportError(f'option stream_weights is {want!r}; expected "auto", true or false')
+        if self.resolve_recipe(recipe) not in STREAMED_RECIPES or want is False:
+            return False
+        return True if want is True else None
+
+    def quantise_part(self, part: Any, kind: str, ctx: BuildContext) -> Any:
+        """w8 and w4's own quantised model, a part at a time: each weight the build compressed (the manifest's
+        `compressed_blocks`: which, and in what blocks) as the package holds it (`recipes.dequantise_`), the
+        rest float32, computed in float32 where the package computes in fp16 (with float32 islands)."""
+        blocks = ctx.facts.get("coreml", {}).get("compressed_blocks")
+        if ctx.recipe not in STREAMED_RECIPES or not blocks:
+            return None
+        import torch
+
+        with torch.no_grad():
+            for name, p in part.named_parameters():
+                sizes = blocks.get(f"{kind}:{name}")
+                if sizes is not None:
+                    dequantise_(p, ctx.recipe, sizes)
+        return part
+
     def export(self, prepared: Griffin, ctx: BuildContext) -> dict[str, Any]:
-        """Traces decode and prefill (TorchScript: the route whose state writes coremltools maps to states)."""
+        """Traces decode and prefill (TorchScript: the route whose state writes coremltools maps to states).
+        From a stream (`streams_weights`), the traced model is `placeholder_model`'s stand-in, and `lower`
+        reads the weights."""
         import torch
 
         self.require("coremltools")
+        weights = None
+        if ctx.stream is not None:
+            prepared, names = placeholder_model(ctx.stream)
+            weights = StreamedWeights(ctx.stream, names)
         model = prepared.eval().requires_grad_(False)
         traced = {}
         with torch.no_grad():
             for fn, (module, example) in _graphs(model, ctx.prefill_chunk, self.state_dtype(ctx)).items():
                 traced[fn] = (torch.jit.trace(module, example, check_trace=False), example)
         # A calibrated recipe runs the model itself over the calibration text in `lower`.
-        return {"traced": traced, "specs": model.state_spec(1), "model": model}
+        return {"traced": traced, "specs": model.state_spec(1), "model": model, "weights": weights}
 
     def lower(self, exported: dict[str, Any], ctx: BuildContext) -> dict[str, Any]:
         ct = self.require("coremltools")
         if ctx.recipe == "palette4":
             self.require("sklearn")  # coremltools' k-means (kmeans1d, its other option, is not installed)
         specs: list[TensorSpec] = exported["specs"]
+        weights: StreamedWeights | None = exported.get("weights")
         stateful = self.state_dtype(ctx) == "float16"
         lowered, seconds, islands = {}, {}, {}
+        blocks: dict[str, list[int]] = {}  # compressed weight -> block sizes (the own model's recipe)
         samples = None
         if ctx.recipe == "w8a8":
             from rgexport.backends.coreml import calibration as cal
@@ -162,19 +209,32 @@ class CoreMLBackend(Backend):
                 outputs += [ct.TensorType(name=identifier(output_name(s)), dtype=np.float32) for s in specs]
             selector = _IslandSelector()
             start = time.perf_counter()
-            mlmodel = ct.convert(
-                traced,
-                inputs=inputs,
-                outputs=outputs,
-                states=states,
-                minimum_deployment_target=ct.target.iOS18,
-                compute_precision=ct.transform.FP16ComputePrecision(op_selector=selector),
-                skip_model_load=True,
-            )
-            if samples is not None:
+            pipeline, active = ct.PassPipeline.DEFAULT, contextlib.nullcontext()
+            if weights is not None:
+                pipeline, active = streamed_pipeline(weights, ctx.recipe)
+            with active:
+                mlmodel = ct.convert(
+                    traced,
+                    inputs=inputs,
+                    outputs=outputs,
+                    states=states,
+                    minimum_deployment_target=ct.target.iOS18,
+                    compute_precision=ct.transform.FP16ComputePrecision(op_selector=selector),
+                    pass_pipeline=pipeline,
+                    skip_model_load=True,
+                )
+            if weights is not None:
+                weights.release()
+                missing = weights.names - weights.read
+                if missing:
+                    raise RgexportError(f"Core ML {fn}: {len(missing)} weights (e.g. {sorted(missing)[0]}) were "
+                                        "not given their values during conversion")
+            elif samples is not None:
                 mlmodel = _w8a8(mlmodel, fn, samples[fn], specs, stateful, ctx)
             else:
                 mlmodel = _compress(mlmodel, ctx.recipe)
+                if ctx.recipe in STREAMED_RECIPES:
+                    blocks.update(compressed_block_sizes(mlmodel, [n for n, _ in exported["model"].named_parameters()]))
             seconds[fn] = round(time.perf_counter() - start, 2)
             islands[fn] = selector.counts
             if not selector.counts.get("position") or (
@@ -193,6 +253,14 @@ class CoreMLBackend(Backend):
             "fp32_island_ops": islands,
             "conversion_seconds": seconds,
         }
+        if weights is not None:
+            ctx.facts["coreml"]["streamed_weights"] = {
+                "stand_ins": len(weights.names), "compressed": len(weights.compressed),
+                "parts_read": weights.reads}
+            weights.compressed.clear()  # the programs hold the compressed weights now
+            blocks = weights.blocks
+        if blocks:
+            ctx.facts["coreml"]["compressed_blocks"] = block_sizes_by_part(blocks)
         ctx.notes.append(
             "Core ML: one multifunction .mlpackage (functions decode and prefill share weights and state); "
             f"state held as {self.state_dtype(ctx)}"
@@ -212,12 +280,16 @@ class CoreMLBackend(Backend):
             shutil.rmtree(out)
         with tempfile.TemporaryDirectory(dir=ctx.work_dir, prefix=".coreml-") as tmp:
             desc = ct.utils.MultiFunctionDescriptor()
-            for fn, mlmodel in lowered.items():
+            for fn in list(lowered):
+                # Each program is let go once saved (`write` consumes `lowered`): save_multifunction reads the
+                # packages back, and a 2B int4 program holds 2.7 GB of int4 data as int8 arrays.
                 path = str(Path(tmp) / f"{fn}.mlpackage")
-                mlmodel.save(path)
+                lowered.pop(fn).save(path)
                 desc.add_function(path, src_function_name="main", target_function_name=fn)
+            release_freed()
             desc.default_function_name = "decode"
-            ct.utils.save_multifunction(desc, str(out))
+            with deduplication_in_slices():
+                ct.utils.save_multifunction(desc, str(out))
         return [out]
 
     def io_contract(self, ctx: BuildContext) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from rgexport.graphs import StatefulModel
@@ -65,6 +66,86 @@ def _graphs(model: Griffin, chunk: int, state_dtype: str) -> dict[str, tuple[Any
         "decode": (FunctionalStep(decode=True).eval(), (token, position, *zeros)),
         "prefill": (FunctionalStep(decode=False).eval(), (tokens, position, *zeros)),
     }
+
+# A stand-in for a streamed build -------------------------------------------------------------------
+STREAMED_MIN_ELEMENTS = 2048  # coremltools' weight_threshold: smaller weights are never compressed
+
+
+def placeholder_model(stream: Any) -> tuple[Griffin, set[str]]:
+    """The model of `stream` for tracing without its float weights: every parameter of rank 2 or more above
+    `STREAMED_MIN_ELEMENTS` is a stride-0 view of one zero (no storage; coremltools' frontend keeps it a
+    view), the rest (norms, biases, RoPE) real. Returns it with the stand-ins' MIL const names ("model." +
+    parameter name), which `recipes.StreamedWeights` fills from the stream during conversion."""
+    import torch
+    from torch import nn
+
+    from rgexport.streaming import _meta_griffin
+
+    model = _meta_griffin(stream.config)
+    def parts() -> Any:  # one at a time: each is replaced by its stand-in before the next is read
+        yield "embedder", stream.embedder()
+        for i in range(len(stream.config.block_types)):
+            yield f"blocks.{i}", stream.block(i)
+        yield "final_norm", stream.final_norm()
+
+    def stand_in(part: nn.Module, prefix: str) -> None:  # a function: no name outlives the real tensors
+        for name, p in list(part.named_parameters()):
+            if p.dim() >= 2 and p.numel() > STREAMED_MIN_ELEMENTS:
+                module_name, _, attr = name.rpartition(".")
+                owner = part.get_submodule(module_name) if module_name else part
+                setattr(owner, attr, nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape),
+                                                  requires_grad=False))
+                names.add(f"model.{prefix}.{name}")
+
+    names: set[str] = set()
+    for prefix, part in parts():
+        stand_in(part, prefix)
+        if prefix == "embedder":
+            model.embedder = part
+        elif prefix == "final_norm":
+            model.final_norm = part
+        else:
+            model.blocks[int(prefix.split(".")[1])] = part
+        del part
+    return model.eval().requires_grad_(False), names
+
+# Writing the package ---------------------------------------------------------------------------------
+def _allclose_in_slices(a: Any, b: Any, rtol: float = 1e-05, atol: float = 1e-08, equal_nan: bool = False) -> bool:
+    """`np.allclose`, a slice of 2^22 elements at a time: the same answer, without float64 copies of both."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.size <= 1 << 22:
+        return bool(np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan))
+    fa, fb, step = a.reshape(-1), b.reshape(-1), 1 << 22
+    return all(np.allclose(fa[i:i + step], fb[i:i + step], rtol=rtol, atol=atol, equal_nan=equal_nan)
+               for i in range(0, fa.size, step))
+
+
+@contextlib.contextmanager
+def deduplication_in_slices() -> Any:
+    """coremltools' `const_deduplication` (which `save_multifunction` runs to share weights between the
+    functions) compares two candidate consts with `np.allclose`, which makes float64 temporaries of both:
+    for the int4 data of a 0.89 B model's 256000-row table that was 18.7 GB at once (coremltools 9.0,
+    measured). Inside this block the pass compares them in slices, with the same result."""
+    import importlib
+
+    import numpy as np
+
+    # the module (its package re-exports the pass class under the same name)
+    module = importlib.import_module("coremltools.converters.mil.mil.passes.defs.cleanup.const_deduplication")
+
+    class _Numpy:
+        allclose = staticmethod(_allclose_in_slices)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(np, name)
+
+    module.np = _Numpy()
+    try:
+        yield
+    finally:
+        module.np = np
 
 # Float32 islands --------------------------------------------------------------------------------
 def fp32_islands(block: Any) -> dict[str, set[Any]]:

@@ -19,6 +19,11 @@ Numerics, chosen to model a device that stores tensors in the program's dtypes:
   then to the nearest integer (ties to even), plus the zero point, clipped to int8/uint8; dequantize is
   (q - zero_point) * scale rounded once to the scale's dtype.
 - `run(..., observe=fn)` reports every input and op result as it is computed (activation calibration).
+- Large compressed weights (`constexpr_blockwise_shift_scale` above `COMPRESSED_MIN_ELEMENTS`, e.g. every
+  int4 weight of a 2B model) stay compressed (`CompressedWeight`): `gather` dequantises the rows it takes,
+  `linear` a slice of rows at a time, to the same fp16 values the dense path holds, and multiplies in
+  PyTorch's fp16 GEMM (float32 sums, one rounding: the same result up to the order of the sums); any other
+  op gets the dense array. Weights stored once in weight.bin are read once for all functions.
 
 Usage: `program = Program.load(path)`; `state = program.new_state("decode")`;
 `outputs = program.run("decode", {"tokens": ..., "position": ...}, state)`.
@@ -91,7 +96,7 @@ def _round(value: Any, t: TensorType) -> np.ndarray:
         if t.dtype == np.float16:
             return a.astype(np.float16).astype(np.float32)
         return a.astype(np.float32)
-    return a.astype(t.dtype)
+    return a.astype(t.dtype, copy=False)  # weight data shared by functions stays one array
 
 
 def _tensor_type(value_type: Any) -> TensorType:
@@ -111,6 +116,74 @@ def _tensor_type(value_type: Any) -> TensorType:
     dtype = np.dtype(types.nptype_from_builtin(builtin)).type
     shape = tuple(d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in tt.dimensions)
     return TensorType(dtype, shape)
+
+
+COMPRESSED_MIN_ELEMENTS = 1 << 22  # 4M elements: 16 MiB of float32, more than any shipped-model weight
+_ROWS_PER_SLICE = 1 << 22  # elements dequantised at once by CompressedWeight
+
+
+class CompressedWeight:
+    """The result of a `constexpr_blockwise_shift_scale` kept as its data, scale and offset (2B's int4 weights
+    would take 10.7 GB as float32). `rows(a, b)` gives rows a..b as the dense path holds them: the float32
+    product rounded to `dtype` (fp16). Rows must be whole blocks' worth of the first axis."""
+
+    def __init__(self, data: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, dtype: Any):
+        self.data, self.scale, self.offset, self.out_dtype = data, np.asarray(scale), offset, dtype
+        self.shape, self.ndim, self.dtype = tuple(data.shape), data.ndim, np.dtype(np.float32)
+        self.size = int(data.size)
+        self.row_block = data.shape[0] // self.scale.shape[0]
+        self.rows_per_slice = max(self.row_block, _ROWS_PER_SLICE // max(1, self.size // max(1, data.shape[0]))
+                                  // self.row_block * self.row_block)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        b = self.row_block
+        if start % b or (stop % b and stop != self.shape[0]):
+            raise MILError(f"rows {start}:{stop} split a block of {b} rows")
+        offset = None if self.offset is None else self.offset[start // b:-(-stop // b)]
+        value = _blockwise_shift_scale(self.data[start:stop], self.scale[start // b:-(-stop // b)], offset)
+        return _round(value, TensorType(self.out_dtype, ()))
+
+    def slices(self) -> Any:
+        for start in range(0, self.shape[0], self.rows_per_slice):
+            yield start, min(self.shape[0], start + self.rows_per_slice)
+
+    def take_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` (any shape of indices): the dequantised rows only."""
+        flat = idx.reshape(-1)
+        out = np.empty((flat.size, *self.shape[1:]), dtype=np.float32)
+        for i, row in enumerate(flat):
+            start = int(row) // self.row_block * self.row_block
+            out[i] = self.rows(start, start + self.row_block)[int(row) - start]
+        return out.reshape(*idx.shape, *self.shape[1:])
+
+    def linear(self, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+        """`linear(x, self, bias)` of an fp16 program in PyTorch's fp16 GEMM, a slice of output channels at
+        a time: the weight rows dequantised in fp16 (int data times fp16 scale is exact in float32, so one
+        rounding, as `rows`), products summed in float32 and the result rounded once to fp16, as the dense
+        path computes it up to the order of the sums (numpy's float32 dequantisation and GEMM would take
+        about 40 s per token for a 2B model here; this takes about 2 s)."""
+        import torch
+
+        if self.out_dtype != np.float16 or self.ndim != 2 or self.offset is not None:
+            return _linear(x, np.asarray(self), bias)
+        half = torch.float16
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(half)
+        scale = torch.from_numpy(np.ascontiguousarray(self.scale, dtype=np.float32))
+        b = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)).to(half)
+        rb, cb = self.row_block, self.shape[1] // self.scale.shape[1]
+        out = []
+        with torch.no_grad():
+            for start, stop in self.slices():
+                n = stop - start
+                s = scale[start // rb:-(-stop // rb)].repeat_interleave(rb, 0)[:n]
+                # float32 product (exact), rounded once to fp16
+                w = torch.from_numpy(self.data[start:stop]).float().view(n, -1, cb).mul_(s[:, :, None]).to(half)
+                out.append(torch.nn.functional.linear(xt, w.view(n, -1), None if b is None else b[start:stop]))
+        return torch.cat(out, -1).float().numpy()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        dense = np.concatenate([self.rows(a, b) for a, b in self.slices()]) if self.shape[0] else self.rows(0, 0)
+        return dense if dtype is None else dense.astype(dtype)
 
 
 # Op implementations -------------------------------------------------------------------------------
@@ -240,6 +313,8 @@ def _select(cond, a, b):
 
 @op("linear")
 def _linear(x, weight, bias=None):
+    if isinstance(weight, CompressedWeight):  # a slice of output channels at a time
+        return weight.linear(x, bias)
     y = np.matmul(x, weight.T)
     return y if bias is None else y + bias
 
@@ -367,7 +442,9 @@ def _gather(x, indices, axis=None, batch_dims=None, validate_indices=None):
     # iOS 17+: negative indices are out of bounds; out-of-bounds behaviour is undefined on device.
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise MILError(f"gather index out of range [0, {n}): min {idx.min()}, max {idx.max()}")
-    return np.take(x, idx, axis=axis)
+    if isinstance(x, CompressedWeight) and axis == 0:
+        return x.take_rows(idx)
+    return np.take(np.asarray(x), idx, axis=axis)
 
 
 @op("constexpr_blockwise_shift_scale")
@@ -462,9 +539,34 @@ class Program:
         self.spec = spec
         context = TranscriptionContext(str(weights_dir) if weights_dir else "")
 
+        blobs: dict[tuple[str, int], Any] = {}  # functions share weight.bin's blobs: each is read once
+        compressed: dict[int, CompressedWeight] = {}  # by id of the data array
+
         def load_value(v: Any) -> Any:
+            key = None
+            if v.WhichOneof("value") == "blobFileValue":
+                key = (v.blobFileValue.fileName, int(v.blobFileValue.offset))
+                if key in blobs:
+                    return blobs[key]
             value = _load_value(context, v)
-            return value if isinstance(value, str) else np.asarray(value)
+            value = value if isinstance(value, str) else np.asarray(value)
+            if key is not None:
+                blobs[key] = value
+            return value
+
+        def constexpr(op_: Op, consts: dict[str, Any]) -> dict[str, Any]:
+            """A large blockwise-quantised weight stays compressed (one object for every function)."""
+            if op_.type == "constexpr_blockwise_shift_scale":
+                args = {p: (consts.get(b[0][1]) if b[0][0] == "var" else b[0][1]) for p, b in op_.inputs.items()}
+                data = args.get("data")
+                if data is not None and data.size >= COMPRESSED_MIN_ELEMENTS and all(
+                        v is not None for p, v in args.items() if p != "offset"):
+                    seen = compressed.get(id(data))
+                    if seen is None or not np.array_equal(seen.scale, args["scale"]):
+                        seen = CompressedWeight(data, args["scale"], args.get("offset"), op_.outputs[0][1].dtype)
+                        compressed[id(data)] = seen
+                    return {op_.outputs[0][0]: seen}
+            return self._execute(op_, consts, {})
 
         self.functions: dict[str, Function] = {}
         for fname, fspec in spec.mlProgram.functions.items():
@@ -492,7 +594,7 @@ class Program:
                 op_ = Op(o.type, str(name), args, outputs)
                 if o.type.startswith("constexpr_"):
                     # Constant-only: evaluated once here, as Core ML decompresses at load time.
-                    consts.update(self._execute(op_, consts, {}))
+                    consts.update(constexpr(op_, consts))
                     constexpr_types.add(o.type)
                     continue
                 ops.append(op_)
@@ -584,6 +686,8 @@ class Program:
         tuple_inputs = {"values"}  # concat, stack: a variadic tuple of tensors
         kwargs = {p: [resolve(b) for b in bs] if p in tuple_inputs else resolve(bs[0])
                   for p, bs in o.inputs.items()}
+        if o.type not in ("linear", "gather"):  # the ops that read a CompressedWeight a slice at a time
+            kwargs = {p: np.asarray(v) if isinstance(v, CompressedWeight) else v for p, v in kwargs.items()}
         if o.type == "quantize":  # divides in its source dtype (fp16 in an fp16 program)
             source = o.inputs["input"][0]
             t = f.var_types.get(source[1]) if f is not None and source[0] == "var" else None

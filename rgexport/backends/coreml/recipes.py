@@ -188,3 +188,214 @@ RECIPES = {
         "elementwise ops, chosen by a per-group sensitivity study on the shipped model",
         quantized=True, calibrated=True),
 }
+
+
+# The own quantised model -----------------------------------------------------------------------
+def block_sizes_by_part(blocks: dict[str, list[int]]) -> dict[str, list[int]]:
+    """{"model.blocks.3.mlp_block.ffw_up.weight": [1, 32], ...} -> {"block:mlp_block.ffw_up.weight": [1, 32]}:
+    the block sizes coremltools gave each compressed weight, by part kind and name within the part (the form
+    `quantise_part` meets them in). Blocks that disagree for one name are an error."""
+    out: dict[str, list[int]] = {}
+    for name, sizes in blocks.items():
+        head, _, rest = name.removeprefix("model.").partition(".")
+        key = "embedder:" + rest if head == "embedder" else "block:" + rest.partition(".")[2]
+        if out.setdefault(key, sizes) != sizes:
+            raise RgexportError(f"Core ML: {key} has blocks {out[key]} and {sizes} in different blocks")
+    return out
+
+
+def compressed_block_sizes(mlmodel: Any, parameter_names: list[str]) -> dict[str, list[int]]:
+    """The block sizes of every `constexpr_blockwise_shift_scale` of a converted program, by parameter name
+    ("model." + name; the op is named after the parameter, dots as underscores, plus suffixes)."""
+    by_op = {"model_" + n.replace(".", "_"): "model." + n for n in parameter_names}
+    out = {}
+    for f in mlmodel._mil_program.functions.values():
+        for op in f.operations:
+            if op.op_type == "constexpr_blockwise_shift_scale":
+                base = op.name
+                for suffix in ("_exact_zeros", "_quantized", "_to_fp16"):
+                    base = base.removesuffix(suffix)
+                if base in by_op:
+                    out[by_op[base]] = [int(d // s) for d, s in zip(op.data.shape, op.scale.shape)]
+    return out
+
+
+def dequantise_(weight: Any, recipe: str, blocks: list[int]) -> None:
+    """Sets `weight` (a float32 tensor, in place, a slice of rows at a time: the 2.6 GB table of 2B gets no
+    second copy) to what the package holds after `recipe` compressed it in blocks of `blocks`: coremltools'
+    arithmetic on its fp16 value, all-zero blocks exact zeros, dequantised to fp16 values (what a
+    `constexpr_blockwise_shift_scale` gives the program)."""
+    import torch
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
+
+    from rgexport.backends.coreml.mil_interpreter import _blockwise_shift_scale
+
+    op_config = _compression_config(recipe).global_config
+    value = weight.detach().numpy()
+    rows = max(1, blocks[0]) * max(1, (1 << 24) // max(1, int(np.prod(value.shape[1:]))))
+    if blocks[0] == 0 or rows >= value.shape[0]:
+        rows = value.shape[0]
+    for i in range(0, value.shape[0], rows):
+        params = linear_quantize_weights.blockwise_compress_by_dtype(
+            value[i:i + rows].astype(np.float16), op_config.dtype, op_config.mode, blocks)
+        if params is None:
+            raise RgexportError(f"Core ML {recipe}: coremltools cannot compress a {value.shape} weight in blocks "
+                                f"of {blocks}")
+        scale, data = params.scale, params.data
+        zero = scale == 0
+        if zero.any():
+            data = data.copy()
+            data[_block_mask(zero, data.shape)] = 0
+            scale = np.where(zero, np.ones_like(scale), scale)
+        dense = _blockwise_shift_scale(data, scale, params.offset).astype(np.float16).astype(np.float32)
+        with torch.no_grad():
+            weight[i:i + rows] = torch.from_numpy(dense)
+
+
+# Compression from a stream ----------------------------------------------------------------------
+# A model above 2 GiB of float32 weights (or option stream_weights=true) is converted from a stand-in whose
+# large weights are stride-0 views (`export.placeholder_model`): the frontend carries them as views, and a pass
+# at the head of coremltools' default pipeline (`rgexport::stream_compress`) gives each its real value, read
+# from the checkpoint a part at a time, and compresses it at once with coremltools' own pass
+# (`linear_quantize_weights`: its choice of weights, block sizes and arithmetic), so the float model is never
+# whole and no fp16 copy of a weight is made. The results are kept by name: the second function (prefill)
+# takes the first's compressed weights instead of reading the checkpoint again, and the multifunction package
+# stores them once. Where coremltools does not compress a weight (too small, or no channel axis), the real
+# value stays a float const, as in a whole-model conversion.
+STREAMED_RECIPES = ("w8", "w4")
+
+
+class StreamedWeights:
+    """The real values of a stand-in model's weights, by MIL const name ("model." + parameter name), read from
+    a `StreamedCheckpoint` one part (embedding, block) at a time; and what each became once compressed."""
+
+    def __init__(self, stream: Any, names: set[str]):
+        self.stream = stream
+        self.names = names  # the stand-ins: parameter names, "model." + name
+        self.compressed: dict[str, Any] = {}  # name -> coremltools QuantParams
+        self.blocks: dict[str, list[int]] = {}  # name -> block size per axis, as coremltools chose them
+        self.read: set[str] = set()
+        self.reads = 0  # parts read from the stream
+        self._key: tuple[str, int | None] | None = None
+        self._part: Any = None
+
+    def value(self, name: str) -> np.ndarray:
+        """The float32 value of the weight named `name` (a view of the part in hand)."""
+        path = name.removeprefix("model.")
+        head, _, rest = path.partition(".")
+        if head == "embedder":
+            key, attr = ("embedder", None), rest
+        elif head == "blocks":
+            index, _, attr = rest.partition(".")
+            key = ("block", int(index))
+        else:
+            raise RgexportError(f"Core ML stream: no part holds {name}")
+        if key != self._key:
+            self._part = None  # the previous part goes before the next is read
+            self._part = self.stream.embedder() if key[0] == "embedder" else self.stream.block(key[1])
+            self._key = key
+            self.reads += 1
+        self.read.add(name)
+        return self._part.get_parameter(attr).detach().numpy()
+
+    def release(self) -> None:
+        self._part = self._key = None
+
+
+_ACTIVE: list[tuple[StreamedWeights, Any]] = []  # the conversion in progress: (weights, OptimizationConfig)
+
+
+def _streamed_compressor() -> Any:
+    """The `rgexport::stream_compress` pass (registered with coremltools on first use)."""
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
+
+    if "rgexport::stream_compress" in PASS_REGISTRY:
+        return PASS_REGISTRY["rgexport::stream_compress"]
+
+    class Compress(linear_quantize_weights):
+        def __init__(self, weights: StreamedWeights, config: Any):
+            super().__init__(config)
+            self.weights, self._name = weights, None
+
+        def is_valid_op(self, op: Any) -> bool:
+            return op.op_type == "const" and op.name in self.weights.names
+
+        def transform_op(self, op: Any) -> None:
+            name, block = op.name, op.enclosing_block
+            done = self.weights.compressed.get(name)
+            if done is not None:  # the first function's result: the same arrays, nothing read again
+                new = self._create_constexpr_var(op, done)
+                block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new,
+                                                   no_check_var_types=True)
+                block.remove_ops([op])
+                return
+            with block:
+                real = mb.const(val=self.weights.value(name), before_op=op, name=name)
+            block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=real)
+            block.remove_ops([op])
+            self._name = name
+            super().transform_op(real.op)  # leaves the real const where coremltools does not compress
+
+        def blockwise_compress_by_dtype(self, original_data: Any, dtype: Any, mode: str, block_sizes: Any) -> Any:
+            """coremltools' arithmetic on the weight as the fp16 program holds it (a whole-model conversion
+            compresses after the fp16 cast), over slices of rows; the scale returned in float32 (exact), which
+            the fp16 pass casts back, so the package holds what the whole-model path writes."""
+            rows = max(1, block_sizes[0]) * max(1, (1 << 24) // max(1, int(np.prod(original_data.shape[1:]))))
+            if block_sizes[0] == 0 or rows >= original_data.shape[0]:
+                rows = original_data.shape[0]
+            parts = [super(Compress, self).blockwise_compress_by_dtype(
+                original_data[i:i + rows].astype(np.float16), dtype, mode, block_sizes)
+                for i in range(0, original_data.shape[0], rows)]
+            if any(p is None for p in parts):
+                return None
+            first = parts[0]
+
+            def joined(arrays: list[np.ndarray]) -> np.ndarray:
+                # filled in place: np.concatenate drops the dtype's metadata, coremltools' int4 marker
+                out = np.empty((sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+                np.concatenate(arrays, out=out)
+                return out
+
+            data = joined([p.data for p in parts]) if len(parts) > 1 else first.data
+            scale = joined([p.scale for p in parts]) if len(parts) > 1 else first.scale
+            offset = None if first.offset is None else joined([p.offset for p in parts])
+            zero = scale == 0  # `_zero_scale_to_one`, as the whole-model path rewrites afterwards
+            if zero.any():
+                data[_block_mask(zero, data.shape)] = 0
+                scale = np.where(zero, np.ones_like(scale), scale)
+            params = first._replace(data=data, scale=scale.astype(np.float32), offset=offset)
+            self.weights.compressed[self._name] = params
+            self.weights.blocks[self._name] = [int(d // s) for d, s in zip(data.shape, scale.shape)]
+            return params
+
+    @register_pass(namespace="rgexport")
+    class stream_compress(AbstractGraphPass):  # coremltools names a pass after its class
+        def apply(self, prog: Any) -> None:
+            weights, config = _ACTIVE[-1]
+            Compress(weights, config).apply(prog)
+
+    return PASS_REGISTRY["rgexport::stream_compress"]
+
+
+def streamed_pipeline(weights: StreamedWeights, recipe: str) -> tuple[Any, Any]:
+    """(pass pipeline, context manager) for a `ct.convert` that compresses `weights` as it goes."""
+    import contextlib
+
+    import coremltools as ct
+
+    _streamed_compressor()
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.insert_pass(0, "rgexport::stream_compress")
+
+    @contextlib.contextmanager
+    def active() -> Any:
+        _ACTIVE.append((weights, _compression_config(recipe)))
+        try:
+            yield
+        finally:
+            _ACTIVE.pop()
+
+    return pipeline, active()
