@@ -62,6 +62,7 @@ from rgexport.backends.coreml.export import (
     _IslandSelector,
     deduplication_in_slices,
     placeholder_model,
+    save_multifunction_in_memory,
 )
 from rgexport.backends.coreml.recipes import (
     RECIPES,
@@ -278,13 +279,15 @@ class CoreMLBackend(Backend):
         out = Path(ctx.work_dir) / ARTIFACT_FILE
         if out.exists():
             shutil.rmtree(out)
+        if all(getattr(m, "_mil_program", None) is not None for m in lowered.values()):
+            save_multifunction_in_memory(lowered, out, default="decode")
+            lowered.clear()
+            return [out]
         with tempfile.TemporaryDirectory(dir=ctx.work_dir, prefix=".coreml-") as tmp:
             desc = ct.utils.MultiFunctionDescriptor()
             for fn in list(lowered):
-                # Each program is let go once saved (`write` consumes `lowered`): save_multifunction reads the
-                # packages back, and a 2B int4 program holds 2.7 GB of int4 data as int8 arrays.
                 path = str(Path(tmp) / f"{fn}.mlpackage")
-                lowered.pop(fn).save(path)
+                lowered.pop(fn).save(path)  # let go once saved: save_multifunction reads the packages back
                 desc.add_function(path, src_function_name="main", target_function_name=fn)
             release_freed()
             desc.default_function_name = "decode"

@@ -147,6 +147,40 @@ def deduplication_in_slices() -> Any:
     finally:
         module.np = np
 
+def save_multifunction_in_memory(models: dict[str, Any], out: Any, default: str) -> None:
+    """`coremltools.utils.save_multifunction` without the round trip through disk: the converted programs
+    (`{function name: MLModel}`, each with its "main" function) become the functions of one program, consts
+    equal across functions share a blob (the same deduplication, compared in slices), and the package is
+    written once. save_multifunction saves each model, reads both back and deduplicates those copies: for a
+    2B int4 package that held both functions' int4 data as int8 arrays beside the build's own (7.6 GiB).
+    The steps are save_multifunction's own (coremltools 9.0), on the programs in hand."""
+    import coremltools as ct
+    from coremltools import proto
+    from coremltools.converters.mil.converter import mil_convert
+    from coremltools.converters.mil.mil import Program
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    program, functions, version = Program(), [], 0
+    for name, model in models.items():
+        program.add_function(name, model._mil_program.functions["main"])
+        spec = model.get_spec()
+        version = max(version, spec.specificationVersion)
+        d = spec.description
+        functions.append(proto.Model_pb2.FunctionDescription(
+            name=name, input=d.input, output=d.output, state=d.state,
+            predictedFeatureName=d.predictedFeatureName, predictedProbabilitiesName=d.predictedProbabilitiesName))
+    with deduplication_in_slices():
+        PASS_REGISTRY["common::const_deduplication"]._deduplicate_const_across_functions(program)
+    program.default_function_name = default
+    program.skip_all_passes = True
+    program.export_as_multifunction = True
+    model = mil_convert(program, convert_to="mlprogram", convert_from="milinternal",
+                       specification_version=max(version, ct.target.iOS18.value),
+                       compute_units=ct.ComputeUnit.CPU_ONLY, skip_model_load=True,
+                       model_description=proto.Model_pb2.ModelDescription(functions=functions,
+                                                                          defaultFunctionName=default))
+    model.save(str(out))
+
 # Float32 islands --------------------------------------------------------------------------------
 def fp32_islands(block: Any) -> dict[str, set[Any]]:
     """Ops of a MIL function (before fp16 casting) that must compute in float32, by reason.

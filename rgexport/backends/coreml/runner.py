@@ -73,8 +73,13 @@ class InterpreterRunner(_StepRunner):
     def __init__(self, path: Path, specs: list[TensorSpec], names: dict[str, tuple[str, str]], chunk: int,
                  stateful: bool):
         from rgexport.backends.coreml.mil_interpreter import Program
+        from rgexport.config import LARGE_MODEL_BYTES
+        from rgexport.memory import map_large_allocations
 
         super().__init__(specs, names, chunk, stateful)
+        if Path(path, "Data").exists() and sum(
+                f.stat().st_size for f in Path(path, "Data").rglob("*") if f.is_file()) > LARGE_MODEL_BYTES // 8:
+            map_large_allocations()  # a large model's per-slice temporaries go back when freed (memory.py)
         self.program = Program.load(path)
         missing = set(FUNCTIONS) - set(self.program.functions)
         if missing:
