@@ -699,3 +699,37 @@ def test_shipped_model_w8a8(shipped, heldout_512, shipped_fp16, tmp_path):
     assert np.isfinite(out).all()
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.93
     assert perplexity(out, tokens) <= 1.03 * perplexity(ref, tokens)
+
+
+@pytest.mark.parametrize("recipe, shape, blocks", [
+    ("w4", (96, 64), [1, 32]), ("w4", (3, 64, 64), [3, 32, 1]), ("w8", (96, 64), [1, 0]), ("w8", (40, 7), [1, 0]),
+])
+def test_blockwise_compress_is_coremltools_arithmetic(recipe, shape, blocks):
+    """rgexport's PyTorch run of coremltools' symmetric blockwise quantisation gives coremltools' int data and
+    fp16 scales exactly: random weights over a wide range, an all-zero block (exact zeros over scale 1, as
+    `_zero_scale_to_one` writes), and (2-D w4) values half-way between two steps."""
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
+
+    from rgexport.backends.coreml.recipes import _block_mask, _compression_config, blockwise_compress
+
+    config = _compression_config(recipe).global_config
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal(shape) * np.exp(rng.uniform(-6, 3, shape))).astype(np.float16)
+    w[tuple(slice(0, b or d) for b, d in zip(blocks, shape))] = 0  # the first block: all zeros
+    flat = w.reshape(-1)
+    # The last 32 values: |x| < 0.4 and then +-7, so that a 2-D w4 block of 32 there has scale 14 / 14 = 1
+    # and 3.5, 2.5, 0.5 lie half-way between two steps (round half to even decides them).
+    flat[-32:] = rng.uniform(-0.4, 0.4, 32).astype(np.float16)
+    flat[-8:] = np.array([3.5, -3.5, 2.5, -2.5, 7, -7, 0.5, -0.5], dtype=np.float16)
+    ours = blockwise_compress(w, config.dtype, config.mode, blocks)
+    theirs = linear_quantize_weights.blockwise_compress_by_dtype(w, config.dtype, config.mode, blocks)
+    zero = theirs.scale == 0
+    assert zero.any()
+    data = theirs.data.copy()
+    data[_block_mask(zero, data.shape)] = 0
+    assert ours.data.dtype == theirs.data.dtype and ours.data.dtype.metadata == theirs.data.dtype.metadata
+    assert np.array_equal(ours.data, data)
+    assert ours.scale.dtype == theirs.scale.dtype == np.float16
+    assert np.array_equal(ours.scale, np.where(zero, 1, theirs.scale))
+    if blocks == [1, 32]:
+        assert theirs.scale[-1, -1] == 1 and list(data.reshape(-1)[-8:]) == [4, -4, 2, -2, 7, -7, 0, 0]

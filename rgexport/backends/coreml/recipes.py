@@ -190,6 +190,68 @@ RECIPES = {
 }
 
 
+# coremltools' arithmetic, in PyTorch --------------------------------------------------------------
+def blockwise_compress(value: np.ndarray, dtype: Any, mode: str, block_sizes: list[int]) -> Any:
+    """coremltools' `linear_quantize_weights.blockwise_compress_by_dtype` on `value` cast to fp16 (what the
+    fp16 program holds), with all-zero blocks made exact zeros over scale 1 (`_zero_scale_to_one`): a
+    QuantParams. The symmetric signed case (recipes w8 and w4) runs coremltools' steps in PyTorch's fp16
+    arithmetic (each op rounds its result to fp16, as numpy's fp16 ops do; max, round-half-even and clip as
+    in numpy), about ten times faster than numpy's scalar fp16 loops (150 s for 2B's weights); the
+    result is the same (tests compare). Other modes run coremltools' own function. None where coremltools
+    cannot compress the shape."""
+    import torch
+    from coremltools.converters.mil.mil import types
+    from coremltools.optimize import _utils as cto_utils
+    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
+
+    if isinstance(dtype, str):
+        dtype = types.string_to_builtin(dtype)
+    value = np.asarray(value, dtype=np.float16)
+    if mode != "LINEAR_SYMMETRIC" or not types.is_int(dtype) or dtype.is_unsigned():
+        params = linear_quantize_weights.blockwise_compress_by_dtype(value, dtype, mode, block_sizes)
+    else:
+        new_shape, scale_shape, keep = [], [], []
+        for d, b in zip(value.shape, block_sizes):
+            if b > 0:
+                if d % b:
+                    return None
+                keep.append(len(new_shape))
+                new_shape += [d // b, b]
+                scale_shape.append(d // b)
+            else:
+                new_shape.append(d)
+                scale_shape.append(1)
+        axes = tuple(a for a in range(len(new_shape)) if a not in keep)
+        q_min, q_max = cto_utils.get_quant_range_by_dtype(dtype, mode)
+        w = torch.from_numpy(value.reshape(new_shape))
+        max_abs = torch.maximum(w.amin(dim=axes, keepdim=True).abs(), w.amax(dim=axes, keepdim=True).abs())
+        scale = (max_abs - (-max_abs)) / (q_max - q_min)
+        data = torch.clamp(torch.round(w / scale), q_min, q_max)
+        np_dtype = types.nptype_from_builtin(dtype)
+        out = np.empty(value.shape, dtype=np_dtype)  # coremltools' dtype: int8 carrying its int4 marker
+        out[...] = data.reshape(value.shape).to(torch.int8).numpy()
+        data = out
+        params = cto_utils.QuantParams(data=data, scale=scale.numpy().reshape(scale_shape), offset=None,
+                                       nbits=np.uint8(dtype.get_bitwidth()))
+    if params is None:
+        return None
+    zero = params.scale == 0
+    if zero.any():
+        data = params.data.copy()  # a copy keeps coremltools' int4 dtype marker
+        data[_block_mask(zero, data.shape)] = 0
+        params = params._replace(data=data, scale=np.where(zero, np.ones_like(params.scale), params.scale))
+    return params
+
+
+def row_slices(shape: tuple[int, ...], first_block: int, elements: int = 1 << 24) -> list[tuple[int, int]]:
+    """Slices of the first axis of about `elements` each, whole blocks of `first_block` rows (0: the whole axis
+    is one block, so one slice)."""
+    rows = max(1, first_block) * max(1, elements // max(1, int(np.prod(shape[1:]))) // max(1, first_block))
+    if first_block == 0 or rows >= shape[0]:
+        return [(0, shape[0])]
+    return [(i, min(shape[0], i + rows)) for i in range(0, shape[0], rows)]
+
+
 # The own quantised model -----------------------------------------------------------------------
 def block_sizes_by_part(blocks: dict[str, list[int]]) -> dict[str, list[int]]:
     """{"model.blocks.3.mlp_block.ffw_up.weight": [1, 32], ...} -> {"block:mlp_block.ffw_up.weight": [1, 32]}:
@@ -226,30 +288,20 @@ def dequantise_(weight: Any, recipe: str, blocks: list[int]) -> None:
     arithmetic on its fp16 value, all-zero blocks exact zeros, dequantised to fp16 values (what a
     `constexpr_blockwise_shift_scale` gives the program)."""
     import torch
-    from coremltools.optimize.coreml._quantization_passes import linear_quantize_weights
 
     from rgexport.backends.coreml.mil_interpreter import _blockwise_shift_scale
 
     op_config = _compression_config(recipe).global_config
     value = weight.detach().numpy()
-    rows = max(1, blocks[0]) * max(1, (1 << 24) // max(1, int(np.prod(value.shape[1:]))))
-    if blocks[0] == 0 or rows >= value.shape[0]:
-        rows = value.shape[0]
-    for i in range(0, value.shape[0], rows):
-        params = linear_quantize_weights.blockwise_compress_by_dtype(
-            value[i:i + rows].astype(np.float16), op_config.dtype, op_config.mode, blocks)
+    for i, j in row_slices(value.shape, blocks[0]):
+        params = blockwise_compress(value[i:j], op_config.dtype, op_config.mode, blocks)
         if params is None:
             raise RgexportError(f"Core ML {recipe}: coremltools cannot compress a {value.shape} weight in blocks "
                                 f"of {blocks}")
         scale, data = params.scale, params.data
-        zero = scale == 0
-        if zero.any():
-            data = data.copy()
-            data[_block_mask(zero, data.shape)] = 0
-            scale = np.where(zero, np.ones_like(scale), scale)
         dense = _blockwise_shift_scale(data, scale, params.offset).astype(np.float16).astype(np.float32)
         with torch.no_grad():
-            weight[i:i + rows] = torch.from_numpy(dense)
+            weight[i:j] = torch.from_numpy(dense)
 
 
 # Compression from a stream ----------------------------------------------------------------------
@@ -343,12 +395,8 @@ def _streamed_compressor() -> Any:
             """coremltools' arithmetic on the weight as the fp16 program holds it (a whole-model conversion
             compresses after the fp16 cast), over slices of rows; the scale returned in float32 (exact), which
             the fp16 pass casts back, so the package holds what the whole-model path writes."""
-            rows = max(1, block_sizes[0]) * max(1, (1 << 24) // max(1, int(np.prod(original_data.shape[1:]))))
-            if block_sizes[0] == 0 or rows >= original_data.shape[0]:
-                rows = original_data.shape[0]
-            parts = [super(Compress, self).blockwise_compress_by_dtype(
-                original_data[i:i + rows].astype(np.float16), dtype, mode, block_sizes)
-                for i in range(0, original_data.shape[0], rows)]
+            parts = [blockwise_compress(original_data[i:j], dtype, mode, block_sizes)
+                     for i, j in row_slices(original_data.shape, block_sizes[0])]
             if any(p is None for p in parts):
                 return None
             first = parts[0]
@@ -362,10 +410,6 @@ def _streamed_compressor() -> Any:
             data = joined([p.data for p in parts]) if len(parts) > 1 else first.data
             scale = joined([p.scale for p in parts]) if len(parts) > 1 else first.scale
             offset = None if first.offset is None else joined([p.offset for p in parts])
-            zero = scale == 0  # `_zero_scale_to_one`, as the whole-model path rewrites afterwards
-            if zero.any():
-                data[_block_mask(zero, data.shape)] = 0
-                scale = np.where(zero, np.ones_like(scale), scale)
             params = first._replace(data=data, scale=scale.astype(np.float32), offset=offset)
             self.weights.compressed[self._name] = params
             self.weights.blocks[self._name] = [int(d // s) for d, s in zip(data.shape, scale.shape)]
