@@ -30,6 +30,14 @@ from coremltools' quantiser, which divides 0/0 and casts the NaN to int (a platf
 `_zero_scale_to_one` rewrites such blocks as scale 1 over zero data; for palettes,
 `_zero_row_in_palette` gives the row an exact 0 entry. Either way the row dequantises to exact zeros.
 
+Large models (above 2 GiB of float32 weights, or option stream_weights=true), recipes w8 and w4: export
+traces a stand-in whose large weights are untouched zero pages (`export.placeholder_model`), and lower compresses
+each weight as coremltools' pipeline reaches it, read from the checkpoint a part at a time
+(`recipes.StreamedWeights`, the pass `rgexport::stream_compress`), so the float32 model is never whole; write
+assembles the multifunction package from the programs in memory (`export.save_multifunction_in_memory`).
+The package holds what compressing the whole converted program writes (tests compare). The manifest
+records each compressed weight's block sizes, from which `quantise_part` builds the own quantised model.
+
 Recipe `w8a8` (calibrated): int8 weights as recipe w8, then int8 activations around every linear layer,
 inserted by coremltools' own activation passes with ranges that rgexport's MIL interpreter measures on real
 (tokens, position, state) samples (coremltools' calibration needs `predict`, i.e. macOS, and passes no
@@ -90,7 +98,8 @@ class CoreMLBackend(Backend):
     packages = ("coremltools", "torch")
     build_base_bytes = int(1.5 * (1 << 30))  # a larger toolchain than ONNX's and LiteRT's
     # `build --target ios` from a 0.89 B checkpoint (3.56 GB of float32 weights) passed 21 GB in the fp16
-    # conversion and was stopped there (issue 15): at least 5.9x, a lower bound.
+    # conversion and was stopped there (issue 15): at least 5.9x, a lower bound. Applies to the recipes that
+    # load the whole model (fp16, palette4, w8a8); w8 and w4 stream above 2 GiB.
     whole_model_build_factor = 5.9
     options = {
         "state_dtype": '"float16" (default) or "float32": how the state is held (module docstring)',

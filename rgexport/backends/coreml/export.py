@@ -73,9 +73,14 @@ STREAMED_MIN_ELEMENTS = 2048  # coremltools' weight_threshold: smaller weights a
 
 def placeholder_model(stream: Any) -> tuple[Griffin, set[str]]:
     """The model of `stream` for tracing without its float weights: every parameter of rank 2 or more above
-    `STREAMED_MIN_ELEMENTS` is a stride-0 view of one zero (no storage; coremltools' frontend keeps it a
-    view), the rest (norms, biases, RoPE) real. Returns it with the stand-ins' MIL const names ("model." +
-    parameter name), which `recipes.StreamedWeights` fills from the stream during conversion."""
+    `STREAMED_MIN_ELEMENTS` is zeros from `calloc` (numpy's `zeros`: a large one is fresh zero pages that
+    nothing writes, so it takes no memory; the trace's matmuls and coremltools' frontend, which compares it
+    with the state dict, only read it, and reading an untouched page maps the kernel's zero page; a stride-0
+    view did the same until the trace's matmul made a contiguous copy, 2.6 GB for 2B's tied table), the rest
+    (norms, biases, RoPE) real. Returns it with the
+    stand-ins' MIL const names ("model." + parameter name), which `recipes.StreamedWeights` fills from the
+    stream during conversion."""
+    import numpy as np
     import torch
     from torch import nn
 
@@ -93,8 +98,8 @@ def placeholder_model(stream: Any) -> tuple[Griffin, set[str]]:
             if p.dim() >= 2 and p.numel() > STREAMED_MIN_ELEMENTS:
                 module_name, _, attr = name.rpartition(".")
                 owner = part.get_submodule(module_name) if module_name else part
-                setattr(owner, attr, nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape),
-                                                  requires_grad=False))
+                zeros = torch.from_numpy(np.zeros(p.shape, dtype=torch.empty((), dtype=p.dtype).numpy().dtype))
+                setattr(owner, attr, nn.Parameter(zeros, requires_grad=False))
                 names.add(f"model.{prefix}.{name}")
 
     names: set[str] = set()

@@ -306,7 +306,7 @@ def dequantise_(weight: Any, recipe: str, blocks: list[int]) -> None:
 
 # Compression from a stream ----------------------------------------------------------------------
 # A model above 2 GiB of float32 weights (or option stream_weights=true) is converted from a stand-in whose
-# large weights are stride-0 views (`export.placeholder_model`): the frontend carries them as views, and a pass
+# large weights are untouched zero pages (`export.placeholder_model`): the frontend only reads them, and a pass
 # at the head of coremltools' default pipeline (`rgexport::stream_compress`) gives each its real value, read
 # from the checkpoint a part at a time, and compresses it at once with coremltools' own pass
 # (`linear_quantize_weights`: its choice of weights, block sizes and arithmetic), so the float model is never
