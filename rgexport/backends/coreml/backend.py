@@ -87,7 +87,7 @@ from rgexport.backends.coreml.runner import CoreMLRunner, InterpreterRunner, _na
 from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
 from rgexport.graphs import input_name, output_name
-from rgexport.memory import release_freed
+from rgexport.memory import map_large_allocations, release_freed
 from rgexport.model import Griffin, TensorSpec, identifier
 
 
@@ -186,6 +186,8 @@ class CoreMLBackend(Backend):
             self.require("sklearn")  # coremltools' k-means (kmeans1d, its other option, is not installed)
         specs: list[TensorSpec] = exported["specs"]
         weights: StreamedWeights | None = exported.get("weights")
+        if weights is not None:
+            map_large_allocations()  # each weight's temporaries go back when freed (rgexport.memory)
         stateful = self.state_dtype(ctx) == "float16"
         lowered, seconds, islands = {}, {}, {}
         blocks: dict[str, list[int]] = {}  # compressed weight -> block sizes (the own model's recipe)
