@@ -8,9 +8,10 @@
 #   CHECKPOINT=/path/to/recurrentgemma-2b scripts/bench_2b.sh
 #   ARTIFACTS="onnx:int4 executorch:int4" OUT=/tmp/b2 scripts/bench_2b.sh
 #
-# One build at a time; each one's log is OUT/<backend>-<recipe>.log. ONNX and ExecuTorch int4 build from a
-# stream (2B int4 peaks: ONNX 6.33 GiB, ExecuTorch 6.92 GiB; 9B ONNX int4 15.52 GiB); TFLite and Core ML load
-# the whole float32 model (10.7 GB) and need more memory than that.
+# One build at a time; each one's log is OUT/<backend>-<recipe>.log. ONNX, ExecuTorch int4 and Core ML w4
+# build from a stream (2B int4 peaks: ONNX 6.33 GiB, ExecuTorch 6.92 GiB, Core ML w4 5.90 GiB; 9B ONNX int4
+# 15.52 GiB); TFLite and Core ML's fp16 load the whole float32 model (10.7 GB) and need more memory than that.
+# Core ML runs in rgexport's MIL interpreter off macOS: its bench figures are not a device's.
 set -euo pipefail
 
 ARTIFACTS=${ARTIFACTS:-onnx:int4}
