@@ -52,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,6 @@ from rgexport.backends.coreml.export import (
     STATE_DTYPES,
     _graphs,
     _IslandSelector,
-    deduplication_in_slices,
     placeholder_model,
     save_multifunction_in_memory,
 )
@@ -87,7 +85,7 @@ from rgexport.backends.coreml.runner import CoreMLRunner, InterpreterRunner, _na
 from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
 from rgexport.graphs import input_name, output_name
-from rgexport.memory import map_large_allocations, release_freed
+from rgexport.memory import map_large_allocations
 from rgexport.model import Griffin, TensorSpec, identifier
 
 
@@ -190,7 +188,6 @@ class CoreMLBackend(Backend):
             map_large_allocations()  # each weight's temporaries go back when freed (rgexport.memory)
         stateful = self.state_dtype(ctx) == "float16"
         lowered, seconds, islands = {}, {}, {}
-        blocks: dict[str, list[int]] = {}  # compressed weight -> block sizes (the own model's recipe)
         samples = None
         if ctx.recipe == "w8a8":
             from rgexport.backends.coreml import calibration as cal
@@ -245,8 +242,6 @@ class CoreMLBackend(Backend):
                 mlmodel = _w8a8(mlmodel, fn, samples[fn], specs, stateful, ctx)
             else:
                 mlmodel = _compress(mlmodel, ctx.recipe)
-                if ctx.recipe in STREAMED_RECIPES:
-                    blocks.update(compressed_block_sizes(mlmodel, [n for n, _ in exported["model"].named_parameters()]))
             seconds[fn] = round(time.perf_counter() - start, 2)
             islands[fn] = selector.counts
             if not selector.counts.get("position") or (
@@ -270,9 +265,10 @@ class CoreMLBackend(Backend):
                 "stand_ins": len(weights.names), "compressed": len(weights.compressed),
                 "parts_read": weights.reads}
             weights.compressed.clear()  # the programs hold the compressed weights now
-            blocks = weights.blocks
-        if blocks:
-            ctx.facts["coreml"]["compressed_blocks"] = block_sizes_by_part(blocks)
+        if ctx.recipe in STREAMED_RECIPES:  # the own model's recipe: which weights, in what blocks (decode's)
+            names = [n for n, _ in exported["model"].named_parameters()]
+            ctx.facts["coreml"]["compressed_blocks"] = block_sizes_by_part(
+                compressed_block_sizes(lowered["decode"], names))
         ctx.notes.append(
             "Core ML: one multifunction .mlpackage (functions decode and prefill share weights and state); "
             f"state held as {self.state_dtype(ctx)}"
@@ -286,24 +282,12 @@ class CoreMLBackend(Backend):
         return lowered
 
     def write(self, lowered: dict[str, Any], ctx: BuildContext) -> list[Path]:
-        ct = self.require("coremltools")
+        self.require("coremltools")
         out = Path(ctx.work_dir) / ARTIFACT_FILE
         if out.exists():
             shutil.rmtree(out)
-        if all(getattr(m, "_mil_program", None) is not None for m in lowered.values()):
-            save_multifunction_in_memory(lowered, out, default="decode")
-            lowered.clear()
-            return [out]
-        with tempfile.TemporaryDirectory(dir=ctx.work_dir, prefix=".coreml-") as tmp:
-            desc = ct.utils.MultiFunctionDescriptor()
-            for fn in list(lowered):
-                path = str(Path(tmp) / f"{fn}.mlpackage")
-                lowered.pop(fn).save(path)  # let go once saved: save_multifunction reads the packages back
-                desc.add_function(path, src_function_name="main", target_function_name=fn)
-            release_freed()
-            desc.default_function_name = "decode"
-            with deduplication_in_slices():
-                ct.utils.save_multifunction(desc, str(out))
+        save_multifunction_in_memory(lowered, out, default="decode")
+        lowered.clear()  # `write` consumes `lowered`: the programs are not needed once written
         return [out]
 
     def io_contract(self, ctx: BuildContext) -> dict[str, Any]:

@@ -4,6 +4,7 @@ and calibrated w8a8."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from typing import Any
 
@@ -71,18 +72,26 @@ def _block_mask(block_values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         block_values = np.repeat(block_values, d // s, axis)
     return block_values
 
-def _zero_scale_to_one(op: Any) -> dict[str, Any] | None:
-    """Blocks with scale 0 (all-zero weights) -> scale 1 over zero data: still exact zeros, no 0 scale.
+def _zero_blocks_exact(data: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Blocks with scale 0 (all-zero weights) -> scale 1 over zero data: still exact zeros, no 0 scale; None
+    where no scale is 0.
 
     A zero scale dequantises to zeros, but the quantised data under it is whatever NaN cast to int gave,
     and any runtime or tool that divides by the scale gets NaN.
     """
-    zero = op.scale.val == 0
+    zero = scale == 0
     if not zero.any():
         return None
-    data = op.data.val.copy()  # a copy keeps coremltools' int4 dtype marker
+    data = data.copy()  # a copy keeps coremltools' int4 dtype marker
     data[_block_mask(zero, data.shape)] = 0
-    new = {"data": data, "scale": np.where(zero, np.ones_like(op.scale.val), op.scale.val)}
+    return data, np.where(zero, np.ones_like(scale), scale)
+
+def _zero_scale_to_one(op: Any) -> dict[str, Any] | None:
+    """`_zero_blocks_exact` on a `constexpr_blockwise_shift_scale` op: its new inputs, or None."""
+    fixed = _zero_blocks_exact(op.data.val, op.scale.val)
+    if fixed is None:
+        return None
+    new = {"data": fixed[0], "scale": fixed[1]}
     if op.offset is not None:
         new["offset"] = op.offset.val
     return new
@@ -235,12 +244,8 @@ def blockwise_compress(value: np.ndarray, dtype: Any, mode: str, block_sizes: li
                                        nbits=np.uint8(dtype.get_bitwidth()))
     if params is None:
         return None
-    zero = params.scale == 0
-    if zero.any():
-        data = params.data.copy()  # a copy keeps coremltools' int4 dtype marker
-        data[_block_mask(zero, data.shape)] = 0
-        params = params._replace(data=data, scale=np.where(zero, np.ones_like(params.scale), params.scale))
-    return params
+    fixed = _zero_blocks_exact(params.data, params.scale)
+    return params if fixed is None else params._replace(data=fixed[0], scale=fixed[1])
 
 
 def row_slices(shape: tuple[int, ...], first_block: int, elements: int = 1 << 24) -> list[tuple[int, int]]:
@@ -252,6 +257,19 @@ def row_slices(shape: tuple[int, ...], first_block: int, elements: int = 1 << 24
     return [(i, min(shape[0], i + rows)) for i in range(0, shape[0], rows)]
 
 
+def _part_of(name: str) -> tuple[str, int | None, str]:
+    """"model.blocks.3.mlp_block.ffw_up.weight" -> ("block", 3, "mlp_block.ffw_up.weight");
+    "model.embedder.input_embedding" -> ("embedder", None, "input_embedding"): which streamed part holds a
+    parameter named as the stand-in's MIL consts are, and its name within the part."""
+    head, _, rest = name.removeprefix("model.").partition(".")
+    if head == "embedder":
+        return "embedder", None, rest
+    if head == "blocks":
+        index, _, attr = rest.partition(".")
+        return "block", int(index), attr
+    raise RgexportError(f"Core ML: no streamed part holds {name}")
+
+
 # The own quantised model -----------------------------------------------------------------------
 def block_sizes_by_part(blocks: dict[str, list[int]]) -> dict[str, list[int]]:
     """{"model.blocks.3.mlp_block.ffw_up.weight": [1, 32], ...} -> {"block:mlp_block.ffw_up.weight": [1, 32]}:
@@ -259,8 +277,8 @@ def block_sizes_by_part(blocks: dict[str, list[int]]) -> dict[str, list[int]]:
     `quantise_part` meets them in). Blocks that disagree for one name are an error."""
     out: dict[str, list[int]] = {}
     for name, sizes in blocks.items():
-        head, _, rest = name.removeprefix("model.").partition(".")
-        key = "embedder:" + rest if head == "embedder" else "block:" + rest.partition(".")[2]
+        kind, _, attr = _part_of(name)
+        key = f"{kind}:{attr}"
         if out.setdefault(key, sizes) != sizes:
             raise RgexportError(f"Core ML: {key} has blocks {out[key]} and {sizes} in different blocks")
     return out
@@ -268,14 +286,15 @@ def block_sizes_by_part(blocks: dict[str, list[int]]) -> dict[str, list[int]]:
 
 def compressed_block_sizes(mlmodel: Any, parameter_names: list[str]) -> dict[str, list[int]]:
     """The block sizes of every `constexpr_blockwise_shift_scale` of a converted program, by parameter name
-    ("model." + name; the op is named after the parameter, dots as underscores, plus suffixes)."""
+    ("model." + name; the op is named after the parameter, dots as underscores, plus the suffixes of a
+    whole-model compression, `_to_fp16_quantized[_exact_zeros]`, or of a streamed one, `_quantized_cast_fp16`)."""
     by_op = {"model_" + n.replace(".", "_"): "model." + n for n in parameter_names}
     out = {}
     for f in mlmodel._mil_program.functions.values():
         for op in f.operations:
             if op.op_type == "constexpr_blockwise_shift_scale":
                 base = op.name
-                for suffix in ("_exact_zeros", "_quantized", "_to_fp16"):
+                for suffix in ("_exact_zeros", "_cast_fp16", "_quantized", "_to_fp16"):
                     base = base.removesuffix(suffix)
                 if base in by_op:
                     out[by_op[base]] = [int(d // s) for d, s in zip(op.data.shape, op.scale.shape)]
@@ -325,7 +344,6 @@ class StreamedWeights:
         self.stream = stream
         self.names = names  # the stand-ins: parameter names, "model." + name
         self.compressed: dict[str, Any] = {}  # name -> coremltools QuantParams
-        self.blocks: dict[str, list[int]] = {}  # name -> block size per axis, as coremltools chose them
         self.read: set[str] = set()
         self.reads = 0  # parts read from the stream
         self._key: tuple[str, int | None] | None = None
@@ -333,15 +351,8 @@ class StreamedWeights:
 
     def value(self, name: str) -> np.ndarray:
         """The float32 value of the weight named `name` (a view of the part in hand)."""
-        path = name.removeprefix("model.")
-        head, _, rest = path.partition(".")
-        if head == "embedder":
-            key, attr = ("embedder", None), rest
-        elif head == "blocks":
-            index, _, attr = rest.partition(".")
-            key = ("block", int(index))
-        else:
-            raise RgexportError(f"Core ML stream: no part holds {name}")
+        kind, index, attr = _part_of(name)
+        key = (kind, index)
         if key != self._key:
             self._part = None  # the previous part goes before the next is read
             self._part = self.stream.embedder() if key[0] == "embedder" else self.stream.block(key[1])
@@ -412,7 +423,6 @@ def _streamed_compressor() -> Any:
             offset = None if first.offset is None else joined([p.offset for p in parts])
             params = first._replace(data=data, scale=scale.astype(np.float32), offset=offset)
             self.weights.compressed[self._name] = params
-            self.weights.blocks[self._name] = [int(d // s) for d, s in zip(data.shape, scale.shape)]
             return params
 
     @register_pass(namespace="rgexport")
@@ -426,8 +436,6 @@ def _streamed_compressor() -> Any:
 
 def streamed_pipeline(weights: StreamedWeights, recipe: str) -> tuple[Any, Any]:
     """(pass pipeline, context manager) for a `ct.convert` that compresses `weights` as it goes."""
-    import contextlib
-
     import coremltools as ct
 
     _streamed_compressor()
