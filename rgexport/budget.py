@@ -3,7 +3,9 @@
 The budget is what `rgexport validate` checks a bundle against: the peak RSS of a fresh process that loads
 an artifact and decodes the validation tokens (`bundle.peak_memory_of`). Before anything is built, a recipe
 whose weights alone exceed the budget is passed over: every recipe stores each weight in at least
-`RECIPE_BITS` bits, so parameters x bits / 8 is a lower bound of what decoding holds. After a build, the
+`RECIPE_BITS` bits, so parameters x bits / 8 is a lower bound of what decoding holds; the tied embedding
+table counts as often as the backend stores it (ExecuTorch int4 keeps an int8 head and a gather table beside
+it: 1.3 GB at RecurrentGemma-2B, where one 4-bit copy would be 0.33 GB). After a build, the
 measured peak decides. When the profile's recipe does not fit, the next candidate is the backend's most
 precise recipe with fewer bits; it must also pass the quality budget (`[quality_budget]`, the accuracy
 matrix's rule) against the fp32 reference.
@@ -26,9 +28,17 @@ def parameter_count(config: GriffinConfig) -> int:
     return sum(block_weight_bytes(config).values()) // 4
 
 
-def weights_lower_bound(config: GriffinConfig, recipe: str) -> int:
-    """Bytes that `recipe`'s weights take at the least, on any backend."""
-    return parameter_count(config) * RECIPE_BITS[recipe] // 8
+def weights_lower_bound(config: GriffinConfig, recipe: str, backend: Backend | None = None,
+                        options: dict[str, Any] | None = None) -> int:
+    """Bytes that `recipe`'s weights take at the least: every parameter at the recipe's bits, and the tied
+    embedding table as often and as wide as `backend` stores it (`Backend.table_copies_bits`; once at the
+    recipe's bits where no backend is given)."""
+    from rgexport.streaming import block_weight_bytes
+
+    bits = RECIPE_BITS[recipe]
+    table = block_weight_bytes(config)["embedder"] // 4
+    copies = backend.table_copies_bits(recipe, options or {}) if backend is not None else (bits,)
+    return ((parameter_count(config) - table) * bits + table * sum(copies)) // 8
 
 
 def fallbacks(backend: Backend, asked: str) -> list[str]:
@@ -54,7 +64,7 @@ class RecipeChoice:
 
 
 def plan(backend: Backend, asked: str, config: GriffinConfig, budget_mb: float | None,
-         choice: RecipeChoice) -> list[str]:
+         choice: RecipeChoice, options: dict[str, Any] | None = None) -> list[str]:
     """The recipes to try for one artifact, in order, after the lower-bound check (recorded in `choice`);
     an RgexportError naming the smallest recipe's size when none can fit."""
     from rgexport.errors import RgexportError
@@ -64,7 +74,7 @@ def plan(backend: Backend, asked: str, config: GriffinConfig, budget_mb: float |
         return [asked]
     fitting = []
     for r in tries:
-        low = weights_lower_bound(config, r)
+        low = weights_lower_bound(config, r, backend, options)
         if low > budget_mb * MB:
             choice.passed_over.append(f"{r}: its weights alone take at least {low / MB:,.0f} MB, over the "
                                       f"{budget_mb:g} MB budget")
@@ -74,7 +84,7 @@ def plan(backend: Backend, asked: str, config: GriffinConfig, budget_mb: float |
         smallest = tries[-1]
         raise RgexportError(
             f"no {backend.name} recipe fits the {budget_mb:g} MB memory budget: the smallest, {smallest}, needs "
-            f"at least {weights_lower_bound(config, smallest) / MB:,.0f} MB for its weights; raise "
+            f"at least {weights_lower_bound(config, smallest, backend, options) / MB:,.0f} MB for its weights; raise "
             "memory_budget_mb in the profile or choose a smaller model")
     return fitting
 

@@ -664,7 +664,8 @@ def _validate_bundle(path: Path, checkpoint: str | None, tokens: int | None, as_
             out.print(format_report(a["report"]), highlight=False, markup=False, soft_wrap=True)
             budget = a["memory_budget_mb"]
             verdict = "within" if a["within_budget"] else "OVER"
-            out.print(f"  memory      peak {a['peak_rss_bytes'] / 1e6:.0f} MB, {verdict} the {budget} MB budget",
+            how = "" if a["memory"] == "measured" else f" ({a['memory']})"
+            out.print(f"  memory      peak {a['peak_rss_bytes'] / 1e6:.0f} MB{how}, {verdict} the {budget} MB budget",
                       highlight=False, markup=False)
         out.print(f"bundle {result['target']}: {'PASSED' if result['passed'] else 'FAILED'}", highlight=False)
     if not result["passed"]:

@@ -201,6 +201,25 @@ def test_position_arithmetic_and_recurrence_are_float32(fp16):
         assert counts["position"] > 0 and counts["rg_lru"] > 0
 
 
+def test_residuals_past_256_do_not_overflow_the_norms(small_model, small_config, small_tokens, tmp_path):
+    """Trained Gemma-family residual streams reach hundreds (a 2B checkpoint folder's: 457), where x * x
+    passes fp16's 65504: RMSNorm's mean of squares must be float32, or its rsqrt is 0 and every logit equal.
+    Here the embedding's scale is raised until the residual's rms is about 500."""
+    model = copy.deepcopy(small_model)
+    tokens = small_tokens[:, :24]
+    x = model.embedder.encode(tokens)
+    model.embedder.scale *= 500.0 / float(x.pow(2).mean().sqrt())
+    residual = model.embedder.encode(tokens)
+    assert float(residual.pow(2).mean(-1).min()) > 65504, "the test needs squares past fp16's range"
+    ref = model.score(tokens, chunk=1)[0].numpy()
+    runner, _, ctx, _ = build(model, small_config, tmp_path)
+    got = decode_all(runner, tokens[0].tolist())
+    assert np.isfinite(got).all() and got.std(-1).min() > 0.1 * ref.std(-1).min()  # not constant logits
+    assert np.abs(got - ref).max() < fp16_tolerance(ref)
+    norms = 2 * len(small_config.block_types) + 1  # two per block and the final norm: 4 ops each
+    assert ctx.facts["coreml"]["fp32_island_ops"]["decode"]["rms_norm"] == 4 * norms
+
+
 @pytest.mark.parametrize("state_dtype", ["float16", "float32"])
 def test_runner_takes_state_names_from_the_contract(state_dtype, small_config):
     """Packages built under the older naming rule (`coreml_state`, `state_blocks_0_rg_lru`) still run."""

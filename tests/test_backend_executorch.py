@@ -496,6 +496,9 @@ def test_8da4w_quantized_gather_reads_the_int8_table(fp32_build, small_model, sm
     fp32_dir, fp32_manifest, _ = fp32_build
     # SMALL's float table is 512 x 64 x 4 = 131 KB; plain int4 is 0.48x fp32 (notes/executorch.md).
     assert path.stat().st_size < 0.45 * (fp32_dir / fp32_manifest["artifact"]["file"]).stat().st_size
+    from rgexport.budget import weights_lower_bound  # the budget's bound (both int8 table copies) holds
+
+    assert weights_lower_bound(small_config, "int4", backend, ctx.options) <= path.stat().st_size
 
     runner = backend.load(work_dir, manifest)
     runner.reset()

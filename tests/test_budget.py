@@ -66,3 +66,57 @@ def test_every_candidate_over_the_measured_budget_writes_no_bundle(tmp_path):
     assert "no onnx recipe of profile tight fits its memory and quality budgets" in msg
     assert "int8: peaked at" in msg and "int4: peaked at" in msg and "over the 20 MB budget" in msg
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.partial-*"))
+
+
+def test_the_lower_bound_counts_every_stored_copy_of_the_table():
+    """ExecuTorch int4 stores the tied table twice in int8 (the head, and the gather's copy): at
+    RecurrentGemma-2B that is 1.31 GB, so its bound is 2.32 GB where one 4-bit copy would give 1.34. Measured:
+    its 2B `model.pte` is 2,604,092,416 bytes (README), above the bound as a lower bound must be."""
+    from rgexport.config import PRESETS
+
+    config = PRESETS["recurrentgemma-2b"]
+    et, onnx = get_backend("executorch"), get_backend("onnx")
+    assert weights_lower_bound(config, "int4", onnx, {}) == weights_lower_bound(config, "int4") == 1_341_431_296
+    assert weights_lower_bound(config, "int4", et, {}) == 2_324_471_296 < 2_604_092_416
+    assert weights_lower_bound(config, "int4", et, {"quantized_gather": False}) == 4_290_551_296
+    choice = RecipeChoice("executorch", "int4")
+    with pytest.raises(RgexportError, match=r"no executorch recipe fits the 2048 MB memory budget: the smallest, "
+                                            r"int4, needs at least 2,324 MB"):
+        plan(et, "int4", config, 2048, choice)
+
+
+def test_an_ios_bundle_at_2b_stops_before_loading_anything(tmp_path, monkeypatch):
+    """The ios profile at RecurrentGemma-2B: Core ML fits as w4, but no ExecuTorch recipe fits 2048 MB, so the
+    bundle stops at once (it used to build Core ML and ExecuTorch, 20 minutes, and then refuse)."""
+    import rgexport.checkpoint
+    from rgexport.profiles import resolve_target
+
+    monkeypatch.setattr(rgexport.checkpoint, "random_checkpoint", lambda *a, **k: pytest.fail("model loaded"))
+    opts = BuildOptions(backend="ios", out=tmp_path / "b", preset="recurrentgemma-2b", random_weights=True)
+    with pytest.raises(RgexportError, match=r"no executorch recipe fits the 2048 MB memory budget"):
+        build_bundle(resolve_target("ios"), opts)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_stand_in_runner_is_not_what_the_budget_measures(tmp_path):
+    """Off macOS a Core ML package runs in rgexport's MIL interpreter, whose process (torch, numpy, dequantised
+    temporaries) says nothing about a device: the budget takes the package's bytes plus its state's, marked
+    as an estimate, in the build and in `rgexport validate` alike. 150 MB holds the shipped fp16 package
+    (about 7 MB) but not the interpreter's process."""
+    pytest.importorskip("coremltools")
+    import platform
+
+    from rgexport.bundle import validate_bundle
+
+    if platform.system() == "Darwin":
+        pytest.skip("Core ML itself runs here: the budget measures it")
+    profile = _profile(tmp_path, 150, backend="coreml", recipe="fp16")
+    result = build_bundle(profile, BuildOptions(backend="coreml", out=tmp_path / "b", validation_tokens=64))
+    checked = validate_bundle(result.out, tokens=64)
+    (row,) = checked["artifacts"]
+    assert checked["passed"] and row["memory"].startswith("estimated as artifact + state bytes")
+    manifest = result.manifest["artifacts"][0]
+    assert row["peak_rss_bytes"] > manifest["bytes"] > 1_000_000
+    from rgexport.bundle import peak_memory_of
+
+    assert peak_memory_of(result.out / "coreml-fp16", 8) > 150e6  # the interpreter's own fresh process

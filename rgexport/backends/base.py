@@ -168,6 +168,16 @@ class Backend(abc.ABC):
 
         return Path(inspect.getfile(type(self))).with_name(self.device_module)
 
+    def stand_in_here(self) -> str:
+        """What runs this backend's artifacts on this machine where it is not their own runtime (the
+        `Runner.stand_in` that `load` would return); empty where it is."""
+        return ""
+
+    def table_copies_bits(self, recipe: str, options: dict[str, Any]) -> tuple[int, ...]:
+        """Bits per parameter of each copy of the tied embedding table that `recipe` stores, at the least
+        (`rgexport.budget`'s lower bound): one copy at the recipe's bits, unless the backend keeps more."""
+        return (RECIPE_BITS[recipe],)
+
     def describe_file(self, path: Path) -> dict[str, Any] | None:
         """A summary of one of this backend's files (`rgexport info FILE`), where the backend can read one
         alone; None where it cannot."""

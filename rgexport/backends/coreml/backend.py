@@ -21,6 +21,9 @@ Float32 islands in the fp16 program (`fp32_islands`):
   1 - a itself; sqrt(1 - a^2) cancels catastrophically; the recurrence h = a * h + x compounds every
   rounding. The island is everything elementwise feeding the RG-LRU state (gates' arithmetic after the
   sigmoid, Conv1D, recurrence); the matmuls stay fp16.
+- RMSNorm's mean of squares (x * x, mean, + eps, rsqrt): x * x passes fp16's 65504 once |x| > 256, and
+  the residual streams of trained Gemma-family models do (a 2B checkpoint folder's reach 457); the rsqrt
+  is then 0, and every logit the same. x and the normalised product stay fp16.
 The Neural Engine computes in fp16 only, so Core ML runs the islands on CPU or GPU whatever the option
 `compute_units` (recorded in the manifest, applied when loading on macOS) asks for.
 
@@ -244,9 +247,10 @@ class CoreMLBackend(Backend):
                 mlmodel = _compress(mlmodel, ctx.recipe)
             seconds[fn] = round(time.perf_counter() - start, 2)
             islands[fn] = selector.counts
+            norms = 2 * len(ctx.config.block_types) + 1  # two per residual block, and the final norm
             if not selector.counts.get("position") or (
                 any(s.kind == "rg_lru" for s in specs) and not selector.counts.get("rg_lru")
-            ):
+            ) or selector.counts.get("rms_norm") != 4 * norms:
                 raise RgexportError(f"Core ML {fn}: float32 islands not found ({selector.counts}); the "
                                     "converted graph no longer has the shape rgexport expects")
             lowered[fn] = mlmodel
@@ -326,6 +330,9 @@ class CoreMLBackend(Backend):
             raise RgexportError(f"{path} is not a Core ML ML program; rebuild the artifact")
         return path
 
+    def stand_in_here(self) -> str:
+        return "" if platform.system() == "Darwin" else InterpreterRunner.stand_in
+
     def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         """`threads` is accepted and unused: Core ML exposes no CPU thread count."""
         self.require("coremltools")
@@ -334,7 +341,7 @@ class CoreMLBackend(Backend):
         chunk = int(io["prefill_chunk"])
         specs, names = _specs_from_contract(io), _names_from_contract(io)
         stateful = io["state"]["placement"] == "internal"
-        if platform.system() == "Darwin":
+        if not self.stand_in_here():
             facts = manifest.get("backend_facts", manifest.get("facts", {})).get("coreml", {})
             return CoreMLRunner(path, specs, names, chunk, stateful, facts.get("compute_units", "ALL"))
         return InterpreterRunner(path, specs, names, chunk, stateful)

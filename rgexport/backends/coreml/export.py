@@ -192,6 +192,9 @@ def fp32_islands(block: Any) -> dict[str, set[Any]]:
 
     "position": ops computing only from the `position` input and constants.
     "rg_lru": elementwise ops on a path into an RG-LRU state write (or `new_state__*rg_lru` output).
+    "rms_norm": each RMSNorm's mean of squares, up to its rsqrt: mul(x, x) -> reduce_mean -> add eps ->
+    rsqrt. In fp16, x * x overflows (65504) once |x| passes 256, and trained Gemma-family residual streams
+    do (a 2B checkpoint folder's reach 457): the rsqrt is then 0 and the block's input with it.
     """
     position_var = block.inputs.get("position")
     position: set[Any] = set()
@@ -220,7 +223,28 @@ def fp32_islands(block: Any) -> dict[str, set[Any]]:
             for v in vs if isinstance(vs, (list, tuple)) else [vs]:
                 if v.val is None:
                     stack.append(v)
-    return {"position": position, "rg_lru": rg_lru}
+    return {"position": position, "rg_lru": rg_lru, "rms_norm": _mean_of_squares(block)}
+
+
+def _mean_of_squares(block: Any) -> set[Any]:
+    """Ops of each `reduce_mean(mul(x, x))` and the chain after it (add eps, rsqrt) up to the rsqrt."""
+    ops: set[Any] = set()
+    for op in block.operations:
+        if op.op_type != "reduce_mean" or op.x.op is None:
+            continue
+        square = op.x.op
+        if square.op_type != "mul" or square.x is not square.y:
+            continue
+        chain, var = [square, op], op.outputs[0]
+        while len(var.child_ops) == 1 and var.child_ops[0].op_type in ("add", "rsqrt", "sqrt", "real_div"):
+            nxt = var.child_ops[0]
+            chain.append(nxt)
+            var = nxt.outputs[0]
+            if nxt.op_type in ("rsqrt", "sqrt"):
+                break
+        if chain[-1].op_type in ("rsqrt", "sqrt"):
+            ops.update(chain)
+    return ops
 
 class _IslandSelector:
     """op_selector for `FP16ComputePrecision`: True (cast to fp16) for every op outside the islands."""

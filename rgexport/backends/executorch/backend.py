@@ -179,6 +179,13 @@ class ExecuTorchBackend(Backend):
         release_freed()  # the float parts' heap, before export and lowering
         self._int4_note(skipped, ctx)
 
+    def table_copies_bits(self, recipe: str, options: dict[str, Any]) -> tuple[int, ...]:
+        """int4 keeps the tied head in int8 (`_int4_head`) and a gather table beside it: the head's int8 rows
+        again (quantized_gather, the default for streamed builds) or the float32 table."""
+        if recipe == "int4":
+            return (8, 32 if options.get("quantized_gather") is False else 8)
+        return super().table_copies_bits(recipe, options)
+
     def quantise_part(self, part: nn.Module, kind: str, ctx: BuildContext) -> nn.Module | None:
         """int4's own quantised model, a part at a time (the same calls as the build): the reference that the
         artifact must compute closely whatever the weights (`rgexport.validate`, own-model check)."""
