@@ -85,16 +85,19 @@ def test_the_lower_bound_counts_every_stored_copy_of_the_table():
         plan(et, "int4", config, 2048, choice)
 
 
-def test_an_ios_bundle_at_2b_stops_before_loading_anything(tmp_path, monkeypatch):
-    """The ios profile at RecurrentGemma-2B: Core ML fits as w4, but no ExecuTorch recipe fits 2048 MB, so the
-    bundle stops at once (it used to build Core ML and ExecuTorch, 20 minutes, and then refuse)."""
+@pytest.mark.parametrize("target,budget", [("ios", 2048), ("android", 1536)])
+def test_an_app_bundle_at_2b_stops_before_loading_anything(target, budget, tmp_path, monkeypatch):
+    """The app profiles at RecurrentGemma-2B: Core ML fits as w4 and TFLite's int4 weights would fit, but no
+    ExecuTorch recipe fits either budget, so the bundle stops at once (ios used to build Core ML and
+    ExecuTorch, 20 minutes, and then refuse)."""
     import rgexport.checkpoint
     from rgexport.profiles import resolve_target
 
     monkeypatch.setattr(rgexport.checkpoint, "random_checkpoint", lambda *a, **k: pytest.fail("model loaded"))
-    opts = BuildOptions(backend="ios", out=tmp_path / "b", preset="recurrentgemma-2b", random_weights=True)
-    with pytest.raises(RgexportError, match=r"no executorch recipe fits the 2048 MB memory budget"):
-        build_bundle(resolve_target("ios"), opts)
+    opts = BuildOptions(backend=target, out=tmp_path / "b", preset="recurrentgemma-2b", random_weights=True)
+    with pytest.raises(RgexportError, match=rf"no executorch recipe fits the {budget} MB memory budget: the "
+                                            r"smallest, int4, needs at least 2,324 MB"):
+        build_bundle(resolve_target(target), opts)
     assert not list(tmp_path.iterdir())
 
 

@@ -119,17 +119,17 @@ class OnnxBackend(Backend):
 
     def quantise_part(self, part: Any, kind: str, ctx: BuildContext) -> Any:
         """int4's own quantised model, a part at a time: every nn.Linear weight and the tied table as
-        `MatMulNBits` / `GatherBlockQuantized` hold them (ONNX Runtime's kernel, dequantised); activations and
-        everything else float32. At int4_accuracy_level 0 (float32 compute) the artifact matches it to KL 1e-13
-        (the shipped shapes and a griffin-7b-shaped model); at the default 4, `MatMulNBits` quantises its
-        inputs to int8 inside the kernel, which this model does not reproduce (notes/perf.md), and the two
-        differ by that noise: KL 1e-4 on the shipped model."""
+        `MatMulNBits` / `GatherBlockQuantized` hold them (ONNX Runtime's kernel, dequantised); at
+        int4_accuracy_level 4 (the default) each of those matmuls also quantises its input to int8 per block
+        as the kernel does (`int8_blocks`); everything else float32. At level 0 the artifact matches it to KL
+        1e-13 (the shipped shapes and a griffin-7b-shaped model); at level 4 what is left is int8 rounding
+        flipped by float32 summation order upstream (notes/perf.md)."""
         if ctx.recipe != "int4":
             return None
         import torch
         from torch import nn
 
-        from rgexport.backends.onnx.recipes import dequantised_int4
+        from rgexport.backends.onnx.recipes import dequantised_int4, emulate_int8_inputs_
 
         with torch.no_grad():
             for module in part.modules():
@@ -137,6 +137,9 @@ class OnnxBackend(Backend):
                     module.weight.copy_(dequantised_int4(module.weight))
             if kind == "embedder":
                 part.input_embedding.copy_(dequantised_int4(part.input_embedding))
+        level = ctx.facts.get("onnx_int4_accuracy_level", ctx.options.get("int4_accuracy_level", INT4_ACCURACY_LEVEL))
+        if level == 4:
+            emulate_int8_inputs_(part)
         return part
 
     def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:

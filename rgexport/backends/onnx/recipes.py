@@ -455,6 +455,39 @@ def dequantised_int4(weight, block_size: int = INT4_BLOCK_SIZE, slice_bytes: int
     return torch.from_numpy(out)
 
 
+def int8_blocks(x, block_size: int = INT4_BLOCK_SIZE):
+    """`x` as `MatMulNBits` at accuracy_level 4 multiplies it: each row cut into blocks of `block_size` along
+    its last axis (the last one padded with zeros), each block quantised to int8 on its own and dequantised.
+    MLAS's `QuantizeARow_CompInt8`: scale max|x| / 127, x * (127 / max|x|) rounded to nearest, ties to even
+    (`_mm256_round_ps(_MM_ROUND_NEAREST)`), an all-zero block stays zero."""
+    import torch
+    import torch.nn.functional as F
+
+    k = x.shape[-1]
+    pad = -k % block_size
+    blocks = (F.pad(x, (0, pad)) if pad else x).reshape(*x.shape[:-1], -1, block_size)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inverse) * (amax / 127.0)
+    return q.reshape(*x.shape[:-1], k + pad)[..., :k]
+
+
+def emulate_int8_inputs_(part, block_size: int = INT4_BLOCK_SIZE) -> None:
+    """Makes every nn.Linear of `part`, and an embedder's tied head (`decode`), quantise its input as
+    `MatMulNBits` at accuracy_level 4 does (`int8_blocks`), in place."""
+    from torch import nn
+
+    def hook(module, args):
+        return (int8_blocks(args[0], block_size), *args[1:])
+
+    for module in part.modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_pre_hook(hook)
+    if hasattr(part, "decode") and hasattr(part, "input_embedding"):
+        head = part.decode
+        part.decode = lambda x: head(int8_blocks(x, block_size))
+
+
 def _quantize_rows_4bit(rows, block_size: int, packed, scales) -> None:
     """Float32 rows [n, K] of a weight whose transpose B is `MatMulNBits`' input (a linear's weight, the tied
     table) into `packed` [n, blocks, block_size / 2] and `scales` [n, blocks], by ONNX Runtime's own kernel:
