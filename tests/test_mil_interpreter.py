@@ -473,3 +473,16 @@ def test_fp32_griffin_decode_matches_eager(small_model, small_tokens, tmp_path):
         out = program.run("main", {"token": np.array([t], np.int32), "position": np.array([i], np.int32), **state})
         state = {identifier(input_name(s)): out[identifier(output_name(s))] for s in specs}
         assert np.abs(out["logits"][0] - ref[i]).max() < 5e-5, i
+
+
+def test_fp16_rounding_of_large_values_is_numpy_s():
+    """Large fp16 results are rounded through PyTorch's conversion (faster on the K/V windows an fp16 program
+    rewrites every step); it must give numpy's values bit for bit: ties to even, subnormals, overflow to inf."""
+    from rgexport.backends.coreml.mil_interpreter import _TORCH_ROUNDING_MIN, TensorType, _round
+
+    rng = np.random.default_rng(0)
+    for scale in (1e-9, 1e-6, 1.0, 100.0, 7e4):
+        a = (rng.standard_normal(_TORCH_ROUNDING_MIN + 5) * scale).astype(np.float32)
+        a[:6] = [np.nan, np.inf, -np.inf, 65520.0, 65519.0, 2.0**-25]  # 65520 rounds to inf, 2^-25 to 0 (tie)
+        want = a.astype(np.float16).astype(np.float32)
+        assert np.array_equal(_round(a, TensorType(np.float16, ())), want, equal_nan=True), scale
