@@ -185,7 +185,7 @@ def _build_fitting(profile: TargetProfile, opts: BuildOptions, config: Any, ckpt
                 with stages.stage("memory", f"{spec.backend} / {recipe}, {result.report.tokens} tokens"):
                     peak, how = memory_of(result.out, result.report.tokens)
                 if peak > budget_mb * MB:
-                    verb = "peaked at" if how == "measured" else "needs at least (estimated)"
+                    verb = "peaked at" if how == "measured" else "holds at least (artifact + state)"
                     reason = f"{recipe}: {verb} {peak / MB:,.0f} MB, over the {budget_mb:g} MB budget"
             if reason is None:
                 choice.built = recipe
