@@ -4,11 +4,10 @@ The budget is what `rgexport validate` checks a bundle against: the peak RSS of 
 an artifact and decodes the validation tokens (`bundle.memory_of`; where this machine has only a stand-in for
 the artifact's runtime, Core ML off macOS, an estimate: the artifact's bytes plus its state's). Before
 anything is built, a recipe whose weights alone exceed the budget is passed over: every recipe stores each
-weight in at least
-`RECIPE_BITS` bits, so parameters x bits / 8 is a lower bound of what decoding holds; the tied embedding
-table counts as often as the backend stores it (ExecuTorch int4 keeps an int8 head and a gather table beside
-it: 1.3 GB at RecurrentGemma-2B, where one 4-bit copy would be 0.33 GB). After a build, the
-measured peak decides. When the profile's recipe does not fit, the next candidate is the backend's most
+weight in at least `RECIPE_BITS` bits, so parameters x bits / 8 is a lower bound of what decoding holds; the
+tied embedding table counts as often as the backend stores it (ExecuTorch int4 keeps an int8 head and a
+gather table beside it: 1.3 GB at RecurrentGemma-2B, where one 4-bit copy would be 0.33 GB). After a build,
+the measured peak decides. When the profile's recipe does not fit, the next candidate is the backend's most
 precise recipe with fewer bits; it must also pass the quality budget (`[quality_budget]`, the accuracy
 matrix's rule) against the fp32 reference.
 """
