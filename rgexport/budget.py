@@ -37,9 +37,10 @@ def weights_lower_bound(config: GriffinConfig, recipe: str, backend: Backend | N
     from rgexport.streaming import block_weight_bytes
 
     bits = RECIPE_BITS[recipe]
-    table = block_weight_bytes(config)["embedder"] // 4
+    parts = block_weight_bytes(config)  # float32 bytes per part: one meta model, not one per count
+    total, table = sum(parts.values()) // 4, parts["embedder"] // 4
     copies = backend.table_copies_bits(recipe, options or {}) if backend is not None else (bits,)
-    return ((parameter_count(config) - table) * bits + table * sum(copies)) // 8
+    return ((total - table) * bits + table * sum(copies)) // 8
 
 
 def fallbacks(backend: Backend, asked: str) -> list[str]:

@@ -139,7 +139,7 @@ class OnnxBackend(Backend):
                 part.input_embedding.copy_(dequantised_int4(part.input_embedding))
         level = ctx.facts.get("onnx_int4_accuracy_level", ctx.options.get("int4_accuracy_level", INT4_ACCURACY_LEVEL))
         if level == 4:
-            emulate_int8_inputs_(part)
+            emulate_int8_inputs_(part, head=kind == "embedder")
         return part
 
     def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:

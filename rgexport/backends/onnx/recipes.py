@@ -472,9 +472,9 @@ def int8_blocks(x, block_size: int = INT4_BLOCK_SIZE):
     return q.reshape(*x.shape[:-1], k + pad)[..., :k]
 
 
-def emulate_int8_inputs_(part, block_size: int = INT4_BLOCK_SIZE) -> None:
-    """Makes every nn.Linear of `part`, and an embedder's tied head (`decode`), quantise its input as
-    `MatMulNBits` at accuracy_level 4 does (`int8_blocks`), in place."""
+def emulate_int8_inputs_(part, head: bool, block_size: int = INT4_BLOCK_SIZE) -> None:
+    """Makes every nn.Linear of `part`, and with `head` an embedder's tied head (`decode`), quantise its input
+    as `MatMulNBits` at accuracy_level 4 does (`int8_blocks`), in place."""
     from torch import nn
 
     def hook(module, args):
@@ -483,9 +483,9 @@ def emulate_int8_inputs_(part, block_size: int = INT4_BLOCK_SIZE) -> None:
     for module in part.modules():
         if isinstance(module, nn.Linear):
             module.register_forward_pre_hook(hook)
-    if hasattr(part, "decode") and hasattr(part, "input_embedding"):
-        head = part.decode
-        part.decode = lambda x: head(int8_blocks(x, block_size))
+    if head:
+        decode = part.decode
+        part.decode = lambda x: decode(int8_blocks(x, block_size))
 
 
 def _quantize_rows_4bit(rows, block_size: int, packed, scales) -> None:
