@@ -31,16 +31,16 @@ def parameter_count(config: GriffinConfig) -> int:
 
 def weights_lower_bound(config: GriffinConfig, recipe: str, backend: Backend | None = None,
                         options: dict[str, Any] | None = None) -> int:
-    """Bytes that `recipe`'s weights take at the least: every parameter at the recipe's bits, and the tied
-    embedding table as often and as wide as `backend` stores it (`Backend.table_copies_bits`; once at the
-    recipe's bits where no backend is given)."""
+    """Bytes that `recipe`'s weights take at the least: every parameter at the recipe's bits (with its scales
+    where the backend knows them: `Backend.weight_bits`), and the tied embedding table as often and as wide as
+    `backend` stores it (`Backend.table_copies_bits`; once at the recipe's bits where no backend is given)."""
     from rgexport.streaming import block_weight_bytes
 
-    bits = RECIPE_BITS[recipe]
+    bits = backend.weight_bits(recipe, options or {}) if backend is not None else RECIPE_BITS[recipe]
     parts = block_weight_bytes(config)  # float32 bytes per part: one meta model, not one per count
     total, table = sum(parts.values()) // 4, parts["embedder"] // 4
     copies = backend.table_copies_bits(recipe, options or {}) if backend is not None else (bits,)
-    return ((total - table) * bits + table * sum(copies)) // 8
+    return int((total - table) * bits + table * sum(copies)) // 8
 
 
 def fallbacks(backend: Backend, asked: str) -> list[str]:

@@ -481,22 +481,23 @@ def test_w8a8_program_agrees_with_its_eager_graph_and_fp32(w8a8_build, fp32_buil
 
 
 @pytest.mark.slow
-def test_8da4w_quantized_gather_reads_the_int8_table(fp32_build, small_model, small_config, small_tokens,
-                                                     eager_logits, tmp_path_factory):
-    """Option quantized_gather: the gather reads the head's int8 rows (embedding_byte), the float32 table is
-    gone from the file, and a fresh process that only has the manifest loads and runs it."""
-    work_dir = tmp_path_factory.mktemp("executorch-int4-gather")
+@pytest.mark.parametrize("head_bits,op", [(8, "embedding_byte"), (4, "embedding_4bit")])
+def test_8da4w_quantized_gather_reads_the_heads_table(head_bits, op, fp32_build, small_model, small_config,
+                                                      small_tokens, eager_logits, tmp_path_factory):
+    """Option quantized_gather: the gather reads the head's int8 (or, head_bits=4, int4) rows, the float32
+    table is gone from the file, and a fresh process that only has the manifest loads and runs it."""
+    work_dir = tmp_path_factory.mktemp(f"executorch-int4-gather{head_bits}")
     backend = ExecuTorchBackend()
     ctx = BuildContext(config=small_config, recipe="int4", work_dir=work_dir, prefill_chunk=CHUNK,
-                       options={"quantized_gather": True})
+                       options={"quantized_gather": True, "head_bits": head_bits})
     prepared = backend.quantize(copy.deepcopy(small_model), ctx)
     (path,) = backend.write(backend.lower(backend.export(prepared, ctx), ctx), ctx)
     manifest = {"artifact": {"file": path.name}, "io": backend.io_contract(ctx), "backend_facts": ctx.facts}
-    assert any("embedding_byte" in op for op in ctx.facts["delegation"]["decode"]["non_delegated"])
+    assert any(op in o for o in ctx.facts["delegation"]["decode"]["non_delegated"])
     fp32_dir, fp32_manifest, _ = fp32_build
     # SMALL's float table is 512 x 64 x 4 = 131 KB; plain int4 is 0.48x fp32 (notes/executorch.md).
     assert path.stat().st_size < 0.45 * (fp32_dir / fp32_manifest["artifact"]["file"]).stat().st_size
-    from rgexport.budget import weights_lower_bound  # the budget's bound (both int8 table copies) holds
+    from rgexport.budget import weights_lower_bound  # the budget's bound (both table copies) holds
 
     assert weights_lower_bound(small_config, "int4", backend, ctx.options) <= path.stat().st_size
 
@@ -539,7 +540,7 @@ def test_int4_from_a_stream_is_the_in_memory_recipe_one_block_at_a_time(int4_fro
     model = prepared.modules["decode"].model
     # What the recipe keeps in float32 (the RG-LRU's gates, Conv1D, norms, biases) stays alive; the linears'
     # float weights and the float table go as soon as their quantised copies exist.
-    quantised_gather = {id(model.embedder.embedding_int8), id(model.embedder.embedding_scales)}
+    quantised_gather = {id(model.embedder.embedding_int4), id(model.embedder.embedding_scales)}
     kept = sum(t.numel() * t.element_size() for m in (model.embedder, model.blocks, model.final_norm)
                for t in [*m.parameters(), *m.buffers()]
                if type(t) in (torch.Tensor, torch.nn.Parameter) and id(t) not in quantised_gather)
@@ -547,10 +548,11 @@ def test_int4_from_a_stream_is_the_in_memory_recipe_one_block_at_a_time(int4_fro
     assert stream.counter.live == kept
     assert max(parts.values()) <= stream.counter.peak <= max(parts.values()) + kept  # one float part at a time
     assert stream.counter.peak < sum(parts.values()) / 2
-    assert ctx.options["quantized_gather"] is True and ctx.facts["quantized_ops"]
+    assert ctx.options["quantized_gather"] is True and ctx.options["head_bits"] == 4
+    assert ctx.facts["quantized_ops"] == ["quantized_decomposed::embedding_4bit.dtype"]
 
     want_ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path, prefill_chunk=CHUNK,
-                            options={"quantized_gather": True})
+                            options={"quantized_gather": True, "head_bits": 4})
     want = ExecuTorchBackend().quantize(copy.deepcopy(small_model), want_ctx)
     got_sd, want_sd = prepared.modules["decode"].state_dict(), want.modules["decode"].state_dict()
     assert sorted(got_sd) == sorted(want_sd)
@@ -576,15 +578,19 @@ def test_stream_weights_option():
         backend.streams_weights("int4", {"stream_weights": "yes"})
 
 
-def test_head_quantised_in_row_slices_is_torchaos_tensor_byte_for_byte():
-    """`quantize_rows_` (the int8 per-row head, a slice at a time) gives what `quantize_` gives on the whole
-    weight: uneven slices, a zero row, the same torchao tensor type and attributes."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_head_quantised_in_row_slices_is_torchaos_tensor_byte_for_byte(bits):
+    """`quantize_rows_` (the head in int8 per row or int4 per group of 32, a slice at a time) gives what
+    `quantize_` gives on the whole weight: uneven slices, a zero row, the same torchao tensor type and
+    attributes."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization.granularity import PerAxis, PerGroup
 
     from rgexport.backends.executorch.recipes import quantize_rows_
 
-    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    config = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int8 if bits == 8 else torch.int4,
+        weight_granularity=PerAxis(0) if bits == 8 else PerGroup(32))
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(1000, 96, generator=g) * torch.rand(1000, 1, generator=g) * 4
     weight[17] = 0
@@ -599,8 +605,45 @@ def test_head_quantised_in_row_slices_is_torchaos_tensor_byte_for_byte():
         assert getattr(a, attr) == getattr(b, attr), attr
     for attr in ("qdata", "scale", "zero_point"):
         torch.testing.assert_close(getattr(a, attr), getattr(b, attr), rtol=0, atol=0, msg=attr)
+    assert a.scale.shape == (1000, 96 // (96 if bits == 8 else 32))
     x = torch.randn(3, 96, generator=g)
     torch.testing.assert_close(sliced(x), whole(x), rtol=0, atol=0)
+
+
+def test_the_4bit_gather_reads_the_int4_heads_rows_exactly():
+    """head_bits=4: `embedding_4bit` over the packed table gives the int4 head's own dequantised rows, bit for
+    bit (nibble order, offset and group scales all matter: a swapped nibble or a per-row scale fails), in the
+    eager class that slices first as in the graph's."""
+    pytest.importorskip("executorch")
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401 - registers embedding_4bit
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerGroup
+
+    from rgexport.backends.executorch.recipes import (
+        EagerInt4GatherEmbedder,
+        Int4GatherEmbedder,
+        pack_int4_rows,
+        quantize_rows_,
+    )
+
+    g = torch.Generator().manual_seed(5)
+    head = nn.Linear(64, 300, bias=False)
+    weight = torch.randn(300, 64, generator=g) * torch.rand(300, 64, generator=g)
+    head.weight = nn.Parameter(weight, requires_grad=False)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
+    quantize_rows_(head, config)
+    w = head.weight
+    want = (w.qdata.float().reshape(300, 2, 32) * w.scale.reshape(300, 2, 1)).reshape(300, 64)
+    packed = pack_int4_rows(w.qdata, slice_rows=37)
+    assert packed.dtype == torch.uint8 and packed.shape == (300, 32)
+    tokens = torch.tensor([[0, 299, 17, 17, 150]])
+    for cls in (Int4GatherEmbedder, EagerInt4GatherEmbedder):
+        embedder = nn.Module()
+        embedder.register_buffer("embedding_int4", packed)
+        embedder.register_buffer("embedding_scales", w.scale.clone())
+        embedder.scale = 1.0
+        got = cls.encode(embedder, tokens)
+        torch.testing.assert_close(got[0], want[tokens[0]], rtol=0, atol=0)
 
 
 def test_lowering_economies_write_the_same_program(fp32_build, small_model, small_config, tmp_path, monkeypatch):

@@ -78,9 +78,11 @@ def test_backends_without_an_own_model_say_so(small_model):
     assert own_model_logits(small_model, get_backend("onnx"), manifest, 8, [1, 2, 3]) is None
 
 
-def test_executorch_own_model_is_the_build_s_quantised_model(small_model, small_config, small_tokens, tmp_path):
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_executorch_own_model_is_the_build_s_quantised_model(head_bits, small_model, small_config, small_tokens,
+                                                             tmp_path):
     """ExecuTorch int4's own model, a part at a time, computes what the build's quantised model (the module
-    `export` captures) computes, token by token."""
+    `export` captures) computes, token by token, with the head and its gather in 8 or 4 bits."""
     pytest.importorskip("executorch")
     from rgexport.backends import BuildContext
     from rgexport.backends.executorch import ExecuTorchBackend
@@ -88,7 +90,7 @@ def test_executorch_own_model_is_the_build_s_quantised_model(small_model, small_
 
     backend = ExecuTorchBackend()
     ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path, prefill_chunk=8,
-                       options={"quantized_gather": True})
+                       options={"quantized_gather": True, "head_bits": head_bits})
     decode = backend.quantize(copy.deepcopy(small_model), ctx).modules["decode"]
     tokens = small_tokens[0, :40].tolist()
     names = {s.identifier for s in state_spec(small_config)}

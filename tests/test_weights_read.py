@@ -63,14 +63,17 @@ def test_executorch_fp32_leaves_out_the_gather_table(artifact):
 
 
 @pytest.mark.slow
-def test_executorch_quantized_gather_leaves_out_the_int8_table_and_scales(artifact):
-    """int4 with the quantized gather: `embedding_byte` reads one int8 row and its scale per token."""
-    folder, manifest = artifact("executorch", "int4", quantized_gather=True)
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_executorch_quantized_gather_leaves_out_the_table_and_scales(artifact, head_bits):
+    """int4 with the quantized gather: `embedding_byte` reads one int8 row and its scale per token,
+    `embedding_4bit` (head_bits=4) one packed int4 row and its float32 scale per group of 32."""
+    folder, manifest = artifact("executorch", "int4", quantized_gather=True, head_bits=head_bits)
     v, w, _ = sizes(manifest)
     info = traffic("executorch", folder, manifest)
-    assert info["gathered_bytes"] == v * w + v * 4  # int8 rows, a float32 scale per row
+    row = v * w if head_bits == 8 else v * w // 2
+    assert info["gathered_bytes"] == row + (v * 4 if head_bits == 8 else v * (w // 32) * 4)
     assert info["read_bytes"] <= info["file_bytes"] - info["gathered_bytes"]
-    assert info["read_bytes"] >= v * w  # the head's own int8 copy of the table is read whole
+    assert info["read_bytes"] >= row  # the head's own copy of the table is read whole
 
 
 # fp32: GATHER over an inline float32 table. int8: EMBEDDING_LOOKUP over an int8 table that

@@ -178,6 +178,11 @@ class Backend(abc.ABC):
         (`rgexport.budget`'s lower bound): one copy at the recipe's bits, unless the backend keeps more."""
         return (RECIPE_BITS[recipe],)
 
+    def weight_bits(self, recipe: str, options: dict[str, Any]) -> float:
+        """Bits per parameter that `recipe` stores at the least, scales included where the backend knows its
+        layout (`rgexport.budget`'s lower bound): the recipe's bits unless the backend says more."""
+        return RECIPE_BITS[recipe]
+
     def describe_file(self, path: Path) -> dict[str, Any] | None:
         """A summary of one of this backend's files (`rgexport info FILE`), where the backend can read one
         alone; None where it cannot."""

@@ -55,15 +55,25 @@ from rgexport.backends.executorch.export import (
 from rgexport.backends.executorch.recipes import (
     GROUP_SIZE,
     RECIPES,
+    Int4GatherEmbedder,
     Int8GatherEmbedder,
     _tie_head_as_linear_,
     eager_in_slices_,
+    pack_int4_rows,
     quantize_rows_,
 )
 from rgexport.backends.executorch.runner import ExecuTorchRunner
 from rgexport.errors import RgexportError
 from rgexport.graphs import StatefulModel
 from rgexport.model import Griffin, TensorSpec
+
+
+def _head_bits(options: dict[str, Any], default: int = 4) -> int:
+    """Option head_bits (int4's tied head), checked: 8 or 4; `default` where it is unset."""
+    bits = options.get("head_bits", default)
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise RgexportError(f"option head_bits is {bits!r}; expected 4 or 8")
+    return bits
 
 
 class ExecuTorchBackend(Backend):
@@ -98,8 +108,10 @@ class ExecuTorchBackend(Backend):
     device_module = "device.py"
     options = {
         "delegate": '"xnnpack" (the only one supported)',
-        "quantized_gather": "int4: the embedding gather reads the head's int8 rows (embedding_byte) instead of "
-        "a float32 table (default: true when the weights are streamed, else false)",
+        "quantized_gather": "int4: the embedding gather reads the head's quantised rows (embedding_byte or "
+        "embedding_4bit) instead of a float32 table (default: true when the weights are streamed, else false)",
+        "head_bits": "int4: the tied head's weights in 8 bits per channel or 4 bits per group of 32, and the "
+        "quantized gather's with them (default: 4 when the weights are streamed, else 8)",
         "stream_weights": '"auto" (default: above 2 GiB of float32 weights), true or false: int4 reads the '
         "checkpoint one block at a time and quantises each block as it arrives, so the float32 model is never "
         "whole in memory",
@@ -166,6 +178,7 @@ class ExecuTorchBackend(Backend):
 
         model, stream = stateful.model, ctx.stream
         ctx.options.setdefault("quantized_gather", True)
+        ctx.options.setdefault("head_bits", 4)
         model.embedder = stream.embedder()
         self._int4_head(model, _tie_head_as_linear_(model), ctx)
         skipped = []
@@ -180,11 +193,19 @@ class ExecuTorchBackend(Backend):
         self._int4_note(skipped, ctx)
 
     def table_copies_bits(self, recipe: str, options: dict[str, Any]) -> tuple[int, ...]:
-        """int4 keeps the tied head in int8 (`_int4_head`) and a gather table beside it: the head's int8 rows
-        again (quantized_gather, the default for streamed builds) or the float32 table."""
+        """int4 keeps the tied head (`_int4_head`: 8 bits, or 4 with a float32 scale per group of 32) and a
+        gather table beside it: the head's rows again (quantized_gather, the default for streamed builds) or
+        the float32 table. Unset options count as the streamed defaults, the smaller."""
         if recipe == "int4":
-            return (8, 32 if options.get("quantized_gather") is False else 8)
+            head = 8 if _head_bits(options) == 8 else 4 + 32 // GROUP_SIZE
+            return (head, 32 if options.get("quantized_gather") is False else head)
         return super().table_copies_bits(recipe, options)
+
+    def weight_bits(self, recipe: str, options: dict[str, Any]) -> float:
+        """int4's linears store a float32 scale per group of GROUP_SIZE beside the 4-bit weights."""
+        if recipe == "int4":
+            return 4 + 32 / GROUP_SIZE
+        return super().weight_bits(recipe, options)
 
     def quantise_part(self, part: nn.Module, kind: str, ctx: BuildContext) -> nn.Module | None:
         """int4's own quantised model, a part at a time (the same calls as the build): the reference that the
@@ -218,41 +239,50 @@ class ExecuTorchBackend(Backend):
         return skipped
 
     def _int4_head(self, model: Griffin, head: nn.Linear, ctx: BuildContext) -> None:
-        """The tied output head (`_tie_head_as_linear_`) in int8 per channel, and (option quantized_gather)
-        the gather over its int8 rows with the float32 table dropped."""
+        """The tied output head (`_tie_head_as_linear_`) in int8 per channel or (option head_bits=4) int4 per
+        group, and (option quantized_gather) the gather over its rows with the float32 table dropped."""
         self.require("torchao")
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig
-        from torchao.quantization.granularity import PerAxis
+        from torchao.quantization.granularity import PerAxis, PerGroup
 
-        # The tied output head in int8 per channel: as large as all other linears together in small
-        # models; int8 costs no top-1 agreement where int4 does (notes/executorch.md). A slice of rows at a
-        # time: torchao's temporaries for the whole 2.6 GB table of RecurrentGemma-2B came to 6 GB.
-        quantize_rows_(head, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
-                                                                   weight_granularity=PerAxis(0)))
+        bits = _head_bits(ctx.options, default=8)
+        # The tied output head: as large as all other linears together in small models, a quarter of
+        # RecurrentGemma-2B. int8 (the in-memory default) costs SMALL no top-1 agreement where int4 cost one
+        # token in 40 (notes/executorch.md); int4 (the streamed default) halves the head's bytes, in the file
+        # and read per token. A slice of rows at a time: torchao's temporaries for the whole 2.6 GB table of
+        # RecurrentGemma-2B came to 6 GB.
+        granularity = PerAxis(0) if bits == 8 else PerGroup(GROUP_SIZE)
+        quantize_rows_(head, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8 if bits == 8 else torch.int4,
+                                                                   weight_granularity=granularity))
         if ctx.options.get("quantized_gather", False):
-            # The embedding gather reads the head's int8 rows through ExecuTorch's quantized `embedding_byte`
-            # (as its llama export does) instead of keeping the float32 table, the largest tensor in the
-            # program (2.6 GB of about 4.3 GB at RecurrentGemma-2B, notes/perf.md). Same int8 values and
-            # per-row scales as the head, so the gather adds no error the head does not have. The op's kernels
-            # live in executorch.kernels.quantized: the manifest lists the op under backend_facts.quantized_ops
-            # and `load` imports them. Default for streamed (large) builds; opt-in otherwise.
-            import executorch.exir.passes._quant_patterns_and_replacements  # registers the op
+            # The embedding gather reads the head's quantised rows through ExecuTorch's quantized
+            # `embedding_byte` / `embedding_4bit` (as its llama export does) instead of keeping the float32
+            # table, the largest tensor in the program (2.6 GB of about 4.3 GB at RecurrentGemma-2B,
+            # notes/perf.md). Same values and scales as the head, so the gather adds no error the head does not
+            # have. The ops' kernels live in executorch.kernels.quantized: the manifest lists the op under
+            # backend_facts.quantized_ops and `load` imports them. Default for streamed (large) builds.
+            import executorch.exir.passes._quant_patterns_and_replacements  # registers the ops
             import executorch.kernels.quantized  # noqa: F401 - its kernels, for validation in this process
 
             weight = head.weight
             if bool((weight.zero_point != 0).any()):
-                raise RgexportError("int4: the int8 head has non-zero zero points; the quantized gather expects "
-                                    "symmetric rows")
+                raise RgexportError(f"int4: the int{bits} head has non-zero zero points; the quantized gather "
+                                    "expects symmetric rows")
             embedder = model.embedder
-            # The float32 table first (the head holds its own int8 weight now): the copies below are then
-            # made beside the int8 head alone, not beside the table as well (0.66 GB less peak at 2B).
+            # The float32 table first (the head holds its own quantised weight now): the copies below are then
+            # made beside the quantised head alone, not beside the table as well (0.66 GB less peak at 2B).
             del embedder.input_embedding
             # Own copies: a buffer aliasing the head parameter's inner tensor is not something torch.export keeps.
-            embedder.register_buffer("embedding_int8", weight.qdata.detach().clone())
-            embedder.register_buffer("embedding_scales", weight.scale.detach().reshape(-1).clone())
-            embedder.__class__ = Int8GatherEmbedder
-            ctx.facts["quantized_ops"] = ["quantized_decomposed::embedding_byte.dtype"]
-            ctx.notes.append("int4: the embedding gather reads the head's int8 table (embedding_byte); a runtime "
+            if bits == 8:
+                embedder.register_buffer("embedding_int8", weight.qdata.detach().clone())
+                embedder.register_buffer("embedding_scales", weight.scale.detach().reshape(-1).clone())
+                embedder.__class__, op = Int8GatherEmbedder, "embedding_byte"
+            else:
+                embedder.register_buffer("embedding_int4", pack_int4_rows(weight.qdata.detach()))
+                embedder.register_buffer("embedding_scales", weight.scale.detach().clone())
+                embedder.__class__, op = Int4GatherEmbedder, "embedding_4bit"
+            ctx.facts["quantized_ops"] = [f"quantized_decomposed::{op}.dtype"]
+            ctx.notes.append(f"int4: the embedding gather reads the head's int{bits} table ({op}); a runtime "
                              "must link ExecuTorch's quantized kernels (Python: import executorch.kernels.quantized).")
 
     @staticmethod

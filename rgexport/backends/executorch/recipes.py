@@ -16,12 +16,13 @@ SLICE_BYTES = 64 << 20  # float32 rows quantised at a time by `quantize_rows_`
 
 
 def quantize_rows_(linear: nn.Linear, config: Any, slice_bytes: int = SLICE_BYTES) -> None:
-    """torchao's `quantize_(linear, config)` for a per-row (PerAxis(0)) config, a slice of rows at a time.
+    """torchao's `quantize_(linear, config)` for a config whose blocks lie within one row (PerAxis(0), or
+    PerGroup along the row), a slice of rows at a time.
 
     On a whole weight, torchao's affine quantisation makes several float temporaries the size of the weight:
     quantising the tied 256000 x 2560 head (2.6 GB in float32) peaked 6 GB above the table (notes/perf.md).
-    Each row's scale and values depend on that row alone, so each slice goes through `quantize_` itself
-    (a temporary nn.Linear) and its int8 rows, scales and zero points are copied into one preallocated
+    Each row's scales and values depend on that row alone, so each slice goes through `quantize_` itself
+    (a temporary nn.Linear) and its int rows, scales and zero points are copied into one preallocated
     tensor of torchao's own type: the same tensor, byte for byte (tests/test_backend_executorch.py)."""
     from torchao.quantization import quantize_
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
@@ -38,21 +39,36 @@ def quantize_rows_(linear: nn.Linear, config: Any, slice_bytes: int = SLICE_BYTE
         quantize_(part, config)
         q = part.weight
         if first is None:
-            if tuple(q.block_size) != (1, cols):
-                raise ValueError(f"quantize_rows_ needs a per-row config; torchao gave block size {q.block_size}")
+            block = tuple(q.block_size)
+            if block[0] != 1 or cols % block[1]:
+                raise ValueError(f"quantize_rows_ needs blocks within a row; torchao gave block size {block}")
             first = q
             qdata = torch.empty((rows, cols), dtype=q.qdata.dtype)
-            scale = torch.empty((rows, 1), dtype=q.scale.dtype)
-            zero_point = torch.empty((rows, 1), dtype=q.zero_point.dtype)
+            scale = torch.empty((rows, cols // block[1]), dtype=q.scale.dtype)
+            zero_point = torch.empty((rows, cols // block[1]), dtype=q.zero_point.dtype)
         qdata[start:start + step] = q.qdata
         scale[start:start + step] = q.scale
         zero_point[start:start + step] = q.zero_point
         del part, q
     linear.weight = nn.Parameter(
-        IntxUnpackedToInt8Tensor(qdata, scale, zero_point, first.target_dtype, (1, cols), first.dtype,
+        IntxUnpackedToInt8Tensor(qdata, scale, zero_point, first.target_dtype, first.block_size, first.dtype,
                                  first.activation_quantization),
         requires_grad=False,
     )
+
+
+def pack_int4_rows(qdata: torch.Tensor, slice_rows: int = 1 << 16) -> torch.Tensor:
+    """int4 values (int8 storage, -8..7) as `embedding_4bit` reads them: two per byte, offset by 8, the even
+    column in the high nibble. A slice of rows at a time (the 2B table is 655 M values)."""
+    rows, cols = qdata.shape
+    if cols % 2:
+        raise ValueError(f"int4 rows need an even width, got {cols}")
+    packed = torch.empty((rows, cols // 2), dtype=torch.uint8)
+    for s in range(0, rows, slice_rows):
+        q = qdata[s:s + slice_rows].to(torch.int16) + 8
+        packed[s:s + slice_rows] = (q[:, 0::2] * 16 + q[:, 1::2]).to(torch.uint8)
+    return packed
+
 
 class TiedHeadEmbedder(Embedder):
     """The embedding whose output projection is `self.head`, an nn.Linear over the table
@@ -73,6 +89,16 @@ class Int8GatherEmbedder(TiedHeadEmbedder):
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = torch.ops.quantized_decomposed.embedding_byte.dtype(
             self.embedding_int8, self.embedding_scales, None, -128, 127, tokens, dtype=torch.float32)
+        return rows * self.scale
+
+
+class Int4GatherEmbedder(TiedHeadEmbedder):
+    """The gather reads the head's int4 rows (buffers `embedding_int4`, two values a byte, and
+    `embedding_scales`, one per group of GROUP_SIZE) through ExecuTorch's quantized `embedding_4bit`."""
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            self.embedding_int4, self.embedding_scales, None, -8, 7, tokens, dtype=torch.float32)
         return rows * self.scale
 
 
@@ -105,9 +131,25 @@ class EagerInt8GatherEmbedder(Int8GatherEmbedder):
         return rows * self.scale
 
 
+class EagerInt4GatherEmbedder(Int4GatherEmbedder):
+    """`Int4GatherEmbedder` for eager runs, given only the rows the tokens ask for (as EagerInt8GatherEmbedder)."""
+
+    decode = _head_in_slices
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        rows = torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            self.embedding_int4[flat], self.embedding_scales[flat], None, -8, 7,
+            torch.arange(flat.numel()).reshape(tokens.shape), dtype=torch.float32)
+        return rows * self.scale
+
+
+_EAGER = {Int8GatherEmbedder: EagerInt8GatherEmbedder, Int4GatherEmbedder: EagerInt4GatherEmbedder}
+
+
 def eager_in_slices_(embedder: TiedHeadEmbedder) -> None:
     """Switches a quantised embedding to its eager-friendly class (same values, no whole-table temporaries)."""
-    embedder.__class__ = EagerInt8GatherEmbedder if isinstance(embedder, Int8GatherEmbedder) else EagerTiedHeadEmbedder
+    embedder.__class__ = _EAGER.get(type(embedder), EagerTiedHeadEmbedder)
 
 
 def _tie_head_as_linear_(model: Griffin) -> nn.Linear:
