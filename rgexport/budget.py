@@ -4,9 +4,11 @@ The budget is what `rgexport validate` checks a bundle against: the peak RSS of 
 an artifact and decodes the validation tokens (`bundle.memory_of`; where this machine has only a stand-in for
 the artifact's runtime, Core ML off macOS, an estimate: the artifact's bytes plus its state's). Before
 anything is built, a recipe whose weights alone exceed the budget is passed over: every recipe stores each
-weight in at least `RECIPE_BITS` bits, so parameters x bits / 8 is a lower bound of what decoding holds; the
-tied embedding table counts as often as the backend stores it (ExecuTorch int4 keeps an int8 head and a
-gather table beside it: 1.3 GB at RecurrentGemma-2B, where one 4-bit copy would be 0.33 GB). After a build,
+weight in at least `RECIPE_BITS` bits (more where a backend counts its scales: ExecuTorch int4 keeps a float32
+scale per 32 weights, 5 bits), so parameters x bits / 8 is a lower bound of what decoding holds; the tied
+embedding table counts as often as the backend stores it (ExecuTorch int4 keeps the head and a gather table
+beside it, each in 4 bits with its scales, 0.82 GB at RecurrentGemma-2B, or in int8, 1.3 GB, where one 4-bit
+copy would be 0.33 GB). After a build,
 the measured peak decides. When the profile's recipe does not fit, the next candidate is the backend's most
 precise recipe with fewer bits; it must also pass the quality budget (`[quality_budget]`, the accuracy
 matrix's rule) against the fp32 reference.
@@ -34,13 +36,26 @@ def weights_lower_bound(config: GriffinConfig, recipe: str, backend: Backend | N
     """Bytes that `recipe`'s weights take at the least: every parameter at the recipe's bits (with its scales
     where the backend knows them: `Backend.weight_bits`), and the tied embedding table as often and as wide as
     `backend` stores it (`Backend.table_copies_bits`; once at the recipe's bits where no backend is given)."""
+    bits = backend.weight_bits(recipe, options or {}) if backend is not None else RECIPE_BITS[recipe]
+    copies = backend.table_copies_bits(recipe, options or {}) if backend is not None else (bits,)
+    return _bytes(config, bits, sum(copies))
+
+
+def memory_lower_bound(config: GriffinConfig, recipe: str, backend: Backend | None = None,
+                       options: dict[str, Any] | None = None) -> int:
+    """Bytes a process running `recipe` holds at its peak, at the least: its weights (`weights_lower_bound`)
+    and any copy the runtime packs while those are still held (`Backend.packed_at_load_bits`)."""
+    packed = backend.packed_at_load_bits(recipe, options or {}) if backend is not None else (0, 0)
+    return weights_lower_bound(config, recipe, backend, options) + _bytes(config, *packed)
+
+
+def _bytes(config: GriffinConfig, bits: float, table_bits: float) -> int:
+    """Bytes of the model at `bits` per parameter outside the tied table and `table_bits` per table parameter."""
     from rgexport.streaming import block_weight_bytes
 
-    bits = backend.weight_bits(recipe, options or {}) if backend is not None else RECIPE_BITS[recipe]
     parts = block_weight_bytes(config)  # float32 bytes per part: one meta model, not one per count
     total, table = sum(parts.values()) // 4, parts["embedder"] // 4
-    copies = backend.table_copies_bits(recipe, options or {}) if backend is not None else (bits,)
-    return int((total - table) * bits + table * sum(copies)) // 8
+    return int((total - table) * bits + table * table_bits) // 8
 
 
 def fallbacks(backend: Backend, asked: str) -> list[str]:
@@ -76,19 +91,27 @@ def plan(backend: Backend, asked: str, config: GriffinConfig, budget_mb: float |
         return [asked]
     fitting = []
     for r in tries:
-        low = weights_lower_bound(config, r, backend, options)
+        low = memory_lower_bound(config, r, backend, options)
         if low > budget_mb * MB:
-            choice.passed_over.append(f"{r}: its weights alone take at least {low / MB:,.0f} MB, over the "
-                                      f"{budget_mb:g} MB budget")
+            choice.passed_over.append(f"{r}: {_needs(config, r, backend, options)}, over the {budget_mb:g} MB budget")
         else:
             fitting.append(r)
     if not fitting:
         smallest = tries[-1]
         raise RgexportError(
-            f"no {backend.name} recipe fits the {budget_mb:g} MB memory budget: the smallest, {smallest}, needs "
-            f"at least {weights_lower_bound(config, smallest, backend, options) / MB:,.0f} MB for its weights; raise "
-            "memory_budget_mb in the profile or choose a smaller model")
+            f"no {backend.name} recipe fits the {budget_mb:g} MB memory budget: the smallest, {smallest}, "
+            f"{_needs(config, smallest, backend, options)}; raise memory_budget_mb in the profile or choose a "
+            "smaller model")
     return fitting
+
+
+def _needs(config: GriffinConfig, recipe: str, backend: Backend, options: dict[str, Any] | None) -> str:
+    weights = weights_lower_bound(config, recipe, backend, options)
+    peak = memory_lower_bound(config, recipe, backend, options)
+    if peak == weights:
+        return f"needs at least {weights / MB:,.0f} MB for its weights"
+    return (f"needs at least {peak / MB:,.0f} MB while it loads: {weights / MB:,.0f} MB of weights and the "
+            f"{(peak - weights) / MB:,.0f} MB its runtime packs from them while it still holds them")
 
 
 def within_quality_budget(report: Any) -> tuple[bool, str]:

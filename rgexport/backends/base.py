@@ -183,6 +183,12 @@ class Backend(abc.ABC):
         layout (`rgexport.budget`'s lower bound): the recipe's bits unless the backend says more."""
         return RECIPE_BITS[recipe]
 
+    def packed_at_load_bits(self, recipe: str, options: dict[str, Any]) -> tuple[float, float]:
+        """Bits per parameter (outside the tied table, of the table) of a second copy of the weights that the
+        runtime makes while the artifact's own copy is still held, at the least: a load peak the budget must
+        hold (`rgexport.budget.memory_lower_bound`). None by default."""
+        return (0, 0)
+
     def describe_file(self, path: Path) -> dict[str, Any] | None:
         """A summary of one of this backend's files (`rgexport info FILE`), where the backend can read one
         alone; None where it cannot."""
