@@ -57,7 +57,7 @@ def quantize_rows_(linear: nn.Linear, config: Any, slice_bytes: int = SLICE_BYTE
     )
 
 
-def pack_int4_rows(qdata: torch.Tensor, slice_rows: int = 1 << 16) -> torch.Tensor:
+def pack_int4_rows(qdata: torch.Tensor, slice_rows: int = 1 << 13) -> torch.Tensor:
     """int4 values (int8 storage, -8..7) as `embedding_4bit` reads them: two per byte, offset by 8, the even
     column in the high nibble. A slice of rows at a time (the 2B table is 655 M values)."""
     rows, cols = qdata.shape
