@@ -37,6 +37,8 @@ def test_info_json_is_data():
         (["build", "--target", "onnx", "--option", "fuse"], "--option takes KEY=VALUE"),
         (["build", "--target", "onnx", "--option", "opset=21", "--option", "quantized_gather=true"],
          "backend onnx has no option quantized_gather"),
+        (["build", "--target", "executorch", "--recipe", "int4", "--option", "head_bits=3", "--out", "/nonexistent/x"],
+         "option head_bits is 3; expected 4 or 8"),
         (["build", "--target", "android", "--option", "opset=21"], "--option applies to one backend"),
     ],
 )

@@ -150,6 +150,11 @@ class ExecuTorchBackend(Backend):
             modules = self._quantize_w8a8_pt2e(stateful, inputs, ctx)
         return _Prepared(modules, inputs, stateful.specs)
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        super().check_options(options)
+        if "head_bits" in options:
+            _head_bits(options)  # 4 or 8, said before anything loads
+
     def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
         """int4 only: its quantisation works layer by layer (torchao `quantize_`), so each block is quantised as
         it is read; the PT2E recipes capture the whole float graph first."""
