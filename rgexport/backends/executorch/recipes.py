@@ -82,24 +82,41 @@ class TiedHeadEmbedder(Embedder):
         return self.head(x)
 
 
-class Int8GatherEmbedder(TiedHeadEmbedder):
-    """The gather reads the head's int8 rows (buffers `embedding_int8`, `embedding_scales`) through
-    ExecuTorch's quantized `embedding_byte`, the op the `.pte` runs."""
+class QuantizedGatherEmbedder(TiedHeadEmbedder):
+    """The gather reads the head's quantised rows (buffers `embedding_scales` and the subclass's table)
+    through one of ExecuTorch's quantized embedding ops, the op the `.pte` runs."""
+
+    def _gather(self, table: torch.Tensor, scales: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def table(self) -> torch.Tensor:
+        raise NotImplementedError
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = torch.ops.quantized_decomposed.embedding_byte.dtype(
-            self.embedding_int8, self.embedding_scales, None, -128, 127, tokens, dtype=torch.float32)
-        return rows * self.scale
+        return self._gather(self.table(), self.embedding_scales, tokens) * self.scale
 
 
-class Int4GatherEmbedder(TiedHeadEmbedder):
-    """The gather reads the head's int4 rows (buffers `embedding_int4`, two values a byte, and
-    `embedding_scales`, one per group of GROUP_SIZE) through ExecuTorch's quantized `embedding_4bit`."""
+class Int8GatherEmbedder(QuantizedGatherEmbedder):
+    """int8 rows (buffer `embedding_int8`) and a scale per row, through `embedding_byte`."""
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = torch.ops.quantized_decomposed.embedding_4bit.dtype(
-            self.embedding_int4, self.embedding_scales, None, -8, 7, tokens, dtype=torch.float32)
-        return rows * self.scale
+    def table(self) -> torch.Tensor:
+        return self.embedding_int8
+
+    def _gather(self, table: torch.Tensor, scales: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte.dtype(
+            table, scales, None, -128, 127, tokens, dtype=torch.float32)
+
+
+class Int4GatherEmbedder(QuantizedGatherEmbedder):
+    """int4 rows (buffer `embedding_int4`, two values a byte: `pack_int4_rows`) and a scale per group of
+    GROUP_SIZE, through `embedding_4bit`."""
+
+    def table(self) -> torch.Tensor:
+        return self.embedding_int4
+
+    def _gather(self, table: torch.Tensor, scales: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            table, scales, None, -8, 7, tokens, dtype=torch.float32)
 
 
 def _head_in_slices(self: TiedHeadEmbedder, x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +128,15 @@ def _head_in_slices(self: TiedHeadEmbedder, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([nn.functional.linear(x, weight[s:s + step]) for s in range(0, rows, step)], dim=-1)
 
 
+def _gather_rows_only(self: QuantizedGatherEmbedder, tokens: torch.Tensor) -> torch.Tensor:
+    """The quantized gather given only the rows the tokens ask for: the ops' eager kernels dequantise the
+    whole table per call (the same op, the same values)."""
+    flat = tokens.reshape(-1)
+    positions = torch.arange(flat.numel()).reshape(tokens.shape)
+    rows = self._gather(self.table()[flat], self.embedding_scales[flat], positions)
+    return rows * self.scale
+
+
 class EagerTiedHeadEmbedder(TiedHeadEmbedder):
     """`TiedHeadEmbedder` for eager runs (the own model of validation): the same ops on slices."""
 
@@ -118,30 +144,17 @@ class EagerTiedHeadEmbedder(TiedHeadEmbedder):
 
 
 class EagerInt8GatherEmbedder(Int8GatherEmbedder):
-    """`Int8GatherEmbedder` for eager runs: `embedding_byte`'s eager kernel dequantises the whole table per
-    call, so it is given only the rows the tokens ask for (the same op, the same values)."""
+    """`Int8GatherEmbedder` for eager runs: the head over slices, the gather over the tokens' rows only."""
 
     decode = _head_in_slices
-
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        flat = tokens.reshape(-1)
-        rows = torch.ops.quantized_decomposed.embedding_byte.dtype(
-            self.embedding_int8[flat], self.embedding_scales[flat], None, -128, 127,
-            torch.arange(flat.numel()).reshape(tokens.shape), dtype=torch.float32)
-        return rows * self.scale
+    encode = _gather_rows_only
 
 
 class EagerInt4GatherEmbedder(Int4GatherEmbedder):
-    """`Int4GatherEmbedder` for eager runs, given only the rows the tokens ask for (as EagerInt8GatherEmbedder)."""
+    """`Int4GatherEmbedder` for eager runs: the head over slices, the gather over the tokens' rows only."""
 
     decode = _head_in_slices
-
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        flat = tokens.reshape(-1)
-        rows = torch.ops.quantized_decomposed.embedding_4bit.dtype(
-            self.embedding_int4[flat], self.embedding_scales[flat], None, -8, 7,
-            torch.arange(flat.numel()).reshape(tokens.shape), dtype=torch.float32)
-        return rows * self.scale
+    encode = _gather_rows_only
 
 
 _EAGER = {Int8GatherEmbedder: EagerInt8GatherEmbedder, Int4GatherEmbedder: EagerInt4GatherEmbedder}
