@@ -3,12 +3,13 @@
 The budget is what `rgexport validate` checks a bundle against: the peak RSS of a fresh process that loads
 an artifact and decodes the validation tokens (`bundle.memory_of`; where this machine has only a stand-in for
 the artifact's runtime, Core ML off macOS, an estimate: the artifact's bytes plus its state's). Before
-anything is built, a recipe whose weights alone exceed the budget is passed over: every recipe stores each
-weight in at least `RECIPE_BITS` bits (more where a backend counts its scales: ExecuTorch int4 keeps a float32
-scale per 32 weights, 5 bits), so parameters x bits / 8 is a lower bound of what decoding holds; the tied
-embedding table counts as often as the backend stores it (ExecuTorch int4 keeps the head and a gather table
-beside it, each in 4 bits with its scales, 0.82 GB at RecurrentGemma-2B, or in int8, 1.3 GB, where one 4-bit
-copy would be 0.33 GB). After a build,
+anything is built, a recipe that cannot fit is passed over: every recipe stores each weight in at least
+`RECIPE_BITS` bits (more where a backend counts its scales: ExecuTorch int4's XNNPACK weights carry a bf16
+scale per 32, 4.5 bits), so parameters x bits / 8 is a lower bound of what decoding holds; the tied embedding
+table counts as often as the backend stores it (ExecuTorch int4 keeps the head and a gather table beside it,
+0.78 GB at RecurrentGemma-2B in 4 bits with their scales, 1.3 GB in int8, where one 4-bit copy would be
+0.33 GB); and a runtime that packs its own copy of the weights while it still holds the artifact's counts both
+(ExecuTorch with XNNPACK: 3.26 GB at least at 2B, 4.00 GB measured). After a build,
 the measured peak decides. When the profile's recipe does not fit, the next candidate is the backend's most
 precise recipe with fewer bits; it must also pass the quality budget (`[quality_budget]`, the accuracy
 matrix's rule) against the fp32 reference.
@@ -36,26 +37,33 @@ def weights_lower_bound(config: GriffinConfig, recipe: str, backend: Backend | N
     """Bytes that `recipe`'s weights take at the least: every parameter at the recipe's bits (with its scales
     where the backend knows them: `Backend.weight_bits`), and the tied embedding table as often and as wide as
     `backend` stores it (`Backend.table_copies_bits`; once at the recipe's bits where no backend is given)."""
-    bits = backend.weight_bits(recipe, options or {}) if backend is not None else RECIPE_BITS[recipe]
-    copies = backend.table_copies_bits(recipe, options or {}) if backend is not None else (bits,)
-    return _bytes(config, bits, sum(copies))
+    return _bounds(config, recipe, backend, options)[0]
 
 
 def memory_lower_bound(config: GriffinConfig, recipe: str, backend: Backend | None = None,
                        options: dict[str, Any] | None = None) -> int:
     """Bytes a process running `recipe` holds at its peak, at the least: its weights (`weights_lower_bound`)
     and any copy the runtime packs while those are still held (`Backend.packed_at_load_bits`)."""
-    packed = backend.packed_at_load_bits(recipe, options or {}) if backend is not None else (0, 0)
-    return weights_lower_bound(config, recipe, backend, options) + _bytes(config, *packed)
+    return _bounds(config, recipe, backend, options)[1]
 
 
-def _bytes(config: GriffinConfig, bits: float, table_bits: float) -> int:
-    """Bytes of the model at `bits` per parameter outside the tied table and `table_bits` per table parameter."""
+def _bounds(config: GriffinConfig, recipe: str, backend: Backend | None,
+            options: dict[str, Any] | None) -> tuple[int, int]:
+    """(weights, peak) lower bounds in bytes, from one meta model (`block_weight_bytes`)."""
     from rgexport.streaming import block_weight_bytes
 
-    parts = block_weight_bytes(config)  # float32 bytes per part: one meta model, not one per count
+    parts = block_weight_bytes(config)  # float32 bytes per part
     total, table = sum(parts.values()) // 4, parts["embedder"] // 4
-    return int((total - table) * bits + table * table_bits) // 8
+
+    def size(bits: float, table_bits: float) -> int:
+        return int((total - table) * bits + table * table_bits) // 8
+
+    if backend is None:
+        bits = RECIPE_BITS[recipe]
+        return size(bits, bits), size(bits, bits)
+    options = options or {}
+    weights = size(backend.weight_bits(recipe, options), sum(backend.table_copies_bits(recipe, options)))
+    return weights, weights + size(*backend.packed_at_load_bits(recipe, options))
 
 
 def fallbacks(backend: Backend, asked: str) -> list[str]:
@@ -89,25 +97,23 @@ def plan(backend: Backend, asked: str, config: GriffinConfig, budget_mb: float |
     tries = [asked, *fallbacks(backend, asked)]
     if budget_mb is None:
         return [asked]
-    fitting = []
+    fitting, needs = [], {}
     for r in tries:
-        low = memory_lower_bound(config, r, backend, options)
-        if low > budget_mb * MB:
-            choice.passed_over.append(f"{r}: {_needs(config, r, backend, options)}, over the {budget_mb:g} MB budget")
+        weights, peak = _bounds(config, r, backend, options)
+        needs[r] = _needs(weights, peak)
+        if peak > budget_mb * MB:
+            choice.passed_over.append(f"{r}: {needs[r]}, over the {budget_mb:g} MB budget")
         else:
             fitting.append(r)
     if not fitting:
         smallest = tries[-1]
         raise RgexportError(
             f"no {backend.name} recipe fits the {budget_mb:g} MB memory budget: the smallest, {smallest}, "
-            f"{_needs(config, smallest, backend, options)}; raise memory_budget_mb in the profile or choose a "
-            "smaller model")
+            f"{needs[smallest]}; raise memory_budget_mb in the profile or choose a smaller model")
     return fitting
 
 
-def _needs(config: GriffinConfig, recipe: str, backend: Backend, options: dict[str, Any] | None) -> str:
-    weights = weights_lower_bound(config, recipe, backend, options)
-    peak = memory_lower_bound(config, recipe, backend, options)
+def _needs(weights: int, peak: int) -> str:
     if peak == weights:
         return f"needs at least {weights / MB:,.0f} MB for its weights"
     return (f"needs at least {peak / MB:,.0f} MB while it loads: {weights / MB:,.0f} MB of weights and the "

@@ -173,7 +173,7 @@ class Backend(abc.ABC):
         `Runner.stand_in` that `load` would return); empty where it is."""
         return ""
 
-    def table_copies_bits(self, recipe: str, options: dict[str, Any]) -> tuple[int, ...]:
+    def table_copies_bits(self, recipe: str, options: dict[str, Any]) -> tuple[float, ...]:
         """Bits per parameter of each copy of the tied embedding table that `recipe` stores, at the least
         (`rgexport.budget`'s lower bound): one copy at the recipe's bits, unless the backend keeps more."""
         return (RECIPE_BITS[recipe],)
@@ -186,7 +186,7 @@ class Backend(abc.ABC):
     def packed_at_load_bits(self, recipe: str, options: dict[str, Any]) -> tuple[float, float]:
         """Bits per parameter (outside the tied table, of the table) of a second copy of the weights that the
         runtime makes while the artifact's own copy is still held, at the least: a load peak the budget must
-        hold (`rgexport.budget.memory_lower_bound`). None by default."""
+        hold (`rgexport.budget.memory_lower_bound`). Nothing by default."""
         return (0, 0)
 
     def describe_file(self, path: Path) -> dict[str, Any] | None:
