@@ -289,6 +289,9 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         # reloads the reference from its source.
         small = is_small(config)
         copied = small and recipe.quantized and stream is None
+        # What `quantize` returns is the build's alone where it is a copy or the weights are streamed; a large
+        # model is let go below unless the caller handed it in.
+        ctx.disposable_weights = copied or stream is not None or (not small and checkpoint is None)
         prepared = backend.quantize(copy.deepcopy(model) if copied else model, ctx)
         reference_intact = (small or not recipe.quantized) and stream is None
     with stages.stage("export", backend.name):

@@ -63,7 +63,7 @@ def rss_split() -> dict[str, int | None]:
 
 
 def release_freed() -> None:
-    """Collects garbage and hands freed heap memory back to the system (glibc's `malloc_trim`).
+    """Collects garbage and hands freed heap memory back to the system (`trim_heap`).
 
     Tensors of a few MB to tens of MB come from glibc's heap, not from their own mappings, once its
     mmap threshold has grown; freed, they stay in the process (resident) until trimmed. A build that has
@@ -72,6 +72,12 @@ def release_freed() -> None:
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc's `malloc_trim(0)`: the free pages of every heap arena go back to the system. Nothing elsewhere
+    (macOS, musl)."""
     if platform.system() != "Linux":
         return
     import ctypes

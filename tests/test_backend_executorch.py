@@ -687,6 +687,43 @@ def test_lowering_economies_write_the_same_program(fp32_build, small_model, smal
     assert deep_copied == (work_dir / shared_manifest["artifact"]["file"]).read_bytes()
 
 
+def test_int4_weights_freed_once_serialized_write_the_same_program(small_model, small_config, tmp_path,
+                                                                   monkeypatch):
+    """A build that holds the quantised model nowhere else (`disposable_weights`) frees each int8 weight as soon
+    as XNNPACK has serialized it, in every program on it (the model's own torchao tensors included), and
+    prefill's partitions reuse decode's serialization instead of reading the weights again. The `.pte` is the
+    same, byte for byte, as the build that frees nothing; lowering the freed weights again is refused."""
+    from rgexport.backends.executorch import export as executorch_export
+
+    monkeypatch.setattr(executorch_export, "TRIM_EVERY", 0)  # the heap trimmed after every freed weight
+    backend = ExecuTorchBackend()
+    out, facts, models = {}, {}, {}
+    for free in (False, True):
+        ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path / str(free), prefill_chunk=CHUNK,
+                           options={"quantized_gather": True, "head_bits": 4}, disposable_weights=free)
+        prepared = backend.quantize(copy.deepcopy(small_model), ctx)
+        exported = backend.export(prepared, ctx)
+        again = dict(exported)  # `lower` empties the dict it is given
+        (path,) = backend.write(backend.lower(exported, ctx), ctx)
+        out[free], facts[free], models[free] = path.read_bytes(), ctx.facts, prepared.modules["decode"]
+    assert out[True] == out[False]
+    qdata = {free: [p.qdata for p in m.parameters() if hasattr(p, "qdata")] for free, m in models.items()}
+    held = {free: sum(q.untyped_storage().nbytes() for q in qs) for free, qs in qdata.items()}
+    int8_bytes = sum(q.numel() for q in qdata[False])
+    assert len(qdata[False]) == len(qdata[True]) >= 2 + 5 * len(small_config.block_types)  # the head and linears
+    assert held[False] == int8_bytes  # kept: nothing freed
+    assert held[True] == len(qdata[True])  # one byte each: the model's own values went with the program's
+    assert facts[True]["quantised_weights_freed_once_serialized_bytes"] == int8_bytes
+    assert facts[False]["quantised_weights_freed_once_serialized_bytes"] == 0
+    # decode's and prefill's partitions run the same quantised linears: prefill's were served from decode's.
+    assert facts[True]["quantised_weights_serialized_again"] == facts[False]["quantised_weights_serialized_again"] \
+        == len(qdata[True])
+    ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path / "again", prefill_chunk=CHUNK,
+                       options={"quantized_gather": True, "head_bits": 4})
+    with pytest.raises(RuntimeError, match="freed by an earlier lowering"):
+        backend.lower(again, ctx)
+
+
 def test_weight_cache_is_on_and_changes_no_logit(fp32_build, small_config, small_tokens):
     """Runners turn on XNNPACK's weight cache (one packed copy of the weights for decode and prefill; at
     RecurrentGemma-2B int4 it saves 1.66 GiB). The option reads back as set, and a program loaded with it

@@ -67,6 +67,9 @@ class BuildContext:
     # A StreamedCheckpoint when the model handed to `export` has no weights (`Backend.streams_weights`): the
     # backend reads them from here part by part.
     stream: Any = None
+    # True where the build holds the quantised model nowhere but in what it hands `export` (a copy, a streamed
+    # model, or a large model it let go): lowering may then free each weight once it is serialized.
+    disposable_weights: bool = False
 
     def calibration_sequences(self) -> list[list[int]]:
         """The calibration token sequences of a calibrated recipe; an error naming where they come from if

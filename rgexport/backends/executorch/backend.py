@@ -48,6 +48,7 @@ from rgexport.backends.executorch.export import (
     forget_lowered_graphs,
     planned_memory,
     preprocess_shares_weights,
+    quantised_weights_serialized_once,
     release_delegated_weights,
     serialized_weights_shared,
     xnnpack_passes_that_apply,
@@ -389,6 +390,7 @@ class ExecuTorchBackend(Backend):
         executorch_rewrites.edge_passes(rewrites)  # refuses an unknown name before the slow work
         # One set of pass objects per compute method, as for InitializedMutableBufferPass.
         with preprocess_shares_weights(), serialized_weights_shared() as shared, \
+                quantised_weights_serialized_once(ctx.disposable_weights) as once, \
                 xnnpack_passes_that_apply() as skipped:
             edge = to_edge_transform_and_lower(
                 exported,
@@ -398,6 +400,8 @@ class ExecuTorchBackend(Backend):
             )
         forget_lowered_graphs()  # ExecuTorch's memos would keep both graphs and their weights alive
         ctx.facts["serialized_duplicates_shared_bytes"] = shared["bytes"]
+        ctx.facts["quantised_weights_serialized_again"] = once["reused"]
+        ctx.facts["quantised_weights_freed_once_serialized_bytes"] = once["freed_bytes"]
         ctx.facts["xnnpack_passes_skipped"] = dict(sorted(skipped.items()))
         # XNNPACK holds the delegated weights serialized now; their tensors go before the program is emitted.
         ctx.facts["weights_released_after_lowering_bytes"] = release_delegated_weights(edge, exported)

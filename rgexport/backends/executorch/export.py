@@ -286,3 +286,116 @@ def release_delegated_weights(edge: Any, exported: dict[str, Any]) -> int:
 def _program_tensors(program: Any) -> list[Any]:
     return [t for t in (*program.state_dict.values(), *program.constants.values()) if isinstance(t, torch.Tensor)]
 
+
+
+TRIM_EVERY = 64 << 20  # bytes of freed weights between heap trims while lowering
+
+
+@contextlib.contextmanager
+def quantised_weights_serialized_once(free: bool) -> Iterator[dict[str, int]]:
+    """Each quantised weight serialized once for all XNNPACK partitions, and (`free`) its int8 values let go
+    as soon as they are (executorch 1.5.1).
+
+    torchao holds int4 weights one value a byte (`IntxUnpackedToInt8Tensor`), and lowering kept all of them
+    while XNNPACK's serialized copy (4 bits a weight and bf16 scales) grew beside them: 8.0 and 4.5 GiB at
+    RecurrentGemma-9B, the build's peak (notes/perf.md).
+    - Once: prefill's partitions ask `NodeVisitor.get_serialized_buffer_index` for the weights that decode's
+      have serialized already. The first call for an int8 weight (by its name in the program and the form
+      asked for) is XNNPACK's own; a later one appends the same constant entry and hands the store the same
+      bytes, without reading the tensor.
+    - `free`: then nothing reads the int8 values again, so right after the first call every tensor on the
+      weight's memory is pointed at a single zero. Lowering makes many (a Parameter per program: torch.export,
+      edge and each partition, torchao's inner tensors of the model): they are found once, by the garbage
+      collector's list, when serializing starts. Only for a build that holds the quantised model nowhere
+      else (`BuildContext.disposable_weights`). A freed weight asked for in another form, or again by a later
+      lowering, is refused (RuntimeError), never read as zeros.
+    Yields {"reused": calls served again, "freed_bytes": int8 bytes let go}. The `.pte` is byte-identical
+    (tests/test_backend_executorch.py)."""
+    import copy
+
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+    from executorch.backends.xnnpack.utils.utils import get_param_tensor, get_tensor_name, is_param_node
+
+    from rgexport.memory import trim_heap
+
+    serialize = NodeVisitor.get_serialized_buffer_index
+    done: dict[tuple[Any, ...], tuple[Any, tuple[Any, ...], dict[str, Any]]] = {}
+    freed: set[str] = set()
+    stats = {"reused": 0, "freed_bytes": 0}
+    on_memory: dict[int, list[torch.Tensor]] = {}  # storage address: the int8 tensors on it
+    untrimmed = 0  # bytes freed since the heap was last trimmed
+
+    def serialized_once(self: Any, tensor: torch.fx.Node, xnn_graph: Any, vals_to_ids: Any, convert_to_nhwc: bool,
+                        swap_in_out_for_weights: bool, quant_params: Any, force_fp32: bool = False,
+                        groups: int = 1) -> int:
+        args = (tensor, xnn_graph, vals_to_ids, convert_to_nhwc, swap_in_out_for_weights, quant_params, force_fp32,
+                groups)
+        node = None if quant_params is None else quant_params.q_input
+        if node is None or not is_param_node(self.exported_program, node):
+            return serialize(self, *args)
+        name = get_tensor_name(self.exported_program, node)
+        source = get_param_tensor(self.exported_program, node)
+        if not name or not isinstance(source, torch.Tensor) or source.dtype != torch.int8:
+            return serialize(self, *args)
+        custom = tensor.meta.get("custom") or {}
+        key = (name, convert_to_nhwc, swap_in_out_for_weights, force_fp32, groups, quant_params.is_qc4w,
+               custom.get("delegate_constant_tag"))
+        if key in done:
+            entry, add_args, add_kwargs = done[key]
+            xnn_graph.constant_data.append(copy.copy(entry))
+            self._named_data_store.add_named_data(*add_args, **add_kwargs)
+            stats["reused"] += 1
+            return len(xnn_graph.constant_data) - 1
+        if source.numel() > 1 and not any(source.stride()):
+            raise RuntimeError(f"weight {name} was freed by an earlier lowering (BuildContext.disposable_weights): "
+                               "its values are gone; export the model again")
+        if name in freed:
+            raise RuntimeError(f"XNNPACK asked for weight {name} in a form other than the one serialized before "
+                               "it was freed (rgexport/backends/executorch/export.py); this is a bug in rgexport")
+        store, added = self._named_data_store, []
+
+        def add(*a: Any, **k: Any) -> Any:
+            added.append((a, k))
+            return type(store).add_named_data(store, *a, **k)
+
+        store.add_named_data = add
+        try:
+            index = serialize(self, *args)
+        finally:
+            del store.add_named_data
+        (add_args, add_kwargs), = added
+        done[key] = (copy.copy(xnn_graph.constant_data[index]), add_args, add_kwargs)
+        if free and source.numel() > 1:
+            if not on_memory:
+                on_memory.update(_int8_tensors_by_memory())
+            freed.add(name)
+            stats["freed_bytes"] += source.untyped_storage().nbytes()
+            nonlocal untrimmed
+            untrimmed += source.untyped_storage().nbytes()
+            with torch.no_grad():
+                for t in on_memory.pop(source.untyped_storage().data_ptr(), [source]):
+                    t.set_(torch.zeros((), dtype=t.dtype).expand(t.shape))
+            if untrimmed >= TRIM_EVERY:
+                trim_heap()  # freed weights from the heap stay resident, and are not reused, until trimmed
+                untrimmed = 0
+        return index
+
+    NodeVisitor.get_serialized_buffer_index = serialized_once
+    try:
+        yield stats
+    finally:
+        NodeVisitor.get_serialized_buffer_index = serialize
+        done.clear()
+        on_memory.clear()
+
+
+def _int8_tensors_by_memory() -> dict[int, list[torch.Tensor]]:
+    """Every plain int8 tensor (Tensor or Parameter) with more than one element that Python's garbage collector
+    tracks, by the address of its memory."""
+    import gc
+
+    found: dict[int, list[torch.Tensor]] = collections.defaultdict(list)
+    for o in gc.get_objects():
+        if type(o) in (torch.Tensor, nn.Parameter) and o.dtype == torch.int8 and o.numel() > 1:
+            found[o.untyped_storage().data_ptr()].append(o)
+    return found
