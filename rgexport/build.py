@@ -289,9 +289,9 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         # reloads the reference from its source.
         small = is_small(config)
         copied = small and recipe.quantized and stream is None
-        # What `quantize` returns is the build's alone where it is a copy or the weights are streamed; a large
-        # model is let go below unless the caller handed it in.
-        ctx.disposable_weights = copied or stream is not None or (not small and checkpoint is None)
+        let_go = not small and checkpoint is None  # a large model of the build's own goes after export
+        # What `quantize` returns is then the build's alone, as it is where it is a copy or streamed.
+        ctx.disposable_weights = copied or stream is not None or let_go
         prepared = backend.quantize(copy.deepcopy(model) if copied else model, ctx)
         reference_intact = (small or not recipe.quantized) and stream is None
     with stages.stage("export", backend.name):
@@ -300,7 +300,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         # The weights are in `exported` now. The checkpoint's memory maps go before lowering: their pages count
         # in RSS once read (5.4 GB of bf16 shards at 2B). Validation opens the checkpoint again if it needs it.
         ctx.stream = stream = None
-    if not small and checkpoint is None:
+    if let_go:
         # From here on the weights the backend needs are in `exported` (ONNX: on disk). The build's own
         # references would keep the float32 model (10.7 GB at 2B) alive through lowering and then beside
         # the reloaded reference in validation; drop them. A caller's checkpoint is the caller's to keep.

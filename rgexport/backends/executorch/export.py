@@ -307,9 +307,9 @@ def quantised_weights_serialized_once(free: bool) -> Iterator[dict[str, int]]:
       edge and each partition, torchao's inner tensors of the model): they are found once, by the garbage
       collector's list, when serializing starts. Only for a build that holds the quantised model nowhere
       else (`BuildContext.disposable_weights`). A freed weight asked for in another form, or again by a later
-      lowering, is refused (RuntimeError), never read as zeros. The freed weights came from glibc's heap and
-      stay resident (not reused by the serialized bytes) until trimmed: the heap is trimmed every TRIM_EVERY
-      bytes freed.
+      lowering, is refused (RuntimeError: its stand-in has no strides), never read as zeros. The freed
+      weights came from glibc's heap and stay resident (not reused by the serialized bytes) until trimmed:
+      the heap is trimmed every TRIM_EVERY bytes freed.
     Yields {"reused": calls served again, "freed_bytes": int8 bytes let go}. The `.pte` is byte-identical
     (tests/test_backend_executorch.py)."""
     import copy
@@ -321,9 +321,8 @@ def quantised_weights_serialized_once(free: bool) -> Iterator[dict[str, int]]:
 
     serialize = NodeVisitor.get_serialized_buffer_index
     done: dict[tuple[Any, ...], tuple[Any, tuple[Any, ...], dict[str, Any]]] = {}
-    freed: set[str] = set()
     stats = {"reused": 0, "freed_bytes": 0}
-    on_memory: dict[int, list[torch.Tensor]] = {}  # storage address: the int8 tensors on it
+    on_memory: dict[int, list[torch.Tensor]] | None = None  # storage address: the int8 tensors on it
     untrimmed = 0  # bytes freed since the heap was last trimmed
 
     def serialized_once(self: Any, tensor: torch.fx.Node, xnn_graph: Any, vals_to_ids: Any, convert_to_nhwc: bool,
@@ -347,12 +346,9 @@ def quantised_weights_serialized_once(free: bool) -> Iterator[dict[str, int]]:
             self._named_data_store.add_named_data(*add_args, **add_kwargs)
             stats["reused"] += 1
             return len(xnn_graph.constant_data) - 1
-        if source.numel() > 1 and not any(source.stride()):
-            raise RuntimeError(f"weight {name} was freed by an earlier lowering (BuildContext.disposable_weights): "
-                               "its values are gone; export the model again")
-        if name in freed:
-            raise RuntimeError(f"XNNPACK asked for weight {name} in a form other than the one serialized before "
-                               "it was freed (rgexport/backends/executorch/export.py); this is a bug in rgexport")
+        if source.numel() > 1 and not any(source.stride()):  # the stand-in of a freed weight
+            raise RuntimeError(f"weight {name} was freed by an earlier lowering, or by this one in another form "
+                               "(BuildContext.disposable_weights): its values are gone; export the model again")
         store, added = self._named_data_store, []
 
         def add(*a: Any, **k: Any) -> Any:
@@ -367,12 +363,12 @@ def quantised_weights_serialized_once(free: bool) -> Iterator[dict[str, int]]:
         (add_args, add_kwargs), = added
         done[key] = (copy.copy(xnn_graph.constant_data[index]), add_args, add_kwargs)
         if free and source.numel() > 1:
-            if not on_memory:
-                on_memory.update(_int8_tensors_by_memory())
-            freed.add(name)
-            stats["freed_bytes"] += source.untyped_storage().nbytes()
-            nonlocal untrimmed
-            untrimmed += source.untyped_storage().nbytes()
+            nonlocal on_memory, untrimmed
+            if on_memory is None:  # lowering's programs exist by now
+                on_memory = _int8_tensors_by_memory()
+            nbytes = source.untyped_storage().nbytes()
+            stats["freed_bytes"] += nbytes
+            untrimmed += nbytes
             with torch.no_grad():
                 for t in on_memory.pop(source.untyped_storage().data_ptr(), [source]):
                     t.set_(torch.zeros((), dtype=t.dtype).expand(t.shape))
@@ -387,7 +383,7 @@ def quantised_weights_serialized_once(free: bool) -> Iterator[dict[str, int]]:
     finally:
         NodeVisitor.get_serialized_buffer_index = serialize
         done.clear()
-        on_memory.clear()
+        on_memory = None
 
 
 def _int8_tensors_by_memory() -> dict[int, list[torch.Tensor]]:
