@@ -491,15 +491,17 @@ def test_8da4w_quantized_gather_reads_the_heads_table(head_bits, op, fp32_build,
     ctx = BuildContext(config=small_config, recipe="int4", work_dir=work_dir, prefill_chunk=CHUNK,
                        options={"quantized_gather": True, "head_bits": head_bits})
     prepared = backend.quantize(copy.deepcopy(small_model), ctx)
-    (path,) = backend.write(backend.lower(backend.export(prepared, ctx), ctx), ctx)
-    manifest = {"artifact": {"file": path.name}, "io": backend.io_contract(ctx), "backend_facts": ctx.facts}
+    files = backend.write(backend.lower(backend.export(prepared, ctx), ctx), ctx)
+    manifest = {"artifact": {"file": files[0].name}, "io": backend.io_contract(ctx), "backend_facts": ctx.facts}
+    assert [f.name for f in files] == ["model.pte", *(["model.ptd"] if head_bits == 4 else [])]  # the shared table
     assert any(op in o for o in ctx.facts["delegation"]["decode"]["non_delegated"])
     fp32_dir, fp32_manifest, _ = fp32_build
     # SMALL's float table is 512 x 64 x 4 = 131 KB; plain int4 is 0.48x fp32 (notes/executorch.md).
-    assert path.stat().st_size < 0.45 * (fp32_dir / fp32_manifest["artifact"]["file"]).stat().st_size
-    from rgexport.budget import weights_lower_bound  # the budget's bound (both table copies) holds
+    size = sum(f.stat().st_size for f in files)
+    assert size < 0.45 * (fp32_dir / fp32_manifest["artifact"]["file"]).stat().st_size
+    from rgexport.budget import weights_lower_bound  # the budget's bound (the table's copies) holds
 
-    assert weights_lower_bound(small_config, "int4", backend, ctx.options) <= path.stat().st_size
+    assert weights_lower_bound(small_config, "int4", backend, ctx.options) <= size
 
     runner = backend.load(work_dir, manifest)
     runner.reset()
@@ -687,25 +689,51 @@ def test_lowering_economies_write_the_same_program(fp32_build, small_model, smal
     assert deep_copied == (work_dir / shared_manifest["artifact"]["file"]).read_bytes()
 
 
-def test_int4_weights_freed_once_serialized_write_the_same_program(small_model, small_config, tmp_path,
-                                                                   monkeypatch):
-    """A build that holds the quantised model nowhere else (`disposable_weights`) frees each int8 weight as soon
-    as XNNPACK has serialized it, in every program on it (the model's own torchao tensors included), and
-    prefill's partitions reuse decode's serialization instead of reading the weights again. The `.pte` is the
-    same, byte for byte, as the build that frees nothing; lowering the freed weights again is refused."""
+@pytest.fixture(scope="module")
+def int4_gather4(small_model, small_config, tmp_path_factory):
+    """int4 with the 4-bit head and the quantized gather, built once per (disposable_weights, share_table):
+    {"files": {name: bytes}, "ctx", "decode" (the quantised module), "again" (its exported programs, for a
+    second lowering), "folder", "manifest"}."""
     from rgexport.backends.executorch import export as executorch_export
 
-    monkeypatch.setattr(executorch_export, "TRIM_EVERY", 0)  # the heap trimmed after every freed weight
+    built = {}
+
+    def get(free: bool, share: bool):
+        if (free, share) not in built:
+            backend = ExecuTorchBackend()
+            work_dir = tmp_path_factory.mktemp(f"executorch-int4-gather4-{free}-{share}")
+            ctx = BuildContext(config=small_config, recipe="int4", work_dir=work_dir, prefill_chunk=CHUNK,
+                               options={"quantized_gather": True, "head_bits": 4, "share_table": share},
+                               disposable_weights=free)
+            prepared = backend.quantize(copy.deepcopy(small_model), ctx)
+            exported = backend.export(prepared, ctx)
+            again = dict(exported)  # `lower` empties the dict it is given
+            trim = executorch_export.TRIM_EVERY
+            executorch_export.TRIM_EVERY = 0  # the heap trimmed after every freed weight
+            try:
+                files = backend.write(backend.lower(exported, ctx), ctx)
+            finally:
+                executorch_export.TRIM_EVERY = trim
+            manifest = {"artifact": {"file": files[0].name}, "io": backend.io_contract(ctx), "backend_facts": ctx.facts}
+            built[free, share] = {"files": {f.name: f.read_bytes() for f in files}, "ctx": ctx, "again": again,
+                                  "decode": prepared.modules["decode"], "folder": work_dir, "manifest": manifest}
+        return built[free, share]
+
+    return get
+
+
+def test_int4_weights_freed_once_serialized_write_the_same_program(int4_gather4, small_config):
+    """A build that holds the quantised model nowhere else (`disposable_weights`) frees each int8 weight as soon
+    as XNNPACK has serialized it, in every program on it (the model's own torchao tensors included), and
+    prefill's partitions reuse decode's serialization instead of reading the weights again. The program and its
+    data are the same, byte for byte, as the build that frees nothing; lowering the freed weights again is
+    refused."""
     backend = ExecuTorchBackend()
-    out, facts, models = {}, {}, {}
-    for free in (False, True):
-        ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path / str(free), prefill_chunk=CHUNK,
-                           options={"quantized_gather": True, "head_bits": 4}, disposable_weights=free)
-        prepared = backend.quantize(copy.deepcopy(small_model), ctx)
-        exported = backend.export(prepared, ctx)
-        again = dict(exported)  # `lower` empties the dict it is given
-        (path,) = backend.write(backend.lower(exported, ctx), ctx)
-        out[free], facts[free], models[free] = path.read_bytes(), ctx.facts, prepared.modules["decode"]
+    builds = {free: int4_gather4(free, True) for free in (False, True)}
+    out = {free: b["files"] for free, b in builds.items()}
+    facts = {free: b["ctx"].facts for free, b in builds.items()}
+    models = {free: b["decode"] for free, b in builds.items()}
+    assert list(out[True]) == ["model.pte", "model.ptd"]
     assert out[True] == out[False]
     qdata = {free: [p.qdata for p in m.parameters() if hasattr(p, "qdata")] for free, m in models.items()}
     held = {free: sum(q.untyped_storage().nbytes() for q in qs) for free, qs in qdata.items()}
@@ -718,10 +746,74 @@ def test_int4_weights_freed_once_serialized_write_the_same_program(small_model, 
     # decode's and prefill's partitions run the same quantised linears: prefill's were served from decode's.
     assert facts[True]["quantised_weights_serialized_again"] == facts[False]["quantised_weights_serialized_again"] \
         == len(qdata[True])
-    ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path / "again", prefill_chunk=CHUNK,
-                       options={"quantized_gather": True, "head_bits": 4})
+    ctx = builds[True]["ctx"]
     with pytest.raises(RuntimeError, match="freed by an earlier lowering"):
-        backend.lower(again, ctx)
+        backend.lower(builds[True]["again"], ctx)
+
+
+def test_int4_head_and_gather_table_stored_once(int4_gather4, small_config, small_tokens, tmp_path):
+    """share_table (the default with a 4-bit head and the quantized gather): the head's columns swapped in pairs
+    make its packed 4-bit bytes the gather table's, and `model.ptd` holds them once. The program computes the
+    same logits as the self-contained one, bit for bit; the two files together are smaller by about the table;
+    the bytes a token reads are the same; a fresh process loads it from its manifest; a missing `.ptd` is named."""
+    from rgexport.backends.executorch.recipes import SharedTableEmbedder
+    from rgexport.backends.executorch.weights import named_data_bytes
+
+    shared, alone = int4_gather4(False, True), int4_gather4(False, False)
+    assert list(alone["files"]) == ["model.pte"] and "data_file" not in alone["ctx"].facts
+    assert list(shared["files"]) == ["model.pte", "model.ptd"]
+    assert type(shared["decode"].model.embedder) is SharedTableEmbedder
+    table = small_config.vocab_size * small_config.width // 2  # 4 bits a weight
+    assert shared["ctx"].facts["shared_table_bytes"] == table
+    ptd = shared["folder"] / "model.ptd"
+    # The .ptd: the table once, with the head's bf16 scales (one per group of 32) and the file's own header.
+    scales = small_config.vocab_size * small_config.width // 32 * 2
+    assert table + scales <= named_data_bytes(ptd) < 2 * table
+    sizes = {k: sum(map(len, b["files"].values())) for k, b in (("shared", shared), ("alone", alone))}
+    assert sizes["alone"] - sizes["shared"] >= 0.8 * table, sizes
+    # The swap is in the delegate: decode is still one XNNPACK call, with the same portable ops beside it.
+    assert shared["ctx"].facts["delegation"] == alone["ctx"].facts["delegation"]
+
+    backend = ExecuTorchBackend()
+    logits = {}
+    for key, b in (("shared", shared), ("alone", alone)):
+        runner = backend.load(b["folder"], b["manifest"])
+        runner.reset()
+        logits[key] = run_schedule(runner, small_tokens[:, :40])
+    np.testing.assert_array_equal(logits["shared"], logits["alone"])
+    read = {k: backend.weights_read_per_token(b["folder"], b["manifest"]) for k, b in (("shared", shared),
+                                                                                       ("alone", alone))}
+    assert abs(read["shared"] - read["alone"]) <= 1024, read  # the head once either way; headers and padding differ
+    assert backend.program_files(shared["manifest"]) == ["model.pte", "model.ptd"]
+
+    (shared["folder"] / "manifest.json").write_text(json.dumps(shared["manifest"]))
+    script = ("import json, sys, pathlib; from rgexport.backends.executorch import ExecuTorchBackend; "
+              "d = pathlib.Path(sys.argv[1]); m = json.loads((d / 'manifest.json').read_text()); "
+              "print(ExecuTorchBackend().load(d, m).decode(5, 0)[:4].tolist())")
+    proc = subprocess.run([sys.executable, "-c", script, str(shared["folder"])], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    moved = tmp_path / "no-data"
+    moved.mkdir()
+    (moved / "model.pte").write_bytes(shared["files"]["model.pte"])
+    with pytest.raises(RgexportError, match="model.ptd does not exist"):
+        backend.check_artifact(moved, shared["manifest"])
+
+
+def test_share_table_option_is_checked():
+    backend = ExecuTorchBackend()
+    with pytest.raises(RgexportError, match="option share_table is 'yes'; expected true or false"):
+        backend.check_options({"share_table": "yes"})
+    from rgexport.budget import weights_lower_bound
+    from rgexport.config import PRESETS
+
+    config = PRESETS["recurrentgemma-2b"]
+    table = config.vocab_size * config.width // 2
+    # Shared, the 4-bit table is stored once: the bound drops by the table's packed bytes.
+    assert weights_lower_bound(config, "int4", backend, {"share_table": False}) - \
+        weights_lower_bound(config, "int4", backend, {}) == table
+    assert weights_lower_bound(config, "int4", backend, {"head_bits": 8, "share_table": True}) == \
+        weights_lower_bound(config, "int4", backend, {"head_bits": 8})  # only a 4-bit head shares
 
 
 def test_weight_cache_is_on_and_changes_no_logit(fp32_build, small_config, small_tokens):

@@ -68,6 +68,23 @@ def test_sample_parses_and_uses_manifest_names(backend, fn, language, small_conf
             assert t.get("litert_output", t["output"]) in code
 
 
+def test_executorch_samples_with_a_shared_table(small_config):
+    """An ExecuTorch artifact whose table lives in `model.ptd` (option share_table): the Swift sample loads both
+    files (`Module(filePath:dataFilePaths:)`, ExecuTorch 1.0 and later) and parses; the Kotlin one is refused with
+    what to do, since ExecuTorch's Android `Module` loads a program alone."""
+    from rgexport.errors import RgexportError
+
+    manifest = _manifest("executorch", small_config, "int4")
+    manifest["backend_facts"] = {"data_file": "model.ptd"}
+    code = swift_executorch("executorch-int4", manifest)
+    assert not _errors(_parse("swift", code)), _errors(_parse("swift", code))
+    assert "Module(filePath: path, dataFilePaths: [dataPath])" in code and "`model.ptd`" in code
+    with pytest.raises(RgexportError, match="share_table=false"):
+        kotlin_executorch("executorch-int4", manifest)
+    del manifest["backend_facts"]
+    assert "dataFilePaths" not in swift_executorch("executorch-int4", manifest)
+
+
 def test_bundles_named_before_identifier_still_read(small_config):
     """Manifests written before the `identifier` key gave LiteRT names as `litert_name`."""
     manifest = _manifest("tflite", small_config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rgexport.appcode import header
+from rgexport.errors import RgexportError
 
 
 # Swift: ExecuTorch -------------------------------------------------------------------------------------
@@ -16,19 +17,26 @@ def swift_executorch(folder: str, m: dict[str, Any]) -> str:
     head = header(m, folder)
     reset = "        _ = try module.execute(\"reset\", [Value]())\n" if "reset" in io["methods"] else ""
     loads = "".join(f'        try module.load("{name}")\n' for name in io["methods"])
+    data = m.get("backend_facts", {}).get("data_file")  # the .ptd that int4's shared table lives in
+    if data:
+        files = f"`{m['artifact']['file']}` with `{data}`"
+        init = ("    /// `dataPath`: the named data file beside the program (ExecuTorch 1.0 or later).\n"
+                "    init(path: String, dataPath: String) throws {\n"
+                "        module = Module(filePath: path, dataFilePaths: [dataPath])\n")
+    else:
+        files = f"`{m['artifact']['file']}`"
+        init = "    init(path: String) throws {\n        module = Module(filePath: path)\n"
     return f"""// {head}
 import ExecuTorch
 
-/// RecurrentGemma on ExecuTorch: `{m['artifact']['file']}`, methods `decode` (one token) and `prefill`
+/// RecurrentGemma on ExecuTorch: {files}, methods `decode` (one token) and `prefill`
 /// ({chunk} tokens) sharing the state inside the program ({io['state']['total_bytes']} bytes).
 final class RecurrentGemmaExecuTorch: StepModel {{
     static let vocabSize = {vocab}
     static let prefillChunk = {chunk}
     private let module: Module
 
-    init(path: String) throws {{
-        module = Module(filePath: path)
-        // Load every method before running any: loading a method re-initialises the shared state.
+{init}        // Load every method before running any: loading a method re-initialises the shared state.
 {loads}    }}
 
     /// Position 0 starts a new sequence whatever the state holds.
@@ -78,6 +86,12 @@ def kotlin_executorch(folder: str, m: dict[str, Any]) -> str:
     head = header(m, folder)
     reset = '        module.execute("reset")\n' if "reset" in io["methods"] else ""
     methods = ", ".join(f'"{name}"' for name in io["methods"])
+    data = m.get("backend_facts", {}).get("data_file")
+    if data:
+        raise RgexportError(
+            f"this ExecuTorch artifact keeps weights in {data} beside {m['artifact']['file']}, and ExecuTorch's "
+            "Android Module (org.pytorch.executorch.Module, through 1.4.1) loads a program alone; build it with "
+            "--option share_table=false for Android (the android profile does)")
     return f"""// {head}
 package ai.rgexport.sample
 

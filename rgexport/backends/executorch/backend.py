@@ -12,7 +12,9 @@ Stages (each a method below, called in this order by the build pipeline):
    the ops it would refuse (RMSNorm's mean, the RG-LRU's selections, weight-only arithmetic), then
    `to_executorch` with `share_mutable_buffers=True`, which places every state buffer once, in its own
    memory arena (mem_id 2) that all four methods address at the same offsets.
-4. write: `model.pte`.
+4. write: `model.pte`, and `model.ptd` beside it where int4's 4-bit head and its gather table are the same
+   bytes (option share_table): ExecuTorch's named data, stored once for both, that the runtime loads with the
+   program (`Runtime.load_program(pte, data_path=ptd)`).
 
 ExecuTorch facts this relies on (measured with executorch 1.5.1, see notes/executorch.md):
 - Without `share_mutable_buffers`, each method plans its own copy of the state among its activations:
@@ -38,6 +40,7 @@ from rgexport.backends.executorch.calibration import W8A8_NOTE, calibration_samp
 from rgexport.backends.executorch.export import (
     _INITIALISED_METHODS,
     ARTIFACT_FILE,
+    DATA_TAG,
     STATE_METHODS,
     _delegation,
     _example_inputs,
@@ -46,6 +49,7 @@ from rgexport.backends.executorch.export import (
     _StateMethods,
     _zero_buffers_,
     forget_lowered_graphs,
+    head_data_external,
     planned_memory,
     preprocess_shares_weights,
     quantised_weights_serialized_once,
@@ -62,6 +66,7 @@ from rgexport.backends.executorch.recipes import (
     eager_in_slices_,
     pack_int4_rows,
     quantize_rows_,
+    share_table_with_head_,
 )
 from rgexport.backends.executorch.runner import ExecuTorchRunner
 from rgexport.errors import RgexportError
@@ -75,6 +80,16 @@ def _head_bits(options: dict[str, Any], default: int = 4) -> int:
     if bits not in (4, 8) or isinstance(bits, bool):
         raise RgexportError(f"option head_bits is {bits!r}; expected 4 or 8")
     return bits
+
+
+def _shares_table(options: dict[str, Any]) -> bool:
+    """Whether int4 stores its 4-bit head and the gather table once (`SharedTableEmbedder`, `model.ptd`): option
+    share_table (default true) where the head is 4-bit and the gather reads its rows. Unset options count as
+    the streamed defaults (quantized_gather and a 4-bit head), as `table_copies_bits` counts them."""
+    share = options.get("share_table", True)
+    if not isinstance(share, bool):
+        raise RgexportError(f"option share_table is {share!r}; expected true or false")
+    return share and options.get("quantized_gather", True) is not False and _head_bits(options) == 4
 
 
 class ExecuTorchBackend(Backend):
@@ -113,6 +128,9 @@ class ExecuTorchBackend(Backend):
         "embedding_4bit) instead of a float32 table (default: true when the weights are streamed, else false)",
         "head_bits": "int4: the tied head's weights in 8 bits per channel or 4 bits per group of 32, and the "
         "quantized gather's with them (default: 4 when the weights are streamed, else 8)",
+        "share_table": "int4 with head_bits 4 and the quantized gather: the head's packed 4-bit weights and the "
+        "gather table are the same bytes, stored once in model.ptd beside model.pte (default: true; false: one "
+        "self-contained .pte that holds them twice)",
         "stream_weights": '"auto" (default: above 2 GiB of float32 weights), true or false: int4 reads the '
         "checkpoint one block at a time and quantises each block as it arrives, so the float32 model is never "
         "whole in memory",
@@ -155,6 +173,7 @@ class ExecuTorchBackend(Backend):
         super().check_options(options)
         if "head_bits" in options:
             _head_bits(options)  # 4 or 8, said before anything loads
+        _shares_table(options)  # true or false, likewise
 
     def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
         """int4 only: its quantisation works layer by layer (torchao `quantize_`), so each block is quantised as
@@ -170,7 +189,7 @@ class ExecuTorchBackend(Backend):
         model = stateful.model
         head = _tie_head_as_linear_(model)
         skipped = self._int4_linears(model, skip=head)
-        self._int4_head(model, head, ctx)
+        self._int4_head(model, head, ctx, share=True)
         self._int4_note(skipped, ctx)
 
     def _quantize_int4_from_stream(self, stateful: StatefulModel, ctx: BuildContext) -> None:
@@ -186,7 +205,7 @@ class ExecuTorchBackend(Backend):
         ctx.options.setdefault("quantized_gather", True)
         ctx.options.setdefault("head_bits", 4)
         model.embedder = stream.embedder()
-        self._int4_head(model, _tie_head_as_linear_(model), ctx)
+        self._int4_head(model, _tie_head_as_linear_(model), ctx, share=True)
         skipped = []
         for i in range(len(model.blocks)):
             block = stream.block(i)
@@ -202,10 +221,13 @@ class ExecuTorchBackend(Backend):
         """int4 keeps the tied head (`_int4_head`: 8 bits, or 4 with a bf16 scale per group of 32 as XNNPACK
         stores them) and a gather table beside it: the head's rows again (quantized_gather, the default for
         streamed builds; 4-bit rows keep torchao's float32 scales) or the float32 table. Unset options count as
-        the streamed defaults, the smaller."""
+        the streamed defaults, the smaller. Shared (option share_table, the default there), the gather keeps only
+        its scales: its rows are the head's bytes."""
         if recipe == "int4":
             four = _head_bits(options) == 4
             head, gather = (4 + 16 / GROUP_SIZE, 4 + 32 / GROUP_SIZE) if four else (8, 8)
+            if _shares_table(options):
+                gather = 32 / GROUP_SIZE
             return (head, 32 if options.get("quantized_gather") is False else gather)
         return super().table_copies_bits(recipe, options)
 
@@ -256,9 +278,12 @@ class ExecuTorchBackend(Backend):
         )
         return skipped
 
-    def _int4_head(self, model: Griffin, head: nn.Linear, ctx: BuildContext) -> None:
+    def _int4_head(self, model: Griffin, head: nn.Linear, ctx: BuildContext, share: bool = False) -> None:
         """The tied output head (`_tie_head_as_linear_`) in int8 per channel or (option head_bits=4) int4 per
-        group, and (option quantized_gather) the gather over its rows with the float32 table dropped."""
+        group, and (option quantized_gather) the gather over its rows with the float32 table dropped; with
+        `share` and option share_table, the head's columns swapped in pairs so that its packed bytes are the
+        gather table's (`share_table_with_head_`). The own model of validation (`quantise_part`) does not swap:
+        the same values, unswapped."""
         self.require("torchao")
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig
         from torchao.quantization.granularity import PerAxis, PerGroup
@@ -300,6 +325,9 @@ class ExecuTorchBackend(Backend):
                 embedder.register_buffer("embedding_scales", weight.scale.detach().clone())
                 embedder.__class__, op = Int4GatherEmbedder, "embedding_4bit"
             ctx.facts["quantized_ops"] = [f"quantized_decomposed::{op}.dtype"]
+            if share and bits == 4 and _shares_table(ctx.options):
+                share_table_with_head_(embedder)
+                ctx.facts["data_file"] = DATA_TAG + ".ptd"  # lowering stores the table there, once
             ctx.notes.append(f"int4: the embedding gather reads the head's int{bits} table ({op}); a runtime "
                              "must link ExecuTorch's quantized kernels (Python: import executorch.kernels.quantized).")
 
@@ -389,9 +417,11 @@ class ExecuTorchBackend(Backend):
         rewrites = list(ctx.options.get("xnnpack_rewrites", executorch_rewrites.REWRITES))
         executorch_rewrites.edge_passes(rewrites)  # refuses an unknown name before the slow work
         # One set of pass objects per compute method, as for InitializedMutableBufferPass.
+        shares_table = "data_file" in ctx.facts  # quantize made the head's bytes the table's
+        # head_data_external last: its tag is set before the serialize-once patch keys a weight by it.
         with preprocess_shares_weights(), serialized_weights_shared() as shared, \
                 quantised_weights_serialized_once(ctx.disposable_weights) as once, \
-                xnnpack_passes_that_apply() as skipped:
+                xnnpack_passes_that_apply() as skipped, head_data_external(shares_table) as tagged:
             edge = to_edge_transform_and_lower(
                 exported,
                 partitioner={m: [XnnpackPartitioner()] for m in ("decode", "prefill")},
@@ -411,9 +441,28 @@ class ExecuTorchBackend(Backend):
         program = edge.to_executorch(ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
             emit_mutable_buffer_names=True,
+            # The gather table beside the head's XNNPACK data: the named data store keeps equal bytes once.
+            external_constants=_table_tag if shares_table else False,
         ))
+        if shares_table:
+            self._check_table_shared(program, tagged, ctx)
         self._record_facts(program, delegation, ctx)
         return program
+
+    @staticmethod
+    def _check_table_shared(program: Any, tagged: dict[str, int], ctx: BuildContext) -> None:
+        """That the `.ptd` data holds the gather table and the head's packed weights as one copy: less than the
+        table twice. Raises where they were not shared (the head's data untagged, or
+        bytes that differ: a packing this ExecuTorch does not do as 1.5.1 did), naming the option that
+        writes the self-contained `.pte` instead."""
+        files = program._tensor_data or {}  # name -> Cord; executorch 1.5.1's manager has no public sizes
+        table = ctx.config.vocab_size * ctx.config.width // 2
+        if list(files) != [DATA_TAG] or not tagged["tensors"] or len(files[DATA_TAG]) >= 2 * table:
+            sizes = {k: len(v) for k, v in files.items()}
+            raise RgexportError(
+                f"ExecuTorch did not store the int4 head and its gather table once (data files {sizes}, table "
+                f"{table} bytes, {tagged['tensors']} head tensors tagged); build with --option share_table=false")
+        ctx.facts["shared_table_bytes"] = table
 
     def _record_facts(self, program: Any, delegation: dict[str, Any], ctx: BuildContext) -> None:
         planned = planned_memory(program.executorch_program)
@@ -445,7 +494,11 @@ class ExecuTorchBackend(Backend):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             lowered.write_to_file(f)
-        return [path]
+        data = ctx.facts.get("data_file")
+        if data is None:
+            return [path]
+        lowered.write_tensor_data_to_file(str(path.parent))  # DATA_TAG + ".ptd"
+        return [path, path.parent / data]
 
     # Contract and runtime ----------------------------------------------------------------------------
     @staticmethod
@@ -476,9 +529,19 @@ class ExecuTorchBackend(Backend):
 
         path = super().check_artifact(artifact_dir, manifest)
         check_magic(path, b"ET12", 4, "an ExecuTorch program (.pte)")
+        data = _data_path(artifact_dir, manifest)
+        if data is not None:
+            if not data.is_file():
+                raise RgexportError(f"{data} does not exist: the program's weights it shares; rebuild the artifact")
+            check_magic(data, b"FT01", 4, "ExecuTorch named data (.ptd)")
         quantized = "1" if manifest.get("backend_facts", {}).get("quantized_ops") else "0"
-        probe_in_child(["-c", _PROBE, str(path), quantized], path, "ExecuTorch's runtime")
+        probe_in_child(["-c", _PROBE, str(path), quantized, str(data or "")], path, "ExecuTorch's runtime")
         return path
+
+    def program_files(self, manifest: dict[str, Any]) -> list[str]:
+        """`model.pte` and, where the table is shared, the `model.ptd` it loads with."""
+        data = manifest.get("backend_facts", {}).get("data_file")
+        return [manifest["artifact"]["file"], *([data] if data else [])]
 
     def load(self, artifact_dir: Path, manifest: dict[str, Any], *, threads: int | None = None) -> Runner:
         """A runner on ExecuTorch's Python runtime.
@@ -496,17 +559,32 @@ class ExecuTorchBackend(Backend):
             self.require("executorch.kernels.quantized")
         path = Path(artifact_dir) / manifest["artifact"]["file"]
         names = [t["name"] for t in manifest["io"]["state"]["tensors"]]
-        return ExecuTorchRunner(path, int(manifest["io"]["prefill_chunk"]), names)
+        return ExecuTorchRunner(path, int(manifest["io"]["prefill_chunk"]), names,
+                                data_path=_data_path(artifact_dir, manifest))
 
 
-# Loads a .pte and every method (what ExecuTorchRunner does) in a child process: python -c _PROBE PATH Q.
+def _data_path(artifact_dir: Path, manifest: dict[str, Any]) -> Path | None:
+    """The `.ptd` the program loads with (backend fact data_file), or None where it is self-contained."""
+    from rgexport.safety import contained
+
+    data = manifest.get("backend_facts", {}).get("data_file")
+    return contained(Path(artifact_dir), data, "the manifest's backend_facts.data_file") if data else None
+
+
+def _table_tag(node: torch.fx.Node) -> str | None:
+    """`to_executorch`'s external_constants: the gather's int4 table goes to the named data file."""
+    return DATA_TAG if node.name.endswith("embedding_int4") else None
+
+
+# Loads a .pte and every method (what ExecuTorchRunner does) in a child process:
+# python -c _PROBE PATH QUANTIZED DATA_PATH (empty: none).
 _PROBE = """import sys
 if sys.argv[2] == "1":
     import executorch.kernels.quantized
 from executorch.runtime import Runtime
 from rgexport.backends.executorch.runner import share_packed_weights
 share_packed_weights()
-program = Runtime.get().load_program(sys.argv[1])
+program = Runtime.get().load_program(sys.argv[1], data_path=sys.argv[3] or None)
 for name in sorted(program.method_names):
     program.load_method(name)
 """

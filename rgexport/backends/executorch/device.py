@@ -39,8 +39,13 @@ class ExecuTorchMethods:
         if not path.is_file():
             raise ContractError(f"{path} does not exist")
         self.files = {"program": manifest["artifact"]["file"]}
+        data = manifest.get("backend_facts", {}).get("data_file")  # the .ptd of a shared table, if any
+        if data:
+            if not (folder / data).is_file():
+                raise ContractError(f"{folder / data} does not exist")
+            self.files["data"] = data
         self.specs = manifest["io"]["methods"]
-        program = Runtime.get().load_program(path)
+        program = Runtime.get().load_program(path, data_path=folder / data if data else None)
         wanted = [m for m in self.specs if m in program.method_names]
         if not {"decode", "prefill"} <= set(wanted):
             raise ContractError(f"{path.name} has methods {sorted(program.method_names)}, needs decode and prefill")

@@ -14,6 +14,11 @@ from torch import nn
 from rgexport.model import TensorSpec
 
 ARTIFACT_FILE = "model.pte"
+# The named data file beside it (int4's shared table and head): `DATA_TAG + ".ptd"`, as ExecuTorch names it.
+DATA_TAG = "model"
+# The tied head's weights in the exported programs (`_tie_head_as_linear_`): torchao's quantised weight is a
+# parametrization there, "model.embedder.head.parametrizations.weight.original0".
+HEAD_WEIGHTS = "embedder.head."
 
 STATE_METHODS = ("reset", "read_state")
 
@@ -384,6 +389,39 @@ def quantised_weights_serialized_once(free: bool) -> Iterator[dict[str, int]]:
         NodeVisitor.get_serialized_buffer_index = serialize
         done.clear()
         on_memory = None
+
+
+@contextlib.contextmanager
+def head_data_external(enabled: bool) -> Iterator[dict[str, int]]:
+    """(`enabled`) XNNPACK's serialized data for the tied head goes to the named data file DATA_TAG, where
+    `to_executorch(external_constants=...)` puts the gather's table: equal bytes (`SharedTableEmbedder`), kept
+    once by ExecuTorch's named data store (executorch 1.5.1). XNNPACK reads a weight node's
+    `meta["custom"]["delegate_constant_tag"]` (for the weight and its scales) when it serializes it; the tag is
+    set there on the head's weight node, found by its name in the program. Yields {"tensors": head weights
+    tagged} (one per partition that runs the head)."""
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+    from executorch.backends.xnnpack.utils.utils import get_tensor_name, is_param_node
+
+    stats = {"tensors": 0}
+    if not enabled:
+        yield stats
+        return
+    serialize = NodeVisitor.get_serialized_buffer_index
+
+    def tagged(self: Any, tensor: torch.fx.Node, *args: Any, **kwargs: Any) -> int:
+        quant_params = args[4] if len(args) > 4 else kwargs.get("quant_params")
+        node = None if quant_params is None else quant_params.q_input
+        if node is not None and is_param_node(self.exported_program, node) and \
+                HEAD_WEIGHTS in (get_tensor_name(self.exported_program, node) or ""):
+            tensor.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+            stats["tensors"] += 1
+        return serialize(self, tensor, *args, **kwargs)
+
+    NodeVisitor.get_serialized_buffer_index = tagged
+    try:
+        yield stats
+    finally:
+        NodeVisitor.get_serialized_buffer_index = serialize
 
 
 def _int8_tensors_by_memory() -> dict[int, list[torch.Tensor]]:

@@ -119,6 +119,39 @@ class Int4GatherEmbedder(QuantizedGatherEmbedder):
             table, scales, None, -8, 7, tokens, dtype=torch.float32)
 
 
+def swap_column_pairs(x: torch.Tensor) -> torch.Tensor:
+    """`x` with the columns of its last dimension swapped in pairs (1, 0, 3, 2, ...): slices, a concatenation
+    and reshapes, which XNNPACK runs inside the head's partition (an index op would be a portable kernel
+    between two delegate calls)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.cat((pairs[..., 1:], pairs[..., :1]), dim=-1).flatten(-2)
+
+
+class SharedTableEmbedder(Int4GatherEmbedder):
+    """`Int4GatherEmbedder` whose 4-bit head holds its columns swapped in pairs (`share_table_with_head_`) and
+    takes its input swapped the same way: the same logits, bit for bit.
+
+    Why: XNNPACK packs a 4-bit weight two columns a byte with the odd column in the high nibble
+    (`NodeVisitor.convert_to_qc4w`, executorch 1.5.1); `embedding_4bit` reads the even column there
+    (`pack_int4_rows`). Swapped, the head's packed bytes are the gather table's bytes, so ExecuTorch's named
+    data store keeps them once (`model.ptd`), not twice (notes/perf.md)."""
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(swap_column_pairs(x))
+
+
+def share_table_with_head_(embedder: Int4GatherEmbedder, slice_rows: int = 1 << 13) -> None:
+    """Makes `embedder` a `SharedTableEmbedder`: its head's int4 values swapped in pairs of columns, in place, a
+    slice of rows at a time. The groups of GROUP_SIZE (an even number) keep their members and scales."""
+    if not isinstance(embedder, Int4GatherEmbedder):
+        raise TypeError(f"only an Int4GatherEmbedder's head can share its table, not a {type(embedder).__name__}")
+    qdata = embedder.head.weight.qdata
+    with torch.no_grad():
+        for s in range(0, qdata.shape[0], slice_rows):
+            qdata[s:s + slice_rows] = swap_column_pairs(qdata[s:s + slice_rows])
+    embedder.__class__ = SharedTableEmbedder
+
+
 def _head_in_slices(self: TiedHeadEmbedder, x: torch.Tensor) -> torch.Tensor:
     """The head's linear over SLICE_BYTES of float32 rows at a time: torchao's eager int8 linear dequantises
     its whole weight per call (2.6 GB at RecurrentGemma-2B, and its temporaries more)."""

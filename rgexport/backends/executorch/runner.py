@@ -77,14 +77,15 @@ def set_weight_cache(enabled: bool) -> bool:
 class ExecuTorchRunner(Runner):
     """Runs a `.pte` from this backend in ExecuTorch's Python runtime (`executorch.runtime`)."""
 
-    def __init__(self, path: Path, prefill_chunk: int, state_names: Sequence[str]):
+    def __init__(self, path: Path, prefill_chunk: int, state_names: Sequence[str], data_path: Path | None = None):
+        """`data_path`: the `.ptd` holding named data the program keeps outside the `.pte` (int4's shared table)."""
         from executorch.runtime import Runtime
 
         self.path = Path(path)
         self.prefill_chunk = prefill_chunk
         self.state_names = list(state_names)
         share_packed_weights()
-        self._program = Runtime.get().load_program(self.path)
+        self._program = Runtime.get().load_program(self.path, data_path=data_path)
         missing = sorted({"decode", "prefill", *STATE_METHODS} - self._program.method_names)
         if missing:
             raise RgexportError(f"{self.path} lacks methods {missing}; rebuild it with this version of rgexport")

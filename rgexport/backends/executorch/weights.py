@@ -102,6 +102,24 @@ def decode_weight_traffic(path: Path, method: str = "decode") -> dict[str, Any]:
             "delegate_bytes": blob_bytes, "named_data_bytes": named_bytes, "constant_bytes": sum(whole.values())}
 
 
+def named_data_bytes(path: Path) -> int:
+    """The data bytes of a `.ptd` (ExecuTorch's FlatTensor file), from its header: every segment, padding
+    between them included (at most the alignment, 128 bytes, per segment)."""
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorHeader
+
+    with open(path, "rb") as f:
+        head = f.read(8 + FlatTensorHeader.EXPECTED_LENGTH)
+    header = FlatTensorHeader.from_bytes(head[8:])
+    if not header.is_valid():
+        raise ValueError(f"{path} is not an ExecuTorch named data file (.ptd)")
+    return header.segment_data_size
+
+
 def weights_read_per_token(folder: Path, manifest: dict[str, Any]) -> int:
-    """Bytes of weights a decode step reads (see the module docstring)."""
-    return decode_weight_traffic(Path(folder) / manifest["artifact"]["file"])["read_bytes"]
+    """Bytes of weights a decode step reads (see the module docstring). A `.ptd` beside the program (backend fact
+    data_file) holds the tied head's packed weights and scales, whose bytes the gather table shares: the head
+    reads them whole every step, so they count once, whole; the gather's table is not counted again (it is no
+    constant of the program's, only a name into that file)."""
+    read = decode_weight_traffic(Path(folder) / manifest["artifact"]["file"])["read_bytes"]
+    data = manifest.get("backend_facts", {}).get("data_file")
+    return read + (named_data_bytes(Path(folder) / data) if data else 0)
