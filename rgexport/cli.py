@@ -566,8 +566,11 @@ def build(
         err.print("[yellow]not validated (--no-validate): the manifest says so[/yellow]")
     summary = _build_summary(result.manifest, result.out, logged=not (verbose or _verbose))
     err.print(summary, highlight=False, markup=False)
+    from rgexport.backends import get_backend
+
     size = result.manifest["artifact"]["total_bytes"]
-    out.print(f"{result.out}  ({size / 1e6:.2f} MB, {result.manifest['artifact']['file']})", highlight=False)
+    files = " + ".join(get_backend(result.manifest["backend"]).program_files(result.manifest))
+    out.print(f"{result.out}  ({size / 1e6:.2f} MB, {files})", highlight=False)
 
 
 def _build_summary(manifest: dict[str, Any], folder: Path, logged: bool) -> str:

@@ -241,8 +241,9 @@ class ExecuTorchBackend(Backend):
     def packed_at_load_bits(self, recipe: str, options: dict[str, Any]) -> tuple[float, float]:
         """int4: ExecuTorch's loader holds the whole `.pte` while XNNPACK packs every weight it runs (the
         linears and the head) into its own layout, so the load peak holds both. Measured at RecurrentGemma-2B:
-        a 2.07 GB file peaked at 4.00 GB while loading and settled at 2.51 (notes/perf.md). Counted here at the
-        weights' own bits, scales left out."""
+        a 2.07 GB file peaked at 4.00 GB while loading and settled at 2.51 (notes/perf.md); shared (1.74 GB in
+        `model.pte` and `model.ptd`), 4.33 and 2.84, the `.ptd`'s table counted twice by RSS (mapped twice; PSS
+        2.465 GB for both). Counted here at the weights' own bits, scales left out."""
         if recipe == "int4":
             return (4, _head_bits(options))
         return super().packed_at_load_bits(recipe, options)
