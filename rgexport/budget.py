@@ -83,6 +83,9 @@ class RecipeChoice:
     asked: str
     built: str | None = None
     passed_over: list[str] = dataclasses.field(default_factory=list)
+    # Whether a smaller recipe's quality against float32 was judged (None: the profile's recipe, not checked);
+    # False where the build judges by the own quantised model instead (random weights, --no-judge-quality).
+    quality_judged: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,7 +112,8 @@ def plan(backend: Backend, asked: str, config: GriffinConfig, budget_mb: float |
         smallest = tries[-1]
         raise RgexportError(
             f"no {backend.name} recipe fits the {budget_mb:g} MB memory budget: the smallest, {smallest}, "
-            f"{needs[smallest]}; raise memory_budget_mb in the profile or choose a smaller model")
+            f"{needs[smallest]}. For a device with more memory, raise the budget (--memory-budget MB, or "
+            f"memory_budget_mb in a copy of the profile); otherwise choose a smaller model")
     return fitting
 
 

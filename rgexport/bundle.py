@@ -36,6 +36,7 @@ from rgexport.budget import MB, RecipeChoice, plan, within_quality_budget
 from rgexport.build import BuildError, BuildOptions, _move_into_place, make_work_dir, weights_source
 from rgexport.errors import RgexportError
 from rgexport.manifest import file_entries, now, rgexport_version, sha256_file
+from rgexport.memory import release_freed
 from rgexport.profiles import TargetProfile
 from rgexport.progress import StageFailed, Stages
 
@@ -56,12 +57,22 @@ class BundleResult:
 def build_bundle(
     profile: TargetProfile, opts: BuildOptions, stages: Stages | None = None, archive: bool = False,
     recipe_overrides: dict[str, str] | None = None, executor: Executor | None = None,
+    memory_budget_mb: float | None = None,
 ) -> BundleResult:
     """Builds every artifact of `profile` into one bundle folder, atomically (like `build`). The artifacts
     are cells on `executor` (default: in this process, one after another); the first that fails fails the
-    bundle and cancels the others."""
+    bundle and cancels the others. `memory_budget_mb` replaces the profile's budget (a device with more or
+    less memory than the profile assumes); bundle.json records the budget used and where it came from, and
+    `rgexport validate` checks the bundle against it."""
     from rgexport.executors import InProcessExecutor
     from rgexport.samples import write_samples
+
+    budget_from = "profile"
+    if memory_budget_mb is not None:
+        if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, int | float) or memory_budget_mb <= 0:
+            raise RgexportError(f"the memory budget is {memory_budget_mb!r} MB; give a positive number of MB")
+        budget_from = f"--memory-budget (the profile's: {_mb(profile.memory_budget_mb)})"
+        profile = dataclasses.replace(profile, memory_budget_mb=memory_budget_mb)
 
     executor = executor or InProcessExecutor()
     stages = stages or Stages(quiet=True)
@@ -86,7 +97,7 @@ def build_bundle(
             if source.tokenizer_path:
                 shutil.copyfile(source.tokenizer_path, work / "tokenizer.model")
             samples = write_samples(work, profile, artifacts)
-            manifest = _bundle_manifest(work, profile, artifacts, samples, choices)
+            manifest = _bundle_manifest(work, profile, artifacts, samples, choices, budget_from)
             (work / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             (work / BUNDLE_DIGEST).write_text(f"{sha256_file(work / BUNDLE_MANIFEST)}  {BUNDLE_MANIFEST}\n")
         _move_into_place(work, out)
@@ -178,10 +189,9 @@ def _build_fitting(profile: TargetProfile, opts: BuildOptions, config: Any, ckpt
             judged = result.report is not None
             reason = None
             if judged and recipe != choice.asked:
-                ok, figures = within_quality_budget(result.report)
-                if not ok:
-                    reason = f"{recipe}: outside the quality budget ({figures})"
+                reason = smaller_recipe_quality(choice, recipe, result.report)
             if judged and reason is None and budget_mb is not None:
+                release_freed()  # the measuring process runs beside this one: hand back what the builds freed
                 with stages.stage("memory", f"{spec.backend} / {recipe}, {result.report.tokens} tokens"):
                     peak, how = memory_of(result.out, result.report.tokens)
                 if peak > budget_mb * MB:
@@ -194,8 +204,9 @@ def _build_fitting(profile: TargetProfile, opts: BuildOptions, config: Any, ckpt
                     os.replace(result.out, final)
                 done[i] = (final, result.manifest)
                 if recipe != choice.asked:
+                    unjudged = "" if choice.quality_judged else " (its quality against float32 not judged)"
                     notice(f"{spec.backend}: {choice.asked} does not fit the {budget_mb:g} MB budget "
-                           f"({'; '.join(choice.passed_over)}); the bundle has {recipe}")
+                           f"({'; '.join(choice.passed_over)}); the bundle has {recipe}{unjudged}")
                 continue
             choice.passed_over.append(reason)
             shutil.rmtree(result.out, ignore_errors=True)
@@ -207,8 +218,24 @@ def _build_fitting(profile: TargetProfile, opts: BuildOptions, config: Any, ckpt
     return [done[i] for i in range(len(plans))], choices
 
 
+def smaller_recipe_quality(choice: RecipeChoice, recipe: str, report: Any) -> str | None:
+    """Why `recipe`, smaller than the profile asked for, is passed over for its quality: outside the quality
+    budget against float32; None where it is within, or where the build did not judge quality against float32
+    (random weights, --no-judge-quality: the own quantised model judged it, and agreement with float32 measures
+    the weights' randomness). `choice.quality_judged` records which, for bundle.json."""
+    choice.quality_judged = report.quality_judged
+    ok, figures = within_quality_budget(report)
+    if ok or not report.quality_judged:
+        return None
+    return f"{recipe}: outside the quality budget ({figures})"
+
+
+def _mb(budget: float | None) -> str:
+    return "none" if budget is None else f"{budget:g} MB"
+
+
 def _bundle_manifest(work: Path, profile: TargetProfile, artifacts, samples: list[Path],
-                     choices: list[RecipeChoice] | None = None) -> dict[str, Any]:
+                     choices: list[RecipeChoice] | None = None, budget_from: str = "profile") -> dict[str, Any]:
     files = sorted(p for p in work.rglob("*") if p.is_file() and p.relative_to(work).as_posix()
                    not in (BUNDLE_MANIFEST, BUNDLE_DIGEST))
     return {
@@ -217,6 +244,7 @@ def _bundle_manifest(work: Path, profile: TargetProfile, artifacts, samples: lis
         "created": now(),
         "rgexport_version": rgexport_version(),
         "target": profile.to_dict(),
+        "memory_budget_from": budget_from,
         "artifacts": [
             {"backend": m["backend"], "recipe": m["recipe"]["name"], "folder": folder.name,
              "file": f"{folder.name}/{m['artifact']['file']}", "bytes": m["artifact"]["total_bytes"],
@@ -399,4 +427,5 @@ def validate_bundle(path: Path, checkpoint: str | None = None, tokens: int | Non
                             "peak_rss_bytes": peak, "memory": how, "memory_budget_mb": budget_mb,
                             "within_budget": within})
         passed = all(r["report"].passed and r["within_budget"] for r in results)
-        return {"bundle": str(path), "target": manifest["target"]["name"], "artifacts": results, "passed": passed}
+        return {"bundle": str(path), "target": manifest["target"]["name"], "artifacts": results, "passed": passed,
+                "memory_budget_from": manifest.get("memory_budget_from", "profile")}

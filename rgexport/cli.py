@@ -513,6 +513,10 @@ def build(
     workers: WorkersOpt = None,
     address: AddressOpt = None,
     judge_quality: QualityOpt = None,
+    memory_budget: Annotated[float | None, typer.Option(
+        "--memory-budget", min=1, metavar="MB", help="With a profile: the memory budget in MB (10^6 bytes) that "
+        "each artifact must fit, in place of the profile's memory_budget_mb (a device with more or less memory). "
+        "Recorded in bundle.json; `rgexport validate` checks the bundle against it.")] = None,
 ) -> None:
     """Builds one artifact (--target BACKEND) or an app bundle (--target PROFILE: ios, android, ...):
     load, quantise, export, lower, write, validate, manifest. Other libraries' output goes to build.log."""
@@ -541,7 +545,8 @@ def build(
         from rgexport.executors import make_executor
 
         with make_executor(workers, address) as executor:
-            bundle = build_bundle(profile, opts, Stages(err), archive=archive, executor=executor)
+            bundle = build_bundle(profile, opts, Stages(err), archive=archive, executor=executor,
+                                  memory_budget_mb=memory_budget)
         if as_json:
             out.print_json(json.dumps({"out": str(bundle.out), "archive": str(bundle.archive) if bundle.archive
                                        else None, "bundle": bundle.manifest}, default=str))
@@ -553,6 +558,9 @@ def build(
         return
     if archive:
         raise RgexportError("--archive applies to bundles (--target ios, android, ...)")
+    if memory_budget is not None:
+        raise RgexportError("--memory-budget applies to bundles (--target ios, android, ...): one artifact has no "
+                            "budget; `rgexport validate DIR` measures its peak memory")
     if workers or address:
         raise RgexportError("--workers and --address apply to bundles (--target ios, android, ...) and to "
                             "`rgexport evaluate`; one artifact is one build")
@@ -668,8 +676,9 @@ def _validate_bundle(path: Path, checkpoint: str | None, tokens: int | None, as_
             budget = a["memory_budget_mb"]
             verdict = "within" if a["within_budget"] else "OVER"
             how = "" if a["memory"] == "measured" else f" ({a['memory']})"
-            out.print(f"  memory      peak {a['peak_rss_bytes'] / 1e6:.0f} MB{how}, {verdict} the {budget} MB budget",
-                      highlight=False, markup=False)
+            whose = "" if result["memory_budget_from"] == "profile" else f" (set by {result['memory_budget_from']})"
+            out.print(f"  memory      peak {a['peak_rss_bytes'] / 1e6:.0f} MB{how}, {verdict} the {budget} MB "
+                      f"budget{whose}", highlight=False, markup=False)
         out.print(f"bundle {result['target']}: {'PASSED' if result['passed'] else 'FAILED'}", highlight=False)
     if not result["passed"]:
         raise typer.Exit(1)

@@ -423,6 +423,17 @@ def write_samples(bundle: Path, profile: TargetProfile, artifacts: list[tuple[Pa
     return [*written, guide]
 
 
+def shipped_files(manifest: dict[str, Any]) -> list[str]:
+    """The files an app ships for an artifact: its main file (or package folder) and every file beside it
+    (ExecuTorch's `model.ptd`, ONNX's `prefill.onnx` and `weights.bin`); not a package's inner files, nor the
+    tokenizer, which the bundle holds once."""
+    main = manifest["artifact"]["file"]
+    tokenizer = (manifest.get("tokenizer") or {}).get("file")
+    rest = [f["path"] for f in manifest["artifact"]["files"]
+            if f["path"] not in (main, tokenizer) and not f["path"].startswith(main + "/")]
+    return [main, *rest]
+
+
 def integration_guide(profile: TargetProfile, artifacts, samples: list[Path], bundle: Path) -> str:
     lines = [
         f"# {profile.name}: integration guide",
@@ -437,7 +448,8 @@ def integration_guide(profile: TargetProfile, artifacts, samples: list[Path], bu
     ]
     for folder, m in artifacts:
         st = m["io"]["state"]
-        lines.append(f"| `{folder.name}/` | {m['backend']} / {m['recipe']['name']} | `{m['artifact']['file']}` | "
+        files = " + ".join(f"`{f}`" for f in shipped_files(m))
+        lines.append(f"| `{folder.name}/` | {m['backend']} / {m['recipe']['name']} | {files} | "
                      f"{m['artifact']['total_bytes']:,} | {st['total_bytes']:,} bytes, {st['placement']} | "
                      f"{m['validation']['status']} |")
     lines += ["", "## Driving an artifact", ""]

@@ -121,9 +121,38 @@ def test_an_app_bundle_at_2b_stops_before_loading_anything(target, budget, needs
     monkeypatch.setattr(rgexport.checkpoint, "random_checkpoint", lambda *a, **k: pytest.fail("model loaded"))
     opts = BuildOptions(backend=target, out=tmp_path / "b", preset="recurrentgemma-2b", random_weights=True)
     with pytest.raises(RgexportError, match=rf"no executorch recipe fits the {budget} MB memory budget: the "
-                                            rf"smallest, int4, needs at least {needs} MB while it loads"):
+                                            rf"smallest, int4, needs at least {needs} MB while it loads") as e:
         build_bundle(resolve_target(target), opts)
+    assert "raise the budget (--memory-budget MB" in str(e.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_budget_given_for_the_bundle_replaces_the_profiles(tmp_path):
+    """`--memory-budget` (build_bundle's `memory_budget_mb`): a device with more memory than the profile
+    assumes. Nothing fits the profile's 1 MB; 500 MB holds ONNX int8 of the shipped model. bundle.json records
+    the budget used and where it came from, and `rgexport validate` checks the bundle against it."""
+    import json
+
+    from rgexport.bundle import validate_bundle
+
+    profile = _profile(tmp_path, 1)
+    opts = BuildOptions(backend="onnx", out=tmp_path / "b", validation_tokens=32)
+    with pytest.raises(RgexportError, match="no onnx recipe fits the 1 MB memory budget"):
+        build_bundle(profile, opts)
+    for bad in (0, -5, True, "500"):
+        with pytest.raises(RgexportError, match="give a positive number of MB"):
+            build_bundle(profile, opts, memory_budget_mb=bad)
+    assert not (tmp_path / "b").exists()
+    build_bundle(profile, opts, memory_budget_mb=500)
+    manifest = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert manifest["target"]["memory_budget_mb"] == 500
+    assert manifest["memory_budget_from"] == "--memory-budget (the profile's: 1 MB)"
+    assert [a["recipe"] for a in manifest["artifacts"]] == ["int8"]  # the profile's recipe: nothing passed over
+    assert "500 MB peak" in (tmp_path / "b" / "INTEGRATION.md").read_text()
+    result = validate_bundle(tmp_path / "b", tokens=32)
+    assert result["passed"] and result["memory_budget_from"].startswith("--memory-budget")
+    assert [a["memory_budget_mb"] for a in result["artifacts"]] == [500]
+    assert all(a["within_budget"] and a["peak_rss_bytes"] < 500e6 for a in result["artifacts"])
 
 
 def test_a_stand_in_runner_is_not_what_the_budget_measures(tmp_path):
@@ -148,3 +177,24 @@ def test_a_stand_in_runner_is_not_what_the_budget_measures(tmp_path):
     from rgexport.bundle import peak_memory_of
 
     assert peak_memory_of(result.out / "coreml-fp16", 8) > 150e6  # the interpreter's own fresh process
+
+
+def test_a_smaller_recipe_is_held_to_the_quality_budget_only_where_quality_is_judged():
+    """A smaller recipe must pass the quality budget against float32, except where the build judges by the own
+    quantised model instead (random weights, --no-judge-quality): there agreement with float32 measures the
+    weights' randomness (a transformers-initialised 2B folder: top-1 15.6 % for an artifact that matched its own
+    model), and bundle.json records that it was not judged."""
+    from rgexport.bundle import smaller_recipe_quality
+    from rgexport.validate import ValidationReport
+
+    def report(ppl_ratio, top1, judged):
+        return ValidationReport("onnx", "int4", 32, {"ppl_ratio": ppl_ratio, "top1_agreement": top1}, {}, [], None,
+                                0, None, [], quality_judged=judged)
+
+    far, near = report(1.6, 0.156, True), report(1.01, 0.97, True)
+    choice = RecipeChoice("onnx", "int8")
+    assert smaller_recipe_quality(choice, "int4", far).startswith("int4: outside the quality budget (perplexity x1.600")
+    assert choice.quality_judged is True
+    assert smaller_recipe_quality(choice, "int4", near) is None and choice.quality_judged is True
+    assert smaller_recipe_quality(choice, "int4", report(1.6, 0.156, False)) is None
+    assert choice.quality_judged is False and choice.to_dict()["quality_judged"] is False

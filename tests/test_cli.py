@@ -40,6 +40,7 @@ def test_info_json_is_data():
         (["build", "--target", "executorch", "--recipe", "int4", "--option", "head_bits=3", "--out", "/nonexistent/x"],
          "option head_bits is 3; expected 4 or 8"),
         (["build", "--target", "android", "--option", "opset=21"], "--option applies to one backend"),
+        (["build", "--target", "onnx", "--memory-budget", "4000"], "--memory-budget applies to bundles"),
     ],
 )
 def test_bad_input_gets_one_clear_line(args, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,16 @@ def test_executorch_samples_with_a_shared_table(small_config):
     assert "Module(filePath: path, dataFilePaths: [dataPath])" in code and "`model.ptd`" in code
     with pytest.raises(RgexportError, match="share_table=false"):
         kotlin_executorch("executorch-int4", manifest)
+    # The bundle's guide names both files an app ships.
+    from rgexport.profiles import resolve_target
+    from rgexport.samples import integration_guide
+
+    files = [{"path": "model.pte"}, {"path": "model.ptd"}, {"path": "tokenizer.model"}]
+    manifest["artifact"] |= {"total_bytes": 1, "files": files}
+    manifest["tokenizer"]["file"] = "tokenizer.model"
+    manifest["validation"] = {"status": "passed"}
+    guide = integration_guide(resolve_target("ios"), [(Path("executorch-int4"), manifest)], [], Path("b"))
+    assert "| `executorch-int4/` | executorch / int4 | `model.pte` + `model.ptd` |" in guide
     del manifest["backend_facts"]
     assert "dataFilePaths" not in swift_executorch("executorch-int4", manifest)
 
