@@ -36,7 +36,6 @@ from rgexport.budget import MB, RecipeChoice, plan, within_quality_budget
 from rgexport.build import BuildError, BuildOptions, _move_into_place, make_work_dir, weights_source
 from rgexport.errors import RgexportError
 from rgexport.manifest import file_entries, now, rgexport_version, sha256_file
-from rgexport.memory import release_freed
 from rgexport.profiles import TargetProfile
 from rgexport.progress import StageFailed, Stages
 
@@ -69,9 +68,10 @@ def build_bundle(
 
     budget_from = "profile"
     if memory_budget_mb is not None:
-        if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, int | float) or memory_budget_mb <= 0:
+        if not _is_budget(memory_budget_mb):
             raise RgexportError(f"the memory budget is {memory_budget_mb!r} MB; give a positive number of MB")
-        budget_from = f"--memory-budget (the profile's: {_mb(profile.memory_budget_mb)})"
+        was = "none" if profile.memory_budget_mb is None else f"{profile.memory_budget_mb:g} MB"
+        budget_from = f"--memory-budget (the profile's: {was})"
         profile = dataclasses.replace(profile, memory_budget_mb=memory_budget_mb)
 
     executor = executor or InProcessExecutor()
@@ -191,7 +191,6 @@ def _build_fitting(profile: TargetProfile, opts: BuildOptions, config: Any, ckpt
             if judged and recipe != choice.asked:
                 reason = smaller_recipe_quality(choice, recipe, result.report)
             if judged and reason is None and budget_mb is not None:
-                release_freed()  # the measuring process runs beside this one: hand back what the builds freed
                 with stages.stage("memory", f"{spec.backend} / {recipe}, {result.report.tokens} tokens"):
                     peak, how = memory_of(result.out, result.report.tokens)
                 if peak > budget_mb * MB:
@@ -230,8 +229,9 @@ def smaller_recipe_quality(choice: RecipeChoice, recipe: str, report: Any) -> st
     return f"{recipe}: outside the quality budget ({figures})"
 
 
-def _mb(budget: float | None) -> str:
-    return "none" if budget is None else f"{budget:g} MB"
+def _is_budget(value: Any) -> bool:
+    """A memory budget in MB: a positive number (not a bool, which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def _bundle_manifest(work: Path, profile: TargetProfile, artifacts, samples: list[Path],
@@ -315,7 +315,7 @@ def read_bundle(folder: Path, shown: Path | None = None) -> dict[str, Any]:
     target = field("target", dict)
     field("name", str, target, "target.name")
     budget = target.get("memory_budget_mb")
-    if budget is not None and (not isinstance(budget, int | float) or isinstance(budget, bool) or budget <= 0):
+    if budget is not None and not _is_budget(budget):
         raise RgexportError(f"{where}: 'target.memory_budget_mb' is {budget!r}, expected a positive number")
     listed = set()
     for i, entry in enumerate(field("files", list)):

@@ -26,17 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-# Bits per weight of each recipe's weights; 4-bit recipes add a float32 scale per 32 weights (issue 16's ideal:
-# parameters x bits / 8 plus scales, the tied embedding counted once).
-RECIPE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "w8a8": 8, "w8": 8, "int4": 4, "w4": 4}
+from rgexport.backends.base import RECIPE_BITS
+
 GOALS = {"limit_2t_default": 60.0, "limit_2t_best": 75.0, "prefill_x": 5.0, "bytes_x": 1.1, "build_min": 10.0}
 
 
 def ideal_bytes(parameters: int, recipe: str) -> float | None:
+    """Issue 16's ideal: parameters x the recipe's bits / 8, plus a float32 scale per 32 weights for 4-bit
+    recipes, the tied embedding counted once."""
     bits = RECIPE_BITS.get(recipe)
     if bits is None:
         return None
-    return parameters * (bits / 8 + (4 / 32 if bits == 4 else 0))
+    return parameters * (bits / 8 + (4 / 32 if recipe in ("int4", "w4") else 0))
 
 
 def time_v(log: str) -> tuple[float | None, int | None]:
