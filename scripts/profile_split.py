@@ -518,11 +518,17 @@ def _xnn_recurrent(seg: list[int], kinds: list[str], comp: list[str]) -> bool:
 def _xnn_attention(seg: list[int], kinds: list[str], comp: list[str]) -> bool:
     fc = [i for i in seg if kinds[i].startswith("Fully Connected")]
     bmm = [i for i in seg if kinds[i].startswith("Batch Matrix Multiply")]
-    if len(fc) != 4 or len(bmm) < 3 or not bmm[1] < fc[3]:
+    if len(fc) != 4 or len(bmm) < 4 or not bmm[3] < fc[3]:
         return False
-    # After the second batch matmul (probabilities x values) and its reshapes: the ring-buffer write.
+    # Scores over the cache and over the chunk, then probabilities x values over each (four batch matmuls),
+    # their sum and its reshapes; what follows, up to the output projection, is the ring-buffer write
+    # (rgexport.model.blocks: RingBuffer runs before proj_final).
     layout = ("Static Reshape", "Transpose", "Copy")
-    w = bmm[1] + 1
+    w = bmm[3] + 1
+    while w < fc[3] and kinds[w].startswith(layout):
+        w += 1
+    if w < fc[3] and kinds[w].startswith("Add"):
+        w += 1
     while w < fc[3] and kinds[w].startswith(layout):
         w += 1
     for i in seg:

@@ -146,3 +146,72 @@ def test_prefill_graph_has_no_step_per_token(small_model):
         return sum(n.op == "call_function" for n in ep.graph.nodes)
 
     assert nodes(16) < 1.5 * nodes(2)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_local_attention_is_the_dense_window_over_the_whole_history(kv_heads, small_config):
+    """The ring-buffer attention, fed in chunks of uneven sizes across three wraps, against attention written
+    plainly: every query at position p attends to the keys of positions p - w .. p, kept in a growing list."""
+    import dataclasses
+
+    from rgexport.model.blocks import LocalAttentionBlock
+
+    config = dataclasses.replace(small_config, num_heads=4, num_kv_heads=kv_heads, attention_window_size=8)
+    torch.manual_seed(0)
+    block = LocalAttentionBlock(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    w, hd, groups = config.attention_window_size, config.head_dim, config.num_heads // kv_heads
+    total = 3 * w + 3
+    x = torch.randn(1, total, config.width)
+    positions = torch.arange(total, dtype=torch.float32)[None]
+    with torch.no_grad():
+        q = block.rope(block.proj_q(x).reshape(1, total, config.num_heads, hd), positions)
+        k = block.rope(block.proj_k(x).reshape(1, total, kv_heads, hd), positions)
+        v = block.proj_v(x).reshape(1, total, kv_heads, hd)
+        want = torch.empty(1, total, config.num_heads, hd)
+        for p in range(total):
+            seen = slice(max(0, p - w), p + 1)
+            for h in range(config.num_heads):
+                scores = (k[0, seen, h // groups] @ q[0, p, h]) * hd**-0.5
+                want[0, p, h] = torch.softmax(scores, dim=0) @ v[0, seen, h // groups]
+        want = block.proj_final(want.reshape(1, total, -1))
+
+        keys = torch.randn(1, w, kv_heads * hd)  # garbage: position 0 must mask every slot
+        values = torch.randn(1, w, kv_heads * hd)
+        got, at = [], 0
+        for size in (1, 3, 8, 1, 1, 5, 2, 5, 1):
+            out, keys, values = block(x[:, at:at + size], positions[:, at:at + size], keys, values)
+            got.append(out)
+            at += size
+        assert at == total
+    torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_the_kv_cache_is_read_where_it_lies(small_model, small_config, chunk):
+    """No transpose, concat or copy of a K/V cache in the exported graphs: only views of it reach the ops
+    that read it (the scores and output matmuls, the ring-buffer blend). A transposed or concatenated
+    2048-slot cache cost ExecuTorch ~20 ms a step at RecurrentGemma-2B shapes (notes/perf.md)."""
+    from rgexport.graphs import DecodeIO, PrefillIO
+
+    io = DecodeIO(small_model) if chunk == 1 else PrefillIO(small_model, chunk)
+    ep = torch.export.export(io, io.example_inputs(), strict=False)
+    ep = ep.run_decompositions()
+    state_inputs = ep.graph_signature.user_inputs[2:]  # after (token, position): the state, in spec order
+    caches = {name for name, s in zip(state_inputs, state_spec(small_config)) if s.kind in ("keys", "values")}
+    graph = ep.graph
+    views = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+             torch.ops.aten.alias.default}
+    readers = set()
+    frontier = [n for n in graph.nodes if n.op == "placeholder" and n.name in caches]
+    assert len(frontier) == len(caches)
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.target in views:
+                frontier.append(user)
+            elif user.op != "output":
+                readers.add(user.target)
+    assert readers <= {torch.ops.aten.bmm.default, torch.ops.aten.mul.Tensor}, readers
+    assert torch.ops.aten.bmm.default in readers

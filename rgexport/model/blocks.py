@@ -48,12 +48,56 @@ class RecurrentBlock(nn.Module):
         return self.linear_out(x * y), rg_lru_state, conv1d_state
 
 
+def _per_kv_head(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[b n kvh hd] -> [b*kvh n hd]: each K/V head's rows together. A reshape alone where there is one K/V
+    head (every RecurrentGemma and Griffin preset): the 2048-slot cache is then read where it lies."""
+    b, n, _, hd = x.shape
+    if kv_heads == 1:
+        return x.reshape(b, n, hd)
+    return x.transpose(1, 2).reshape(b * kv_heads, n, hd)
+
+
+class RingBuffer(nn.Module):
+    """Writes a chunk's keys and values into the ring buffers: position p goes to slot p % w.
+
+    A one-hot blend (no scatter, see layers.py). A decode step (one token) blends by a broadcast product, one
+    pass over each cache; a chunk adds onehot^T @ new. At RecurrentGemma-2B shapes the product form made
+    ExecuTorch's step 3.6 ms faster than the matmul form (notes/perf.md).
+    """
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(
+        self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [b t]; keys, values [b w kv]; k, v [b t kv] -> the new (keys, values)."""
+        b, t, _ = k.shape
+        w = self.window
+        slots = torch.arange(w, dtype=positions.dtype, device=positions.device)
+        target = _mod(positions, w)  # [b t]
+        onehot = torch.clamp(1.0 - torch.abs(slots - target[:, :, None]), min=0.0)  # [b t w]
+        if t == 1:
+            hot = onehot.reshape(b, w, 1)
+            return keys * (1.0 - hot) + hot * k, values * (1.0 - hot) + hot * v
+        keep = (1.0 - onehot.sum(dim=1))[:, :, None]  # [b w 1]
+        into = onehot.transpose(1, 2)  # [b w t]
+        return keys * keep + torch.bmm(into, k), values * keep + torch.bmm(into, v)
+
+
 class LocalAttentionBlock(nn.Module):
     """Local (sliding-window) multi-query attention over a ring buffer of the last `w` keys and values.
 
     A query at position q attends to positions q - w .. q: the `w` cached ones and itself (DeepMind's
     convention; Hugging Face's window of w covers q - w + 1 .. q). Key and value of position p live in
     slot p % w.
+
+    The cache is never transposed or concatenated with the chunk: scores are `cache @ q^T` (the cache as the
+    left operand, as it lies) beside the chunk's own `q @ k^T`, one softmax over both, and the output is the
+    sum of the two probability x value products. Each 2048-slot cache is read once by each product; at
+    RecurrentGemma-2B shapes this took eight attention blocks in ExecuTorch from 54.3 to 34.8 ms a step
+    (notes/perf.md), where the einsum form transposed and copied every cache.
     """
 
     def __init__(self, config: GriffinConfig):
@@ -68,6 +112,7 @@ class LocalAttentionBlock(nn.Module):
         self.proj_v = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.proj_final = nn.Linear(config.num_heads * hd, d, bias=True)
         self.rope = RotaryEmbedding(config.rope_dim, config.rope_theta)
+        self.ring_buffer = RingBuffer(self.window)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
@@ -77,15 +122,22 @@ class LocalAttentionBlock(nn.Module):
         groups = self.num_heads // kvh
         if t > w:
             raise ValueError(f"A chunk of {t} tokens is longer than the attention window {w}")
-        q = self.rope(self.proj_q(x).reshape(b, t, self.num_heads, hd), positions)
+        q = self.rope(self.proj_q(x).reshape(b, t, self.num_heads, hd), positions) * (hd**-0.5)
         k = self.rope(self.proj_k(x).reshape(b, t, kvh, hd), positions)
         v = self.proj_v(x).reshape(b, t, kvh, hd)
 
-        # Query heads grouped against their K/V head: [b t kvh g hd].
-        q = q.reshape(b, t, kvh, groups, hd) * (hd**-0.5)
-        all_k = torch.cat([keys.reshape(b, w, kvh, hd), k], dim=1)  # [b w+t kvh hd]
-        all_v = torch.cat([values.reshape(b, w, kvh, hd), v], dim=1)
-        scores = torch.einsum("btkgh,bskh->bkgts", q, all_k)
+        # Each K/V head's queries as rows (token, group): [b*kvh t*g hd].
+        if kvh == 1:
+            q = q.reshape(b, t * groups, hd)
+        else:
+            q = q.reshape(b, t, kvh, groups, hd).transpose(1, 2).reshape(b * kvh, t * groups, hd)
+        cached_k, cached_v = _per_kv_head(keys.reshape(b, w, kvh, hd), kvh), _per_kv_head(
+            values.reshape(b, w, kvh, hd), kvh
+        )
+        chunk_k, chunk_v = _per_kv_head(k, kvh), _per_kv_head(v, kvh)
+        scores = torch.cat(
+            [torch.bmm(cached_k, q.transpose(1, 2)).transpose(1, 2), torch.bmm(q, chunk_k.transpose(1, 2))], dim=-1
+        )  # [b*kvh t*g w+t]
 
         # Validity of each key for each query, as float arithmetic on positions.
         start = positions[:, :1]  # [b 1]
@@ -96,16 +148,15 @@ class LocalAttentionBlock(nn.Module):
         )  # [b t w]
         causal = torch.ones(t, t, dtype=positions.dtype, device=x.device).tril()
         mask = torch.cat([cache_ok, causal.expand(b, t, t)], dim=-1)  # [b t w+t]
-        scores = scores + (1.0 - mask)[:, None, None] * _MASK_VALUE
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.einsum("bkgts,bskh->btkgh", probs, all_v).reshape(b, t, self.num_heads * hd)
+        scores = scores.reshape(b, kvh, t, groups, w + t) + (1.0 - mask)[:, None, :, None, :] * _MASK_VALUE
+        probs = torch.softmax(scores, dim=-1).reshape(b * kvh, t * groups, w + t)
+        out = torch.bmm(probs[:, :, :w], cached_v) + torch.bmm(probs[:, :, w:], chunk_v)  # [b*kvh t*g hd]
+        if kvh == 1:
+            out = out.reshape(b, t, self.num_heads * hd)
+        else:
+            out = out.reshape(b, kvh, t, groups, hd).transpose(1, 2).reshape(b, t, self.num_heads * hd)
 
-        # Write the chunk into the ring buffer with a one-hot blend (no scatter).
-        target = _mod(positions, w)  # [b t]
-        onehot = torch.clamp(1.0 - torch.abs(slots - target[:, :, None]), min=0.0)  # [b t w]
-        keep = 1.0 - onehot.sum(dim=1)  # [b w]
-        keys = keys * keep[:, :, None] + torch.bmm(onehot.transpose(1, 2), k.reshape(b, t, kvh * hd))
-        values = values * keep[:, :, None] + torch.bmm(onehot.transpose(1, 2), v.reshape(b, t, kvh * hd))
+        keys, values = self.ring_buffer(positions, keys, values, k.reshape(b, t, kvh * hd), v.reshape(b, t, kvh * hd))
         return self.proj_final(out), keys, values
 
 

@@ -47,8 +47,8 @@ from rgexport.model import TensorSpec, identifier
 
 # Groups of the ops coremltools' activation passes can quantise (`linear` and two-input `add`).
 LINEAR_GROUPS = ("mlp", "recurrent_proj", "attention_proj", "head")
-ADD_GROUPS = ("residual", "gelu", "rope", "attention_mask", "ring_write", "conv1d", "rglru", "positions", "norm",
-              "other")
+ADD_GROUPS = ("residual", "gelu", "rope", "attention_mask", "attention_out", "ring_write", "conv1d", "rglru",
+              "positions", "norm", "other")
 
 # The w8a8 decision (measured: notes/coreml.md, `SENSITIVITY`): int8 activations around every linear
 # layer (the ops that carry the weights and that the Neural Engine runs as int8 x int8); the adds stay float.
@@ -63,6 +63,8 @@ FLOAT_GROUPS = {
              "suffix pass cannot quantise (it makes an fp16 scale for an fp32 tensor: ValueError)",
     "conv1d": "the Conv1D sums over its state: a float32 island (same ValueError)",
     "positions": "position arithmetic (float32 island: masks, rotary angles, slots): not activations",
+    "attention_out": "the sum of attention over the cache and over the chunk (probabilities x values): no "
+                     "weights",
     "ring_write": "the one-hot blend writing keys/values into the state: no weights (alone harmless, KL 1.4e-4)",
     "rope": "the rotary embedding's x cos + rot(x) sin: no weights (alone harmless, KL 1.3e-4)",
     "norm": "RMSNorm (its adds have a constant operand: nothing to quantise)",
@@ -134,8 +136,10 @@ def classify(op: Any) -> str | None:
         return "positions"  # the other float32 island: ops computed from the position input
     if "mlp_block" in path or "recurrent_block" in path:
         return "gelu"
+    if "ring_buffer" in path:
+        return "ring_write"
     if "attention_block" in path:
-        return "attention_mask" if scope[-1].startswith("scores") else "ring_write"
+        return "attention_mask" if scope[-1].startswith("scores") else "attention_out"
     if len(scope) == 2 and scope[0].isdigit():  # a block's own scope: x = x + block(x)
         return "residual"
     return "other"

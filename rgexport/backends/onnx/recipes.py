@@ -641,9 +641,10 @@ QDQ_GROUPS = {
     "recurrent_linear": "recurrent block linears (linear_x, linear_y, linear_out)",
     "lru_gates": "RG-LRU gate layers (input_gate, a_gate: block-diagonal MatMuls)",
     "attention_proj": "attention projections (proj_q, proj_k, proj_v, proj_final)",
-    "attention_scores": "attention scores and softmax over the cached keys (Einsum, Softmax)",
-    "ring_write": "the ring-buffer write of the new key/value into the cache state (one-hot MatMul)",
-    "attention_other": "attention mask addition, cache concat and blend",
+    "attention_scores": "attention scores, softmax and probabilities x values over the cache and the chunk "
+                        "(MatMul, Softmax)",
+    "ring_write": "the ring-buffer write of the new key/value into the cache state (one-hot blend)",
+    "attention_other": "attention mask addition, the scores' concat, the two outputs' sum",
     "rope": "rotary embedding",
     "rglru": "the RG-LRU recurrence (sigmoid/exp gates, h = a * h + x on the state)",
     "conv1d": "the Conv1D over the conv state",
@@ -674,7 +675,7 @@ _LINEAR_GROUPS = {"linear_x": "recurrent_linear", "linear_y": "recurrent_linear"
                   "proj_k": "attention_proj", "proj_v": "attention_proj", "proj_final": "attention_proj"}
 _CLASS_GROUPS = {"BlockDiagonalLinear": "lru_gates", "RGLRU": "rglru", "Conv1D": "conv1d", "RMSNorm": "norms",
                  "RotaryEmbedding": "rope", "MLPBlock": "gating", "RecurrentBlock": "gating",
-                 "ResidualBlock": "residual"}
+                 "ResidualBlock": "residual", "RingBuffer": "ring_write"}
 
 
 def _literal_list(node, key: str) -> list[str]:
@@ -711,8 +712,7 @@ def qdq_groups(model) -> dict[str, str]:
         elif owner in _CLASS_GROUPS:
             group = _CLASS_GROUPS[owner]
         elif owner == "LocalAttentionBlock":
-            group = {"Einsum": "attention_scores", "Softmax": "attention_scores",
-                     "MatMul": "ring_write"}.get(node.op_type, "attention_other")
+            group = {"MatMul": "attention_scores", "Softmax": "attention_scores"}.get(node.op_type, "attention_other")
         elif node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
             group = "embedding"
         elif node.name in heads or (node.op_type in ("MatMul", "Gemm") and len(scopes) <= 2):
