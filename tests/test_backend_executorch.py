@@ -215,14 +215,41 @@ REWRITTEN_OPS = ("aten.mean.dim", "aten.select_copy.int", "aten.unsqueeze_copy",
 LEFT_OUTSIDE = {"aten.embedding", "dim_order_ops._to_dim_order_copy"}
 
 
+# Decode also writes each K/V cache in place: the slot (position % window, cast to int64) and the row put.
+IN_PLACE_WRITE = {"aten.index_put", "aten.remainder.Scalar"}
+
+
 def test_rewrites_leave_only_the_gather_and_input_casts_outside_xnnpack(fp32_build):
     _, _, ctx = fp32_build
     assert ctx.facts["xnnpack_rewrites"] == list(executorch_rewrites.REWRITES)
-    for method, left in (("decode", LEFT_OUTSIDE), ("prefill", LEFT_OUTSIDE | {"aten.sum.dim_IntList"})):
+    for method, left in (("decode", LEFT_OUTSIDE | IN_PLACE_WRITE),
+                         ("prefill", LEFT_OUTSIDE | {"aten.sum.dim_IntList"})):
         d = ctx.facts["delegation"][method]
         assert not set(REWRITTEN_OPS) & set(d["non_delegated"]), (method, d["non_delegated"])
         assert set(d["non_delegated"]) <= left, (method, d["non_delegated"])
         assert d["partitions"] <= 4, (method, d["partitions"])
+
+
+def test_decode_writes_the_kv_caches_in_place(fp32_build, small_config):
+    """Decode puts one row into each K/V cache buffer (`index_put_`) and copies back only the recurrent state;
+    before, every cache was blended over all its slots and copied back whole (notes/perf.md)."""
+    _, _, ctx = fp32_build
+    caches = sum(s.kind in ("keys", "values") for s in state_spec(small_config))
+    assert ctx.facts["kv_cache_decode_write"] == "in place (index_put_)"
+    assert ctx.facts["decode_state_writes"] == {"index_put_": caches, "copy_": len(state_spec(small_config)) - caches}
+
+
+def test_the_in_place_ring_buffer_write_is_the_blend():
+    from rgexport.backends.executorch.export import RingBufferInPlace
+    from rgexport.model.blocks import RingBuffer
+
+    g = torch.Generator().manual_seed(0)
+    blend, put = RingBuffer(16), RingBufferInPlace(16)
+    for position in (0.0, 5.0, 15.0, 16.0, 37.0):
+        args = (torch.tensor([[position]]), *(torch.randn(1, 16, 8, generator=g) for _ in range(2)),
+                *(torch.randn(1, 1, 8, generator=g) for _ in range(2)))
+        for want, got in zip(blend(*args), put(*args)):
+            assert torch.equal(want, got), position
 
 
 def _lower_norm(rewrites):

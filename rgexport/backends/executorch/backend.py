@@ -6,7 +6,10 @@ Stages (each a method below, called in this order by the build pipeline):
    calibrated recipe w8a8 first captures real (tokens, position, state) samples along the fp32 model's
    trajectory over `ctx.calibration_tokens`, one set per method (`executorch_calibration`).
 2. export: `torch.export(strict=False)` of decode (tokens [1, 1]) and prefill (tokens [1, chunk]), plus
-   two small state methods, `reset` (zeroes the state) and `read_state` (returns it).
+   two small state methods, `reset` (zeroes the state) and `read_state` (returns it). fp32 and int4 first
+   give each attention block `RingBufferInPlace`: decode puts the new key and value into one slot
+   (`index_put`), which `to_executorch`'s reinplace pass makes an in-place write of the cache buffer, where
+   the shared model's blend rewrites every slot and ExecuTorch then copies each cache back whole.
 3. lower: `to_edge_transform_and_lower` with the XNNPACK partitioner for decode and prefill, after the
    edge rewrites of `executorch_rewrites` (option `xnnpack_rewrites`, default all) that let XNNPACK take
    the ops it would refuse (RMSNorm's mean, the RG-LRU's selections, weight-only arithmetic), then
@@ -48,6 +51,7 @@ from rgexport.backends.executorch.export import (
     _Prepared,
     _StateMethods,
     _zero_buffers_,
+    cache_writes,
     forget_lowered_graphs,
     head_data_external,
     planned_memory,
@@ -55,6 +59,7 @@ from rgexport.backends.executorch.export import (
     quantised_weights_serialized_once,
     release_delegated_weights,
     serialized_weights_shared,
+    write_caches_in_place,
     xnnpack_passes_that_apply,
 )
 from rgexport.backends.executorch.recipes import (
@@ -393,6 +398,11 @@ class ExecuTorchBackend(Backend):
     def export(self, prepared: _Prepared, ctx: BuildContext) -> dict[str, Any]:
         """ExportedPrograms by method name: decode, prefill, reset, read_state."""
         programs = {}
+        # Decode writes the K/V caches in place where the module is still a StatefulModel (fp32, int4); the
+        # PT2E recipes' captured graphs keep the shared model's blend.
+        swapped = sum(write_caches_in_place(m) for m in {id(m): m for m in prepared.modules.values()}.values()
+                      if isinstance(m, StatefulModel))
+        ctx.facts["kv_cache_decode_write"] = "in place (index_put_)" if swapped else "one-hot blend, copied back"
         with torch.no_grad():
             for method, module in prepared.modules.items():
                 programs[method] = torch.export.export(module, prepared.inputs[method], strict=False)
@@ -441,6 +451,7 @@ class ExecuTorchBackend(Backend):
         ctx.facts["xnnpack_rewrites"] = rewrites
         program = edge.to_executorch(ExecutorchBackendConfig(
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            run_reinplace_pass=True,  # decode's index_put on a cache -> index_put_ into its buffer, no copy_ back
             emit_mutable_buffer_names=True,
             # The gather table beside the head's XNNPACK data: the named data store keeps equal bytes once.
             external_constants=_table_tag if shares_table else False,
@@ -466,6 +477,7 @@ class ExecuTorchBackend(Backend):
         ctx.facts["shared_table_bytes"] = table
 
     def _record_facts(self, program: Any, delegation: dict[str, Any], ctx: BuildContext) -> None:
+        ctx.facts["decode_state_writes"] = cache_writes(program)
         planned = planned_memory(program.executorch_program)
         ctx.facts["planned_memory_bytes"] = planned
         ctx.facts["delegation"] = delegation
