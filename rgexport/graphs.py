@@ -8,6 +8,9 @@ Two ways to carry the decode state across calls; each backend picks the one its 
   them inside the program (ExecuTorch mutable buffers, Core ML `StateType`).
 Tokens and positions are int32 at every boundary: phones' runtimes and LiteRT prefer it and a 2^31
 position limit is far beyond any sequence. Logits are float32.
+
+`put_decode_rows` gives a model the K/V-cache write for a runtime that puts one row in place (ExecuTorch), where
+the shared model blends over every slot.
 """
 
 from __future__ import annotations
@@ -16,6 +19,36 @@ import torch
 from torch import nn
 
 from rgexport.model import Griffin, TensorSpec
+from rgexport.model.blocks import RingBuffer
+
+
+class RowPutRingBuffer(RingBuffer):
+    """A decode step's ring-buffer write (batch 1) as one row put, `index_put(cache, [None, slot], k)`, where
+    `RingBuffer` blends over every slot; a chunk, or a batch, keeps the blend. The same values as the blend,
+    row for row. ExecuTorch's reinplace pass makes it an in-place write of the state buffer (its in-place
+    kernel takes one non-null index only). ONNX Runtime's ScatterND of the same row was no faster than the
+    blend at 2 threads (notes/onnx.md), so ONNX keeps the blend.
+    """
+
+    def forward(
+        self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = k.shape
+        if t != 1 or b != 1:
+            return super().forward(positions, keys, values, k, v)
+        slot = torch.remainder(positions[0], self.window).to(torch.long)  # [1]; positions are integral floats
+        return torch.ops.aten.index_put(keys, [None, slot], k), torch.ops.aten.index_put(values, [None, slot], v)
+
+
+def put_decode_rows(module: nn.Module) -> int:
+    """Gives every attention block of `module` the row-put decode write (`RowPutRingBuffer`); returns how many."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is RingBuffer:
+                setattr(parent, name, RowPutRingBuffer(child.window))
+                swapped += 1
+    return swapped
 
 
 def input_name(spec: TensorSpec) -> str:

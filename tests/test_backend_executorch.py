@@ -239,19 +239,6 @@ def test_decode_writes_the_kv_caches_in_place(fp32_build, small_config):
     assert ctx.facts["decode_state_writes"] == {"index_put_": caches, "copy_": len(state_spec(small_config)) - caches}
 
 
-def test_the_in_place_ring_buffer_write_is_the_blend():
-    from rgexport.backends.executorch.export import RingBufferInPlace
-    from rgexport.model.blocks import RingBuffer
-
-    g = torch.Generator().manual_seed(0)
-    blend, put = RingBuffer(16), RingBufferInPlace(16)
-    for position in (0.0, 5.0, 15.0, 16.0, 37.0):
-        args = (torch.tensor([[position]]), *(torch.randn(1, 16, 8, generator=g) for _ in range(2)),
-                *(torch.randn(1, 1, 8, generator=g) for _ in range(2)))
-        for want, got in zip(blend(*args), put(*args)):
-            assert torch.equal(want, got), position
-
-
 def _lower_norm(rewrites):
     """A lone RMSNorm over [1, t, d], lowered with the given rewrites: (ops outside, program output, input)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

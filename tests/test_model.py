@@ -215,3 +215,19 @@ def test_the_kv_cache_is_read_where_it_lies(small_model, small_config, chunk):
                 readers.add(user.target)
     assert readers <= {torch.ops.aten.bmm.default, torch.ops.aten.mul.Tensor}, readers
     assert torch.ops.aten.bmm.default in readers
+
+
+def test_the_row_put_ring_buffer_write_is_the_blend():
+    """What ExecuTorch exports for decode's cache write: bit for bit the blend, at the first slot, the last, and
+    after wrapping."""
+    from rgexport.graphs import RowPutRingBuffer
+    from rgexport.model.blocks import RingBuffer
+
+    g = torch.Generator().manual_seed(0)
+    blend, put = RingBuffer(16), RowPutRingBuffer(16)
+    for position in (0.0, 5.0, 15.0, 16.0, 37.0):
+        args = (torch.tensor([[position]]), *(torch.randn(1, 16, 8, generator=g) for _ in range(2)),
+                *(torch.randn(1, 1, 8, generator=g) for _ in range(2)))
+        for i, (want, got) in enumerate(zip(blend(*args), put(*args))):
+            assert torch.equal(want, got), position
+            assert not torch.equal(got, args[1 + i]), position  # the row was written

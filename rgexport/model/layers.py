@@ -7,7 +7,7 @@ Rules kept here for all backends (each one a silent miscompilation seen on some 
   (litert-torch miscompiled that form: exact at position 0, ~1.0 logit error afterwards).
 - Query heads are grouped against the shared K/V head by reshaping, never `repeat_interleave`.
 - No scatter: the ring buffer is written by a one-hot blend (`blocks.RingBuffer`). A backend whose runtime
-  writes buffers in place may swap in its own write of the same values (ExecuTorch: `RingBufferInPlace`).
+  writes buffers in place may swap in its own write of the same values (ExecuTorch: `graphs.RowPutRingBuffer`).
 Shapes: b = batch, t = tokens in the chunk, d = width, l = lru_width.
 """
 

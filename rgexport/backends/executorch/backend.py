@@ -7,7 +7,7 @@ Stages (each a method below, called in this order by the build pipeline):
    trajectory over `ctx.calibration_tokens`, one set per method (`executorch_calibration`).
 2. export: `torch.export(strict=False)` of decode (tokens [1, 1]) and prefill (tokens [1, chunk]), plus
    two small state methods, `reset` (zeroes the state) and `read_state` (returns it). fp32 and int4 first
-   give each attention block `RingBufferInPlace`: decode puts the new key and value into one slot
+   give each attention block `graphs.RowPutRingBuffer`: decode puts the new key and value into one slot
    (`index_put`), which `to_executorch`'s reinplace pass makes an in-place write of the cache buffer, where
    the shared model's blend rewrites every slot and ExecuTorch then copies each cache back whole.
 3. lower: `to_edge_transform_and_lower` with the XNNPACK partitioner for decode and prefill, after the
@@ -59,7 +59,6 @@ from rgexport.backends.executorch.export import (
     quantised_weights_serialized_once,
     release_delegated_weights,
     serialized_weights_shared,
-    write_caches_in_place,
     xnnpack_passes_that_apply,
 )
 from rgexport.backends.executorch.recipes import (
@@ -75,7 +74,7 @@ from rgexport.backends.executorch.recipes import (
 )
 from rgexport.backends.executorch.runner import ExecuTorchRunner
 from rgexport.errors import RgexportError
-from rgexport.graphs import StatefulModel
+from rgexport.graphs import StatefulModel, put_decode_rows
 from rgexport.model import Griffin, TensorSpec
 
 
@@ -400,7 +399,7 @@ class ExecuTorchBackend(Backend):
         programs = {}
         # Decode writes the K/V caches in place where the module is still a StatefulModel (fp32, int4); the
         # PT2E recipes' captured graphs keep the shared model's blend.
-        swapped = sum(write_caches_in_place(m) for m in {id(m): m for m in prepared.modules.values()}.values()
+        swapped = sum(put_decode_rows(m) for m in {id(m): m for m in prepared.modules.values()}.values()
                       if isinstance(m, StatefulModel))
         ctx.facts["kv_cache_decode_write"] = "in place (index_put_)" if swapped else "one-hot blend, copied back"
         with torch.no_grad():

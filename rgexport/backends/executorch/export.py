@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from rgexport.model import TensorSpec
-from rgexport.model.blocks import RingBuffer
 
 ARTIFACT_FILE = "model.pte"
 # The named data file beside it (int4's shared table and head): `DATA_TAG + ".ptd"`, as ExecuTorch names it.
@@ -63,36 +62,6 @@ class _Prepared:
     modules: dict[str, nn.Module]  # decode, prefill (the same StatefulModel unless PT2E split them)
     inputs: dict[str, tuple[torch.Tensor, ...]]
     specs: list[TensorSpec]
-
-class RingBufferInPlace(RingBuffer):
-    """A decode step's ring-buffer write (batch 1) as one row put (`index_put`) where the shared model blends: with
-    `ExecutorchBackendConfig(run_reinplace_pass=True)` ExecuTorch writes that row into the state buffer in
-    place, so decode neither blends over the 2048 slots of each cache nor copies the caches back into their
-    buffers. A chunk (prefill) keeps the blend. The same function as `RingBuffer`, row for row.
-    """
-
-    def forward(
-        self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t, _ = k.shape
-        if t != 1 or b != 1:
-            return super().forward(positions, keys, values, k, v)
-        # One index tensor, on the slot axis: the only form ExecuTorch 1.5.1's in-place index_put_ kernel takes
-        # ("only supports a single non-null index tensor").
-        slot = torch.remainder(positions[0], self.window).to(torch.long)  # [1]; positions are integral floats
-        return (torch.ops.aten.index_put(keys, [None, slot], k), torch.ops.aten.index_put(values, [None, slot], v))
-
-
-def write_caches_in_place(module: nn.Module) -> int:
-    """Gives every attention block of `module` the in-place decode write; returns how many."""
-    swapped = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is RingBuffer:
-                setattr(parent, name, RingBufferInPlace(child.window))
-                swapped += 1
-    return swapped
-
 
 def cache_writes(program: Any, method: str = "decode") -> dict[str, int]:
     """The emitted `method`'s state writes: in-place row puts (`index_put_`) and whole-tensor copies (`copy_`)."""
