@@ -40,15 +40,12 @@ class RowPutRingBuffer(RingBuffer):
         return torch.ops.aten.index_put(keys, [None, slot], k), torch.ops.aten.index_put(values, [None, slot], v)
 
 
-def put_decode_rows(module: nn.Module) -> int:
-    """Gives every attention block of `module` the row-put decode write (`RowPutRingBuffer`); returns how many."""
-    swapped = 0
+def put_decode_rows(module: nn.Module) -> None:
+    """Gives every attention block of `module` the row-put decode write (`RowPutRingBuffer`)."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is RingBuffer:
                 setattr(parent, name, RowPutRingBuffer(child.window))
-                swapped += 1
-    return swapped
 
 
 def input_name(spec: TensorSpec) -> str:

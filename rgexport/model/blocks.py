@@ -49,12 +49,21 @@ class RecurrentBlock(nn.Module):
 
 
 def _per_kv_head(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[b n kvh hd] -> [b*kvh n hd]: each K/V head's rows together. A reshape alone where there is one K/V
+    """[b n kvh d] -> [b*kvh n d]: each K/V head's rows together. A reshape alone where there is one K/V
     head (every RecurrentGemma and Griffin preset): the 2048-slot cache is then read where it lies."""
-    b, n, _, hd = x.shape
+    b, n, _, d = x.shape
     if kv_heads == 1:
-        return x.reshape(b, n, hd)
-    return x.transpose(1, 2).reshape(b * kv_heads, n, hd)
+        return x.reshape(b, n, d)
+    return x.transpose(1, 2).reshape(b * kv_heads, n, d)
+
+
+def _from_kv_heads(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The inverse of `_per_kv_head`, flattened: [b*kvh n d] -> [b n kvh*d]."""
+    bk, n, d = x.shape
+    b = bk // kv_heads
+    if kv_heads == 1:
+        return x.reshape(b, n, d)
+    return x.reshape(b, kv_heads, n, d).transpose(1, 2).reshape(b, n, kv_heads * d)
 
 
 class RingBuffer(nn.Module):
@@ -127,13 +136,9 @@ class LocalAttentionBlock(nn.Module):
         v = self.proj_v(x).reshape(b, t, kvh, hd)
 
         # Each K/V head's queries as rows (token, group): [b*kvh t*g hd].
-        if kvh == 1:
-            q = q.reshape(b, t * groups, hd)
-        else:
-            q = q.reshape(b, t, kvh, groups, hd).transpose(1, 2).reshape(b * kvh, t * groups, hd)
-        cached_k, cached_v = _per_kv_head(keys.reshape(b, w, kvh, hd), kvh), _per_kv_head(
-            values.reshape(b, w, kvh, hd), kvh
-        )
+        q = _per_kv_head(q.reshape(b, t, kvh, groups * hd), kvh).reshape(b * kvh, t * groups, hd)
+        cached_k = _per_kv_head(keys.reshape(b, w, kvh, hd), kvh)
+        cached_v = _per_kv_head(values.reshape(b, w, kvh, hd), kvh)
         chunk_k, chunk_v = _per_kv_head(k, kvh), _per_kv_head(v, kvh)
         scores = torch.cat(
             [torch.bmm(cached_k, q.transpose(1, 2)).transpose(1, 2), torch.bmm(q, chunk_k.transpose(1, 2))], dim=-1
@@ -151,10 +156,7 @@ class LocalAttentionBlock(nn.Module):
         scores = scores.reshape(b, kvh, t, groups, w + t) + (1.0 - mask)[:, None, :, None, :] * _MASK_VALUE
         probs = torch.softmax(scores, dim=-1).reshape(b * kvh, t * groups, w + t)
         out = torch.bmm(probs[:, :, :w], cached_v) + torch.bmm(probs[:, :, w:], chunk_v)  # [b*kvh t*g hd]
-        if kvh == 1:
-            out = out.reshape(b, t, self.num_heads * hd)
-        else:
-            out = out.reshape(b, kvh, t, groups, hd).transpose(1, 2).reshape(b, t, self.num_heads * hd)
+        out = _from_kv_heads(out.reshape(b * kvh, t, groups * hd), kvh)  # [b t heads*hd]
 
         keys, values = self.ring_buffer(positions, keys, values, k.reshape(b, t, kvh * hd), v.reshape(b, t, kvh * hd))
         return self.proj_final(out), keys, values

@@ -399,9 +399,9 @@ class ExecuTorchBackend(Backend):
         programs = {}
         # Decode writes the K/V caches in place where the module is still a StatefulModel (fp32, int4); the
         # PT2E recipes' captured graphs keep the shared model's blend.
-        swapped = sum(put_decode_rows(m) for m in {id(m): m for m in prepared.modules.values()}.values()
-                      if isinstance(m, StatefulModel))
-        ctx.facts["kv_cache_decode_write"] = "in place (index_put_)" if swapped else "one-hot blend, copied back"
+        for module in prepared.modules.values():
+            if isinstance(module, StatefulModel):
+                put_decode_rows(module)
         with torch.no_grad():
             for method, module in prepared.modules.items():
                 programs[method] = torch.export.export(module, prepared.inputs[method], strict=False)
@@ -476,7 +476,9 @@ class ExecuTorchBackend(Backend):
         ctx.facts["shared_table_bytes"] = table
 
     def _record_facts(self, program: Any, delegation: dict[str, Any], ctx: BuildContext) -> None:
-        ctx.facts["decode_state_writes"] = cache_writes(program)
+        writes = ctx.facts["decode_state_writes"] = cache_writes(program)
+        ctx.facts["kv_cache_decode_write"] = "in place (index_put_)" if writes["index_put_"] else \
+            "one-hot blend, copied back"
         planned = planned_memory(program.executorch_program)
         ctx.facts["planned_memory_bytes"] = planned
         ctx.facts["delegation"] = delegation
