@@ -8,8 +8,10 @@ bandwidth limit at 2 and 1 threads, prefill tokens/s; then issue 16's goals, met
     python scripts/bench_2b.py                                       # ExecuTorch int4 and ONNX int4, random 2B
     python scripts/bench_2b.py --checkpoint /path/to/recurrentgemma-2b
     python scripts/bench_2b.py --artifacts onnx:int4 --out /tmp/b2 --reuse   # bench what is already built
+    python scripts/bench_2b.py --artifacts onnx:int4 onnx:int4:int4_block_size=128   # a build option (-O)
 
-Writes OUT/bench_2b.md and OUT/bench_2b.json, and each build's log beside its folder (OUT/<backend>-<recipe>.log).
+Writes OUT/bench_2b.md and OUT/bench_2b.json, and each build's log beside its folder
+(OUT/<backend>-<recipe>[-<option>-<value>...].log).
 ONNX, ExecuTorch int4 and Core ML w4 build from a stream (2B peaks 5.5-7.5 GiB); TFLite and Core ML's fp16
 load the whole float32 model (10.7 GB) and stop at once at 2B. Core ML runs in rgexport's MIL interpreter off
 macOS: its speed is not a device's, and the table marks it.
@@ -31,13 +33,13 @@ from rgexport.backends.base import RECIPE_BITS
 GOALS = {"limit_2t_default": 60.0, "limit_2t_best": 75.0, "prefill_x": 5.0, "bytes_x": 1.1, "build_min": 10.0}
 
 
-def ideal_bytes(parameters: int, recipe: str) -> float | None:
-    """Issue 16's ideal: parameters x the recipe's bits / 8, plus a float32 scale per 32 weights for 4-bit
-    recipes, the tied embedding counted once."""
+def ideal_bytes(parameters: int, recipe: str, block: int = 32) -> float | None:
+    """Issue 16's ideal: parameters x the recipe's bits / 8, plus a float32 scale per `block` weights for 4-bit
+    recipes (32 unless the build chose another: ONNX's `int4_block_size`), the tied embedding counted once."""
     bits = RECIPE_BITS.get(recipe)
     if bits is None:
         return None
-    return parameters * (bits / 8 + (4 / 32 if recipe in ("int4", "w4") else 0))
+    return parameters * (bits / 8 + (4 / block if recipe in ("int4", "w4") else 0))
 
 
 def time_v(log: str) -> tuple[float | None, int | None]:
@@ -82,7 +84,7 @@ def from_manifest(folder: Path) -> dict:
     return {
         "backend": m["backend"], "recipe": m["recipe"]["name"], "parameters": params,
         "bytes": m["artifact"]["total_bytes"], "files": [f["path"] for f in m["artifact"]["files"]],
-        "ideal_bytes": ideal_bytes(params, m["recipe"]["name"]),
+        "ideal_bytes": ideal_bytes(params, m["recipe"]["name"], m["backend_facts"].get("onnx_int4_block_size", 32)),
         "stages_s": sum(b["stages_seconds"].values()), "peak_rss_bytes": b["peak_rss_bytes"], "peak_stage": peak_stage,
         "validation": v.get("status", "not run"),
         "own_model": {"mean_kl": own["mean_kl"], "top1": own["top1_agreement"]} if own else None,
@@ -108,16 +110,22 @@ def prefill(x: dict) -> str:
 
 def table(rows: list[dict], benches: dict[int, dict]) -> str:
     threads = sorted(benches, reverse=True)
-    bw = ", ".join(f"{benches[t]['machine']['memory_bandwidth_gbs']:.1f} GB/s at {t} thread{'s' * (t > 1)}"
-                   for t in threads)
+    def bandwidth(t: int) -> str:
+        m, rows = benches[t]["machine"], benches[t]["results"]
+        each = [x["read_bandwidth_gbs"] for x in rows if "read_bandwidth_gbs" in x]
+        spread = f" (each artifact's: {', '.join(f'{b:.1f}' for b in each)})" if each else ""
+        copy = f"; a one-thread copy {m['copy_bandwidth_gbs']:.1f}" if "copy_bandwidth_gbs" in m else ""
+        return f"{m['memory_bandwidth_gbs']:.1f} GB/s at {t} thread{'s' * (t > 1)}{spread}{copy}"
+
     ts = " / ".join(str(t) for t in threads)
-    lines = [f"Memory bandwidth measured in each bench run: {bw}.", "",
+    lines = [f"Read bandwidth measured in each bench run, just before and after each artifact (its % of the limit "
+             f"uses the higher): {'; '.join(bandwidth(t) for t in threads)}.", "",
              f"| artifact | bytes (ideal) | build wall | build peak (stage) | validation | read per token "
-             f"| decode ms, {ts} threads | tok/s | % of limit | prefill tok/s (x decode) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        name = f"{r['backend']} / {r['recipe']}"
-        res = {t: next(x for x in benches[t]["results"] if x["name"] == name) for t in threads}
+             f"| decode ms, {ts} threads | tok/s | weights read, GB/s | % of limit | prefill tok/s (x decode) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        name = r["name"]
+        res = {t: benches[t]["results"][i] for t in threads}  # bench keeps the folders' order
         ideal = f"{r['bytes']:,} ({r['ideal_bytes'] / 1e9:.2f} GB: **{r['bytes'] / r['ideal_bytes']:.2f}x**)" \
             if r["ideal_bytes"] else f"{r['bytes']:,}"
         wall = r.get("wall_s") or r["stages_s"]
@@ -129,10 +137,11 @@ def table(rows: list[dict], benches: dict[int, dict]) -> str:
         dec = " / ".join(f"{res[t]['decode_ms_median']:.1f}" for t in threads)
         tps = " / ".join(f"{res[t]['decode_tokens_per_s']:.1f}" for t in threads)
         pct = " / ".join(f"{100 * res[t]['fraction_of_bandwidth_limit']:.1f}" for t in threads)
+        gbs = " / ".join(f"{res[t]['bytes'] / res[t]['decode_ms_median'] / 1e6:.1f}" for t in threads)
         pre = " / ".join(prefill(res[t]) for t in threads)
         mark = " (stand-in runtime)" if stand_in else ""
         lines.append(f"| {name}{mark} | {ideal} | {fmt_min(wall)} | {peak} | {val} | "
-                     f"{res[threads[0]]['bytes'] / 1e6:,.1f} MB | {dec} | {tps} | {pct} | {pre} |")
+                     f"{res[threads[0]]['bytes'] / 1e6:,.1f} MB | {dec} | {tps} | {gbs} | {pct} | {pre} |")
     return "\n".join(lines)
 
 
@@ -140,11 +149,11 @@ def goals(rows: list[dict], benches: dict[int, dict]) -> str:
     """Issue 16's goals against this run: met, or short by how much."""
     out = []
     two = benches.get(2)
-    for r in rows:
-        name = f"{r['backend']} / {r['recipe']}"
+    for i, r in enumerate(rows):
+        name = r["name"]
         notes = []
         if two:
-            x = next(x for x in two["results"] if x["name"] == name)
+            x = two["results"][i]
             if x.get("stand_in"):
                 notes.append("speed: stand-in runtime, not judged")
             else:
@@ -171,7 +180,8 @@ def goals(rows: list[dict], benches: dict[int, dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--artifacts", nargs="+", default=["executorch:int4", "onnx:int4"], help="backend:recipe ...")
+    ap.add_argument("--artifacts", nargs="+", default=["executorch:int4", "onnx:int4"],
+                    help="backend:recipe[:option=value,...] ... (options go to the build as -O option=value)")
     ap.add_argument("--checkpoint", help="a RecurrentGemma checkpoint folder (default: --preset with random weights)")
     ap.add_argument("--preset", default="recurrentgemma-2b")
     ap.add_argument("--out", type=Path, default=Path("rgexport-out/bench-2b"))
@@ -187,18 +197,21 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows, folders = [], []
     for spec in args.artifacts:
-        backend, _, recipe = spec.partition(":")
-        folder = args.out / f"{backend}-{recipe}"
+        backend, recipe, *opts = spec.split(":", 2)
+        options = [o for o in (opts[0].split(",") if opts else []) if o]
+        folder = args.out / "-".join([backend, recipe, *(o.replace("=", "-") for o in options)])
         timing = {}
         if not (args.reuse and (folder / "manifest.json").exists()):
-            timing = build(args.rgexport, backend, recipe, source, folder, args.tokens, args.build_arg)
+            extra = [*args.build_arg, *(a for o in options for a in ("-O", o))]
+            timing = build(args.rgexport, backend, recipe, source, folder, args.tokens, extra)
             if timing["exit"] != 0:
                 print(f"build failed (exit {timing['exit']}): see {timing['log']}", file=sys.stderr)
                 return 1
         elif folder.with_suffix(".log").exists():
             wall, rss = time_v(folder.with_suffix(".log").read_text())
             timing = {"wall_s": wall, "time_v_max_rss_kb": rss}
-        rows.append(from_manifest(folder) | timing)
+        rows.append(from_manifest(folder) | timing | {"name": f"{backend} / {recipe}"
+                                                      + (f" ({', '.join(options)})" if options else "")})
         folders.append(folder)
     benches = {t: bench(args.rgexport, folders, t, args.steps) for t in args.threads}
     text = "\n".join([table(rows, benches), "", "Against issue 16's goals, in this run:", "", goals(rows, benches), ""])

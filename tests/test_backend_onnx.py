@@ -330,6 +330,33 @@ def test_int4_matmuls_compute_in_int8_unless_asked_not_to(backend, exported, bui
                                              prefill_chunk=CHUNK, options={"int4_accuracy_level": 5}))
 
 
+def test_int4_block_size_is_an_option_that_must_tile_the_widths(backend, exported, built, small_config, small_model,
+                                                                tmp_path):
+    """Block 32 by default; option int4_block_size sets every MatMulNBits and GatherBlockQuantized (the facts
+    say which), and a size the kernels do not take, or one that does not divide the model's widths (a padded
+    block would widen the tied table's gather), is refused before anything is built, naming the sizes that fit."""
+
+    def blocks(proto):
+        return {(n.op_type, next(a.i for a in n.attribute if a.name == "block_size"))
+                for n in proto.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+
+    assert blocks(onnx.load(str(built["int4"][0] / "decode.onnx"))) == {("MatMulNBits", 32),
+                                                                         ("GatherBlockQuantized", 32)}
+    assert built["int4"][1].facts["onnx_int4_block_size"] == 32
+    ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path, prefill_chunk=CHUNK,
+                       options={"int4_block_size": 64})
+    assert blocks(backend.lower(exported, ctx)["decode"]) == {("MatMulNBits", 64), ("GatherBlockQuantized", 64)}
+    assert ctx.facts["onnx_int4_block_size"] == 64
+    for bad, match in ((48, "int4_block_size is 48; expected one of 16, 32, 64, 128"),
+                       (True, "int4_block_size is True"),
+                       (128, r"int4_block_size 128 does not divide \{'width': 64, 'lru_width': 64\}; block sizes "
+                             "that fit this model: 16, 32, 64")):
+        ctx = BuildContext(config=small_config, recipe="int4", work_dir=tmp_path, prefill_chunk=CHUNK,
+                           options={"int4_block_size": bad})
+        with pytest.raises(RgexportError, match=match):
+            backend.quantize(small_model, ctx)  # the first stage, before the export's cost
+
+
 def test_fp16_keeps_recurrence_norms_and_positions_in_float32(exported):
     from rgexport.backends.onnx.recipes import node_classes, position_only_nodes, to_fp16
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rgexport.bench import bench_artifacts, markdown_report, memory_bandwidth_gbs, memory_profile
+from rgexport.bench import bench_artifacts, markdown_report, memory_bandwidth_gbs, memory_profile, read_bandwidth_gbs
 from rgexport.build import BuildOptions, build
 
 pytest.importorskip("onnxruntime")
@@ -23,8 +23,20 @@ def test_bench_reports_every_artifact_beside_eager(onnx_artifact):
     for r in data["results"]:
         assert r["decode_ms_median"] > 0 and r["decode_ms_p90"] >= r["decode_ms_median"]
         assert 0 < r["fraction_of_bandwidth_limit"]
-    assert data["machine"]["memory_bandwidth_gbs"] > 0
+    assert data["machine"]["memory_bandwidth_gbs"] > 0 and data["machine"]["copy_bandwidth_gbs"] > 0
+    for r in data["results"]:  # each artifact against the read bandwidth measured just before it
+        assert r["read_bandwidth_gbs"] > 0
+        assert r["bandwidth_limit_ms"] == pytest.approx(r["bytes"] / r["read_bandwidth_gbs"] / 1e6)
     assert "| onnx / fp32 |" in markdown_report(data)
+
+
+def test_bench_tells_two_artifacts_of_one_recipe_apart_by_their_folders(onnx_artifact, tmp_path):
+    import shutil
+
+    other = shutil.copytree(onnx_artifact, tmp_path / "onnx-fp32-other")
+    data = bench_artifacts([onnx_artifact, other], decode_tokens=4, include_eager=False, include_hf=False)
+    assert [r["name"] for r in data["results"]] == [f"onnx / fp32 ({onnx_artifact.name})",
+                                                     "onnx / fp32 (onnx-fp32-other)"]
 
 
 def test_memory_is_flat_and_state_matches_the_config(onnx_artifact):
@@ -55,6 +67,15 @@ def test_flatness_ignores_load_noise_and_catches_a_growing_cache():
 
 def test_bandwidth_is_plausible():
     assert 0.5 < memory_bandwidth_gbs(mbytes=64, repeats=2) < 1000
+    assert 0.5 < read_bandwidth_gbs(1, mbytes=64, repeats=2) < 1000
+
+
+def test_the_read_bandwidth_leaves_torch_threads_as_they_were():
+    import torch
+
+    was = torch.get_num_threads()
+    read_bandwidth_gbs(1 if was > 1 else 2, mbytes=8, repeats=1)
+    assert torch.get_num_threads() == was
 
 
 def test_bench_without_eager_times_the_artifacts_alone(onnx_artifact):

@@ -105,12 +105,13 @@ def test_executorch_own_model_is_the_build_s_quantised_model(head_bits, small_mo
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
-def test_onnx_int4_quantises_the_matmuls_and_the_embedding_only_at_real_widths(tmp_path):
+@pytest.mark.parametrize("block", [32, 128])
+def test_onnx_int4_quantises_the_matmuls_and_the_embedding_only_at_real_widths(tmp_path, block):
     """A Conv1D weight above 8192 elements (RecurrentGemma-2B's [4, 2560] and up) is not folded by the exporter,
     and the 4-bit quantiser used to turn its fixed-index Gathers (the taps) into 4-bit GatherBlockQuantized: the
     own model, which quantises the linears and the table, then missed the artifact by up to 0.37 in a logit.
     Now only the embedding's Gather is quantised, and at float32 compute (accuracy level 0) the artifact is its
-    own model to float rounding."""
+    own model to float rounding, at the default block and at option int4_block_size=128."""
     import onnx
 
     from rgexport.backends import BuildContext, get_backend
@@ -124,11 +125,13 @@ def test_onnx_int4_quantises_the_matmuls_and_the_embedding_only_at_real_widths(t
     model = Griffin(config).reset_parameters_(torch.Generator().manual_seed(0)).eval()
     backend = get_backend("onnx")
     ctx = BuildContext(config=config, recipe="int4", work_dir=tmp_path, prefill_chunk=8, stream=stream_model(model),
-                       options={"int4_accuracy_level": 0})
+                       options={"int4_accuracy_level": 0, "int4_block_size": block})
     backend.write(backend.lower(backend.export(backend.quantize(fake_griffin(config), ctx), ctx), ctx), ctx)
     graph = onnx.load(tmp_path / "decode.onnx", load_external_data=False).graph
     gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(gathers) == 1, [n.name for n in gathers]  # the embedding
+    assert {a.i for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+            for a in n.attribute if a.name == "block_size"} == {block}
     assert sum(n.op_type == "Gather" for n in graph.node) >= 4  # the Conv1D taps stay float32 Gathers
 
     manifest = {"backend": "onnx", "recipe": {"name": "int4"}, "io": backend.io_contract(ctx),
@@ -140,18 +143,19 @@ def test_onnx_int4_quantises_the_matmuls_and_the_embedding_only_at_real_widths(t
     np.testing.assert_allclose(got, own_model_logits(model, backend, manifest, 8, tokens), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("m,k", [(1, 64), (1, 80), (8, 256)])
-def test_onnx_int4_own_model_quantises_matmul_inputs_as_the_kernel_does(m, k):
-    """At accuracy_level 4 `MatMulNBits` quantises each block of 32 of its input to int8 (MLAS's CompInt8);
-    the own model does the same (`int8_blocks`), so one node matches it to float rounding, where the weights
-    alone miss it by the int8 noise. K = 80 pads its last block."""
+@pytest.mark.parametrize("m,k,block", [(1, 64, 32), (1, 80, 32), (8, 256, 32), (1, 256, 128), (8, 200, 128),
+                                       (8, 256, 64), (1, 80, 16)])
+def test_onnx_int4_own_model_quantises_matmul_inputs_as_the_kernel_does(m, k, block):
+    """At accuracy_level 4 `MatMulNBits` quantises each block of its input (the weights' block size: 16 to 128)
+    to int8 (MLAS's CompInt8); the own model does the same (`int8_blocks`), so one node matches it to float
+    rounding, where the weights alone miss it by the int8 noise. K = 80 and 200 pad their last block."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from rgexport.backends.onnx.recipes import INT4_BLOCK_SIZE, _quantize_rows_4bit, dequantised_int4, int8_blocks
+    from rgexport.backends.onnx.recipes import _quantize_rows_4bit, dequantised_int4, int8_blocks
 
-    n, block = 48, INT4_BLOCK_SIZE
+    n = 48
     g = torch.Generator().manual_seed(k + m)
     w = torch.randn(n, k, generator=g)
     x = torch.randn(m, k, generator=g) * 3
@@ -170,8 +174,8 @@ def test_onnx_int4_own_model_quantises_matmul_inputs_as_the_kernel_does(m, k):
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"a": x.numpy()})[0]
-    weights = dequantised_int4(w)
-    emulated = torch.nn.functional.linear(int8_blocks(x), weights).numpy()
+    weights = dequantised_int4(w, block)
+    emulated = torch.nn.functional.linear(int8_blocks(x, block), weights).numpy()
     weights_only = torch.nn.functional.linear(x, weights).numpy()
     scale = np.abs(got).max()
     assert np.abs(got - emulated).max() < 1e-5 * scale

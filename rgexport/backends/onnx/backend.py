@@ -18,7 +18,7 @@ Options (`BuildContext.options`, from the target profile): `opset` (default 21, 
 `external_data` (default True), `ort_format` (default False), `ort_target` ("arm" or "amd64"),
 `calibration_method` (w8a8: "minmax" (default), "entropy" or "percentile"), `stream_export` ("auto", True,
 False), `stream_weights` ("auto", True, False), `fuse` (default True: RMSNorm and tanh-GELU become one ONNX
-Runtime node each, `onnx_fusions`).
+Runtime node each, `onnx_fusions`), `int4_accuracy_level` (4 or 0) and `int4_block_size` (16, 32, 64, 128).
 
 Large models (float32 weights above `config.LARGE_MODEL_BYTES`, or `stream_weights=True`; every recipe but
 the calibrated w8a8) are never whole in memory: the build hands `export` a model without weights
@@ -67,7 +67,14 @@ from rgexport.backends.onnx.export import (
     fill_from_stream,
     parameter_bytes,
 )
-from rgexport.backends.onnx.recipes import INT4_ACCURACY_LEVEL, RECIPES, W8A8_FLOAT_GROUPS, W8A8_NOTE
+from rgexport.backends.onnx.recipes import (
+    INT4_ACCURACY_LEVEL,
+    INT4_BLOCK_SIZE,
+    INT4_BLOCK_SIZES,
+    RECIPES,
+    W8A8_FLOAT_GROUPS,
+    W8A8_NOTE,
+)
 from rgexport.backends.onnx.runner import OnnxRunner
 from rgexport.errors import RgexportError
 from rgexport.graphs import DecodeIO, PrefillIO
@@ -101,6 +108,8 @@ class OnnxBackend(Backend):
         "fuse": "fuse RMSNorm and tanh-GELU into one ONNX Runtime node each (default true)",
         "int4_accuracy_level": "int4: MatMulNBits compute, 4 (int8 activations, default) or 0 (float32: "
         "2.5x slower at 2B; notes/onnx.md)",
+        "int4_block_size": "int4: weights per scale along K, 16, 32 (default), 64 or 128; larger blocks are "
+        "smaller files and faster matmuls, coarser scales (notes/onnx.md)",
         "execution_provider": "the provider the app will run (recorded in the manifest; validation here runs "
         "CPUExecutionProvider)",
     }
@@ -112,6 +121,8 @@ class OnnxBackend(Backend):
         self.check_recipe(ctx.recipe)
         if self.recipes[ctx.recipe].calibrated:
             _calibration_inputs(ctx)
+        if ctx.recipe == "int4":
+            _int4_block_size(ctx)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -131,15 +142,16 @@ class OnnxBackend(Backend):
 
         from rgexport.backends.onnx.recipes import dequantised_int4, emulate_int8_inputs_
 
+        block = ctx.facts.get("onnx_int4_block_size") or _int4_block_size(ctx)
         with torch.no_grad():
             for module in part.modules():
                 if isinstance(module, nn.Linear):
-                    module.weight.copy_(dequantised_int4(module.weight))
+                    module.weight.copy_(dequantised_int4(module.weight, block))
             if kind == "embedder":
-                part.input_embedding.copy_(dequantised_int4(part.input_embedding))
+                part.input_embedding.copy_(dequantised_int4(part.input_embedding, block))
         level = ctx.facts.get("onnx_int4_accuracy_level", ctx.options.get("int4_accuracy_level", INT4_ACCURACY_LEVEL))
         if level == 4:
-            emulate_int8_inputs_(part, head=kind == "embedder")
+            emulate_int8_inputs_(part, head=kind == "embedder", block_size=block)
         return part
 
     def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
@@ -297,12 +309,14 @@ class OnnxBackend(Backend):
                 if level not in (0, 1, 2, 3, 4):
                     raise RgexportError(f"int4_accuracy_level is {level!r}; expected 0 or 1 (float32 compute), "
                                         "2 (float16), 3 (bfloat16) or 4 (int8 activations, default)")
-                proto = q.quantize_int4(proto, base_dir=base_dir, accuracy_level=level)
+                block = _int4_block_size(ctx)
+                proto = q.quantize_int4(proto, block_size=block, base_dir=base_dir, accuracy_level=level)
                 if base_dir is not None:
                     # Its tensors are in the scratch folder now; what the quantiser held is freed, and handed
                     # back before the next graph is quantised (at 9B: 5.4 GB of 4-bit tensors per graph).
                     release_freed()
                 ctx.facts["onnx_int4_accuracy_level"] = level
+                ctx.facts["onnx_int4_block_size"] = block
                 tied = 0
             q.strip_debug_metadata(proto)
             _check_names(proto, method, inputs, outputs)
@@ -471,6 +485,24 @@ class OnnxBackend(Backend):
                     " (no ORT-format files are written above 2 GiB of weights, nor for fp16 on x86 hosts; "
                     "the build's notes say which)" if ort_format else ""))
         return OnnxRunner(decode, prefill, chunk, threads=threads)
+
+
+def _int4_block_size(ctx: BuildContext) -> int:
+    """int4's block size from the options (`int4_block_size`), checked: one that `MatMulNBits` and
+    `GatherBlockQuantized` take, and that divides every width the blocks run along (a padded last block
+    would widen the tied table's gather)."""
+    block = ctx.options.get("int4_block_size", INT4_BLOCK_SIZE)
+    if isinstance(block, bool) or block not in INT4_BLOCK_SIZES:
+        raise RgexportError(f"int4_block_size is {block!r}; expected one of {', '.join(map(str, INT4_BLOCK_SIZES))} "
+                            f"(default {INT4_BLOCK_SIZE})")
+    c = ctx.config
+    dims = {"width": c.width, "mlp_expanded_width": c.mlp_expanded_width, "lru_width": c.lru_width}
+    bad = {k: v for k, v in dims.items() if v % block}
+    if bad:
+        fits = [b for b in INT4_BLOCK_SIZES if all(v % b == 0 for v in dims.values())]
+        raise RgexportError(f"int4_block_size {block} does not divide {bad}; block sizes that fit this model: "
+                            f"{', '.join(map(str, fits)) or 'none'}")
+    return block
 
 
 def _check_external_data(model: Any, path: Path, folder: Path) -> None:

@@ -35,7 +35,10 @@ _CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
 # Modules kept in float32 by the fp16 recipe: the recurrence (h = a * h + x over many steps) and RMSNorm
 # (mean of x * x, which overflows float16 once |x| > 256).
 FP32_MODULES = ("rgexport.model.layers.RGLRU", "rgexport.model.layers.RMSNorm")
-INT4_BLOCK_SIZE = 32
+INT4_BLOCK_SIZE = 32  # the int4 default (ONNX Runtime GenAI's too): the finest scales that decode at bandwidth
+# Block sizes `MatMulNBits` and `GatherBlockQuantized` take (powers of two from 16). At 2B shapes, M = 32 rows,
+# 2 threads, level 4: 16 / 32 / 64 / 128 ran at 225 / 265 / 285 / 393 GFLOP/s (notes/onnx.md).
+INT4_BLOCK_SIZES = (16, 32, 64, 128)
 # Whole-model shape inference serialises the model: only below protobuf's limit.
 _INFER_LIMIT = 1 << 30
 
@@ -815,9 +818,9 @@ RECIPES = {
                    quantized=True),
     "int8": Recipe("int8", "ONNX Runtime dynamic quantisation: 8-bit (uint8) weights, uint8 activations per call",
                    quantized=True),
-    "int4": Recipe("int4", "4-bit weights (MatMulNBits / GatherBlockQuantized, block 32, symmetric); the "
-                   "matmuls quantise activations to int8 per block (accuracy_level 4; option "
-                   "int4_accuracy_level=0 computes in float32)", quantized=True),
+    "int4": Recipe("int4", "4-bit weights (MatMulNBits / GatherBlockQuantized, block 32 (option int4_block_size: "
+                   "16, 64, 128), symmetric); the matmuls quantise activations to int8 per block (accuracy_level 4; "
+                   "option int4_accuracy_level=0 computes in float32)", quantized=True),
     "w8a8": Recipe(
         "w8a8",
         "static int8 QDQ calibrated on real text: uint8 activations (option calibration_method: minmax (default), "
