@@ -37,17 +37,17 @@ from rgexport.memory import peak_rss_bytes, reset_peak_rss, status_bytes
 FLAT_TOLERANCE_BYTES = 4 * 1024 * 1024
 
 
-def read_bandwidth_gbs(threads: int | None = None, mbytes: int = 256, repeats: int = 20, buffer: Any = None) -> float:
+def read_bandwidth_gbs(threads: int | None = None, mbytes: int = 256, repeats: int = 20) -> float:
     """Read bandwidth on `threads` threads (default: one per core), GB/s: the best of `repeats` sums over a
     float32 array of `mbytes` MiB (past any cache), which reads each byte once and writes nothing, as a
     weight-bound decode step reads its weights. The bandwidth limit is set against this. A one-thread copy
     (`memory_bandwidth_gbs`) under-reports what two threads read: on this 2-core machine 25-28 GB/s copied
     where two threads read 34-64 GB/s (notes/perf.md), and decode passed 100 % of a limit set by the copy.
     The best of many short reads, since other tenants' load moves this figure from one second to the next.
-    `buffer`: a float32 tensor to read instead of a fresh one of `mbytes` MiB."""
+    The array is freed on return, so it adds nothing to the peak RSS of what is timed after it."""
     import torch
 
-    x = buffer if buffer is not None else torch.ones(mbytes * 1024 * 1024 // 4)
+    x = torch.ones(mbytes * 1024 * 1024 // 4)
     was = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     try:
@@ -94,49 +94,68 @@ class SpeedResult:
         return dataclasses.asdict(self)
 
 
+class _Timing:
+    """One runner under the clock: loaded and its first token timed when made, then decode steps and prefill
+    chunks timed as asked, continuing one sequence (each chunk or step at the position after the last)."""
+
+    def __init__(self, name: str, kind: str, recipe: str, nbytes: int, load: Callable[[], Any], tokens: list[int]):
+        self.name, self.kind, self.recipe, self.bytes, self.tokens = name, kind, recipe, nbytes, tokens
+        t = time.perf_counter()
+        self.runner = load()
+        self.load_s = time.perf_counter() - t
+        self.chunk = self.runner.prefill_chunk
+        self.runner.reset()
+        t = time.perf_counter()
+        if self.chunk > 1:
+            self.runner.prefill(tokens[:self.chunk], 0)
+        else:
+            self.runner.decode(tokens[0], 0)
+        self.first_ms = (time.perf_counter() - t) * 1e3
+        self.position = self.chunk
+        self.decode_s: list[float] = []
+        self.decode_at: list[int] = []
+        self.prefill_s: list[float] = []
+
+    def _token(self, position: int) -> int:
+        return self.tokens[position % len(self.tokens)]
+
+    def prefill(self) -> None:
+        if self.chunk > 1:
+            chunk = [self._token(self.position + i) for i in range(self.chunk)]
+            t = time.perf_counter()
+            self.runner.prefill(chunk, self.position)
+            self.prefill_s.append(time.perf_counter() - t)
+            self.position += self.chunk
+
+    def decode(self, steps: int, advance: Callable[[int], None]) -> None:
+        for _ in range(steps):
+            token = self._token(self.position)
+            t = time.perf_counter()
+            self.runner.decode(token, self.position)
+            self.decode_s.append(time.perf_counter() - t)
+            self.decode_at.append(self.position)
+            self.position += 1
+            advance(1)
+
+    def result(self) -> SpeedResult:
+        ms = np.array(self.decode_s) * 1e3
+        buckets = max(1, min(8, len(ms) // 32))
+        by_pos = [(self.decode_at[b[0]], float(np.median(ms[b]))) for b in np.array_split(np.arange(len(ms)), buckets)]
+        prefill_tps = self.chunk / statistics.median(self.prefill_s) if self.prefill_s else None
+        return SpeedResult(self.name, self.kind, self.recipe, self.bytes, self.load_s, self.first_ms,
+                           float(np.median(ms)), float(np.percentile(ms, 90)), float(1e3 / np.median(ms)), prefill_tps,
+                           peak_rss_bytes(), by_pos, getattr(self.runner, "stand_in", ""))
+
+
 def time_runner(name: str, kind: str, recipe: str, nbytes: int, load: Callable[[], Any], tokens: list[int],
                 decode_tokens: int, advance: Callable[[int], None] = lambda n=1: None) -> SpeedResult:
-    """Times a Runner: load, one prefill chunk (first token), then `decode_tokens` single steps."""
-    t = time.perf_counter()
-    runner = load()
-    load_s = time.perf_counter() - t
-    chunk = runner.prefill_chunk
-    prompt = tokens[:chunk]
-    runner.reset()
-    t = time.perf_counter()
-    if chunk > 1:
-        runner.prefill(prompt, 0)
-    else:
-        runner.decode(prompt[0], 0)
-    first_ms = (time.perf_counter() - t) * 1e3
-    prefill_tps = None
-    if chunk > 1:
-        reps = []
-        for r in range(3):
-            runner.reset()
-            t = time.perf_counter()
-            runner.prefill(tokens[:chunk], 0)
-            reps.append(time.perf_counter() - t)
-        prefill_tps = chunk / statistics.median(reps)
-    runner.reset()
-    if chunk > 1:
-        runner.prefill(prompt, 0)
-    times = []
-    for i in range(decode_tokens):
-        pos = len(prompt) + i
-        token = tokens[pos % len(tokens)]
-        t = time.perf_counter()
-        runner.decode(token, pos)
-        times.append(time.perf_counter() - t)
-        advance(1)
-    ms = np.array(times) * 1e3
-    buckets = max(1, min(8, decode_tokens // 32))
-    by_pos = []
-    for b in np.array_split(np.arange(decode_tokens), buckets):
-        by_pos.append((int(len(prompt) + b[0]), float(np.median(ms[b]))))
-    return SpeedResult(name, kind, recipe, nbytes, load_s, first_ms, float(np.median(ms)),
-                       float(np.percentile(ms, 90)), float(1e3 / np.median(ms)), prefill_tps, peak_rss_bytes(), by_pos,
-                       getattr(runner, "stand_in", ""))
+    """Times a Runner: load, one prefill chunk (first token), three more chunks, then `decode_tokens` single
+    steps."""
+    timing = _Timing(name, kind, recipe, nbytes, load, tokens)
+    for _ in range(3):
+        timing.prefill()
+    timing.decode(decode_tokens, advance)
+    return timing.result()
 
 
 def time_hf_generate(model, tokens: list[int], new_tokens: int) -> dict[str, float]:
@@ -273,13 +292,16 @@ def weights_read_per_token(folder: Path, manifest: dict[str, Any]) -> int:
 
 def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: bool = True,
                     advance: Callable[[int], None] = lambda n=1: None, include_eager: bool = True,
-                    threads: int | None = None) -> dict[str, Any]:
+                    threads: int | None = None, rounds: int = 1) -> dict[str, Any]:
     """Times every artifact and the eager references in one process; returns data for reports.
 
     `include_eager=False` times the artifacts alone (no speed-up column): a large model's float32 reference
     (10.7 GB at RecurrentGemma-2B) would otherwise sit in memory beside the runtimes being measured.
     `threads` goes to every backend's `load` (ExecuTorch's XNNPACK pool, ONNX Runtime's intra-op pool,
     LiteRT's interpreter; Core ML has none): environment variables do not reach XNNPACK's pool.
+    `rounds` > 1 loads every runner at once and times them in turns (each turn one prefill chunk and
+    `decode_tokens / rounds` steps), so that what the machine does meanwhile falls on all of them alike: for
+    ratios between artifacts on a shared machine. It holds all of them in memory together.
     """
     import torch
 
@@ -306,38 +328,48 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
         tok_file = (ckpt or load_source(source, first["model"]["checkpoint"].get("preset"))).tokenizer_path
     tokens = heldout_tokens(Tokenizer(tok_file), decode_tokens + 64)
     copy_bandwidth = memory_bandwidth_gbs()
-    buffer = torch.ones(256 << 18)  # 256 MiB of float32, read for the bandwidth around each artifact
-    results, bandwidths = [], []
     chunk = first["io"]["prefill_chunk"]
+    entries = []  # (name, kind, recipe, bytes read per token, load, threads for the bandwidth read)
     if include_eager:
-        eager_bytes = 4 * config.num_parameters()
-        n = torch.get_num_threads()
-        before = read_bandwidth_gbs(n, buffer=buffer)
-        results.append(time_runner("eager (rgexport step model)", "eager", "fp32", eager_bytes,
-                                   lambda: EagerRunner(ckpt.model, chunk), tokens, decode_tokens, advance))
-        bandwidths.append((before, read_bandwidth_gbs(n, buffer=buffer)))
+        entries.append(("eager (rgexport step model)", "eager", "fp32", 4 * config.num_parameters(),
+                        lambda: EagerRunner(ckpt.model, chunk), torch.get_num_threads()))
     names = [f"{m['backend']} / {m['recipe']['name']}" for _, m in loaded]
     # Two artifacts of one backend and recipe (built with other options) are told apart by their folders.
     names = [f"{n} ({Path(f).name})" if names.count(n) > 1 else n for n, (f, _) in zip(names, loaded)]
     for name, (folder, manifest) in zip(names, loaded):
-        weights = weights_read_per_token(folder, manifest)
         load = lambda f=folder, m=manifest: open_artifact(f, manifest=m, threads=threads, verify=False)  # noqa: E731
-        # Read just before and just after the artifact runs: this machine's bandwidth moves from minute to minute.
-        before = read_bandwidth_gbs(threads, buffer=buffer)
-        results.append(time_runner(name, manifest["backend"], manifest["recipe"]["name"], weights, load, tokens,
-                                   decode_tokens, advance))
-        bandwidths.append((before, read_bandwidth_gbs(threads, buffer=buffer)))
-    del buffer
+        entries.append((name, manifest["backend"], manifest["recipe"]["name"], weights_read_per_token(folder, manifest),
+                        load, threads))
+    # The read bandwidth just before and just after each runner's turn: this machine's moves from minute to minute.
+    bandwidths: list[list[float]] = [[] for _ in entries]
+    if rounds <= 1:
+        results = []
+        for (name, kind, recipe, nbytes, load, n), samples in zip(entries, bandwidths):
+            samples.append(read_bandwidth_gbs(n))
+            results.append(time_runner(name, kind, recipe, nbytes, load, tokens, decode_tokens, advance))
+            samples.append(read_bandwidth_gbs(n))
+    else:
+        # Every runner loaded at once, then turns of (one prefill chunk, decode_tokens / rounds steps) in turn, so
+        # that a slow minute of the machine falls on all of them alike.
+        timings = [_Timing(name, kind, recipe, nbytes, load, tokens) for name, kind, recipe, nbytes, load, _ in entries]
+        steps = [len(part) for part in np.array_split(np.arange(decode_tokens), rounds)]
+        for n_steps in steps:
+            for timing, (*_, n), samples in zip(timings, entries, bandwidths):
+                samples.append(read_bandwidth_gbs(n))
+                timing.prefill()
+                timing.decode(n_steps, advance)
+                samples.append(read_bandwidth_gbs(n))
+        results = [t.result() for t in timings]
     hf = time_hf_generate(ckpt.model, tokens, min(decode_tokens, 128)) if include_hf and include_eager else None
     eager_ms = results[0].decode_ms_median if include_eager else None
     rows = []
-    for r, (before, after) in zip(results, bandwidths):
-        bandwidth = max(before, after)  # the more this machine read around the artifact: the limit, conservatively
+    for r, samples in zip(results, bandwidths):
+        bandwidth = max(samples)  # the most this machine read around the runner's turns: the limit, conservatively
         limit_ms = r.bytes / (bandwidth * 1e9) * 1e3  # every weight byte read once per token
         rows.append(r.to_dict() | {
             "speedup_vs_eager": eager_ms / r.decode_ms_median if eager_ms else None,
             "read_bandwidth_gbs": bandwidth,
-            "read_bandwidth_before_after_gbs": [before, after],
+            "read_bandwidth_samples_gbs": samples,
             "effective_gbs": r.bytes / r.decode_ms_median / 1e6,
             "bandwidth_limit_ms": limit_ms,
             "fraction_of_bandwidth_limit": limit_ms / r.decode_ms_median,
@@ -346,8 +378,9 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "runtime_threads": threads,
                     "memory_bandwidth_gbs": statistics.median(max(b) for b in bandwidths),
                     "bandwidth_measure": f"read on {threads or os.cpu_count()} thread(s), the best of 20 sums over "
-                                         "256 MiB just before and again just after each artifact runs; each row's "
-                                         "limit uses the higher (the median of those here)",
+                                         "256 MiB just before and again just after each runner's turn; each row's "
+                                         "limit uses its highest (the median of those here)",
+                    "rounds": max(1, rounds),
                     "copy_bandwidth_gbs": copy_bandwidth},
         "model": {"parameters": config.num_parameters(), "source": source},
         "decode_tokens": decode_tokens,

@@ -730,6 +730,8 @@ def bench(
     report_dir: Annotated[Path | None, typer.Option("--report", help="Write bench.md/json and PNG charts here.")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    rounds: Annotated[int, typer.Option(min=1, help="Time the artifacts in turns, ROUNDS of them each (all loaded "
+                                        "at once): fairer ratios on a shared machine.")] = 1,
 ) -> None:
     """Decode/prefill speed, first-token latency, load time and peak memory of artifacts, with eager
     references measured in the same run."""
@@ -755,7 +757,7 @@ def bench(
     stages = Stages(err, quiet=as_json)
     with stages.bar("timing", steps * (len(paths) + 1)) as advance:
         data = bench_artifacts(paths, decode_tokens=steps, include_hf=hf and eager, include_eager=eager,
-                               advance=advance, threads=threads)
+                               advance=advance, threads=threads, rounds=rounds)
     profiles = []
     if memory:
         with stages.bar("memory (fresh process per N)", len(paths) * 8) as advance:

@@ -347,6 +347,8 @@ def test_quantised_recipe_is_smaller_and_agrees(recipe, fp32_build, small_model,
     assert top1 >= min_top1_quant, f"{recipe}: top-1 agreement with its eager quantised model {top1:.3f}"
     assert mean_err <= max_mean_err, f"{recipe}: mean |logit error| vs its eager quantised model {mean_err}"
 
+    # Decode writes the K/V caches in place here too: the row-put write is in the graph PT2E captures.
+    assert ctx.facts["kv_cache_decode_write"] == "in place (index_put_)"
     # The recurrence and state stay float32 and finite; the state is planned once, as in fp32.
     state = runner.state()
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in state.values())
@@ -461,6 +463,8 @@ def test_w8a8_quantises_the_linears_only_and_keeps_the_state_float(w8a8_build, s
         assert facts["positions"][1] >= small_config.attention_window_size
         assert facts["positions_past_window"] > 0
     assert set(ctx.facts["w8a8"]["float_kinds"]) >= {"rglru", "conv1d", "attention", "norm", "state"}
+    caches = sum(s.kind in ("keys", "values") for s in state_spec(small_config))
+    assert ctx.facts["decode_state_writes"]["index_put_"] == caches  # the cache writes stay float, in place
     assert any(note.startswith("w8a8:") for note in ctx.notes)
 
 

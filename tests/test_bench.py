@@ -30,13 +30,20 @@ def test_bench_reports_every_artifact_beside_eager(onnx_artifact):
     assert "| onnx / fp32 |" in markdown_report(data)
 
 
-def test_bench_tells_two_artifacts_of_one_recipe_apart_by_their_folders(onnx_artifact, tmp_path):
+def test_bench_in_rounds_tells_two_artifacts_of_one_recipe_apart(onnx_artifact, tmp_path):
+    """Two artifacts of one backend and recipe are named by their folders; with rounds, each is timed in
+    turns (a prefill chunk and its share of the steps per turn) between reads of the bandwidth."""
     import shutil
 
     other = shutil.copytree(onnx_artifact, tmp_path / "onnx-fp32-other")
-    data = bench_artifacts([onnx_artifact, other], decode_tokens=4, include_eager=False, include_hf=False)
+    data = bench_artifacts([onnx_artifact, other], decode_tokens=6, include_eager=False, include_hf=False, rounds=3)
     assert [r["name"] for r in data["results"]] == [f"onnx / fp32 ({onnx_artifact.name})",
                                                      "onnx / fp32 (onnx-fp32-other)"]
+    assert data["machine"]["rounds"] == 3
+    for r in data["results"]:
+        assert len(r["read_bandwidth_samples_gbs"]) == 6  # before and after each of 3 turns
+        assert r["read_bandwidth_gbs"] == max(r["read_bandwidth_samples_gbs"])
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_ms_median"] > 0
 
 
 def test_memory_is_flat_and_state_matches_the_config(onnx_artifact):

@@ -1,15 +1,15 @@
 """ExecuTorch: one `.pte` program with decode, prefill, reset and read_state over shared state buffers.
 
 Stages (each a method below, called in this order by the build pipeline):
-1. quantize: wrap the model in a `StatefulModel` and apply the recipe in place (torchao `quantize_` for int4;
-   the XNNPACK PT2E quantizer for int8 and w8a8, which works on captured graphs, one per method). The
-   calibrated recipe w8a8 first captures real (tokens, position, state) samples along the fp32 model's
-   trajectory over `ctx.calibration_tokens`, one set per method (`executorch_calibration`).
+1. quantize: wrap the model in a `StatefulModel`, give each attention block `graphs.RowPutRingBuffer`, and
+   apply the recipe in place (torchao `quantize_` for int4; the XNNPACK PT2E quantizer for int8 and w8a8,
+   which works on captured graphs, one per method). The calibrated recipe w8a8 first captures real (tokens,
+   position, state) samples along the fp32 model's trajectory over `ctx.calibration_tokens`, one set per
+   method (`executorch_calibration`). With the row-put ring buffer, decode puts the new key and value into
+   one slot (`index_put`), which `to_executorch`'s reinplace pass makes an in-place write of the cache
+   buffer, where the shared model's blend rewrites every slot and ExecuTorch then copies each cache back whole.
 2. export: `torch.export(strict=False)` of decode (tokens [1, 1]) and prefill (tokens [1, chunk]), plus
-   two small state methods, `reset` (zeroes the state) and `read_state` (returns it). fp32 and int4 first
-   give each attention block `graphs.RowPutRingBuffer`: decode puts the new key and value into one slot
-   (`index_put`), which `to_executorch`'s reinplace pass makes an in-place write of the cache buffer, where
-   the shared model's blend rewrites every slot and ExecuTorch then copies each cache back whole.
+   two small state methods, `reset` (zeroes the state) and `read_state` (returns it).
 3. lower: `to_edge_transform_and_lower` with the XNNPACK partitioner for decode and prefill, after the
    edge rewrites of `executorch_rewrites` (option `xnnpack_rewrites`, default all) that let XNNPACK take
    the ops it would refuse (RMSNorm's mean, the RG-LRU's selections, weight-only arithmetic), then
@@ -161,6 +161,9 @@ class ExecuTorchBackend(Backend):
                                 "stream_weights out or set it false")
         stateful = StatefulModel(model).eval()
         stateful.requires_grad_(False)
+        # Decode writes one row of each K/V cache (`index_put`, made in place by `lower`'s reinplace pass),
+        # before any recipe captures a graph: the PT2E recipes' captured graphs get it too.
+        put_decode_rows(stateful)
         inputs = _example_inputs(ctx.prefill_chunk)
         modules: dict[str, nn.Module] = {"decode": stateful, "prefill": stateful}
         if ctx.recipe == "int4" and ctx.stream is not None:
@@ -397,11 +400,6 @@ class ExecuTorchBackend(Backend):
     def export(self, prepared: _Prepared, ctx: BuildContext) -> dict[str, Any]:
         """ExportedPrograms by method name: decode, prefill, reset, read_state."""
         programs = {}
-        # Decode writes the K/V caches in place where the module is still a StatefulModel (fp32, int4); the
-        # PT2E recipes' captured graphs keep the shared model's blend.
-        for module in prepared.modules.values():
-            if isinstance(module, StatefulModel):
-                put_decode_rows(module)
         with torch.no_grad():
             for method, module in prepared.modules.items():
                 programs[method] = torch.export.export(module, prepared.inputs[method], strict=False)
