@@ -4,8 +4,8 @@ Speed (`bench`): load time, first-token latency (a prompt of one prefill chunk),
 (median and p90) and tokens/s, prefill tokens/s, peak RSS; the eager PyTorch references (our step model,
 and Hugging Face's `generate`) are measured in the same run, so speed is reported as a ratio on the same
 machine. Each artifact's decode is also set against the physical limit of a weight-bound decode: bytes of
-weights read per token / memory bandwidth, with the bandwidth measured in the same run, just before that
-artifact, as a read on the runtime's threads (`read_bandwidth_gbs`).
+weights read per token / memory bandwidth, with the bandwidth measured in the same run, just before and
+just after each artifact's turn, as a read on the runtime's threads (`read_bandwidth_gbs`).
 
 Memory (`memory_profile`): in a fresh process per N, load the artifact and decode N tokens for N in a
 doubling series up to 16x the attention window; record peak RSS and the runtime's own figures. It passes
@@ -44,7 +44,7 @@ def read_bandwidth_gbs(threads: int | None = None, mbytes: int = 256, repeats: i
     (`memory_bandwidth_gbs`) under-reports what two threads read: on this 2-core machine 25-28 GB/s copied
     where two threads read 34-64 GB/s (notes/perf.md), and decode passed 100 % of a limit set by the copy.
     The best of many short reads, since other tenants' load moves this figure from one second to the next.
-    The array is freed on return, so it adds nothing to the peak RSS of what is timed after it."""
+    The array is freed on return."""
     import torch
 
     x = torch.ones(mbytes * 1024 * 1024 // 4)
