@@ -340,25 +340,25 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
         load = lambda f=folder, m=manifest: open_artifact(f, manifest=m, threads=threads, verify=False)  # noqa: E731
         entries.append((name, manifest["backend"], manifest["recipe"]["name"], weights_read_per_token(folder, manifest),
                         load, threads))
-    # The read bandwidth just before and just after each runner's turn: this machine's moves from minute to minute.
     bandwidths: list[list[float]] = [[] for _ in entries]
-    if rounds <= 1:
-        results = []
-        for (name, kind, recipe, nbytes, load, n), samples in zip(entries, bandwidths):
-            samples.append(read_bandwidth_gbs(n))
-            results.append(time_runner(name, kind, recipe, nbytes, load, tokens, decode_tokens, advance))
-            samples.append(read_bandwidth_gbs(n))
+
+    def turn(i: int, work: Callable[[], Any]) -> Any:
+        """`work` between two reads of the bandwidth: this machine's moves from minute to minute."""
+        bandwidths[i].append(read_bandwidth_gbs(entries[i][-1]))
+        done = work()
+        bandwidths[i].append(read_bandwidth_gbs(entries[i][-1]))
+        return done
+
+    if rounds <= 1:  # one runner loaded at a time
+        results = [turn(i, lambda e=e: time_runner(*e[:5], tokens, decode_tokens, advance))
+                   for i, e in enumerate(entries)]
     else:
         # Every runner loaded at once, then turns of (one prefill chunk, decode_tokens / rounds steps) in turn, so
         # that a slow minute of the machine falls on all of them alike.
-        timings = [_Timing(name, kind, recipe, nbytes, load, tokens) for name, kind, recipe, nbytes, load, _ in entries]
-        steps = [len(part) for part in np.array_split(np.arange(decode_tokens), rounds)]
-        for n_steps in steps:
-            for timing, (*_, n), samples in zip(timings, entries, bandwidths):
-                samples.append(read_bandwidth_gbs(n))
-                timing.prefill()
-                timing.decode(n_steps, advance)
-                samples.append(read_bandwidth_gbs(n))
+        timings = [_Timing(*e[:5], tokens) for e in entries]
+        for part in np.array_split(np.arange(decode_tokens), rounds):
+            for i, timing in enumerate(timings):
+                turn(i, lambda t=timing, n=len(part): (t.prefill(), t.decode(n, advance)))
         results = [t.result() for t in timings]
     hf = time_hf_generate(ckpt.model, tokens, min(decode_tokens, 128)) if include_hf and include_eager else None
     eager_ms = results[0].decode_ms_median if include_eager else None

@@ -111,14 +111,13 @@ def prefill(x: dict) -> str:
 def table(rows: list[dict], benches: dict[int, dict]) -> str:
     threads = sorted(benches, reverse=True)
     def bandwidth(t: int) -> str:
-        m, rows = benches[t]["machine"], benches[t]["results"]
-        each = [x["read_bandwidth_gbs"] for x in rows if "read_bandwidth_gbs" in x]
-        spread = f" (each artifact's: {', '.join(f'{b:.1f}' for b in each)})" if each else ""
-        copy = f"; a one-thread copy {m['copy_bandwidth_gbs']:.1f}" if "copy_bandwidth_gbs" in m else ""
-        return f"{m['memory_bandwidth_gbs']:.1f} GB/s at {t} thread{'s' * (t > 1)}{spread}{copy}"
+        m = benches[t]["machine"]
+        each = ", ".join(f"{x['read_bandwidth_gbs']:.1f}" for x in benches[t]["results"])
+        return (f"{m['memory_bandwidth_gbs']:.1f} GB/s at {t} thread{'s' * (t > 1)} (each artifact's: {each}); "
+                f"a one-thread copy {m['copy_bandwidth_gbs']:.1f}")
 
     ts = " / ".join(str(t) for t in threads)
-    rounds = benches[threads[0]]["machine"].get("rounds", 1)
+    rounds = benches[threads[0]]["machine"]["rounds"]
     turns = f", timed in {rounds} turns each, in turn" if rounds > 1 else ""
     lines = [f"Read bandwidth measured in each bench run, just before and after each artifact's turn{turns} (its % "
              f"of the limit uses the highest): {'; '.join(bandwidth(t) for t in threads)}.", "",
@@ -139,7 +138,7 @@ def table(rows: list[dict], benches: dict[int, dict]) -> str:
         dec = " / ".join(f"{res[t]['decode_ms_median']:.1f}" for t in threads)
         tps = " / ".join(f"{res[t]['decode_tokens_per_s']:.1f}" for t in threads)
         pct = " / ".join(f"{100 * res[t]['fraction_of_bandwidth_limit']:.1f}" for t in threads)
-        gbs = " / ".join(f"{res[t]['bytes'] / res[t]['decode_ms_median'] / 1e6:.1f}" for t in threads)
+        gbs = " / ".join(f"{res[t]['effective_gbs']:.1f}" for t in threads)
         pre = " / ".join(prefill(res[t]) for t in threads)
         mark = " (stand-in runtime)" if stand_in else ""
         lines.append(f"| {name}{mark} | {ideal} | {fmt_min(wall)} | {peak} | {val} | "
