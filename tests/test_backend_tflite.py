@@ -462,6 +462,139 @@ def test_int4_block_64_builds_and_agrees(float_export, small_config, eager, smal
     assert float((got.argmax(-1) == eager[0].argmax(-1)).mean()) >= MIN_TOP1["int4"]
 
 
+# int8 from a stream of weights (the route of a model too large to convert in float32) -------------------
+@pytest.fixture(scope="module")
+def streamed_int8(small_model, small_config, tmp_path_factory):
+    """SMALL's int8 built the way RecurrentGemma-2B's is: from a weightless model, each part read from
+    transformers-format shards and quantised as it arrives, converted as int8, its DEQUANTIZEs dropped."""
+    import types
+
+    from rgexport.checkpoint import save_huggingface
+    from rgexport.streaming import fake_griffin, stream_huggingface
+
+    backend = TFLiteBackend()
+    stream = stream_huggingface(save_huggingface(small_model, tmp_path_factory.mktemp("ckpt")))
+    ctx = BuildContext(config=small_config, recipe="int8", work_dir=tmp_path_factory.mktemp("tflite-streamed"),
+                       prefill_chunk=CHUNK, options={"stream_weights": True}, stream=stream)
+    prepared = backend.quantize(fake_griffin(small_config), ctx)
+    counted = types.SimpleNamespace(parts=stream.counter.parts, live=stream.counter.live, peak=stream.counter.peak)
+    kept = sum(t.numel() * t.element_size() for t in [*prepared.parameters(), *prepared.buffers()]
+               if type(t) in (torch.Tensor, torch.nn.Parameter))
+    exported = backend.export(prepared, ctx)
+    probe = exported.probe
+    (path,) = backend.write(backend.lower(exported, ctx), ctx)
+    manifest = {"backend": "tflite", "recipe": {"name": "int8"}, "artifact": {"file": path.name},
+                "io": backend.io_contract(ctx), "options": ctx.options, "backend_facts": ctx.facts}
+    return ctx, path, manifest, counted, kept, probe
+
+
+def test_streamed_int8_reads_one_part_at_a_time(streamed_int8, small_config):
+    """Quantised as each part arrives: the stream never held two float parts at once (counted), and what stays
+    float32 afterwards is what the recipe keeps float (the RG-LRU gates, Conv1D, norms, biases)."""
+    from rgexport.streaming import block_weight_bytes
+
+    ctx, _, _, counted, kept, _ = streamed_int8
+    parts = block_weight_bytes(small_config)
+    assert counted.parts == len(small_config.block_types) + 2
+    assert counted.live == kept
+    assert max(parts.values()) <= counted.peak <= max(parts.values()) + kept
+    assert counted.peak < sum(parts.values()) / 2
+    assert ctx.facts["int8_route"] == "streamed"
+    assert not (ctx.work_dir / "converted.tflite").exists()
+
+
+def test_streamed_int8_file_holds_each_weight_once_in_int8(streamed_int8, artifacts):
+    """No DEQUANTIZE is left (LiteRT would keep a float32 copy of each weight it dequantises); every
+    FULLY_CONNECTED with a constant weight reads an int8 one, with a scale per output channel; the gather and
+    the head read one table; every weight lies past the flatbuffer (the layout LiteRT reads above 2 GB)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    ctx, path, _, _, _, _ = streamed_int8
+    assert ctx.facts["dequantize_dropped"]["kept"] == 0 and ctx.facts["dequantize_dropped"]["dropped"] > 0
+    ops = op_histogram(path)
+    assert all("DEQUANTIZE" not in counts for counts in ops.values()), ops
+    model = schema.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    for graph in model.subgraphs:
+        weights, tables = set(), set()
+        for op in graph.operators:
+            name = names[max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                             model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)]
+            t = graph.tensors[op.inputs[1]] if len(op.inputs) > 1 else None
+            constant = t is not None and model.buffers[t.buffer].offset > 1
+            if name in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP") and constant:  # not attention's activation FCs
+                assert t.type == schema.TensorType.INT8, (name, t.name)
+                assert len(t.quantization.scale) == t.shape[0] and not np.any(t.quantization.zeroPoint)
+                (tables if name == "EMBEDDING_LOOKUP" else weights).add(t.buffer)
+        assert len(tables) == 1 and tables <= weights  # the head's weight is the gathered table
+    stored = [b for b in model.buffers if b.offset > 1]
+    assert stored and all(b.data is None or len(b.data) == 0 for b in stored)
+    assert sum(int(b.size) for b in stored) > 0.95 * _int8_weight_bytes(ctx.config)
+    # The gates stay float32: at SMALL's widths that makes the file as large as ai-edge-quantizer's int8, which
+    # stores the table twice (on the shipped model it is 11 % smaller).
+    assert path.stat().st_size < 1.05 * artifacts["int8"][1].stat().st_size
+
+
+def _int8_weight_bytes(config) -> int:
+    """Bytes of the streamed int8 recipe's weights at the least: one byte per linear or table weight."""
+    from rgexport.streaming import fake_griffin
+
+    model = fake_griffin(config)
+    return config.vocab_size * config.width + sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_streamed_int8_computes_its_own_model(streamed_int8, small_model, small_tokens, eager):
+    """Against its own model (the same int8 weights in PyTorch, inputs quantised per token as LiteRT's
+    dynamic-range kernels do) the file agrees far closer than with float32; against float32 it keeps the
+    int8 recipe's top-1 bound."""
+    from rgexport.validate import own_model_logits, teacher_forced
+
+    ctx, path, manifest, _, _, _ = streamed_int8
+    backend = TFLiteBackend()
+    tokens = small_tokens[0].tolist()
+    got = teacher_forced(backend.load(path.parent, manifest), tokens)
+    own = own_model_logits(small_model, backend, manifest, CHUNK, tokens)
+    float_err = np.abs(got - eager[0]).max()
+    own_err = np.abs(got - own).max()
+    assert own_err < float_err / 5, (own_err, float_err)
+    assert float((got.argmax(-1) == own.argmax(-1)).mean()) >= 0.98
+    assert float((got.argmax(-1) == eager[0].argmax(-1)).mean()) >= MIN_TOP1["int8"]
+    assert ctx.facts["conversion_check"]["max_relative_error"] <= ctx.facts["conversion_check"]["tolerance"]
+    # The in-memory route (ai-edge-quantizer) has no own model: its quantiser is not PyTorch's.
+    assert own_model_logits(small_model, backend, {**manifest, "backend_facts": {"int8_route": "ai-edge-quantizer"}},
+                            CHUNK, tokens) is None
+
+
+def test_streamed_conversion_check_catches_swapped_names(streamed_int8):
+    """The check after the rewrite compares by name, as the float one does: two same-shaped state outputs
+    swapped must fail it."""
+    import copy
+
+    from rgexport.backends.tflite.export import HYBRID_CHECK_TOLERANCE, check_probe
+
+    ctx, path, _, _, _, probe = streamed_int8
+    check_probe(path, probe, ctx, HYBRID_CHECK_TOLERANCE)
+    swapped = copy.deepcopy(probe)
+    a, b = identifier("new_state.blocks.0.rg_lru"), identifier("new_state.blocks.1.rg_lru")
+    decode = swapped.expected["decode"]
+    decode[a], decode[b] = decode[b], decode[a]
+    with pytest.raises(RgexportError, match="differs from eager"):
+        check_probe(path, swapped, ctx, HYBRID_CHECK_TOLERANCE)
+
+
+def test_stream_weights_option():
+    backend = TFLiteBackend()
+    assert backend.streams_weights("int8", {}) is None  # the build decides by size
+    assert backend.streams_weights("int8", {"stream_weights": True}) is True
+    assert backend.streams_weights("int8", {"stream_weights": False}) is False
+    assert backend.streams_weights("fp16", {}) is False  # ai-edge-quantizer works on the float flatbuffer
+    with pytest.raises(RgexportError, match="int8 only"):
+        backend.streams_weights("int4", {"stream_weights": True})
+    with pytest.raises(RgexportError, match="stream_weights"):
+        backend.streams_weights("int8", {"stream_weights": "yes"})
+
+
 # The shipped tiny model (slow: its conversion takes 1-2 minutes here) -------------------------------
 SHIPPED_CHUNK = 32
 # Measured on 1024 heldout tokens (notes/tflite.md): top-1 fp16 100%, int8 99.5%, int4 90.2%, w8a8 96.6%;

@@ -35,15 +35,29 @@ from rgexport.backends.tflite.calibration import Dataset, representative_dataset
 from rgexport.backends.tflite.export import (
     _OLD_RUNTIME_FAILS,
     ARTIFACT_FILE,
+    HYBRID_CHECK_TOLERANCE,
+    Flatbuffer,
+    StreamedExport,
     TFLiteExport,
     _check_against_eager,
     _check_runs,
     _signature_io,
     _signatures,
+    check_probe,
+    eager_probe,
     file_metadata,
     op_histogram,
+    strict_qdq_mode,
 )
-from rgexport.backends.tflite.recipes import DEFAULT_INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, RECIPES
+from rgexport.backends.tflite.recipes import (
+    DEFAULT_INT4_BLOCK_SIZE,
+    INT4_BLOCK_SIZES,
+    QUANTISER_INT8,
+    RECIPES,
+    STREAMED_INT8,
+    quantise_int8_part_,
+    runtime_activations,
+)
 from rgexport.backends.tflite.runner import DELEGATES, TFLiteRunner
 from rgexport.calibrate import sample_facts
 from rgexport.errors import RgexportError
@@ -68,17 +82,60 @@ class TFLiteBackend(Backend):
         "delegate": '"xnnpack" (default) or "none" (the builtin kernels): the runtime path the runner uses',
         "num_threads": "interpreter threads (default: the runtime's)",
         "int4_block_size": "int4: weights per scale along the input dimension (default 32)",
+        "stream_weights": 'int8: "auto" (default: a model too large to load whole), true or false: quantise each '
+        "block to int8 as the checkpoint is read and convert the int8 model, instead of quantising a float "
+        "flatbuffer converted from the whole float32 model",
     }
     recipes = RECIPES
     quantizes_in = "lower"  # the recipe works on the converted program
     default_recipe = "fp32"
 
+    def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
+        """int8 only (`recipes.STREAMED_INT8`): each block is quantised as it is read and the int8 model is
+        converted. The other recipes quantise the float flatbuffer, which needs the whole float32 model."""
+        want = options.get("stream_weights", "auto")
+        if want not in ("auto", True, False):
+            raise RgexportError(f'option stream_weights is {want!r}; expected "auto", true or false')
+        if self.resolve_recipe(recipe) != "int8" or want is False:
+            if want is True:
+                raise RgexportError(f"LiteRT streams the weights for int8 only, not {recipe}; leave "
+                                    "stream_weights out or set it false")
+            return False
+        return True if want is True else None
+
     # Build stages --------------------------------------------------------------------------------
-    def export(self, prepared: Griffin, ctx: BuildContext) -> bytes | TFLiteExport:
-        """Converts decode and prefill into one float flatbuffer and checks it against `prepared`; for a
-        calibrated recipe, also captures the representative dataset from `prepared` (a TFLiteExport)."""
+    def quantize(self, model: Griffin, ctx: BuildContext) -> Griffin:
+        """From a stream (`streams_weights`): the int8 model, read and quantised a part at a time into `model`
+        (`streaming.fake_griffin`), so the float32 model is never whole. Otherwise `model` as it is: the recipes
+        quantise the converted flatbuffer in `lower`."""
+        if ctx.stream is None:
+            return model
+        from rgexport.memory import release_freed
+        from rgexport.streaming import assert_real
+
         self.check_recipe(ctx.recipe)
         self._check_options(ctx)
+        if ctx.recipe != "int8":
+            raise RgexportError(f"LiteRT streams the weights for int8 only, not {ctx.recipe}")
+        self.require("torchao")
+        stream = ctx.stream
+        model.embedder = quantise_int8_part_(stream.embedder(), "embedder")
+        for i in range(len(model.blocks)):
+            model.blocks[i] = quantise_int8_part_(stream.block(i), "block")
+        model.final_norm = stream.final_norm()
+        assert_real(model)
+        release_freed()  # the float parts' heap, before conversion
+        ctx.facts["int8_route"] = STREAMED_INT8
+        return model
+
+    def export(self, prepared: Griffin, ctx: BuildContext) -> bytes | TFLiteExport | StreamedExport:
+        """Converts decode and prefill into one float flatbuffer and checks it against `prepared`; for a
+        calibrated recipe, also captures the representative dataset from `prepared` (a TFLiteExport). The
+        streamed int8 model (`quantize`) converts to a file of int8 weights instead (a StreamedExport)."""
+        self.check_recipe(ctx.recipe)
+        self._check_options(ctx)
+        if ctx.facts.get("int8_route") == STREAMED_INT8:
+            return self._export_streamed(prepared, ctx)
         calibrated = self.recipes[ctx.recipe].calibrated
         if calibrated:
             ctx.calibration_sequences()
@@ -114,13 +171,77 @@ class TFLiteBackend(Backend):
                                     "capture_seconds": round(time.perf_counter() - start, 2)}
         return TFLiteExport(flatbuffer, dataset)
 
-    def lower(self, exported: bytes | TFLiteExport, ctx: BuildContext) -> bytes:
+    def _export_streamed(self, prepared: Griffin, ctx: BuildContext) -> StreamedExport:
+        """The int8 model converted in strict QDQ mode to `converted.tflite` in the work folder, the model let go
+        before the file is written (where the build allows it), and the eager outputs `lower` checks against."""
+        from rgexport.memory import release_freed
+
+        litert_torch = self.require("litert_torch")
+        self.require("ai_edge_litert.interpreter")
+        signatures = _signatures(prepared, ctx.prefill_chunk)
+        with runtime_activations(prepared):
+            probe = eager_probe(signatures, ctx)
+        converter = None
+        for name, module in signatures.items():
+            add = litert_torch.signature if converter is None else converter.signature
+            converter = add(name, module, sample_kwargs=module.example_inputs())
+        start = time.perf_counter()
+        with strict_qdq_mode(), torch.no_grad():
+            edge_model = converter.convert(enable_x64=False)
+        converted = time.perf_counter()
+        del converter, signatures, module
+        if ctx.disposable_weights:
+            # The converter holds its own copy of every constant now; the torch model's int8 weights (2.7 GB at
+            # RecurrentGemma-2B) go before the file is written, the write's peak being the build's highest.
+            for name, _ in list(prepared.named_children()):
+                setattr(prepared, name, None)
+        release_freed()
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        path = ctx.work_dir / "converted.tflite"
+        edge_model.export(str(path))
+        del edge_model
+        release_freed()
+        ctx.facts["conversion_seconds"] = round(converted - start, 2)
+        ctx.facts["write_seconds"] = round(time.perf_counter() - converted, 2)
+        ctx.facts["converted_bytes"] = path.stat().st_size
+        return StreamedExport(path, probe)
+
+    def _lower_streamed(self, exported: StreamedExport, ctx: BuildContext) -> Path:
+        """The converted file with its weights' DEQUANTIZEs dropped (`rewrites.drop_weight_dequantize`), checked
+        against the eager int8 model by name."""
+        from rgexport.backends.tflite.rewrites import drop_weight_dequantize
+
+        start = time.perf_counter()
+        lowered = ctx.work_dir / (ARTIFACT_FILE + ".lowered")
+        counts = drop_weight_dequantize(exported.path, lowered)
+        exported.path.unlink()
+        ctx.facts["dequantize_dropped"] = counts
+        ctx.facts["rewrite_seconds"] = round(time.perf_counter() - start, 2)
+        if counts["kept"] or not counts["dropped"]:
+            raise RgexportError(f"The streamed int8 model kept {counts['kept']} weight DEQUANTIZEs (dropped "
+                                f"{counts['dropped']}): LiteRT would hold a float32 copy of those weights")
+        check_probe(lowered, exported.probe, ctx, HYBRID_CHECK_TOLERANCE)
+        return lowered
+
+    def lower(self, exported: bytes | TFLiteExport | StreamedExport, ctx: BuildContext) -> Flatbuffer:
         """Applies the recipe to the float flatbuffer; the signatures must come out unchanged.
 
         A calibrated recipe needs the `TFLiteExport` that `export` returns for it (any export's
-        flatbuffer will do, with a dataset from `representative_dataset`)."""
+        flatbuffer will do, with a dataset from `representative_dataset`). The streamed int8 recipe's file
+        (a StreamedExport) is quantised already: its weights' DEQUANTIZEs are dropped."""
         self.check_recipe(ctx.recipe)
         block = self._check_options(ctx)
+        if isinstance(exported, StreamedExport):
+            lowered = self._lower_streamed(exported, ctx)
+            self._record(lowered, ctx, block)
+            size = lowered.stat().st_size
+            ctx.notes.append(
+                f"LiteRT int8: {size:,} bytes, converted from int8 weights quantised block by block as the "
+                "checkpoint was read (torchao, per-channel symmetric; the tied table stored once for the gather "
+                "and the head; the RG-LRU gates float32). No float flatbuffer was built.")
+            return lowered
+        if ctx.recipe == "int8":
+            ctx.facts["int8_route"] = QUANTISER_INT8
         dataset = None
         if isinstance(exported, TFLiteExport):
             exported, dataset = exported.flatbuffer, exported.calibration
@@ -143,15 +264,7 @@ class TFLiteBackend(Backend):
             want, got = _signature_io(exported), _signature_io(lowered)
             if want != got:
                 raise RgexportError(f"Quantising with recipe {ctx.recipe} changed the signatures: {got} != {want}")
-        ctx.facts["ops"] = op_histogram(lowered)
-        ctx.facts["recipe"] = {"name": ctx.recipe, "description": self.recipes[ctx.recipe].description}
-        if ctx.recipe == "int4":
-            ctx.facts["recipe"]["int4_block_size"] = block
-        ctx.facts["enable_x64"] = False
-        ctx.facts["runtime_options"] = {"delegate": ctx.options.get("delegate", "xnnpack"),
-                                        "num_threads": ctx.options.get("num_threads")}
-        ctx.facts["name_mapping"] = "identifier = name with '.' written '__' (inputs cannot hold dots)"
-        ctx.facts["file_metadata"] = file_metadata(lowered)
+        self._record(lowered, ctx, block)
         ctx.notes.append(
             f"LiteRT {ctx.recipe}: {len(lowered):,} bytes ({len(lowered) / len(exported):.2f} of float32)."
         )
@@ -162,6 +275,18 @@ class TFLiteBackend(Backend):
                 f"versions are those of float ops, yet tflite-runtime 2.14 {_OLD_RUNTIME_FAILS[ctx.recipe]}."
             )
         return lowered
+
+    def _record(self, lowered: Flatbuffer, ctx: BuildContext, block: int) -> None:
+        """The lowered file's facts for the manifest."""
+        ctx.facts["ops"] = op_histogram(lowered)
+        ctx.facts["recipe"] = {"name": ctx.recipe, "description": self.recipes[ctx.recipe].description}
+        if ctx.recipe == "int4":
+            ctx.facts["recipe"]["int4_block_size"] = block
+        ctx.facts["enable_x64"] = False
+        ctx.facts["runtime_options"] = {"delegate": ctx.options.get("delegate", "xnnpack"),
+                                        "num_threads": ctx.options.get("num_threads")}
+        ctx.facts["name_mapping"] = "identifier = name with '.' written '__' (inputs cannot hold dots)"
+        ctx.facts["file_metadata"] = file_metadata(lowered)
 
     def _lower_calibrated(self, flatbuffer: bytes, dataset: Dataset, ctx: BuildContext) -> bytes:
         """w8a8: calibrate on the dataset, quantise the chosen groups statically, check the result runs."""
@@ -214,10 +339,13 @@ class TFLiteBackend(Backend):
         )
         return lowered
 
-    def write(self, lowered: bytes, ctx: BuildContext) -> list[Path]:
+    def write(self, lowered: Flatbuffer, ctx: BuildContext) -> list[Path]:
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         path = ctx.work_dir / ARTIFACT_FILE
-        path.write_bytes(lowered)
+        if isinstance(lowered, Path):
+            lowered.replace(path)  # the streamed recipe's file, in the work folder already
+        else:
+            path.write_bytes(lowered)
         return [path]
 
     def io_contract(self, ctx: BuildContext) -> dict[str, Any]:
@@ -260,6 +388,14 @@ class TFLiteBackend(Backend):
             experimental_op_resolver_type=resolver,
         )
         return TFLiteRunner(interpreter, manifest["io"], model_bytes=path.stat().st_size)
+
+    def quantise_part(self, part: Any, kind: str, ctx: BuildContext) -> Any:
+        """The streamed int8 recipe's own quantised model, a part at a time: the same int8 weights, the linears
+        and the head quantising their inputs per token as LiteRT's dynamic-range kernels do. None for the
+        recipes that ai-edge-quantizer applies to the float flatbuffer."""
+        if ctx.recipe != "int8" or ctx.facts.get("int8_route") != STREAMED_INT8:
+            return None
+        return quantise_int8_part_(part, kind, activations=True)
 
     # Helpers -------------------------------------------------------------------------------------
     def _check_options(self, ctx: BuildContext) -> int:

@@ -1,0 +1,139 @@
+"""Flatbuffer rewrites: a converted `.tflite` made into what the runtime should run, file to file.
+
+`drop_weight_dequantize`: litert-torch converts a torchao int8 weight (strict QDQ mode) into an int8 constant
+behind a DEQUANTIZE. LiteRT evaluates a DEQUANTIZE of a constant once, at prepare time, into a float32 copy
+that it keeps: 4 bytes per parameter resident beside the file's 1 (10.7 GB at RecurrentGemma-2B). Its
+FULLY_CONNECTED and EMBEDDING_LOOKUP take the int8 constant itself (the dynamic-range form ai-edge-quantizer
+writes: activations quantised on the fly, rows dequantised as gathered), so each such DEQUANTIZE is dropped and
+its consumers read the constant.
+
+The file is parsed through a memory map and written back with every tensor's data past the flatbuffer
+(`Buffer.offset/size`, 16-byte aligned), the layout LiteRT reads at any size (and the only one past 2 GB); the
+data is copied from the map a buffer at a time, so a multi-GB model is never read into memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import mmap
+from collections import Counter
+from pathlib import Path
+
+# Operator -> input positions that take an int8 constant with per-channel scales directly.
+_TAKES_INT8 = {"FULLY_CONNECTED": (1,), "EMBEDDING_LOOKUP": (1,)}
+_ALIGN = 16
+
+
+def _builtin_names() -> dict[int, str]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def drop_weight_dequantize(src: Path, dst: Path) -> dict[str, int]:
+    """Writes `src` to `dst` with every DEQUANTIZE of a constant int8 tensor removed where all its consumers take
+    int8 (`_TAKES_INT8`), those consumers reading the constant. Returns {"dropped": n, "kept": m}: m counts the
+    DEQUANTIZEs of constants left because some consumer needs float (none in rgexport's graphs)."""
+    with open(src, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        counts = _drop(buf, dst)
+    finally:
+        gc.collect()  # the parsed model's views into the map, before it closes
+        buf.close()
+    return {"dropped": counts["dropped"], "kept": counts["kept"]}
+
+
+def _drop(buf: mmap.mmap, dst: Path) -> Counter[str]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = _builtin_names()
+    model = schema.ModelT.InitFromPackedBuf(buf, 0)
+
+    def op_name(op) -> str:
+        code = model.operatorCodes[op.opcodeIndex]
+        return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+
+    counts: Counter[str] = Counter()
+    for graph in model.subgraphs:
+        consumers: dict[int, list[tuple[str, int]]] = {}
+        for op in graph.operators:
+            for pos, t in enumerate(op.inputs if op.inputs is not None else []):
+                consumers.setdefault(int(t), []).append((op_name(op), pos))
+        outputs = set(int(t) for t in graph.outputs)
+        replace: dict[int, int] = {}
+        kept_ops = []
+        for op in graph.operators:
+            if op_name(op) == "DEQUANTIZE":
+                source, result = int(op.inputs[0]), int(op.outputs[0])
+                tensor = graph.tensors[source]
+                constant = tensor.buffer > 0 and _buffer_bytes(model.buffers[tensor.buffer]) > 0
+                if constant and tensor.type == schema.TensorType.INT8:
+                    uses = consumers.get(result, [])
+                    if uses and result not in outputs and all(p in _TAKES_INT8.get(n, ()) for n, p in uses):
+                        replace[result] = source
+                        counts["dropped"] += 1
+                        continue
+                    counts["kept"] += 1
+            kept_ops.append(op)
+        for op in kept_ops:
+            op.inputs = [replace.get(int(t), int(t)) for t in op.inputs]
+        graph.operators = kept_ops
+    _write_with_offsets(model, buf, dst)
+    return counts
+
+
+def _buffer_bytes(buffer) -> int:
+    if buffer.offset > 1:
+        return int(buffer.size)
+    return 0 if buffer.data is None else len(buffer.data)
+
+
+def _write_with_offsets(model, source: mmap.mmap, dst: Path) -> None:
+    """Packs `model` (a ModelT read from `source`) into `dst`, every tensor buffer's data placed after the
+    flatbuffer; other buffers (metadata) stay inline."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    tensor_buffers = {int(t.buffer) for g in model.subgraphs for t in g.tensors if t.buffer > 0}
+    moved: dict[int, tuple[int, int] | memoryview] = {}  # buffer -> (offset, size) in source, or inline data
+    for index in sorted(tensor_buffers):
+        b = model.buffers[index]
+        if b.offset > 1:
+            moved[index] = (int(b.offset), int(b.size))
+        elif b.data is not None and len(b.data):
+            moved[index] = memoryview(b.data).cast("B")
+        else:
+            continue
+        # Non-zero placeholders, so that the packed Buffer has room for the real offset and size.
+        b.data, b.offset, b.size = None, 1, 1
+    builder = flatbuffers.Builder(1 << 20)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    head = bytearray(builder.Output())
+    packed = schema.Model.GetRootAs(head, 0)
+    position = _aligned(len(head))
+    layout = []
+    for index, data in moved.items():
+        size = data[1] if isinstance(data, tuple) else len(data)
+        flatbuffer_utils.update_packed_buffer(packed.Buffers(index), offset=position, size=size)
+        layout.append((position, data))
+        position = _aligned(position + size)
+    tmp = dst.with_name(dst.name + ".partial")
+    with open(tmp, "wb") as out:
+        out.write(head)
+        for start, data in layout:
+            out.write(b"\0" * (start - out.tell()))
+            if isinstance(data, tuple):
+                offset, size = data
+                for at in range(offset, offset + size, 1 << 26):  # 64 MiB at a time, its pages let go after
+                    end = min(at + (1 << 26), offset + size)
+                    out.write(source[at:end])
+                    source.madvise(mmap.MADV_DONTNEED, at - at % mmap.PAGESIZE, end - at + at % mmap.PAGESIZE)
+            else:
+                out.write(data)
+    tmp.replace(dst)
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
