@@ -218,8 +218,8 @@ def _check_whole_model_fits(config: Any, backend: Any, recipe: str) -> None:
         f"{backend.name} / {recipe} loads the whole float32 model ({weights / 1e9:.1f} GB at "
         f"{config.num_parameters() / 1e9:.2f} B parameters), and its builds peaked at {factor:g}x that where "
         f"measured: about {need / 1e9:.0f} GB, more than this machine's {have / 2**30:.1f} GiB. Nothing was "
-        "loaded. Build --target onnx, --target executorch --recipe int4 or --target coreml --recipe w4 (they read "
-        "the weights one block at a time), or use a machine with more memory."
+        "loaded. Build --target onnx, --target executorch --recipe int4, --target tflite --recipe int8 or --target "
+        "coreml --recipe w4 (they read the weights one block at a time), or use a machine with more memory."
     )
 
 

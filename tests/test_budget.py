@@ -109,6 +109,22 @@ def test_the_load_peak_counts_what_the_runtime_packs_beside_the_file():
         plan(et, "int4", config, 2048, choice)
 
 
+def test_litert_int8_on_xnnpack_counts_a_packed_copy_per_signature():
+    """LiteRT's XNNPACK packs every weight once for decode's subgraph and once for prefill's, beside the mapped file
+    (measured at RecurrentGemma-2B: 5.28 GiB of anonymous memory for a 2.78 GB file); the builtin kernels pack
+    nothing."""
+    from rgexport.config import PRESETS
+
+    config = PRESETS["recurrentgemma-2b"]
+    tflite = get_backend("tflite")
+    weights = weights_lower_bound(config, "int8", tflite, {})
+    assert memory_lower_bound(config, "int8", tflite, {}) == 3 * weights
+    assert memory_lower_bound(config, "int8", tflite, {"delegate": "none"}) == weights
+    choice = RecipeChoice("tflite", "int8")
+    assert plan(tflite, "int8", config, 6000, choice) == ["int4"]  # int8 passed over: 8.0 GB while it loads
+    assert "int8: needs at least 8,0" in choice.passed_over[0]
+
+
 @pytest.mark.parametrize("target,budget,needs", [("ios", 2048, "2,932"), ("android", 1536, "3,260")])
 def test_an_app_bundle_at_2b_stops_before_loading_anything(target, budget, needs, tmp_path, monkeypatch):
     """The app profiles at RecurrentGemma-2B: Core ML fits as w4 and TFLite's int4 weights would fit, but no
