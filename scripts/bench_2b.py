@@ -193,7 +193,8 @@ def main() -> int:
                     help="time the artifacts in turns, all loaded at once (1: one after another, for 9B)")
     ap.add_argument("--reuse", action="store_true", help="bench folders already built in OUT instead of building")
     ap.add_argument("--build-arg", action="append", default=[], help="extra argument for every build (repeatable)")
-    ap.add_argument("--rgexport", default=shutil.which("rgexport") or "rgexport")
+    beside = Path(sys.executable).with_name("rgexport")  # this interpreter's own, activated or not
+    ap.add_argument("--rgexport", default=str(beside) if beside.exists() else shutil.which("rgexport") or "rgexport")
     args = ap.parse_args()
 
     source = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--preset", args.preset, "--random-weights"]

@@ -462,11 +462,11 @@ def test_int4_block_64_builds_and_agrees(float_export, small_config, eager, smal
     assert float((got.argmax(-1) == eager[0].argmax(-1)).mean()) >= MIN_TOP1["int4"]
 
 
-# int8 from a stream of weights (the route of a model too large to convert in float32) -------------------
-@pytest.fixture(scope="module")
-def streamed_int8(small_model, small_config, tmp_path_factory):
-    """SMALL's int8 built the way RecurrentGemma-2B's is: from a weightless model, each part read from
-    transformers-format shards and quantised as it arrives, converted as int8, its DEQUANTIZEs dropped."""
+# int8 and int4 from a stream of weights (the route of a model too large to convert in float32) -----------
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def streamed(request, small_model, small_config, tmp_path_factory):
+    """SMALL's int8 (or int4) built the way RecurrentGemma-2B's is: from a weightless model, each part read from
+    transformers-format shards and quantised as it arrives, converted quantised, its DEQUANTIZEs dropped."""
     import types
 
     from rgexport.checkpoint import save_huggingface
@@ -474,7 +474,9 @@ def streamed_int8(small_model, small_config, tmp_path_factory):
 
     backend = TFLiteBackend()
     stream = stream_huggingface(save_huggingface(small_model, tmp_path_factory.mktemp("ckpt")))
-    ctx = BuildContext(config=small_config, recipe="int8", work_dir=tmp_path_factory.mktemp("tflite-streamed"),
+    recipe = request.param
+    work = tmp_path_factory.mktemp(f"tflite-streamed-{recipe}")
+    ctx = BuildContext(config=small_config, recipe=recipe, work_dir=work,
                        prefill_chunk=CHUNK, options={"stream_weights": True}, stream=stream, disposable_weights=True)
     prepared = backend.quantize(fake_griffin(small_config), ctx)
     counted = types.SimpleNamespace(parts=stream.counter.parts, live=stream.counter.live, peak=stream.counter.peak)
@@ -484,42 +486,44 @@ def streamed_int8(small_model, small_config, tmp_path_factory):
     import gc
 
     gc.collect()
-    # Real int8 tensors still alive once the file is written (the table's shape: the quantised embedding).
+    # Real quantised tensors (torchao's int8 storage) still alive once the file is written (the table's shape).
     table = (small_config.vocab_size, small_config.width)
     left = sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter)
                and o.dtype == torch.int8 and tuple(o.shape) == table)
     probe = exported.probe
     (path,) = backend.write(backend.lower(exported, ctx), ctx)
-    manifest = {"backend": "tflite", "recipe": {"name": "int8"}, "artifact": {"file": path.name},
+    manifest = {"backend": "tflite", "recipe": {"name": recipe}, "artifact": {"file": path.name},
                 "io": backend.io_contract(ctx), "options": ctx.options, "backend_facts": ctx.facts}
     return ctx, path, manifest, counted, kept, probe, left
 
 
-def test_streamed_int8_reads_one_part_at_a_time(streamed_int8, small_config):
+def test_streamed_reads_one_part_at_a_time(streamed, small_config):
     """Quantised as each part arrives: the stream never held two float parts at once (counted), and what stays
     float32 afterwards is what the recipe keeps float (the RG-LRU gates, Conv1D, norms, biases)."""
     from rgexport.streaming import block_weight_bytes
 
-    ctx, _, _, counted, kept, _, left = streamed_int8
+    ctx, _, _, counted, kept, _, left = streamed
     parts = block_weight_bytes(small_config)
     assert counted.parts == len(small_config.block_types) + 2
     assert counted.live == kept
     assert max(parts.values()) <= counted.peak <= max(parts.values()) + kept
     assert counted.peak < sum(parts.values()) / 2
-    assert ctx.facts["int8_route"] == "streamed"
+    assert ctx.facts["quantiser"] == "torchao, streamed"
     assert not (ctx.work_dir / "converted.tflite").exists()
-    # After conversion no int8 weight is left in torch: not in the model, nor in the traced graph that torch keeps
+    # After conversion no quantised weight is left in torch: not in the model, nor in the traced graph that torch keeps
     # in a global until the next trace (the 2.7 GB that outlived the write at RecurrentGemma-2B).
     assert left == 0
 
 
-def test_streamed_int8_file_holds_each_weight_once_in_int8(streamed_int8, artifacts):
+def test_streamed_file_holds_each_weight_once_quantised(streamed, artifacts):
     """No DEQUANTIZE is left (LiteRT would keep a float32 copy of each weight it dequantises); every
-    FULLY_CONNECTED with a constant weight reads an int8 one, with a scale per output channel; the gather and
+    FULLY_CONNECTED with a constant weight reads a quantised one: int8 with a scale per output channel, or int4
+    in LiteRT's blockwise layout (float16 scales per 32 inputs, as ai-edge-quantizer writes it); the gather and
     the head read one table; every weight lies past the flatbuffer (the layout LiteRT reads above 2 GB)."""
     from ai_edge_litert import schema_py_generated as schema
 
-    ctx, path, *_ = streamed_int8
+    ctx, path, *_ = streamed
+    int4 = ctx.recipe == "int4"
     assert ctx.facts["dequantize_dropped"]["kept"] == 0 and ctx.facts["dequantize_dropped"]["dropped"] > 0
     ops = op_histogram(path)
     assert all("DEQUANTIZE" not in counts for counts in ops.values()), ops
@@ -533,16 +537,25 @@ def test_streamed_int8_file_holds_each_weight_once_in_int8(streamed_int8, artifa
             t = graph.tensors[op.inputs[1]] if len(op.inputs) > 1 else None
             constant = t is not None and model.buffers[t.buffer].offset > 1
             if name in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP") and constant:  # not attention's activation FCs
-                assert t.type == schema.TensorType.INT8, (name, t.name)
-                assert len(t.quantization.scale) == t.shape[0] and not np.any(t.quantization.zeroPoint)
+                q = t.quantization
+                if int4:
+                    assert t.type == schema.TensorType.INT4, (name, t.name)
+                    assert q.detailsType == schema.QuantizationDetails.BlockwiseQuantization
+                    assert q.details.blockSize == 32
+                    scales = graph.tensors[q.details.scales]
+                    assert scales.type == schema.TensorType.FLOAT16
+                    assert list(scales.shape) == [t.shape[0], t.shape[1] // 32]
+                else:
+                    assert t.type == schema.TensorType.INT8, (name, t.name)
+                    assert len(q.scale) == t.shape[0] and not np.any(q.zeroPoint)
                 (tables if name == "EMBEDDING_LOOKUP" else weights).add(t.buffer)
         assert len(tables) == 1 and tables <= weights  # the head's weight is the gathered table
     stored = [b for b in model.buffers if b.offset > 1]
     assert stored and all(b.data is None or len(b.data) == 0 for b in stored)
-    assert sum(int(b.size) for b in stored) > 0.95 * _int8_weight_bytes(ctx.config)
-    # The gates stay float32: at SMALL's widths that makes the file as large as ai-edge-quantizer's int8, which
-    # stores the table twice (on the shipped model it is 11 % smaller).
-    assert path.stat().st_size < 1.05 * artifacts["int8"][1].stat().st_size
+    assert sum(int(b.size) for b in stored) > 0.95 * _int8_weight_bytes(ctx.config) * (0.5 if int4 else 1)
+    # The gates stay float32: at SMALL's widths that makes the file as large as ai-edge-quantizer's, which
+    # stores the table twice (on the shipped model its int8 is 11 % smaller).
+    assert path.stat().st_size < 1.05 * artifacts[ctx.recipe][1].stat().st_size
 
 
 def _int8_weight_bytes(config) -> int:
@@ -554,13 +567,13 @@ def _int8_weight_bytes(config) -> int:
         m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def test_streamed_int8_computes_its_own_model(streamed_int8, small_model, small_tokens, eager):
-    """Against its own model (the same int8 weights in PyTorch, inputs quantised per token as LiteRT's
+def test_streamed_computes_its_own_model(streamed, small_model, small_tokens, eager):
+    """Against its own model (the same quantised weights in PyTorch, inputs quantised per token as LiteRT's
     dynamic-range kernels do) the file agrees far closer than with float32; against float32 it keeps the
-    int8 recipe's top-1 bound."""
+    recipe's top-1 bound."""
     from rgexport.validate import own_model_logits, teacher_forced
 
-    ctx, path, manifest, *_ = streamed_int8
+    ctx, path, manifest, *_ = streamed
     backend = TFLiteBackend()
     tokens = small_tokens[0].tolist()
     got = teacher_forced(backend.load(path.parent, manifest), tokens)
@@ -569,21 +582,21 @@ def test_streamed_int8_computes_its_own_model(streamed_int8, small_model, small_
     own_err = np.abs(got - own).max()
     assert own_err < float_err / 5, (own_err, float_err)
     assert float((got.argmax(-1) == own.argmax(-1)).mean()) >= 0.98
-    assert float((got.argmax(-1) == eager[0].argmax(-1)).mean()) >= MIN_TOP1["int8"]
+    assert float((got.argmax(-1) == eager[0].argmax(-1)).mean()) >= MIN_TOP1[ctx.recipe]
     assert ctx.facts["conversion_check"]["max_relative_error"] <= ctx.facts["conversion_check"]["tolerance"]
     # The in-memory route (ai-edge-quantizer) has no own model: its quantiser is not PyTorch's.
-    assert own_model_logits(small_model, backend, {**manifest, "backend_facts": {"int8_route": "ai-edge-quantizer"}},
+    assert own_model_logits(small_model, backend, {**manifest, "backend_facts": {"quantiser": "ai-edge-quantizer"}},
                             CHUNK, tokens) is None
 
 
-def test_streamed_conversion_check_catches_swapped_names(streamed_int8):
+def test_streamed_conversion_check_catches_swapped_names(streamed):
     """The check after the rewrite compares by name, as the float one does: two same-shaped state outputs
     swapped must fail it."""
     import copy
 
     from rgexport.backends.tflite.export import HYBRID_CHECK_TOLERANCE, check_probe
 
-    ctx, path, _, _, _, probe, _ = streamed_int8
+    ctx, path, _, _, _, probe, _ = streamed
     check_probe(path, probe, ctx, HYBRID_CHECK_TOLERANCE)
     swapped = copy.deepcopy(probe)
     a, b = identifier("new_state.blocks.0.rg_lru"), identifier("new_state.blocks.1.rg_lru")
@@ -598,9 +611,10 @@ def test_stream_weights_option():
     assert backend.streams_weights("int8", {}) is None  # the build decides by size
     assert backend.streams_weights("int8", {"stream_weights": True}) is True
     assert backend.streams_weights("int8", {"stream_weights": False}) is False
+    assert backend.streams_weights("int4", {"stream_weights": True}) is True
     assert backend.streams_weights("fp16", {}) is False  # ai-edge-quantizer works on the float flatbuffer
-    with pytest.raises(RgexportError, match="int8 only"):
-        backend.streams_weights("int4", {"stream_weights": True})
+    with pytest.raises(RgexportError, match="int8 and int4 only"):
+        backend.streams_weights("w8a8", {"stream_weights": True})
     with pytest.raises(RgexportError, match="stream_weights"):
         backend.streams_weights("int8", {"stream_weights": "yes"})
 

@@ -50,12 +50,13 @@ from rgexport.backends.tflite.export import (
     strict_qdq_mode,
 )
 from rgexport.backends.tflite.recipes import (
+    AI_EDGE_QUANTIZER,
     DEFAULT_INT4_BLOCK_SIZE,
     INT4_BLOCK_SIZES,
-    QUANTISER_INT8,
     RECIPES,
-    STREAMED_INT8,
-    quantise_int8_part_,
+    STREAMED,
+    STREAMED_RECIPES,
+    quantise_part_,
     runtime_activations,
 )
 from rgexport.backends.tflite.runner import DELEGATES, TFLiteRunner
@@ -82,8 +83,8 @@ class TFLiteBackend(Backend):
         "delegate": '"xnnpack" (default) or "none" (the builtin kernels): the runtime path the runner uses',
         "num_threads": "interpreter threads (default: the runtime's)",
         "int4_block_size": "int4: weights per scale along the input dimension (default 32)",
-        "stream_weights": 'int8: "auto" (default: a model too large to load whole), true or false: quantise each '
-        "block to int8 as the checkpoint is read and convert the int8 model, instead of quantising a float "
+        "stream_weights": 'int8 and int4: "auto" (default: a model too large to load whole), true or false: quantise '
+        "each block as the checkpoint is read and convert the quantised model, instead of quantising a float "
         "flatbuffer converted from the whole float32 model",
     }
     recipes = RECIPES
@@ -91,21 +92,21 @@ class TFLiteBackend(Backend):
     default_recipe = "fp32"
 
     def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
-        """int8 only (`recipes.STREAMED_INT8`): each block is quantised as it is read and the int8 model is
+        """int8 and int4 (`recipes.STREAMED`): each block is quantised as it is read and the quantised model is
         converted. The other recipes quantise the float flatbuffer, which needs the whole float32 model."""
         want = options.get("stream_weights", "auto")
         if want not in ("auto", True, False):
             raise RgexportError(f'option stream_weights is {want!r}; expected "auto", true or false')
-        if self.resolve_recipe(recipe) != "int8" or want is False:
+        if self.resolve_recipe(recipe) not in STREAMED_RECIPES or want is False:
             if want is True:
-                raise RgexportError(f"LiteRT streams the weights for int8 only, not {recipe}; leave "
+                raise RgexportError(f"LiteRT streams the weights for int8 and int4 only, not {recipe}; leave "
                                     "stream_weights out or set it false")
             return False
         return True if want is True else None
 
     # Build stages --------------------------------------------------------------------------------
     def quantize(self, model: Griffin, ctx: BuildContext) -> Griffin:
-        """From a stream (`streams_weights`): the int8 model, read and quantised a part at a time into `model`
+        """From a stream (`streams_weights`): the int8 or int4 model, read and quantised a part at a time into `model`
         (`streaming.fake_griffin`), so the float32 model is never whole. Otherwise `model` as it is: the recipes
         quantise the converted flatbuffer in `lower`."""
         if ctx.stream is None:
@@ -114,27 +115,27 @@ class TFLiteBackend(Backend):
         from rgexport.streaming import assert_real
 
         self.check_recipe(ctx.recipe)
-        self._check_options(ctx)
-        if ctx.recipe != "int8":
-            raise RgexportError(f"LiteRT streams the weights for int8 only, not {ctx.recipe}")
+        block = self._check_options(ctx)
+        if ctx.recipe not in STREAMED_RECIPES:
+            raise RgexportError(f"LiteRT streams the weights for int8 and int4 only, not {ctx.recipe}")
         self.require("torchao")
-        stream = ctx.stream
-        model.embedder = quantise_int8_part_(stream.embedder(), "embedder")
+        stream, bits = ctx.stream, 4 if ctx.recipe == "int4" else 8
+        model.embedder = quantise_part_(stream.embedder(), "embedder", bits, block)
         for i in range(len(model.blocks)):
-            model.blocks[i] = quantise_int8_part_(stream.block(i), "block")
+            model.blocks[i] = quantise_part_(stream.block(i), "block", bits, block)
         model.final_norm = stream.final_norm()
         assert_real(model)
         release_freed()  # the float parts' heap, before conversion
-        ctx.facts["int8_route"] = STREAMED_INT8
+        ctx.facts["quantiser"] = STREAMED
         return model
 
     def export(self, prepared: Griffin, ctx: BuildContext) -> bytes | TFLiteExport | StreamedExport:
         """Converts decode and prefill into one float flatbuffer and checks it against `prepared`; for a
         calibrated recipe, also captures the representative dataset from `prepared` (a TFLiteExport). The
-        streamed int8 model (`quantize`) converts to a file of int8 weights instead (a StreamedExport)."""
+        streamed model (`quantize`) converts to a file of quantised weights instead (a StreamedExport)."""
         self.check_recipe(ctx.recipe)
         self._check_options(ctx)
-        if ctx.facts.get("int8_route") == STREAMED_INT8:
+        if ctx.facts.get("quantiser") == STREAMED:
             return self._export_streamed(prepared, ctx)
         calibrated = self.recipes[ctx.recipe].calibrated
         if calibrated:
@@ -172,7 +173,7 @@ class TFLiteBackend(Backend):
         return TFLiteExport(flatbuffer, dataset)
 
     def _export_streamed(self, prepared: Griffin, ctx: BuildContext) -> StreamedExport:
-        """The int8 model converted in strict QDQ mode to `converted.tflite` in the work folder, the model let go
+        """The quantised model converted in strict QDQ mode to `converted.tflite` in the work folder, the model let go
         before the file is written (where the build allows it), and the eager outputs `lower` checks against."""
         from rgexport.memory import forget_last_export, release_freed
 
@@ -191,7 +192,7 @@ class TFLiteBackend(Backend):
         converted = time.perf_counter()
         del converter, signatures, module
         if ctx.disposable_weights:
-            # The converter holds its own copy of every constant now; the torch model's int8 weights (2.7 GB at
+            # The converter holds its own copy of every constant now; the torch model's weights (2.7 GB of int8 at
             # RecurrentGemma-2B) go before the file is written, the write's peak being the build's highest. The
             # traced programs' nodes that litert-torch inlined them into stay in a torch global until let go.
             for name, _ in list(prepared.named_children()):
@@ -210,7 +211,7 @@ class TFLiteBackend(Backend):
 
     def _lower_streamed(self, exported: StreamedExport, ctx: BuildContext) -> Path:
         """The converted file with its weights' DEQUANTIZEs dropped (`rewrites.drop_weight_dequantize`), checked
-        against the eager int8 model by name."""
+        against the eager quantised model by name."""
         from rgexport.backends.tflite.rewrites import drop_weight_dequantize
 
         start = time.perf_counter()
@@ -220,7 +221,7 @@ class TFLiteBackend(Backend):
         ctx.facts["dequantize_dropped"] = counts
         ctx.facts["rewrite_seconds"] = round(time.perf_counter() - start, 2)
         if counts["kept"] or not counts["dropped"]:
-            raise RgexportError(f"The streamed int8 model kept {counts['kept']} weight DEQUANTIZEs (dropped "
+            raise RgexportError(f"The streamed {ctx.recipe} model kept {counts['kept']} weight DEQUANTIZEs (dropped "
                                 f"{counts['dropped']}): LiteRT would hold a float32 copy of those weights")
         check_probe(lowered, exported.probe, ctx, HYBRID_CHECK_TOLERANCE)
         return lowered
@@ -229,21 +230,22 @@ class TFLiteBackend(Backend):
         """Applies the recipe to the float flatbuffer; the signatures must come out unchanged.
 
         A calibrated recipe needs the `TFLiteExport` that `export` returns for it (any export's
-        flatbuffer will do, with a dataset from `representative_dataset`). The streamed int8 recipe's file
-        (a StreamedExport) is quantised already: its weights' DEQUANTIZEs are dropped."""
+        flatbuffer will do, with a dataset from `representative_dataset`). A streamed recipe's file (a
+        StreamedExport) is quantised already: its weights' DEQUANTIZEs are dropped."""
         self.check_recipe(ctx.recipe)
         block = self._check_options(ctx)
         if isinstance(exported, StreamedExport):
             lowered = self._lower_streamed(exported, ctx)
             self._record(lowered, ctx, block)
             size = lowered.stat().st_size
+            how = "a scale per output channel" if ctx.recipe == "int8" else f"a float16 scale per {block} inputs"
             ctx.notes.append(
-                f"LiteRT int8: {size:,} bytes, converted from int8 weights quantised block by block as the "
-                "checkpoint was read (torchao, per-channel symmetric; the tied table stored once for the gather "
+                f"LiteRT {ctx.recipe}: {size:,} bytes, converted from {ctx.recipe} weights quantised block by block "
+                f"as the checkpoint was read (torchao, symmetric, {how}; the tied table stored once for the gather "
                 "and the head; the RG-LRU gates float32). No float flatbuffer was built.")
             return lowered
-        if ctx.recipe == "int8":
-            ctx.facts["int8_route"] = QUANTISER_INT8
+        if ctx.recipe in STREAMED_RECIPES:
+            ctx.facts["quantiser"] = AI_EDGE_QUANTIZER
         dataset = None
         if isinstance(exported, TFLiteExport):
             exported, dataset = exported.flatbuffer, exported.calibration
@@ -404,12 +406,13 @@ class TFLiteBackend(Backend):
         return super().packed_at_load_bits(recipe, options)
 
     def quantise_part(self, part: Any, kind: str, ctx: BuildContext) -> Any:
-        """The streamed int8 recipe's own quantised model, a part at a time: the same int8 weights, the linears
+        """A streamed recipe's own quantised model, a part at a time: the same int8 or int4 weights, the linears
         and the head quantising their inputs per token as LiteRT's dynamic-range kernels do. None for the
         recipes that ai-edge-quantizer applies to the float flatbuffer."""
-        if ctx.recipe != "int8" or ctx.facts.get("int8_route") != STREAMED_INT8:
+        if ctx.recipe not in STREAMED_RECIPES or ctx.facts.get("quantiser") != STREAMED:
             return None
-        return quantise_int8_part_(part, kind, activations=True)
+        block = ctx.options.get("int4_block_size", DEFAULT_INT4_BLOCK_SIZE)
+        return quantise_part_(part, kind, 4 if ctx.recipe == "int4" else 8, block, activations=True)
 
     # Helpers -------------------------------------------------------------------------------------
     def _check_options(self, ctx: BuildContext) -> int:

@@ -38,47 +38,64 @@ RECIPES = {
 }
 
 
-# int8 from a stream of weights ----------------------------------------------------------------------------
+# int8 and int4 from a stream of weights ----------------------------------------------------------------
 # A model too large to hold in float32 (RecurrentGemma-2B: 10.7 GB) cannot take the route above, which
 # quantises a float flatbuffer that the converter first builds in full. From a stream (option stream_weights,
-# the default for a large model), the int8 recipe quantises each part as it is read instead: per-channel
-# symmetric int8 weights as torchao tensors, which litert-torch converts (in strict QDQ mode) into int8
-# constants, each behind a DEQUANTIZE that `rewrites.drop_weight_dequantize` then removes. The file is the
-# dynamic-range form that ai-edge-quantizer writes (float activations quantised on the fly inside each
-# FULLY_CONNECTED; EMBEDDING_LOOKUP reads int8 rows), with the tied table stored once for the gather and the
-# head. The RG-LRU's block-diagonal gates (BATCH_MATMUL, 1-2 % of the weights) stay float32.
-STREAMED_INT8 = "streamed"
-QUANTISER_INT8 = "ai-edge-quantizer"
+# the default for a large model), int8 and int4 quantise each part as it is read instead: symmetric weights as
+# torchao tensors (int8: a scale per output channel; int4: a float16-exact scale per block of input channels),
+# which litert-torch converts (in strict QDQ mode) into int8 / int4 constants, each behind a DEQUANTIZE that
+# `rewrites.drop_weight_dequantize` then removes. The file is the dynamic-range form that ai-edge-quantizer writes
+# (float activations quantised on the fly inside each FULLY_CONNECTED; EMBEDDING_LOOKUP reads quantised rows),
+# with the tied table stored once for the gather and the head. The RG-LRU's block-diagonal gates (BATCH_MATMUL,
+# 1-2 % of the weights) stay float32.
+STREAMED = "torchao, streamed"
+AI_EDGE_QUANTIZER = "ai-edge-quantizer"
+STREAMED_RECIPES = ("int8", "int4")
 
 _ROWS_PER_CHUNK = 8192  # rows of a weight quantised at once: no whole-table float temporaries at 2B
 
 
-def int8_per_channel(weight: torch.Tensor, activations: bool = False) -> nn.Parameter:
-    """`weight` [out, in] as torchao's per-row symmetric int8 tensor (one scale per output channel), quantised
-    in chunks of rows. With `activations`, the tensor also quantises its inputs per token to int8 (asymmetric),
-    as the runtime's dynamic-range kernels do: the own model of validation."""
+def intx_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None,
+                activations: bool = False) -> nn.Parameter:
+    """`weight` [out, in] as torchao's symmetric intx tensor, quantised in chunks of rows: int8 with one scale per
+    output channel, or int4 with one per `group` input channels. int4's scales are rounded to float16 (LiteRT's
+    blockwise int4 stores them so) and the weights quantised with the rounded ones, so the file holds exactly
+    these values. With `activations`, the tensor also quantises its inputs per token to int8 (asymmetric), as
+    the runtime's dynamic-range kernels do: the own model of validation."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
     )
 
-    block = (1, weight.shape[1])
-    parts = [IntxUnpackedToInt8Tensor.from_hp(weight[i:i + _ROWS_PER_CHUNK].float(), block, torch.int8)
-             for i in range(0, weight.shape[0], _ROWS_PER_CHUNK)]
-    tensors = [torch.cat([getattr(p, n) for p in parts]) for n in ("qdata", "scale", "zero_point")]
-    del parts
+    group = weight.shape[1] if bits == 8 else group
+    block = (1, group)
+    qdata, scales = [], []
+    for i in range(0, weight.shape[0], _ROWS_PER_CHUNK):
+        chunk = weight[i:i + _ROWS_PER_CHUNK].float()
+        if bits == 8:
+            part = IntxUnpackedToInt8Tensor.from_hp(chunk, block, torch.int8)
+            qdata.append(part.qdata)
+            scales.append(part.scale)
+            continue
+        blocks = chunk.unflatten(-1, (-1, group))
+        scale = (blocks.abs().amax(-1) / 7.5).clamp_min(2.0 ** -14).half().float()  # torchao's int4 step
+        qdata.append((blocks / scale[..., None]).round().clamp(-8, 7).to(torch.int8).flatten(-2))
+        scales.append(scale)
+    qdata, scale = torch.cat(qdata), torch.cat(scales)
     mode = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if activations else None
-    return nn.Parameter(IntxUnpackedToInt8Tensor(*tensors, torch.int8, block, torch.float32, mode),
-                        requires_grad=False)
+    return nn.Parameter(IntxUnpackedToInt8Tensor(
+        qdata, scale, torch.zeros_like(scale, dtype=torch.int8), torch.int8 if bits == 8 else torch.int4, block,
+        torch.float32, mode), requires_grad=False)
 
 
-def quantise_int8_part_(part: nn.Module, kind: str, activations: bool = False) -> nn.Module:
+def quantise_part_(part: nn.Module, kind: str, bits: int = 8, group: int | None = None,
+                   activations: bool = False) -> nn.Module:
     """One streamed part (an Embedder, a ResidualBlock or the final norm) quantised in place: every nn.Linear's
-    weight, and the embedder's tied table (gathered and used as the head: one int8 tensor). With `activations`,
-    the own model of validation: the linears and the head quantise their inputs as the runtime does, the gather
-    reads the same int8 rows."""
+    weight, and the embedder's tied table (gathered and used as the head: one tensor). With `activations`, the
+    own model of validation: the linears and the head quantise their inputs as the runtime does, the gather
+    reads the same quantised rows."""
     if kind == "embedder":
-        table = int8_per_channel(part.input_embedding.data)
+        table = intx_weight(part.input_embedding.data, bits, group)
         part.input_embedding = table
         if activations:
             part.head_weight = _with_activations(table)
@@ -86,12 +103,12 @@ def quantise_int8_part_(part: nn.Module, kind: str, activations: bool = False) -
         return part
     for module in part.modules():
         if isinstance(module, nn.Linear):
-            module.weight = int8_per_channel(module.weight.data, activations)
+            module.weight = intx_weight(module.weight.data, bits, group, activations)
     return part
 
 
 def _with_activations(table: nn.Parameter) -> nn.Parameter:
-    """The same int8 tensor (its data shared), quantising its inputs per token."""
+    """The same quantised tensor (its data shared), quantising its inputs per token."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
@@ -104,7 +121,7 @@ def _with_activations(table: nn.Parameter) -> nn.Parameter:
 
 
 class _HeadEmbedder(Embedder):
-    """The own model's embedder: the gather reads the int8 table's rows, the head (`head_weight`, the same int8
+    """The own model's embedder: the gather reads the table's quantised rows, the head (`head_weight`, the same
     data) quantises its input per token as the runtime's FULLY_CONNECTED does. Both work a chunk of rows at a
     time: torchao's tensor dequantises the whole table per call (2.6 GB of float32 at RecurrentGemma-2B)."""
 
@@ -112,8 +129,9 @@ class _HeadEmbedder(Embedder):
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.input_embedding.data
-        rows = t.qdata[tokens].float() - t.zero_point[tokens]  # torchao's dequantisation, of the rows gathered
-        return (rows * t.scale[tokens]) * self.scale
+        # torchao's dequantisation, of the rows gathered: each block of a row by its scale.
+        rows = (t.qdata[tokens].float().unflatten(-1, (t.scale.shape[-1], -1)) - t.zero_point[tokens][..., None])
+        return (rows * t.scale[tokens][..., None]).flatten(-2) * self.scale
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
@@ -130,7 +148,7 @@ class _HeadEmbedder(Embedder):
 
 @contextlib.contextmanager
 def runtime_activations(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` (int8 from `quantise_int8_part_`, weight-only) computing as the converted file does, for as long as
+    """`model` (from `quantise_part_`, weight-only) computing as the converted file does, for as long as
     the block runs: each linear and the head quantise their inputs per token (the same int8 data, shared)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     weights = [m.weight for m in linears]

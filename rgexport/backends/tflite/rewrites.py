@@ -18,6 +18,7 @@ import gc
 import mmap
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 # Operator -> input positions that take an int8 constant with per-channel scales directly.
 _TAKES_INT8 = {"FULLY_CONNECTED": (1,), "EMBEDDING_LOOKUP": (1,)}
@@ -32,8 +33,10 @@ def _builtin_names() -> dict[int, str]:
 
 def drop_weight_dequantize(src: Path, dst: Path) -> dict[str, int]:
     """Writes `src` to `dst` with every DEQUANTIZE of a constant int8 tensor removed where all its consumers take
-    int8 (`_TAKES_INT8`), those consumers reading the constant. Returns {"dropped": n, "kept": m}: m counts the
-    DEQUANTIZEs of constants left because some consumer needs float (none in rgexport's graphs)."""
+    it quantised (`_TAKES_INT8`), those consumers reading the constant; an int4 constant's DEQUANTIZE and the
+    RESHAPE after it likewise, the consumers reading it in LiteRT's blockwise layout (`_blockwise_int4`). Returns
+    {"dropped": n, "kept": m}: m counts the DEQUANTIZEs of int8/int4 constants left because some consumer needs
+    float (none in rgexport's graphs)."""
     with open(src, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
@@ -55,32 +58,86 @@ def _drop(buf: mmap.mmap, dst: Path) -> Counter[str]:
         return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
 
     counts: Counter[str] = Counter()
+    scale_buffers: dict[int, int] = {}  # int4 weight buffer -> its float16 scales' buffer (shared by subgraphs)
     for graph in model.subgraphs:
-        consumers: dict[int, list[tuple[str, int]]] = {}
+        consumers: dict[int, list[tuple[str, int, Any]]] = {}
         for op in graph.operators:
             for pos, t in enumerate(op.inputs if op.inputs is not None else []):
-                consumers.setdefault(int(t), []).append((op_name(op), pos))
+                consumers.setdefault(int(t), []).append((op_name(op), pos, op))
         outputs = set(int(t) for t in graph.outputs)
+
+        def takes_quantised(t: int) -> bool:
+            uses = consumers.get(t, [])
+            return bool(uses) and t not in outputs and all(p in _TAKES_INT8.get(n, ()) for n, p, _ in uses)
+
         replace: dict[int, int] = {}
-        kept_ops = []
+        dropped_ops: set[int] = set()
         for op in graph.operators:
-            if op_name(op) == "DEQUANTIZE":
-                source, result = int(op.inputs[0]), int(op.outputs[0])
-                tensor = graph.tensors[source]
-                constant = tensor.buffer > 0 and _buffer_bytes(model.buffers[tensor.buffer]) > 0
-                if constant and tensor.type == schema.TensorType.INT8:
-                    uses = consumers.get(result, [])
-                    if uses and result not in outputs and all(p in _TAKES_INT8.get(n, ()) for n, p in uses):
-                        replace[result] = source
-                        counts["dropped"] += 1
-                        continue
-                    counts["kept"] += 1
-            kept_ops.append(op)
+            if op_name(op) != "DEQUANTIZE":
+                continue
+            source, result = int(op.inputs[0]), int(op.outputs[0])
+            tensor = graph.tensors[source]
+            if not (tensor.buffer > 0 and _buffer_bytes(model.buffers[tensor.buffer]) > 0):
+                continue  # not a constant
+            if tensor.type == schema.TensorType.INT8 and takes_quantised(result):
+                replace[result] = source
+                dropped_ops.add(id(op))
+                counts["dropped"] += 1
+                continue
+            uses = consumers.get(result, [])
+            if tensor.type == schema.TensorType.INT4 and len(uses) == 1 and uses[0][0] == "RESHAPE":
+                reshape = uses[0][2]
+                shaped = int(reshape.outputs[0])
+                if takes_quantised(shaped):
+                    replace[shaped] = _blockwise_int4(model, graph, tensor, graph.tensors[shaped].shape, scale_buffers)
+                    if len(consumers.get(source, [])) == 1:
+                        tensor.quantization = None  # read by nothing now: its per-row scales need not stay in the file
+                    dropped_ops.update((id(op), id(reshape)))
+                    counts["dropped"] += 1
+                    continue
+            if tensor.type in (schema.TensorType.INT8, schema.TensorType.INT4):
+                counts["kept"] += 1
+        kept_ops = [op for op in graph.operators if id(op) not in dropped_ops]
         for op in kept_ops:
             op.inputs = [replace.get(int(t), int(t)) for t in op.inputs]
         graph.operators = kept_ops
     _write_with_offsets(model, buf, dst)
     return counts
+
+
+def _blockwise_int4(model, graph, tensor, shape, scale_buffers: dict[int, int]) -> int:
+    """A new tensor of `shape` [out, in] over `tensor`'s int4 data in LiteRT's blockwise layout (what
+    ai-edge-quantizer writes for int4): the converter gives [out * in / block, block] with a scale per row, and the
+    same bytes read as [out, in] hold the blocks along the input dimension in order. The scales become a float16
+    [out, in / block] tensor (float16-exact by construction, `recipes.intx_weight`). Returns its index."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+
+    out, inputs = (int(d) for d in shape)
+    block = int(tensor.shape[1])
+    if tensor.buffer not in scale_buffers:
+        scales = np.asarray(tensor.quantization.scale, np.float32)
+        half = scales.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), scales):
+            raise ValueError("int4 scales are not float16-exact: quantise with recipes.intx_weight")
+        data = schema.BufferT()
+        data.data = half.reshape(out, inputs // block).view(np.uint8).reshape(-1)
+        model.buffers.append(data)
+        scale_buffers[tensor.buffer] = len(model.buffers) - 1
+    name = tensor.name if isinstance(tensor.name, bytes) else str(tensor.name).encode()
+    scale_tensor = schema.TensorT()
+    scale_tensor.shape, scale_tensor.type = [out, inputs // block], schema.TensorType.FLOAT16
+    scale_tensor.buffer, scale_tensor.name = scale_buffers[tensor.buffer], name + b"_scales"
+    graph.tensors.append(scale_tensor)
+    details = schema.BlockwiseQuantizationT()
+    details.scales, details.zeroPoints, details.blockSize = len(graph.tensors) - 1, -1, block
+    quantization = schema.QuantizationParametersT()
+    quantization.detailsType, quantization.details = schema.QuantizationDetails.BlockwiseQuantization, details
+    weight = schema.TensorT()
+    weight.shape, weight.type, weight.buffer = [out, inputs], schema.TensorType.INT4, tensor.buffer
+    weight.name, weight.quantization = name + b"_blockwise", quantization
+    graph.tensors.append(weight)
+    return len(graph.tensors) - 1
 
 
 def _buffer_bytes(buffer) -> int:
