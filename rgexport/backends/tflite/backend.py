@@ -120,9 +120,11 @@ class TFLiteBackend(Backend):
             raise RgexportError(f"LiteRT streams the weights for int8 and int4 only, not {ctx.recipe}")
         self.require("torchao")
         stream, bits = ctx.stream, 4 if ctx.recipe == "int4" else 8
-        model.embedder = quantise_part_(stream.embedder(), "embedder", bits, block)
+        tags: dict[float, Any] = {}  # int4: the real block scales, by the tag the converter carries (`intx_weight`)
+        model.embedder = quantise_part_(stream.embedder(), "embedder", bits, block, tags=tags)
         for i in range(len(model.blocks)):
-            model.blocks[i] = quantise_part_(stream.block(i), "block", bits, block)
+            model.blocks[i] = quantise_part_(stream.block(i), "block", bits, block, tags=tags)
+        model.block_scales = tags
         model.final_norm = stream.final_norm()
         assert_real(model)
         release_freed()  # the float parts' heap, before conversion
@@ -207,7 +209,7 @@ class TFLiteBackend(Backend):
         ctx.facts["conversion_seconds"] = round(converted - start, 2)
         ctx.facts["write_seconds"] = round(time.perf_counter() - converted, 2)
         ctx.facts["converted_bytes"] = path.stat().st_size
-        return StreamedExport(path, probe)
+        return StreamedExport(path, probe, getattr(prepared, "block_scales", {}))
 
     def _lower_streamed(self, exported: StreamedExport, ctx: BuildContext) -> Path:
         """The converted file with its weights' DEQUANTIZEs dropped (`rewrites.drop_weight_dequantize`), checked
@@ -216,7 +218,7 @@ class TFLiteBackend(Backend):
 
         start = time.perf_counter()
         lowered = ctx.work_dir / (ARTIFACT_FILE + ".lowered")
-        counts = drop_weight_dequantize(exported.path, lowered)
+        counts = drop_weight_dequantize(exported.path, lowered, exported.block_scales)
         exported.path.unlink()
         ctx.facts["dequantize_dropped"] = counts
         ctx.facts["rewrite_seconds"] = round(time.perf_counter() - start, 2)

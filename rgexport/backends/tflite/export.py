@@ -69,11 +69,12 @@ def _signatures(model: Griffin, chunk: int) -> dict[str, _NamedSignature]:
 
 @dataclasses.dataclass
 class StreamedExport:
-    """What `export` returns for the streamed int8 recipe: the converted file (int8 weights behind DEQUANTIZE)
-    and the eager outputs that `lower` checks the rewritten file against."""
+    """What `export` returns for a streamed recipe: the converted file (quantised weights behind DEQUANTIZE),
+    the eager outputs that `lower` checks the rewritten file against, and int4's block scales."""
 
     path: Path
     probe: Probe
+    block_scales: dict[float, np.ndarray] = dataclasses.field(default_factory=dict)  # int4 (`recipes.intx_weight`)
 
 
 @dataclasses.dataclass

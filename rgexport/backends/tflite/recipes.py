@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,13 +56,20 @@ STREAMED_RECIPES = ("int8", "int4")
 _ROWS_PER_CHUNK = 8192  # rows of a weight quantised at once: no whole-table float temporaries at 2B
 
 
-def intx_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None,
-                activations: bool = False) -> nn.Parameter:
+def intx_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None, activations: bool = False,
+                tags: dict[float, np.ndarray] | None = None) -> nn.Parameter:
     """`weight` [out, in] as torchao's symmetric intx tensor, quantised in chunks of rows: int8 with one scale per
     output channel, or int4 with one per `group` input channels. int4's scales are rounded to float16 (LiteRT's
     blockwise int4 stores them so) and the weights quantised with the rounded ones, so the file holds exactly
     these values. With `activations`, the tensor also quantises its inputs per token to int8 (asymmetric), as
-    the runtime's dynamic-range kernels do: the own model of validation."""
+    the runtime's dynamic-range kernels do: the own model of validation.
+
+    With `tags` (int4, for the converter): the tensor handed to litert-torch holds the same int4 values under one
+    placeholder scale per output channel, the first of them a tag (1, 2, 3...) under which `tags` keeps the real
+    float16 block scales for `rewrites.drop_weight_dequantize` to put back. Given block scales, the converter
+    carries one per block through MLIR's quantised types and the file (84 M of them at RecurrentGemma-2B: its
+    conversion then peaked at 21.9 GiB). The parameter keeps the real scales (`block_scales`) for
+    `runtime_activations`."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
@@ -83,19 +91,30 @@ def intx_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None,
         scales.append(scale)
     qdata, scale = torch.cat(qdata), torch.cat(scales)
     mode = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if activations else None
+    dtype = torch.int8 if bits == 8 else torch.int4
+    if bits == 4 and tags is not None:
+        tag = float(len(tags) + 1)
+        tags[tag] = scale.half().numpy()
+        placeholder = torch.ones(qdata.shape[0], 1)
+        placeholder[0, 0] = tag
+        param = nn.Parameter(IntxUnpackedToInt8Tensor(
+            qdata, placeholder, torch.zeros_like(placeholder, dtype=torch.int8), dtype, (1, qdata.shape[1]),
+            torch.float32, None), requires_grad=False)
+        param.block_scales = scale
+        return param
     return nn.Parameter(IntxUnpackedToInt8Tensor(
-        qdata, scale, torch.zeros_like(scale, dtype=torch.int8), torch.int8 if bits == 8 else torch.int4, block,
-        torch.float32, mode), requires_grad=False)
+        qdata, scale, torch.zeros_like(scale, dtype=torch.int8), dtype, block, torch.float32, mode),
+        requires_grad=False)
 
 
 def quantise_part_(part: nn.Module, kind: str, bits: int = 8, group: int | None = None,
-                   activations: bool = False) -> nn.Module:
+                   activations: bool = False, tags: dict[float, np.ndarray] | None = None) -> nn.Module:
     """One streamed part (an Embedder, a ResidualBlock or the final norm) quantised in place: every nn.Linear's
     weight, and the embedder's tied table (gathered and used as the head: one tensor). With `activations`, the
     own model of validation: the linears and the head quantise their inputs as the runtime does, the gather
-    reads the same quantised rows."""
+    reads the same quantised rows. `tags`: int4 for the converter (`intx_weight`)."""
     if kind == "embedder":
-        table = intx_weight(part.input_embedding.data, bits, group)
+        table = intx_weight(part.input_embedding.data, bits, group, tags=tags)
         part.input_embedding = table
         if activations:
             part.head_weight = _with_activations(table)
@@ -103,21 +122,27 @@ def quantise_part_(part: nn.Module, kind: str, bits: int = 8, group: int | None 
         return part
     for module in part.modules():
         if isinstance(module, nn.Linear):
-            module.weight = intx_weight(module.weight.data, bits, group, activations)
+            module.weight = intx_weight(module.weight.data, bits, group, activations, tags)
     return part
 
 
-def _with_activations(table: nn.Parameter) -> nn.Parameter:
-    """The same quantised tensor (its data shared), quantising its inputs per token."""
+def _with_activations(table: nn.Parameter, activations: bool = True) -> nn.Parameter:
+    """The same quantised tensor (its data shared), quantising its inputs per token; with the real block scales
+    where `table` carries placeholders (`intx_weight` with tags)."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
     )
 
     t = table.data
+    scale, block = t.scale, t.block_size
+    if getattr(table, "block_scales", None) is not None:
+        scale = table.block_scales
+        block = (1, t.qdata.shape[1] // scale.shape[1])
+    mode = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if activations else None
     return nn.Parameter(IntxUnpackedToInt8Tensor(
-        t.qdata, t.scale, t.zero_point, t.target_dtype, t.block_size, t.dtype,
-        IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN), requires_grad=False)
+        t.qdata, scale, torch.zeros_like(scale, dtype=torch.int8), t.target_dtype, block, t.dtype, mode),
+        requires_grad=False)
 
 
 class _HeadEmbedder(Embedder):
@@ -153,14 +178,17 @@ def runtime_activations(model: nn.Module) -> Iterator[nn.Module]:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     weights = [m.weight for m in linears]
     embedder = model.embedder
+    table = embedder.input_embedding
     try:
         for m, w in zip(linears, weights):
             m.weight = _with_activations(w)
-        embedder.head_weight = _with_activations(embedder.input_embedding)
+        embedder.input_embedding = _with_activations(table, activations=False)
+        embedder.head_weight = _with_activations(table)
         embedder.__class__ = _HeadEmbedder
         yield model
     finally:
         for m, w in zip(linears, weights):
             m.weight = w
         embedder.__class__ = Embedder
+        embedder.input_embedding = table
         del embedder.head_weight

@@ -31,23 +31,24 @@ def _builtin_names() -> dict[int, str]:
     return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_") and isinstance(v, int)}
 
 
-def drop_weight_dequantize(src: Path, dst: Path) -> dict[str, int]:
+def drop_weight_dequantize(src: Path, dst: Path, block_scales: dict[float, Any] | None = None) -> dict[str, int]:
     """Writes `src` to `dst` with every DEQUANTIZE of a constant int8 tensor removed where all its consumers take
-    it quantised (`_TAKES_INT8`), those consumers reading the constant; an int4 constant's DEQUANTIZE and the
-    RESHAPE after it likewise, the consumers reading it in LiteRT's blockwise layout (`_blockwise_int4`). Returns
+    it quantised (`_TAKES_INT8`), those consumers reading the constant; an int4 constant's likewise, the consumers
+    reading it in LiteRT's blockwise layout with the float16 scales `block_scales` holds under its tag
+    (`_blockwise_int4`). Returns
     {"dropped": n, "kept": m}: m counts the DEQUANTIZEs of int8/int4 constants left because some consumer needs
     float (none in rgexport's graphs)."""
     with open(src, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        counts = _drop(buf, dst)
+        counts = _drop(buf, dst, block_scales)
     finally:
         gc.collect()  # the parsed model's views into the map, before it closes
         buf.close()
     return {"dropped": counts["dropped"], "kept": counts["kept"]}
 
 
-def _drop(buf: mmap.mmap, dst: Path) -> Counter[str]:
+def _drop(buf: mmap.mmap, dst: Path, block_scales: dict[float, Any] | None) -> Counter[str]:
     from ai_edge_litert import schema_py_generated as schema
 
     names = _builtin_names()
@@ -58,7 +59,7 @@ def _drop(buf: mmap.mmap, dst: Path) -> Counter[str]:
         return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
 
     counts: Counter[str] = Counter()
-    scale_buffers: dict[int, int] = {}  # int4 weight buffer -> its float16 scales' buffer (shared by subgraphs)
+    scale_buffers: dict[float, int] = {}  # int4 weight's tag -> its float16 scales' buffer (shared by subgraphs)
     for graph in model.subgraphs:
         consumers: dict[int, list[tuple[str, int, Any]]] = {}
         for op in graph.operators:
@@ -84,17 +85,13 @@ def _drop(buf: mmap.mmap, dst: Path) -> Counter[str]:
                 dropped_ops.add(id(op))
                 counts["dropped"] += 1
                 continue
-            uses = consumers.get(result, [])
-            if tensor.type == schema.TensorType.INT4 and len(uses) == 1 and uses[0][0] == "RESHAPE":
-                reshape = uses[0][2]
-                shaped = int(reshape.outputs[0])
-                if takes_quantised(shaped):
-                    replace[shaped] = _blockwise_int4(model, graph, tensor, graph.tensors[shaped].shape, scale_buffers)
-                    if len(consumers.get(source, [])) == 1:
-                        tensor.quantization = None  # read by nothing now: its per-row scales need not stay in the file
-                    dropped_ops.update((id(op), id(reshape)))
-                    counts["dropped"] += 1
-                    continue
+            if tensor.type == schema.TensorType.INT4 and block_scales and takes_quantised(result):
+                replace[result] = _blockwise_int4(model, graph, tensor, block_scales, scale_buffers)
+                if len(consumers.get(source, [])) == 1:
+                    tensor.quantization = None  # read by nothing now: its placeholder scales need not stay
+                dropped_ops.add(id(op))
+                counts["dropped"] += 1
+                continue
             if tensor.type in (schema.TensorType.INT8, schema.TensorType.INT4):
                 counts["kept"] += 1
         kept_ops = [op for op in graph.operators if id(op) not in dropped_ops]
@@ -105,32 +102,32 @@ def _drop(buf: mmap.mmap, dst: Path) -> Counter[str]:
     return counts
 
 
-def _blockwise_int4(model, graph, tensor, shape, scale_buffers: dict[int, int]) -> int:
-    """A new tensor of `shape` [out, in] over `tensor`'s int4 data in LiteRT's blockwise layout (what
-    ai-edge-quantizer writes for int4): the converter gives [out * in / block, block] with a scale per row, and the
-    same bytes read as [out, in] hold the blocks along the input dimension in order. The scales become a float16
-    [out, in / block] tensor (float16-exact by construction, `recipes.intx_weight`). Returns its index."""
+def _blockwise_int4(model, graph, tensor, block_scales: dict[float, Any], scale_buffers: dict[float, int]) -> int:
+    """A new tensor over `tensor`'s int4 data [out, in] in LiteRT's blockwise layout (what ai-edge-quantizer writes
+    for int4): its float16 scales [out, in / block] from `block_scales`, under the tag that the converter carried
+    as the first of the placeholder per-channel scales (`recipes.intx_weight`). Returns its index."""
     import numpy as np
     from ai_edge_litert import schema_py_generated as schema
 
-    out, inputs = (int(d) for d in shape)
-    block = int(tensor.shape[1])
-    if tensor.buffer not in scale_buffers:
-        scales = np.asarray(tensor.quantization.scale, np.float32)
-        half = scales.astype(np.float16)
-        if not np.array_equal(half.astype(np.float32), scales):
-            raise ValueError("int4 scales are not float16-exact: quantise with recipes.intx_weight")
+    tag = float(tensor.quantization.scale[0])
+    if tag not in block_scales:
+        raise ValueError(f"int4 constant {tensor.name!r} carries tag {tag}, which has no block scales")
+    scales = np.ascontiguousarray(block_scales[tag], np.float16)
+    out, inputs = (int(d) for d in tensor.shape)
+    if scales.shape[0] != out or inputs % scales.shape[1]:
+        raise ValueError(f"block scales {scales.shape} do not fit int4 constant {tensor.name!r} {[out, inputs]}")
+    if tag not in scale_buffers:
         data = schema.BufferT()
-        data.data = half.reshape(out, inputs // block).view(np.uint8).reshape(-1)
+        data.data = scales.view(np.uint8).reshape(-1)
         model.buffers.append(data)
-        scale_buffers[tensor.buffer] = len(model.buffers) - 1
+        scale_buffers[tag] = len(model.buffers) - 1
     name = tensor.name if isinstance(tensor.name, bytes) else str(tensor.name).encode()
     scale_tensor = schema.TensorT()
-    scale_tensor.shape, scale_tensor.type = [out, inputs // block], schema.TensorType.FLOAT16
-    scale_tensor.buffer, scale_tensor.name = scale_buffers[tensor.buffer], name + b"_scales"
+    scale_tensor.shape, scale_tensor.type = list(scales.shape), schema.TensorType.FLOAT16
+    scale_tensor.buffer, scale_tensor.name = scale_buffers[tag], name + b"_scales"
     graph.tensors.append(scale_tensor)
     details = schema.BlockwiseQuantizationT()
-    details.scales, details.zeroPoints, details.blockSize = len(graph.tensors) - 1, -1, block
+    details.scales, details.zeroPoints, details.blockSize = len(graph.tensors) - 1, -1, inputs // scales.shape[1]
     quantization = schema.QuantizationParametersT()
     quantization.detailsType, quantization.details = schema.QuantizationDetails.BlockwiseQuantization, details
     weight = schema.TensorT()
