@@ -396,15 +396,17 @@ class TFLiteBackend(Backend):
         return TFLiteRunner(interpreter, manifest["io"], model_bytes=path.stat().st_size)
 
     def packed_at_load_bits(self, recipe: str, options: dict[str, Any]) -> tuple[float, float]:
-        """int8 on XNNPACK (the default delegate): the delegate packs every FULLY_CONNECTED weight it runs (the head,
-        that is the tied table, included) into its own layout, once for each signature's subgraph, while the
-        memory-mapped file stays resident. Measured at RecurrentGemma-2B (the streamed int8 file, 2.78 GB): 5.28
-        GiB of anonymous memory after one decode step, both subgraphs packed whichever signature runs; 2.1 bytes
-        per parameter, counted here as two copies at 8 bits. A weight in one subgraph packs at 1 byte per
-        parameter (one 32768 x 4096 FULLY_CONNECTED: 132 MiB for 128 MiB of weights). Not measured at scale for
-        the other recipes; the builtin kernels (delegate "none") pack nothing."""
-        if recipe == "int8" and options.get("delegate", "xnnpack") == "xnnpack":
-            return (16, 16)
+        """int8 and int4 on XNNPACK (the default delegate): the delegate packs every FULLY_CONNECTED weight it runs
+        (the head, that is the tied table, included) into its own layout, once for each signature's subgraph,
+        while the memory-mapped file stays resident. Measured at RecurrentGemma-2B (the streamed files, one
+        decode step in a fresh process, both subgraphs packed whichever signature runs): int8 (2.78 GB) 5.28 GiB
+        of anonymous memory, 2.1 bytes per parameter; int4 (1.59 GB, blocks of 32) 3.09 GiB, 1.24. Counted as two
+        copies at the recipe's bits. A weight in one subgraph packs at 1 byte per parameter for int8 (one 32768 x
+        4096 FULLY_CONNECTED: 132 MiB for 128 MiB of weights). Not measured at scale for the other recipes; the
+        builtin kernels (delegate "none") pack nothing."""
+        if recipe in STREAMED_RECIPES and options.get("delegate", "xnnpack") == "xnnpack":
+            bits = 2 * (4 if recipe == "int4" else 8)
+            return (bits, bits)
         return super().packed_at_load_bits(recipe, options)
 
     def quantise_part(self, part: Any, kind: str, ctx: BuildContext) -> Any:
