@@ -12,8 +12,8 @@ bandwidth limit at 2 and 1 threads, prefill tokens/s; then issue 16's goals, met
 
 Writes OUT/bench_2b.md and OUT/bench_2b.json, and each build's log beside its folder
 (OUT/<backend>-<recipe>[-<option>-<value>...].log).
-ONNX, ExecuTorch int4, TFLite int8 and Core ML w4 build from a stream (2B peaks 5.5-12 GiB); TFLite's other
-recipes and Core ML's fp16 load the whole float32 model (10.7 GB) and stop at once at 2B. Core ML runs in
+ONNX, ExecuTorch int4, TFLite int8 and int4 and Core ML w4 build from a stream (2B peaks 5.5-9.4 GiB); TFLite's
+other recipes and Core ML's fp16 load the whole float32 model (10.7 GB) and stop at once at 2B. Core ML runs in
 rgexport's MIL interpreter off macOS: its speed is not a device's, and the table marks it.
 """
 

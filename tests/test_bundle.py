@@ -135,16 +135,17 @@ def test_bundle_builds_the_weights_it_is_given(tmp_path):
 
 
 def test_bundle_too_large_for_a_backend_stops_at_once(tmp_path, monkeypatch):
-    """A TFLite bundle at RecurrentGemma-2B within 4096 MB: int8 (streamed) needs 8.1 GB with XNNPACK's packed
-    copies, so the budget picks int4, which loads the whole float32 model, about 55 GB at its measured peak, past
-    a 24 GiB machine; the bundle stops with that line before loading anything. (The android profile stops
-    earlier still, on its memory budget: tests/test_budget.py.)"""
+    """A TFLite fp16 bundle at RecurrentGemma-2B within 12000 MB: fp16 (5.4 GB of weights) fits the budget, but it
+    quantises a float flatbuffer converted from the whole float32 model, about 55 GB at its measured peak, past a
+    24 GiB machine; the bundle stops with that line before loading anything. (int8 and int4 stream and would
+    build; the android profile stops earlier still, on its memory budget: tests/test_budget.py.)"""
     import rgexport.checkpoint
 
     monkeypatch.setattr(rgexport.checkpoint, "physical_memory_bytes", lambda: 24 << 30)
     monkeypatch.setattr(rgexport.checkpoint, "random_checkpoint", lambda *a, **k: pytest.fail("model loaded"))
-    profile = load_profile_text(tmp_path, PROFILE.replace('"onnx"', '"tflite"').replace('"fp32"', '"int8"'))
+    profile = load_profile_text(tmp_path, PROFILE.replace('"onnx"', '"tflite"').replace('"fp32"', '"fp16"')
+                                .replace("memory_budget_mb = 4096", "memory_budget_mb = 12000"))
     opts = BuildOptions(backend="tflite", out=tmp_path / "b", preset="recurrentgemma-2b", random_weights=True)
-    with pytest.raises(RgexportError, match=r"tflite / int4 loads the whole float32 model \(10\.7 GB"):
+    with pytest.raises(RgexportError, match=r"tflite / fp16 loads the whole float32 model \(10\.7 GB"):
         build_bundle(profile, opts)
     assert not (tmp_path / "b").exists()

@@ -44,6 +44,7 @@ from rgexport.backends.tflite.export import (
     _signature_io,
     _signatures,
     check_probe,
+    converter_for,
     eager_probe,
     file_metadata,
     op_histogram,
@@ -151,10 +152,7 @@ class TFLiteBackend(Backend):
         if any(p.dtype != torch.float32 for p in prepared.parameters()):
             raise RgexportError("The TFLite backend converts a float32 model; recipes quantise afterwards")
         signatures = _signatures(prepared, chunk)
-        converter = None
-        for name, module in signatures.items():
-            add = litert_torch.signature if converter is None else converter.signature
-            converter = add(name, module, sample_kwargs=module.example_inputs())
+        converter = converter_for(litert_torch, signatures)
         start = time.perf_counter()
         with torch.no_grad():
             # Tokens and positions are int32 in the graphs already, so `enable_x64=False` (the default,
@@ -184,15 +182,12 @@ class TFLiteBackend(Backend):
         signatures = _signatures(prepared, ctx.prefill_chunk)
         with runtime_activations(prepared):
             probe = eager_probe(signatures, ctx)
-        converter = None
-        for name, module in signatures.items():
-            add = litert_torch.signature if converter is None else converter.signature
-            converter = add(name, module, sample_kwargs=module.example_inputs())
+        converter = converter_for(litert_torch, signatures)
         start = time.perf_counter()
         with strict_qdq_mode(), torch.no_grad():
             edge_model = converter.convert(enable_x64=False)
         converted = time.perf_counter()
-        del converter, signatures, module
+        del converter, signatures
         if ctx.disposable_weights:
             # The converter holds its own copy of every constant now; the torch model's weights (2.7 GB of int8 at
             # RecurrentGemma-2B) go before the file is written, the write's peak being the build's highest. The

@@ -67,6 +67,15 @@ def _signatures(model: Griffin, chunk: int) -> dict[str, _NamedSignature]:
     return {"decode": _NamedSignature(DecodeIO(model)).eval(),
             "prefill": _NamedSignature(PrefillIO(model, chunk)).eval()}
 
+def converter_for(litert_torch: Any, signatures: dict[str, _NamedSignature]) -> Any:
+    """litert-torch's converter over every signature, each named and with its example inputs."""
+    converter = None
+    for name, module in signatures.items():
+        add = litert_torch.signature if converter is None else converter.signature
+        converter = add(name, module, sample_kwargs=module.example_inputs())
+    return converter
+
+
 @dataclasses.dataclass
 class StreamedExport:
     """What `export` returns for a streamed recipe: the converted file (quantised weights behind DEQUANTIZE),
