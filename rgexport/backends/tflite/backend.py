@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rgexport.backends.base import Backend, BuildContext, Runner, standard_io_contract
+from rgexport.backends.base import RECIPE_BITS, Backend, BuildContext, Runner, standard_io_contract
 from rgexport.backends.tflite.calibration import Dataset, representative_dataset
 from rgexport.backends.tflite.export import (
     _OLD_RUNTIME_FAILS,
@@ -120,7 +120,7 @@ class TFLiteBackend(Backend):
         if ctx.recipe not in STREAMED_RECIPES:
             raise RgexportError(f"LiteRT streams the weights for int8 and int4 only, not {ctx.recipe}")
         self.require("torchao")
-        stream, bits = ctx.stream, 4 if ctx.recipe == "int4" else 8
+        stream, bits = ctx.stream, RECIPE_BITS[ctx.recipe]
         tags: dict[float, Any] = {}  # int4: the real block scales, by the tag the converter carries (`intx_weight`)
         model.embedder = quantise_part_(stream.embedder(), "embedder", bits, block, tags=tags)
         for i in range(len(model.blocks)):
@@ -400,7 +400,7 @@ class TFLiteBackend(Backend):
         4096 FULLY_CONNECTED: 132 MiB for 128 MiB of weights). Not measured at scale for the other recipes; the
         builtin kernels (delegate "none") pack nothing."""
         if recipe in STREAMED_RECIPES and options.get("delegate", "xnnpack") == "xnnpack":
-            bits = 2 * (4 if recipe == "int4" else 8)
+            bits = 2 * RECIPE_BITS[recipe]
             return (bits, bits)
         return super().packed_at_load_bits(recipe, options)
 
@@ -411,7 +411,7 @@ class TFLiteBackend(Backend):
         if ctx.recipe not in STREAMED_RECIPES or ctx.facts.get("quantiser") != STREAMED:
             return None
         block = ctx.options.get("int4_block_size", DEFAULT_INT4_BLOCK_SIZE)
-        return quantise_part_(part, kind, 4 if ctx.recipe == "int4" else 8, block, activations=True)
+        return quantise_part_(part, kind, RECIPE_BITS[ctx.recipe], block, activations=True)
 
     # Helpers -------------------------------------------------------------------------------------
     def _check_options(self, ctx: BuildContext) -> int:

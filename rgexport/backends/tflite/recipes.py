@@ -56,13 +56,12 @@ STREAMED_RECIPES = ("int8", "int4")
 _ROWS_PER_CHUNK = 8192  # rows of a weight quantised at once: no whole-table float temporaries at 2B
 
 
-def intx_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None, activations: bool = False,
+def intx_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None,
                 tags: dict[float, np.ndarray] | None = None) -> nn.Parameter:
     """`weight` [out, in] as torchao's symmetric intx tensor, quantised in chunks of rows: int8 with one scale per
     output channel, or int4 with one per `group` input channels. int4's scales are rounded to float16 (LiteRT's
     blockwise int4 stores them so) and the weights quantised with the rounded ones, so the file holds exactly
-    these values. With `activations`, the tensor also quantises its inputs per token to int8 (asymmetric), as
-    the runtime's dynamic-range kernels do: the own model of validation.
+    these values. Weight-only: `_to_runtime_` gives the form that quantises its inputs as the runtime does.
 
     With `tags` (int4, for the converter): the tensor handed to litert-torch holds the same int4 values under one
     placeholder scale per output channel, the first of them a tag (1, 2, 3...) under which `tags` keeps the real
@@ -70,10 +69,7 @@ def intx_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None, a
     carries one per block through MLIR's quantised types and the file (84 M of them at RecurrentGemma-2B: its
     conversion then peaked at 21.9 GiB). The parameter keeps the real scales (`block_scales`) for
     `runtime_activations`."""
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8Tensor,
-        IntxUnpackedToInt8TensorActivationQuantization,
-    )
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     group = weight.shape[1] if bits == 8 else group
     block = (1, group)
@@ -90,7 +86,6 @@ def intx_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None, a
         qdata.append((blocks / scale[..., None]).round().clamp(-8, 7).to(torch.int8).flatten(-2))
         scales.append(scale)
     qdata, scale = torch.cat(qdata), torch.cat(scales)
-    mode = IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN if activations else None
     dtype = torch.int8 if bits == 8 else torch.int4
     if bits == 4 and tags is not None:
         tag = float(len(tags) + 1)
@@ -103,7 +98,7 @@ def intx_weight(weight: torch.Tensor, bits: int = 8, group: int | None = None, a
         param.block_scales = scale
         return param
     return nn.Parameter(IntxUnpackedToInt8Tensor(
-        qdata, scale, torch.zeros_like(scale, dtype=torch.int8), dtype, block, torch.float32, mode),
+        qdata, scale, torch.zeros_like(scale, dtype=torch.int8), dtype, block, torch.float32, None),
         requires_grad=False)
 
 
@@ -111,19 +106,33 @@ def quantise_part_(part: nn.Module, kind: str, bits: int = 8, group: int | None 
                    activations: bool = False, tags: dict[float, np.ndarray] | None = None) -> nn.Module:
     """One streamed part (an Embedder, a ResidualBlock or the final norm) quantised in place: every nn.Linear's
     weight, and the embedder's tied table (gathered and used as the head: one tensor). With `activations`, the
-    own model of validation: the linears and the head quantise their inputs as the runtime does, the gather
-    reads the same quantised rows. `tags`: int4 for the converter (`intx_weight`)."""
+    own model of validation (`_to_runtime_`). `tags`: int4 for the converter (`intx_weight`)."""
     if kind == "embedder":
-        table = intx_weight(part.input_embedding.data, bits, group, tags=tags)
-        part.input_embedding = table
-        if activations:
-            part.head_weight = _with_activations(table)
-            part.__class__ = _HeadEmbedder
-        return part
+        part.input_embedding = intx_weight(part.input_embedding.data, bits, group, tags=tags)
     for module in part.modules():
         if isinstance(module, nn.Linear):
-            module.weight = intx_weight(module.weight.data, bits, group, activations, tags)
+            module.weight = intx_weight(module.weight.data, bits, group, tags)
+    if activations:
+        _to_runtime_(part)
     return part
+
+
+def _to_runtime_(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """`module`'s quantised linears, and an embedder's table, computing as the converted file does: each linear
+    and the head quantise their inputs per token, the gather reads the quantised rows (the same data, shared; the
+    real block scales where the converter got placeholders). Returns (module, attribute, weight) to undo it."""
+    undo = []
+    for m in list(module.modules()):
+        if isinstance(m, nn.Linear):
+            undo.append((m, "weight", m.weight))
+            m.weight = _with_activations(m.weight)
+        elif isinstance(m, Embedder):
+            table = m.input_embedding
+            undo.append((m, "input_embedding", table))
+            m.input_embedding = _with_activations(table, activations=False)
+            m.head_weight = _with_activations(table)
+            m.__class__ = _HeadEmbedder
+    return undo
 
 
 def _with_activations(table: nn.Parameter, activations: bool = True) -> nn.Parameter:
@@ -173,22 +182,14 @@ class _HeadEmbedder(Embedder):
 
 @contextlib.contextmanager
 def runtime_activations(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` (from `quantise_part_`, weight-only) computing as the converted file does, for as long as
-    the block runs: each linear and the head quantise their inputs per token (the same int8 data, shared)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    weights = [m.weight for m in linears]
-    embedder = model.embedder
-    table = embedder.input_embedding
+    """`model` (from `quantise_part_`, weight-only) computing as the converted file does (`_to_runtime_`), for as
+    long as the block runs."""
+    undo = _to_runtime_(model)
     try:
-        for m, w in zip(linears, weights):
-            m.weight = _with_activations(w)
-        embedder.input_embedding = _with_activations(table, activations=False)
-        embedder.head_weight = _with_activations(table)
-        embedder.__class__ = _HeadEmbedder
         yield model
     finally:
-        for m, w in zip(linears, weights):
-            m.weight = w
-        embedder.__class__ = Embedder
-        embedder.input_embedding = table
-        del embedder.head_weight
+        for m, name, weight in undo:
+            setattr(m, name, weight)
+            if isinstance(m, _HeadEmbedder):
+                m.__class__ = Embedder
+                del m.head_weight

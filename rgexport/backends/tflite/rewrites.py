@@ -20,15 +20,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from rgexport.backends.tflite.weights import _builtin_names
+
 # Operator -> input positions that take an int8 constant with per-channel scales directly.
 _TAKES_INT8 = {"FULLY_CONNECTED": (1,), "EMBEDDING_LOOKUP": (1,)}
 _ALIGN = 16
-
-
-def _builtin_names() -> dict[int, str]:
-    from ai_edge_litert import schema_py_generated as schema
-
-    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_") and isinstance(v, int)}
 
 
 def drop_weight_dequantize(src: Path, dst: Path, block_scales: dict[float, Any] | None = None) -> dict[str, int]:
