@@ -358,7 +358,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
     if opts.validate:
         from rgexport.validate import (
             heldout_tokens,
-            own_model_logits,
+            own_model_run,
             quality_judged,
             run_validation,
             validate_variants,
@@ -377,7 +377,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                 if reference_intact:
                     runner = open_artifact(work, manifest=manifest, verify=False)  # written just now
                     reference = model
-                    own = own_model_logits(model, backend, manifest, chunk, tokens[:-1])
+                    own = own_model_run(model, backend, manifest, chunk, tokens[:-1])
                 else:
                     from rgexport.streaming import stream_source
                     from rgexport.validate import artifact_run, streamed_reference_run
@@ -393,7 +393,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                     with stages.part("reference"):
                         reference = streamed_reference_run(stream, chunk, tokens, runner.greedy)
                     with stages.part("own model"):
-                        own = own_model_logits(stream, backend, manifest, chunk, tokens[:-1])
+                        own = own_model_run(stream, backend, manifest, chunk, tokens[:-1])
                     advance(n)
                 report = run_validation(runner, reference, tokens, backend=backend.name, recipe=recipe.name,
                                         quantized=recipe.quantized, progress=advance, own_logits=own,

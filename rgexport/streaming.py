@@ -339,6 +339,18 @@ def schedule(n: int, chunk: int) -> list[tuple[int, int]]:
     return ([(0, chunk)] if start else []) + [(i, 1) for i in range(start, n)]
 
 
+def batched(n: int, batch: int) -> list[tuple[int, int]]:
+    """(start, length) of chunked-prefill calls of `batch` tokens over n tokens."""
+    return [(i, min(batch, n - i)) for i in range(0, n, batch)]
+
+
+# Tokens per call of a validation's layer-major runs: every call reads the block's weights once, so the step
+# model's single-token calls read them once per token (at 2B, 315 MB a block, 96 times for 32 tokens and their
+# greedy continuation); chunks of 256 read them once per 256 tokens. The values are those of the step model's
+# calls up to float32 rounding (the same ops over more rows at once). At most the attention window.
+VALIDATION_BATCH = 256
+
+
 @dataclasses.dataclass
 class LayerMajorRun:
     """The float32 reference over a token sequence, computed block by block (`layer_major_run`)."""
@@ -360,28 +372,40 @@ class LayerMajorRun:
         cap = self.stream.config.logits_soft_cap
         return torch.tanh(out / cap) * cap if cap else out
 
+    def release(self) -> None:
+        """Lets the embedding go (2.6 GB of float32 at 2B) until the next `logits`, which reads it again."""
+        self._embedder = None
+        if self._shared is not None:
+            self._shared.embedder = None
+
 
 @torch.no_grad()
-def layer_major_run(stream: StreamedCheckpoint, tokens: list[int] | torch.Tensor, chunk: int) -> LayerMajorRun:
+def layer_major_run(stream: StreamedCheckpoint, tokens: list[int] | torch.Tensor, chunk: int,
+                    batch: int | None = None) -> LayerMajorRun:
     """The fp32 step model's result over `tokens` from position 0, layer-major: each block is loaded once and
     every token goes through it (in the calls of `schedule`, its state carried from call to call) before
     the next block loads. What is resident at once is one block (or the embedding) plus the activations of
     the sequence ([n, width]), so a model larger than memory can be the reference of its own artifact.
     """
-    return layer_major_runs(stream, [tokens], chunk)[0]
+    return layer_major_runs(stream, [tokens], chunk, batch)[0]
 
 
 @torch.no_grad()
 def layer_major_runs(stream: StreamedCheckpoint, sequences: list[list[int] | torch.Tensor],
-                     chunk: int) -> list[LayerMajorRun]:
+                     chunk: int, batch: int | None = None) -> list[LayerMajorRun]:
     """`layer_major_run` of several sequences (each from position 0, each with its own state) in one pass
     over the weights: every part is loaded once for all of them. The runs share one embedding for their
-    logits, read again on first use."""
+    logits, read again on first use.
+
+    The calls are those of `schedule` (the step model's, value for value), or with `batch` chunks of that
+    many tokens (`batched`: the same values up to float32 rounding, far faster; see `VALIDATION_BATCH`)."""
     from rgexport.model import init_state
 
     config = stream.config
+    if batch is not None and not 1 <= batch <= config.attention_window_size:
+        raise ValueError(f"batch {batch}: expected 1 to the attention window ({config.attention_window_size})")
     ids = [torch.as_tensor(t, dtype=torch.long).reshape(1, -1) for t in sequences]
-    segments = [schedule(i.shape[1], chunk) for i in ids]
+    segments = [schedule(i.shape[1], chunk) if batch is None else batched(i.shape[1], batch) for i in ids]
     embedder = stream.embedder()
     xs = [embedder.encode(i) for i in ids]  # [1 n d] each
     del embedder  # the head needs it again at the end; one block at a time is the budget meanwhile

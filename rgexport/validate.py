@@ -23,6 +23,7 @@ import torch
 
 from rgexport.backends.base import Runner
 from rgexport.errors import RgexportError
+from rgexport.logits import Logits, compare_logits, logits_buffer, release
 from rgexport.model import Griffin
 
 
@@ -52,23 +53,35 @@ class EagerRunner(Runner):
         return {k: v[0].numpy() if v.shape[0] == 1 else v.numpy() for k, v in self._state.items()}
 
 
-def teacher_forced(runner: Runner, tokens: Sequence[int], on_token: Callable[[], None] | None = None) -> np.ndarray:
-    """Logits [n, v] for `tokens` from position 0: the first chunk by prefill, the rest by decode."""
+def teacher_forced(runner: Runner, tokens: Sequence[int], on_token: Callable[[], None] | None = None) -> Logits:
+    """Logits [n, v] for `tokens` from position 0: the first chunk by prefill, the rest by decode. An array,
+    or past `rgexport.logits.IN_MEMORY_BYTES` a `SpilledLogits` (read it a slice at a time)."""
     runner.reset()
     chunk = runner.prefill_chunk
-    out = []
+    out = None
+
+    def put(start: int, rows: np.ndarray) -> None:
+        nonlocal out
+        rows = np.asarray(rows, dtype=np.float32)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if out is None:
+            out = logits_buffer(len(tokens), rows.shape[-1])
+        out[start:start + len(rows)] = rows
+
     start = 0
     if chunk > 1 and len(tokens) >= chunk:
-        out.append(np.asarray(runner.prefill(tokens[:chunk], 0), dtype=np.float32))
+        put(0, runner.prefill(tokens[:chunk], 0))
         start = chunk
         if on_token:
             for _ in range(chunk):
                 on_token()
     for i in range(start, len(tokens)):
-        out.append(np.asarray(runner.decode(tokens[i], i), dtype=np.float32)[None])
+        put(i, runner.decode(tokens[i], i))
         if on_token:
             on_token()
-    return np.concatenate(out, axis=0)
+    if out is None:
+        raise RgexportError("teacher-forced logits need at least one token")
+    return out
 
 
 def greedy(runner: Runner, prompt: Sequence[int], steps: int) -> list[int]:
@@ -80,36 +93,6 @@ def greedy(runner: Runner, prompt: Sequence[int], steps: int) -> list[int]:
         out.append(token)
         logits = runner.decode(token, len(prompt) + i)
     return out
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def compare_logits(reference: np.ndarray, artifact: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """Metrics over positions: reference/artifact [n, v]; targets [n] next tokens (-1 where unknown)."""
-    diff = np.abs(reference.astype(np.float64) - artifact.astype(np.float64))
-    lp_ref, lp_art = _log_softmax(reference), _log_softmax(artifact)
-    kl = (np.exp(lp_ref) * (lp_ref - lp_art)).sum(axis=-1)
-    known = targets >= 0
-    idx = np.arange(len(targets))[known]
-    nll_ref = -lp_ref[idx, targets[known]].mean()
-    nll_art = -lp_art[idx, targets[known]].mean()
-    per_position = diff.max(axis=-1)
-    return {
-        "max_abs_logit_error": float(diff.max()),
-        "mean_abs_logit_error": float(diff.mean()),
-        "max_abs_logit_error_first_window": None,  # filled by the caller, who knows the window
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-        "top1_agreement": float((reference.argmax(-1) == artifact.argmax(-1)).mean()),
-        "ppl_reference": float(math.exp(nll_ref)),
-        "ppl_artifact": float(math.exp(nll_art)),
-        "ppl_ratio": float(math.exp(nll_art - nll_ref)),
-        "_per_position_max_error": per_position,
-    }
 
 
 def load_thresholds(recipe: str, quantized: bool, backend: str | None = None) -> dict[str, Any]:
@@ -207,11 +190,13 @@ class OwnModelCheck:
                 "thresholds": self.thresholds, "failures": self.failures}
 
 
-def own_model_logits(source: Any, backend: Any, manifest: dict[str, Any], chunk: int,
-                     inputs: Sequence[int]) -> np.ndarray | None:
-    """Teacher-forced logits of the artifact's own quantised model over `inputs`, layer-major: `source` (a
+def own_model_run(source: Any, backend: Any, manifest: dict[str, Any], chunk: int, inputs: Sequence[int],
+                  batched: bool = True):
+    """The artifact's own quantised model over `inputs`, teacher-forced and layer-major: `source` (a
     `StreamedCheckpoint`, or the float32 Griffin in memory, left unchanged) a part at a time through the
-    backend's `quantise_part`. None where the backend has no such model for the recipe."""
+    backend's `quantise_part`. A `rgexport.streaming.LayerMajorRun`, whose logits are computed a slice of
+    rows at a time; None where the backend has no such model for the recipe. `batched`: in chunks of
+    `layer_major_batch` tokens, else in the artifact's own calls (value for value, slower)."""
     from rgexport.backends import BuildContext
     from rgexport.streaming import StreamedCheckpoint, layer_major_runs, quantised_stream, stream_model
 
@@ -222,8 +207,23 @@ def own_model_logits(source: Any, backend: Any, manifest: dict[str, Any], chunk:
     if backend.quantise_part(stream.final_norm(), "final_norm", ctx) is None:  # the smallest part asks
         return None
     (run,) = layer_major_runs(quantised_stream(stream, lambda part, kind: backend.quantise_part(part, kind, ctx)),
-                              [list(inputs)], chunk)
-    return run.logits().numpy()
+                              [list(inputs)], chunk, layer_major_batch(stream.config) if batched else None)
+    return run
+
+
+def own_model_logits(source: Any, backend: Any, manifest: dict[str, Any], chunk: int,
+                     inputs: Sequence[int]) -> np.ndarray | None:
+    """`own_model_run`'s logits [n, v] as one array, in the artifact's own calls (for a few tokens: a
+    validation reads them by slices)."""
+    run = own_model_run(source, backend, manifest, chunk, inputs, batched=False)
+    return None if run is None else run.logits().numpy()
+
+
+def layer_major_batch(config) -> int:
+    """Tokens per call of a validation's layer-major runs (`rgexport.streaming.VALIDATION_BATCH`)."""
+    from rgexport.streaming import VALIDATION_BATCH
+
+    return min(VALIDATION_BATCH, config.attention_window_size)
 
 
 def heldout_tokens(tokenizer, n: int, text_file: Path | None = None) -> list[int]:
@@ -248,7 +248,7 @@ class ReferenceRun:
     objects: list[weakref.ref]  # the model and its parameters
     versions: list[int]  # the parameters' in-place version counters
     key: tuple  # chunk, inputs, greedy steps
-    logits: np.ndarray  # teacher-forced [n, v]
+    logits: Logits  # teacher-forced [n, v]: an array, a SpilledLogits, or a streamed LayerMajorRun
     state: dict[str, np.ndarray]  # after the teacher-forced run
     greedy: list[int]
     window: int  # the model's attention window
@@ -316,7 +316,7 @@ class ArtifactRun:
 
     prefill_chunk: int
     inputs: list[int]
-    logits: np.ndarray  # teacher-forced [n, v]
+    logits: Logits  # teacher-forced [n, v]: an array, or a SpilledLogits past IN_MEMORY_BYTES
     state: dict[str, np.ndarray] | None
     greedy: list[int]
 
@@ -344,6 +344,7 @@ def streamed_reference_run(stream: Any, chunk: int, tokens: Sequence[int], artif
 
     inputs = list(tokens[:-1])
     prompt = inputs[:chunk]
+    batch = layer_major_batch(stream.config)  # the prefill graph's values, not the decode steps' (rounding apart)
 
     def choices(runs: list, seqs: list[list[int]]) -> list[list[int]]:
         out = []
@@ -354,18 +355,17 @@ def streamed_reference_run(stream: Any, chunk: int, tokens: Sequence[int], artif
 
     def verify(art: list[int]) -> list[int]:
         seq = prompt + list(art[:-1])
-        return choices(layer_major_runs(stream, [seq], chunk), [seq])[0]
+        return choices(layer_major_runs(stream, [seq], chunk, batch), [seq])[0]
 
     greedy_seq = prompt + list(artifact_greedy[:-1])
-    run, greedy_run = layer_major_runs(stream, [inputs, greedy_seq], chunk)
-    logits = run.logits().numpy()
+    run, greedy_run = layer_major_runs(stream, [inputs, greedy_seq], chunk, batch)
     state = {k: (v[0] if v.shape[0] == 1 else v).numpy() for k, v in run.state.items()}
     ref_greedy = choices([greedy_run], [greedy_seq])[0]
-    return ReferenceRun([], [], (chunk, tuple(inputs), greedy_tokens), logits, state, ref_greedy,
+    return ReferenceRun([], [], (chunk, tuple(inputs), greedy_tokens), run, state, ref_greedy,
                         stream.config.attention_window_size, greedy_of=list(artifact_greedy), verify=verify)
 
 
-def quality_judged(manifest: dict[str, Any], asked: bool | None, own_logits: np.ndarray | None) -> bool:
+def quality_judged(manifest: dict[str, Any], asked: bool | None, own_logits: Logits | None) -> bool:
     """Whether the float32 comparison judges the artifact: as asked, else yes unless the weights are random
     (`--random-weights`) and the artifact's own quantised model is there to judge it instead."""
     if asked is not None:
@@ -376,7 +376,7 @@ def quality_judged(manifest: dict[str, Any], asked: bool | None, own_logits: np.
 def run_validation(
     runner: Runner | ArtifactRun, model: Griffin | ReferenceRun, tokens: Sequence[int], *, backend: str, recipe: str,
     quantized: bool, greedy_tokens: int = 64, progress: Callable[[int], None] | None = None,
-    variant: str | None = None, own_logits: np.ndarray | None = None, judge_quality: bool = True,
+    variant: str | None = None, own_logits: Logits | None = None, judge_quality: bool = True,
 ) -> ValidationReport:
     """Compares `runner` with the fp32 eager model on `tokens` (n + 1 ids: inputs and next-token targets).
 
@@ -384,7 +384,7 @@ def run_validation(
     the thresholds' backend (a registered one, or a label such as "eager"); `variant` another way of loading
     the same artifact, shown beside it in the report.
 
-    `own_logits`: the artifact's own quantised model over the same inputs (`own_model_logits`), judged by
+    `own_logits`: the artifact's own quantised model over the same inputs (`own_model_run`), judged by
     `[own_model]`. `judge_quality=False` (random weights, where agreement with float32 measures the
     randomness) reports the float32 comparison without judging it; it needs `own_logits`, which then judges
     alone.
@@ -405,6 +405,7 @@ def run_validation(
     ref_logits = ref.logits
     art_logits = art.logits if art is not None else teacher_forced(runner, inputs, tick)
     metrics = compare_logits(ref_logits, art_logits, targets)
+    release(ref_logits)  # a streamed reference's embedding, before the own model's is read
     window = ref.window
     per_pos = metrics["_per_position_max_error"]
     metrics["max_abs_logit_error_first_window"] = float(per_pos[:window].max())
@@ -428,6 +429,7 @@ def run_validation(
     own = None
     if own_logits is not None:
         own_metrics = compare_logits(own_logits, art_logits, targets)
+        release(own_logits)
         own_thresholds = load_thresholds("own_model", True)
         own = OwnModelCheck(own_metrics, own_thresholds, judge(own_metrics, own_thresholds))
     unjudged = []
@@ -526,7 +528,7 @@ def validate_artifact(
             art = artifact_run(runner, ids, greedy_tokens, progress=advance)
             runner = None
             reference = streamed_reference_run(stream, chunk, ids, art.greedy, greedy_tokens)
-            own = own_model_logits(stream, backend, manifest, chunk, ids[:-1])
+            own = own_model_run(stream, backend, manifest, chunk, ids[:-1])
             advance(n)
             report = run_validation(art, reference, ids, backend=manifest["backend"], recipe=recipe["name"],
                                     quantized=recipe["quantized"], greedy_tokens=greedy_tokens, own_logits=own,
@@ -542,7 +544,7 @@ def validate_artifact(
         # The reference runs first and the model goes before the runtime loads the artifact: the two are
         # never resident together (at 2B: 10.7 GB of float32 weights beside the artifact's).
         reference = reference_run(ckpt.model, chunk, ids, greedy_tokens)
-        own = own_model_logits(ckpt.model, backend, manifest, chunk, ids[:-1])
+        own = own_model_run(ckpt.model, backend, manifest, chunk, ids[:-1])
         ckpt = None
         advance(n)
         runner = open_artifact(folder, manifest=manifest, verify=False)  # the files were verified above

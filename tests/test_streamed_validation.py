@@ -44,7 +44,11 @@ def test_streamed_reference_gives_the_eager_report(shipped, perturbed, scale):
     eager = run_validation(EagerRunner(artifact, chunk), shipped.model, ids, **kw)
     art = artifact_run(EagerRunner(artifact, chunk), ids)
     stream = stream_checkpoint()
-    streamed = run_validation(art, streamed_reference_run(stream, chunk, ids, art.greedy), ids, **kw)
+    reference = streamed_reference_run(stream, chunk, ids, art.greedy)
+    streamed = run_validation(art, reference, ids, **kw)
+    # The reference keeps its hidden states, not [n, vocab] logits, and lets the embedding go once compared.
+    assert reference.logits.hidden.shape == (len(ids) - 1, shipped.config.width)
+    assert reference.logits._shared.embedder is None
     assert streamed.greedy_divergence == eager.greedy_divergence
     if scale:
         assert eager.greedy_divergence is not None  # the case is not trivial

@@ -159,10 +159,12 @@ def test_streamed_loader_refuses_what_the_eager_loader_refuses(tmp_path, hf_bf16
     assert "has shape" in str(streamed.value) and str(streamed.value) == str(eager.value)
 
 
-def test_layer_major_reference_equals_the_step_model(shipped):
+@pytest.mark.parametrize("batch", [None, 48, 128])
+def test_layer_major_reference_equals_the_step_model(shipped, batch):
     """Validation's reference computed block by block (each block loaded once, every token through it)
     gives the step model's logits and state over a schedule that wraps the window, holding one part at a
-    time."""
+    time; in the step model's own calls (batch None), or in chunked-prefill calls of `batch` tokens (what
+    validation uses: the same values up to float32 rounding, with a block's weights read once per chunk)."""
     from rgexport.streaming import layer_major_run
     from rgexport.tokenizer import Tokenizer
     from rgexport.validate import EagerRunner, heldout_tokens, teacher_forced
@@ -173,7 +175,9 @@ def test_layer_major_reference_equals_the_step_model(shipped):
     runner = EagerRunner(shipped.model, chunk)
     want = teacher_forced(runner, tokens)
     stream = stream_checkpoint()
-    run = layer_major_run(stream, tokens, chunk)
+    run = layer_major_run(stream, tokens, chunk, batch)
+    calls = len(tokens) - chunk + 1 if batch is None else -(-len(tokens) // batch)
+    assert len(run.segments) == calls and sum(t for _, t in run.segments) == len(tokens)
     parts = block_weight_bytes(config)
     assert stream.counter.peak == max(parts.values())  # the embedding or one block, never two parts
     got = torch.cat([run.logits(s, s + 50) for s in range(0, len(tokens), 50)]).numpy()

@@ -145,7 +145,8 @@ def judge_run(run: dict[str, np.ndarray], reference_logits: np.ndarray, referenc
               reference_greedy: list[int] | None, targets: np.ndarray, window: int, *, backend: str, recipe: str,
               quantized: bool, greedy_tokens: int):
     """A ValidationReport for one device run, with the metrics and thresholds of `rgexport validate`."""
-    from rgexport.validate import ValidationReport, compare_logits, judge, load_thresholds
+    from rgexport.logits import compare_logits
+    from rgexport.validate import ValidationReport, judge, load_thresholds
 
     metrics = compare_logits(reference_logits, run["logits"], targets)
     per_pos = metrics["_per_position_max_error"]
