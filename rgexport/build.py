@@ -36,7 +36,7 @@ from rgexport.config import is_small
 from rgexport.errors import RgexportError
 from rgexport.logs import captured
 from rgexport.manifest import file_entries, now, rgexport_version, write_manifest
-from rgexport.memory import release_freed
+from rgexport.memory import forget_last_export, release_freed
 from rgexport.progress import StageFailed, Stages
 
 BUILD_LOG = "build.log"
@@ -370,6 +370,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         tokens = heldout_tokens(tokenizer, n, opts.validation_text)
         with stages.stage("validate", f"{n} tokens, teacher-forced + greedy"):
             prepared = exported = lowered = None  # free graph copies of the weights before loading the artifact
+            forget_last_export()  # and the trace's nodes that torch keeps until the next export
             release_freed()
             with stages.bar("validating", 2 * n) as advance:
                 from rgexport.runtime import open_artifact
@@ -392,6 +393,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                     stream = stream_source(manifest["model"]["checkpoint"]["source"], opts.preset)
                     with stages.part("reference"):
                         reference = streamed_reference_run(stream, chunk, tokens, runner.greedy)
+                        release_freed()
                     with stages.part("own model"):
                         own = own_model_run(stream, backend, manifest, chunk, tokens[:-1])
                     advance(n)

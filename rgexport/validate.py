@@ -361,6 +361,7 @@ def streamed_reference_run(stream: Any, chunk: int, tokens: Sequence[int], artif
     run, greedy_run = layer_major_runs(stream, [inputs, greedy_seq], chunk, batch)
     state = {k: (v[0] if v.shape[0] == 1 else v).numpy() for k, v in run.state.items()}
     ref_greedy = choices([greedy_run], [greedy_seq])[0]
+    run.release()  # the embedding the greedy choices read (shared with `run`): read again when compared
     return ReferenceRun([], [], (chunk, tuple(inputs), greedy_tokens), run, state, ref_greedy,
                         stream.config.attention_window_size, greedy_of=list(artifact_greedy), verify=verify)
 

@@ -269,3 +269,30 @@ def test_whole_model_build_that_fits_is_not_refused(tmp_path, monkeypatch):
     with pytest.raises(BuildError) as failed:
         build(BuildOptions(backend="tflite", preset="recurrentgemma-2b", random_weights=True, out=tmp_path / "o"))
     assert isinstance(failed.value.cause, Loaded)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_peak_rss_lets_time_v_see_the_whole_run(keep):
+    """A stage resets the kernel's one peak mark, so a parent's view of the process's maximum (getrusage, what
+    `/usr/bin/time -v` prints) loses a peak from before the last reset; RGEXPORT_KEEP_PEAK_RSS=1 keeps it."""
+    import os
+    import subprocess
+    import sys
+
+    from rgexport.memory import KEEP_PEAK_ENV, peak_rss_bytes
+
+    if peak_rss_bytes() == 0 or not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("no peak RSS mark on this platform")
+    script = ("import numpy as np\nfrom rgexport.progress import Stages\ns = Stages(quiet=True)\n"
+              "a = np.ones(512 << 17)\ndel a\nwith s.stage('after'):\n    pass\nprint(s.peak_rss['after'])\n")
+    env = {**os.environ, KEEP_PEAK_ENV: "1" if keep else "0"}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    assert child.returncode == 0
+    stage_peak, process_peak = int(out), usage.ru_maxrss * 1024
+    if keep:  # the 512 MB array, freed before the stage, still counts in both
+        assert stage_peak >= 512 << 20 and process_peak >= 512 << 20
+    else:  # the reset at the stage's start dropped it from both
+        assert stage_peak < 512 << 20 and process_peak < 512 << 20

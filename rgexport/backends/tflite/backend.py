@@ -390,17 +390,29 @@ class TFLiteBackend(Backend):
         )
         return TFLiteRunner(interpreter, manifest["io"], model_bytes=path.stat().st_size)
 
+    def weight_bits(self, recipe: str, options: dict[str, Any]) -> float:
+        """int4 stores a scale per block (`int4_block_size` inputs, 32 by default), at least 16 bits each:
+        4.5 bits per parameter at 32."""
+        if recipe == "int4":
+            return RECIPE_BITS[recipe] + 16 / int(options.get("int4_block_size", DEFAULT_INT4_BLOCK_SIZE))
+        return super().weight_bits(recipe, options)
+
+    def table_copies_bits(self, recipe: str, options: dict[str, Any]) -> tuple[float, ...]:
+        """The tied table once (the gather and the head read one tensor), at the stored bits."""
+        return (self.weight_bits(recipe, options),)
+
     def packed_at_load_bits(self, recipe: str, options: dict[str, Any]) -> tuple[float, float]:
         """int8 and int4 on XNNPACK (the default delegate): the delegate packs every FULLY_CONNECTED weight it runs
         (the head, that is the tied table, included) into its own layout, once for each signature's subgraph,
         while the memory-mapped file stays resident. Measured at RecurrentGemma-2B (the streamed files, one
         decode step in a fresh process, both subgraphs packed whichever signature runs): int8 (2.78 GB) 5.28 GiB
-        of anonymous memory, 2.1 bytes per parameter; int4 (1.59 GB, blocks of 32) 3.09 GiB, 1.24. Counted as two
-        copies at the recipe's bits. A weight in one subgraph packs at 1 byte per parameter for int8 (one 32768 x
-        4096 FULLY_CONNECTED: 132 MiB for 128 MiB of weights). Not measured at scale for the other recipes; the
-        builtin kernels (delegate "none") pack nothing."""
+        of anonymous memory, 2.1 bytes per parameter; int4 (1.59 GB, blocks of 32) 3.09 GiB, 1.24. A weight in
+        one subgraph packs at 1 byte per parameter for int8 (one 32768 x 4096 FULLY_CONNECTED: 132 MiB for 128 MiB
+        of weights). Counted as two copies at the stored bits
+        (`weight_bits`: int4's block scales included, 4.5 bits at blocks of 32; XNNPACK's measure 4.95). Not
+        measured at scale for the other recipes; the builtin kernels (delegate "none") pack nothing."""
         if recipe in STREAMED_RECIPES and options.get("delegate", "xnnpack") == "xnnpack":
-            bits = 2 * RECIPE_BITS[recipe]
+            bits = 2 * self.weight_bits(recipe, options)
             return (bits, bits)
         return super().packed_at_load_bits(recipe, options)
 
