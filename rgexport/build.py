@@ -396,10 +396,13 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
                         release_freed()
                     with stages.part("own model"):
                         own = own_model_run(stream, backend, manifest, chunk, tokens[:-1])
+                        release_freed()
                     advance(n)
-                report = run_validation(runner, reference, tokens, backend=backend.name, recipe=recipe.name,
-                                        quantized=recipe.quantized, progress=advance, own_logits=own,
-                                        judge_quality=quality_judged(manifest, opts.judge_quality, own))
+                # Streamed: the logits of the reference and the own model are computed here, a slice at a time.
+                with stages.part("compare") if not reference_intact else contextlib.nullcontext():
+                    report = run_validation(runner, reference, tokens, backend=backend.name, recipe=recipe.name,
+                                            quantized=recipe.quantized, progress=advance, own_logits=own,
+                                            judge_quality=quality_judged(manifest, opts.judge_quality, own))
             runner = None
             validate_variants(report, backend, work, manifest, reference, tokens, Stages(quiet=True))
             manifest["validation"] = report.to_dict()

@@ -205,9 +205,10 @@ def test_large_build_never_loads_the_whole_model(tmp_path, monkeypatch):
     assert streams[0].counter.peak == largest  # the export: one part at a time
     assert streams[1].counter.peak <= 2 * largest  # the reference: a block beside the embedding, at most
     assert not (result.out / EXPORT_SCRATCH).exists()
-    # The streamed validation in its three parts, each measured on its own, none above the stage's peak.
+    # The streamed validation in its four parts, each measured on its own, none above the stage's peak.
     build_info = manifest["build"]
-    assert set(build_info["parts"]) == {"validate: artifact", "validate: reference", "validate: own model"}
+    assert set(build_info["parts"]) == {"validate: artifact", "validate: reference", "validate: own model",
+                                        "validate: compare"}
     for part in build_info["parts"].values():
         assert 0 < part["peak_rss_bytes"] <= build_info["stages_peak_rss_bytes"]["validate"]
         assert 0 < part["seconds"] <= build_info["stages_seconds"]["validate"]
