@@ -8,7 +8,8 @@ quantised model. At RecurrentGemma's 256000-entry vocabulary one such array over
   (`SpilledLogits`), written as the runtime produces them;
 - a layer-major run (`rgexport.streaming.LayerMajorRun`) keeps its hidden states ([n, width]) and computes
   the logits of a slice of rows when asked;
-- `compare_logits` reads `COMPARE_ROWS` rows of each at a time and accumulates the metrics.
+- `compare_logits` reads `FETCH_BYTES` of rows from each at a time and compares them `COMPARE_ROWS` rows at
+  a time, accumulating the metrics.
 
 Anything that holds logits is a `Logits`: a numpy array [n, v], a `SpilledLogits`, or a `LayerMajorRun`.
 """
@@ -26,6 +27,7 @@ from rgexport.errors import RgexportError
 
 IN_MEMORY_BYTES = 1 << 30  # an artifact's logits past this go to a temporary file (2B: 1,048 tokens)
 COMPARE_ROWS = 64  # rows compared at a time: at 256000 entries one float64 temporary is 131 MB
+FETCH_BYTES = 256 << 20  # float32 logits read from each side at a time (256 rows at 256000 entries)
 
 Logits = Any  # np.ndarray | SpilledLogits | rgexport.streaming.LayerMajorRun, each [n, v]
 
@@ -101,21 +103,38 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def compare_logits(reference: Logits, artifact: Logits, targets: np.ndarray,
-                   slice_rows: int = COMPARE_ROWS) -> dict[str, Any]:
+def width(logits: Logits) -> int:
+    """The vocabulary size of `logits`' rows."""
+    return int(logits.stream.config.vocab_size) if hasattr(logits, "hidden") else int(logits.shape[1])
+
+
+def _slices(n: int, slice_rows: int, fetch_rows: int, reference: Logits, artifact: Logits):
+    """(start, stop, reference rows, artifact rows) of each slice: read from each side `fetch_rows` at a time
+    (a layer-major run computes its head once per read: the own model's quantised head is dequantised each
+    time, 128 times over 8192 tokens in slices of 64), then cut into slices of `slice_rows`."""
+    for f0 in range(0, n, fetch_rows):
+        f1 = min(f0 + fetch_rows, n)
+        ref_block, art_block = rows(reference, f0, f1), rows(artifact, f0, f1)
+        for start in range(f0, f1, slice_rows):
+            stop = min(start + slice_rows, f1)
+            yield start, stop, ref_block[start - f0:stop - f0], art_block[start - f0:stop - f0]
+
+
+def compare_logits(reference: Logits, artifact: Logits, targets: np.ndarray, slice_rows: int = COMPARE_ROWS,
+                   fetch_bytes: int = FETCH_BYTES) -> dict[str, Any]:
     """Metrics over positions: reference/artifact [n, v] `Logits`; targets [n] next tokens (-1 where unknown).
-    Read `slice_rows` rows at a time, so memory does not grow with n."""
+    Read about `fetch_bytes` of float32 rows from each side at a time and compared `slice_rows` rows at a time,
+    so memory does not grow with n."""
     targets = np.asarray(targets)
     n = len(targets)
     if length(reference) != n or length(artifact) != n:
         raise RgexportError(f"logits of {length(reference)} and {length(artifact)} tokens cannot be compared "
                             f"over {n} targets")
+    fetch_rows = max(1, fetch_bytes // (4 * max(width(reference), 1)) // slice_rows) * slice_rows
     abs_max = abs_sum = kl_sum = nll_ref = nll_art = 0.0
     kl_max, agree, known_count, entries = -math.inf, 0, 0, 0
     per_position = np.empty(n, dtype=np.float64)
-    for start in range(0, n, slice_rows):
-        stop = min(start + slice_rows, n)
-        ref, art = rows(reference, start, stop), rows(artifact, start, stop)
+    for start, stop, ref, art in _slices(n, slice_rows, fetch_rows, reference, artifact):
         diff = np.abs(ref.astype(np.float64) - art.astype(np.float64))
         per_position[start:stop] = diff.max(axis=-1)
         abs_max = max(abs_max, float(per_position[start:stop].max()))

@@ -34,7 +34,7 @@ class _Counted:
     """Logits that record every slice read from them."""
 
     def __init__(self, a: np.ndarray):
-        self.a, self.reads = a, []
+        self.a, self.reads, self.shape = a, [], a.shape
 
     def __len__(self) -> int:
         return len(self.a)
@@ -59,13 +59,20 @@ def test_compare_in_slices_is_the_whole_comparison(slice_rows):
     assert 0.0 < got["top1_agreement"] < 1.0 and got["ppl_ratio"] != 1.0  # the case is not trivial
 
 
-def test_compare_reads_each_row_once_a_slice_at_a_time():
+@pytest.mark.parametrize("fetch_rows", [32, 64])
+def test_compare_reads_each_row_once_a_slice_at_a_time(fetch_rows):
+    """Each side is read once, `fetch_bytes` of rows at a time (a whole number of slices), and compared a slice
+    of rows at a time: the same figures whatever the read size."""
     g = np.random.default_rng(1)
     ref, art = (_Counted(g.normal(size=(130, 20)).astype(np.float32)) for _ in range(2))
-    L.compare_logits(ref, art, np.zeros(130, dtype=np.int64), slice_rows=32)
+    got = L.compare_logits(ref, art, np.zeros(130, dtype=np.int64), slice_rows=32, fetch_bytes=fetch_rows * 20 * 4)
     for side in (ref, art):
-        assert max(stop - start for start, stop in side.reads) <= 32
-        assert sorted(side.reads) == [(s, min(s + 32, 130)) for s in range(0, 130, 32)]
+        assert side.reads == [(s, min(s + fetch_rows, 130)) for s in range(0, 130, fetch_rows)]
+    want = L.compare_logits(ref.a, art.a, np.zeros(130, dtype=np.int64), slice_rows=32, fetch_bytes=1)
+    for key in ("max_abs_logit_error", "mean_abs_logit_error", "mean_kl", "top1_agreement", "ppl_ratio"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    with pytest.raises(RgexportError, match="cannot be compared"):
+        L.compare_logits(ref, _Counted(art.a[:129]), np.zeros(130, dtype=np.int64))
     with pytest.raises(RgexportError, match="cannot be compared"):
         L.compare_logits(ref, _Counted(art.a[:129]), np.zeros(130, dtype=np.int64))
 
