@@ -11,7 +11,8 @@ quantised model. At RecurrentGemma's 256000-entry vocabulary one such array over
 - `compare_logits` reads `FETCH_BYTES` of rows from each at a time and compares them `COMPARE_ROWS` rows at
   a time, accumulating the metrics.
 
-Anything that holds logits is a `Logits`: a numpy array [n, v], a `SpilledLogits`, or a `LayerMajorRun`.
+Anything that holds logits is a `Logits`: a numpy array [n, v], a `SpilledLogits`, or a `LayerMajorRun`; each
+has `len`, `shape` and gives a slice of rows as a float32 array.
 """
 
 from __future__ import annotations
@@ -79,15 +80,8 @@ def logits_buffer(n: int, v: int) -> np.ndarray | SpilledLogits:
 
 
 def rows(logits: Logits, start: int, stop: int) -> np.ndarray:
-    """Rows start..stop of `logits` as a float32 array."""
-    if hasattr(logits, "hidden"):  # a LayerMajorRun: computed for the slice
-        return logits.logits(start, stop).numpy()
+    """Rows start..stop of `logits` as a float32 array (a layer-major run computes them for the slice)."""
     return np.asarray(logits[start:stop], dtype=np.float32)
-
-
-def length(logits: Logits) -> int:
-    """How many rows (tokens) `logits` has."""
-    return int(logits.hidden.shape[0]) if hasattr(logits, "hidden") else len(logits)
 
 
 def release(logits: Logits) -> None:
@@ -101,11 +95,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def width(logits: Logits) -> int:
-    """The vocabulary size of `logits`' rows."""
-    return int(logits.stream.config.vocab_size) if hasattr(logits, "hidden") else int(logits.shape[1])
 
 
 def _slices(n: int, slice_rows: int, fetch_rows: int, reference: Logits, artifact: Logits):
@@ -127,10 +116,10 @@ def compare_logits(reference: Logits, artifact: Logits, targets: np.ndarray, sli
     so memory does not grow with n."""
     targets = np.asarray(targets)
     n = len(targets)
-    if length(reference) != n or length(artifact) != n:
-        raise RgexportError(f"logits of {length(reference)} and {length(artifact)} tokens cannot be compared "
+    if len(reference) != n or len(artifact) != n:
+        raise RgexportError(f"logits of {len(reference)} and {len(artifact)} tokens cannot be compared "
                             f"over {n} targets")
-    fetch_rows = max(1, fetch_bytes // (4 * max(width(reference), 1)) // slice_rows) * slice_rows
+    fetch_rows = max(1, fetch_bytes // (4 * max(reference.shape[1], 1)) // slice_rows) * slice_rows
     abs_max = abs_sum = kl_sum = nll_ref = nll_art = 0.0
     kl_max, agree, known_count, entries = -math.inf, 0, 0, 0
     per_position = np.empty(n, dtype=np.float64)

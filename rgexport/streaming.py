@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -351,6 +352,11 @@ def batched(n: int, batch: int) -> list[tuple[int, int]]:
 VALIDATION_BATCH = 256
 
 
+def validation_batch(config: GriffinConfig) -> int:
+    """`VALIDATION_BATCH`, capped at `config`'s attention window."""
+    return min(VALIDATION_BATCH, config.attention_window_size)
+
+
 @dataclasses.dataclass
 class LayerMajorRun:
     """The float32 reference over a token sequence, computed block by block (`layer_major_run`)."""
@@ -371,6 +377,19 @@ class LayerMajorRun:
         out = self._embedder.decode(self.hidden[start:stop])
         cap = self.stream.config.logits_soft_cap
         return torch.tanh(out / cap) * cap if cap else out
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.hidden.shape[0]), int(self.stream.config.vocab_size))
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        """The logits of a slice of tokens as a float32 array, so that a run reads like the other
+        `rgexport.logits.Logits`: computed for that slice only."""
+        start, stop, _ = rows.indices(len(self))
+        return self.logits(start, stop).numpy()
 
     def release(self) -> None:
         """Lets the embedding go (2.6 GB of float32 at 2B) until the next `logits`, which reads it again."""

@@ -196,9 +196,15 @@ def own_model_run(source: Any, backend: Any, manifest: dict[str, Any], chunk: in
     `StreamedCheckpoint`, or the float32 Griffin in memory, left unchanged) a part at a time through the
     backend's `quantise_part`. A `rgexport.streaming.LayerMajorRun`, whose logits are computed a slice of
     rows at a time; None where the backend has no such model for the recipe. `batched`: in chunks of
-    `layer_major_batch` tokens, else in the artifact's own calls (value for value, slower)."""
+    `validation_batch` tokens, else in the artifact's own calls (value for value, slower)."""
     from rgexport.backends import BuildContext
-    from rgexport.streaming import StreamedCheckpoint, layer_major_runs, quantised_stream, stream_model
+    from rgexport.streaming import (
+        StreamedCheckpoint,
+        layer_major_runs,
+        quantised_stream,
+        stream_model,
+        validation_batch,
+    )
 
     stream = source if isinstance(source, StreamedCheckpoint) else stream_model(source)
     ctx = BuildContext(config=stream.config, recipe=manifest["recipe"]["name"], work_dir=Path("."),
@@ -207,7 +213,7 @@ def own_model_run(source: Any, backend: Any, manifest: dict[str, Any], chunk: in
     if backend.quantise_part(stream.final_norm(), "final_norm", ctx) is None:  # the smallest part asks
         return None
     (run,) = layer_major_runs(quantised_stream(stream, lambda part, kind: backend.quantise_part(part, kind, ctx)),
-                              [list(inputs)], chunk, layer_major_batch(stream.config) if batched else None)
+                              [list(inputs)], chunk, validation_batch(stream.config) if batched else None)
     return run
 
 
@@ -217,13 +223,6 @@ def own_model_logits(source: Any, backend: Any, manifest: dict[str, Any], chunk:
     validation reads them by slices)."""
     run = own_model_run(source, backend, manifest, chunk, inputs, batched=False)
     return None if run is None else run.logits().numpy()
-
-
-def layer_major_batch(config) -> int:
-    """Tokens per call of a validation's layer-major runs (`rgexport.streaming.VALIDATION_BATCH`)."""
-    from rgexport.streaming import VALIDATION_BATCH
-
-    return min(VALIDATION_BATCH, config.attention_window_size)
 
 
 def heldout_tokens(tokenizer, n: int, text_file: Path | None = None) -> list[int]:
@@ -340,11 +339,11 @@ def streamed_reference_run(stream: Any, chunk: int, tokens: Sequence[int], artif
     at 9B). One pass over the weights gives the teacher-forced logits and state over `tokens` and the
     reference's next token after every prefix of the artifact's greedy continuation (prompt + those
     tokens, teacher-forced), which finds the first divergence exactly as free-running greedy would."""
-    from rgexport.streaming import layer_major_runs
+    from rgexport.streaming import layer_major_runs, validation_batch
 
     inputs = list(tokens[:-1])
     prompt = inputs[:chunk]
-    batch = layer_major_batch(stream.config)  # the prefill graph's values, not the decode steps' (rounding apart)
+    batch = validation_batch(stream.config)  # the prefill graph's values, not the decode steps' (rounding apart)
 
     def choices(runs: list, seqs: list[list[int]]) -> list[list[int]]:
         out = []
