@@ -78,7 +78,7 @@ class BuildError(RgexportError):
         from rgexport.safety import sentence
 
         kept = f"; {out} is untouched" if out.exists() else ""
-        logged = f"; other libraries' output is in {log}" if log is not None else ""
+        logged = f"; the traceback and other libraries' output are in {log}" if log is not None else ""
         what = sentence(cause) if isinstance(cause, RgexportError) else f"{type(cause).__name__}: {sentence(cause)}"
         super().__init__(f"build failed at stage '{stage}': {what}{kept}{logged}")
         self.stage = stage
@@ -106,11 +106,17 @@ def logged_output(stages: Stages, log: Path | None) -> Iterator[None]:
         yield
 
 
-def keep_failed_log(work: Path, out: Path) -> Path | None:
-    """Moves a failed build's log out of its partial folder before that is removed; returns where it went."""
+def keep_failed_log(work: Path, out: Path, cause: BaseException | None = None) -> Path | None:
+    """Moves a failed build's log out of its partial folder before that is removed; returns where it went.
+    `cause`'s traceback goes at its end: what broke inside a library or in rgexport, for the report."""
     log = work / BUILD_LOG
     if not log.is_file():
         return None
+    if cause is not None:
+        import traceback
+
+        with open(log, "a") as f:
+            f.write("\n\nThe build failed here:\n" + "".join(traceback.format_exception(cause)))
     kept = failed_log_path(out)
     os.replace(log, kept)
     return kept
@@ -142,7 +148,7 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
     except StageFailed as e:
         # A stage that broke inside a library keeps what the libraries printed; a user error (a file, an
         # option: the message says it all) leaves nothing behind.
-        log = None if isinstance(e.cause, RgexportError) else keep_failed_log(work, out)
+        log = None if isinstance(e.cause, RgexportError) else keep_failed_log(work, out, e.cause)
         raise BuildError(e.stage, e.cause, out, log) from e.cause
     finally:
         if work.exists():
@@ -240,6 +246,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         backend.runtime_versions()  # fails early if metadata is broken
         source = None if checkpoint is not None else weights_source(opts)
         stream = None if source is None else _weights_stream(source, opts, backend, recipe.name)
+        backend.check_size((source or checkpoint).config, recipe.name, opts.options)
         if source is not None and stream is None:
             _check_whole_model_fits(source.config, backend, recipe.name)
         if checkpoint is not None:

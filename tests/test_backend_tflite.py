@@ -515,6 +515,59 @@ def test_streamed_reads_one_part_at_a_time(streamed, small_config):
     assert left == 0
 
 
+def test_converted_file_holds_at_least_its_weights(streamed, small_config):
+    """`converted_bytes_at_least` is a floor of what the converter writes (the check that catches its broken
+    files past 4 GiB rests on it): the weights at the recipe's bits with a scale per row, the rest float32."""
+    from rgexport.backends.tflite.export import converted_bytes_at_least
+
+    ctx = streamed[0]
+    floor = converted_bytes_at_least(small_config, {"int8": 8, "int4": 4}[ctx.recipe])
+    assert floor > small_config.num_parameters() * {"int8": 1, "int4": 0.5}[ctx.recipe]
+    assert floor <= ctx.facts["converted_bytes"]
+
+
+def test_a_broken_converted_file_is_refused(streamed, tmp_path):
+    """What the converter wrote at RecurrentGemma-9B int4 (a flatbuffer header over no model, the size less 2**32)
+    stops the build with one line, as does a file smaller than its weights; a good file passes."""
+    from ai_edge_litert import schema_py_generated as schema
+    from flatbuffers import Builder
+
+    from rgexport.backends.tflite.export import check_converted
+
+    _, path, _, *_ = streamed
+    size = path.stat().st_size
+    check_converted(path, size)
+    with pytest.raises(RgexportError, match=r"converter wrote a broken file: .* at least .*4 GiB"):
+        check_converted(path, size + 1)
+    builder = Builder(64)
+    builder.Finish(schema.ModelT().Pack(builder), file_identifier=b"TFL3")
+    empty = tmp_path / "empty.tflite"
+    empty.write_bytes(bytes(builder.Output()) + bytes(4096))
+    with pytest.raises(RgexportError, match="with 0 subgraphs"):
+        check_converted(empty, 1)
+
+
+def test_a_model_past_the_converters_4_gib_stops_before_loading(tmp_path):
+    """RecurrentGemma-9B int4 (4.5 GB of weights in the converter's file) is refused at once, with what to build
+    instead; RecurrentGemma-2B int4 and int8 are not (their files, 1.45 and 2.78 GB, were converted and ran)."""
+    import time
+
+    from rgexport.build import BuildOptions, build
+    from rgexport.config import get_preset
+
+    out = tmp_path / "tfl9b"
+    start = time.perf_counter()
+    with pytest.raises(RgexportError, match=r"tflite / int4 at 8.58 B parameters: .*at least 4.50 GB.*4 GiB.*"
+                                            r"--target onnx or --target executorch --recipe int4"):
+        build(BuildOptions(backend="tflite", recipe="int4", preset="recurrentgemma-9b", random_weights=True, out=out))
+    assert time.perf_counter() - start < 60 and not out.exists() and not list(tmp_path.iterdir())
+    backend = TFLiteBackend()
+    for recipe in ("int4", "int8"):
+        backend.check_size(get_preset("recurrentgemma-2b"), recipe, {})
+    with pytest.raises(RgexportError, match="tflite / fp32 at 2.68 B.*or --target tflite --recipe int4"):
+        backend.check_size(get_preset("recurrentgemma-2b"), "fp32", {})
+
+
 def test_streamed_file_holds_each_weight_once_quantised(streamed, artifacts):
     """No DEQUANTIZE is left (LiteRT would keep a float32 copy of each weight it dequantises); every
     FULLY_CONNECTED with a constant weight reads a quantised one: int8 with a scale per output channel, or int4

@@ -44,7 +44,7 @@ def test_tflite_build_prints_only_rgexport_lines(tmp_path):
 
 def test_a_failed_build_keeps_its_log_beside_the_output(tmp_path, monkeypatch):
     """A stage that breaks inside a library: the partial folder goes, the log of what the libraries printed
-    stays beside the output and the error names it. A user error leaves nothing behind."""
+    and the traceback stay beside the output and the error names it. A user error leaves nothing behind."""
     pytest.importorskip("onnxruntime")
     from rgexport.backends.onnx import OnnxBackend
     from rgexport.build import BuildError
@@ -59,7 +59,11 @@ def test_a_failed_build_keeps_its_log_beside_the_output(tmp_path, monkeypatch):
         build(BuildOptions(backend="onnx", recipe="fp32", out=out, log_output=True))
     assert not out.exists() and not list(tmp_path.glob(".bad.partial-*"))
     assert e.value.log == failed_log_path(out)
-    assert "native noise from the exporter" in failed_log_path(out).read_text()
+    kept = failed_log_path(out).read_text()
+    assert "native noise from the exporter" in kept
+    # Where it broke, for the report: the traceback ends the log, down to the raising frame.
+    tail = kept[kept.index("The build failed here:"):]
+    assert "Traceback" in tail and "in broken_export" in tail and tail.rstrip().endswith("the exporter broke")
 
     other = tmp_path / "user-error"
     with pytest.raises(Exception, match="calibration"):

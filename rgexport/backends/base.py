@@ -230,6 +230,11 @@ class Backend(abc.ABC):
         `options` ask for it, None where the build decides by size (`config.is_small`)."""
         return False
 
+    def check_size(self, config: Any, recipe: str, options: dict[str, Any]) -> None:
+        """Refuses (RgexportError, one line that says why and what to build instead), before anything is loaded,
+        a build that this backend's toolchain cannot make correctly at `config`'s size. Default: none."""
+        return None
+
     def quantise_part(self, part: Any, kind: str, ctx: BuildContext) -> Any:
         """The recipe's own quantised model, a part at a time: `part` (an Embedder, a ResidualBlock or the
         final RMSNorm; `kind` "embedder", "block" or "final_norm", float32, the caller's to change) as the

@@ -35,6 +35,7 @@ from rgexport.backends.tflite.calibration import Dataset, representative_dataset
 from rgexport.backends.tflite.export import (
     _OLD_RUNTIME_FAILS,
     ARTIFACT_FILE,
+    CONVERTER_FILE_LIMIT,
     HYBRID_CHECK_TOLERANCE,
     Flatbuffer,
     StreamedExport,
@@ -43,7 +44,9 @@ from rgexport.backends.tflite.export import (
     _check_runs,
     _signature_io,
     _signatures,
+    check_converted,
     check_probe,
+    converted_bytes_at_least,
     converter_for,
     eager_probe,
     file_metadata,
@@ -62,6 +65,7 @@ from rgexport.backends.tflite.recipes import (
 )
 from rgexport.backends.tflite.runner import DELEGATES, TFLiteRunner
 from rgexport.calibrate import sample_facts
+from rgexport.config import is_small
 from rgexport.errors import RgexportError
 from rgexport.model import Griffin, identifier, state_spec
 
@@ -91,6 +95,24 @@ class TFLiteBackend(Backend):
     recipes = RECIPES
     quantizes_in = "lower"  # the recipe works on the converted program
     default_recipe = "fp32"
+
+    def check_size(self, config: Any, recipe: str, options: dict[str, Any]) -> None:
+        """Refuses a model whose converted file would be 4 GiB or more (`export.CONVERTER_FILE_LIMIT`): the
+        converter writes such a file wrong. Its weights are converted at the recipe's bits where the build
+        streams them (int8, int4), else as the float32 flatbuffer that the recipe then quantises."""
+        name = self.resolve_recipe(recipe, notify=False)
+        streams = self.streams_weights(name, options)
+        bits = RECIPE_BITS[name] if (streams if streams is not None else not is_small(config)) else 32
+        need = converted_bytes_at_least(config, bits)
+        if need >= CONVERTER_FILE_LIMIT:
+            raise RgexportError(
+                f"tflite / {name} at {config.num_parameters() / 1e9:.2f} B parameters: the converter's file would "
+                f"hold at least {need / 1e9:.2f} GB of {bits}-bit weights, and litert-torch's converter writes files "
+                f"of 4 GiB or more wrong (a 9B int4 file came out as 0.23 GB with no model in it). Nothing was "
+                "loaded. Build --target onnx or --target executorch --recipe int4 at this size"
+                + (", or --target tflite --recipe int4" if name != "int4" and converted_bytes_at_least(config, 4)
+                   < CONVERTER_FILE_LIMIT else "") + "."
+            )
 
     def streams_weights(self, recipe: str, options: dict[str, Any]) -> bool | None:
         """int8 and int4 (`recipes.STREAMED`): each block is quantised as it is read and the quantised model is
@@ -204,6 +226,7 @@ class TFLiteBackend(Backend):
         ctx.facts["conversion_seconds"] = round(converted - start, 2)
         ctx.facts["write_seconds"] = round(time.perf_counter() - converted, 2)
         ctx.facts["converted_bytes"] = path.stat().st_size
+        check_converted(path, converted_bytes_at_least(ctx.config, RECIPE_BITS[ctx.recipe]))
         return StreamedExport(path, probe, getattr(prepared, "block_scales", {}))
 
     def _lower_streamed(self, exported: StreamedExport, ctx: BuildContext) -> Path:

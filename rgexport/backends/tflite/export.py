@@ -6,6 +6,7 @@ import collections
 import contextlib
 import dataclasses
 import mmap
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,49 @@ def strict_qdq_mode() -> Iterator[None]:
         yield
     finally:
         api.ConvertToTFLConfig = original
+
+
+# litert-torch's converter (litert-converter 0.5.0) writes a file of 4 GiB or more wrong, and says nothing: at
+# RecurrentGemma-9B int4 (4.53 GB of weights) it wrote 231,876,576 bytes, the true size less 2**32, whose root
+# table holds no model. A file from 2 to 4 GiB is written with its weights past the flatbuffer (the converter
+# retries by itself: int8 at 2B, 2.78 GB).
+CONVERTER_FILE_LIMIT = 1 << 32
+
+
+def converted_bytes_at_least(config: Any, bits: int) -> int:
+    """A lower bound of the converter's file for `config`: every nn.Linear weight and the tied table (stored
+    once) at `bits` with a float32 scale per row, every other parameter float32 (a model on the meta device:
+    nothing is allocated). RecurrentGemma-2B int4: 1,431,578,624 against the converted 1,447,977,040."""
+    from rgexport.model.griffin import Embedder
+
+    with torch.device("meta"):
+        model = Griffin(config)
+    total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            quantised = (isinstance(module, nn.Linear) and name == "weight") or (
+                isinstance(module, Embedder) and name == "input_embedding")
+            total += p.numel() * bits // 8 + 4 * p.shape[0] if quantised else 4 * p.numel()
+    return total
+
+
+def check_converted(path: Path, at_least: int) -> None:
+    """Raises where the converter's file at `path` is not a model (no subgraphs) or is smaller than the weights
+    it must hold (`converted_bytes_at_least`): what the converter writes past `CONVERTER_FILE_LIMIT`."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    size = path.stat().st_size
+    try:
+        with _buffer(path) as buf:
+            subgraphs = schema.Model.GetRootAs(buf, 0).SubgraphsLength()
+    except (ValueError, IndexError, struct.error):  # offsets that point outside the file
+        subgraphs = 0
+    if subgraphs == 0 or size < at_least:
+        raise RgexportError(
+            f"the LiteRT converter wrote a broken file: {size:,} bytes with {subgraphs} subgraphs, where the weights "
+            f"alone are at least {at_least:,} bytes (it writes files of 4 GiB or more wrong). Build a smaller "
+            "model or recipe, or another backend (--target onnx, --target executorch --recipe int4)"
+        )
 
 
 @contextlib.contextmanager
