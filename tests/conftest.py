@@ -57,3 +57,26 @@ def shipped():
     from rgexport.checkpoint import load_checkpoint
 
     return load_checkpoint()
+
+
+# What the shipped model's artifacts are validated over (past its 128-token window: the ring buffer wraps).
+SHIPPED_TOKENS = 256
+
+
+@pytest.fixture(scope="session")
+def shipped_build(tmp_path_factory):
+    """shipped_build(backend, recipe) -> BuildResult: the shipped model's artifact, built and validated over
+    SHIPPED_TOKENS (not required to pass: the parity tests judge the report), once per session for every module
+    that reads it (tests/test_parity.py, tests/test_weights_read.py)."""
+    from rgexport.build import BuildOptions, build
+
+    built = {}
+
+    def get(backend: str, recipe: str):
+        if (backend, recipe) not in built:
+            out = tmp_path_factory.mktemp("shipped") / f"{backend}-{recipe}"
+            built[backend, recipe] = build(BuildOptions(backend=backend, recipe=recipe, out=out,
+                                                        validation_tokens=SHIPPED_TOKENS, require_pass=False))
+        return built[backend, recipe]
+
+    return get

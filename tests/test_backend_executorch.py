@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -708,12 +709,17 @@ def test_lowering_economies_write_the_same_program(fp32_build, small_model, smal
 
 
 @pytest.fixture(scope="module")
-def int4_gather4(small_model, small_config, tmp_path_factory):
+def int4_gather4(tmp_path_factory):
     """int4 with the 4-bit head and the quantized gather, built once per (disposable_weights, share_table):
     {"files": {name: bytes}, "ctx", "decode" (the quantised module), "again" (its exported programs, for a
-    second lowering), "folder", "manifest"}."""
+    second lowering), "folder", "manifest"}. Of SMALL's first three blocks (recurrent, recurrent, attention):
+    lowering's time goes with the graph's length, and three builds are compared byte for byte here."""
+    from conftest import SMALL, perturbed_random_model
+
     from rgexport.backends.executorch import export as executorch_export
 
+    small_config = dataclasses.replace(SMALL, block_types=SMALL.block_types[:3])
+    small_model = perturbed_random_model(small_config)
     built = {}
 
     def get(free: bool, share: bool):
@@ -740,7 +746,7 @@ def int4_gather4(small_model, small_config, tmp_path_factory):
     return get
 
 
-def test_int4_weights_freed_once_serialized_write_the_same_program(int4_gather4, small_config):
+def test_int4_weights_freed_once_serialized_write_the_same_program(int4_gather4):
     """A build that holds the quantised model nowhere else (`disposable_weights`) frees each int8 weight as soon
     as XNNPACK has serialized it, in every program on it (the model's own torchao tensors included), and
     prefill's partitions reuse decode's serialization instead of reading the weights again. The program and its
@@ -748,6 +754,7 @@ def test_int4_weights_freed_once_serialized_write_the_same_program(int4_gather4,
     refused."""
     backend = ExecuTorchBackend()
     builds = {free: int4_gather4(free, True) for free in (False, True)}
+    small_config = builds[False]["ctx"].config
     out = {free: b["files"] for free, b in builds.items()}
     facts = {free: b["ctx"].facts for free, b in builds.items()}
     models = {free: b["decode"] for free, b in builds.items()}
@@ -769,7 +776,7 @@ def test_int4_weights_freed_once_serialized_write_the_same_program(int4_gather4,
         backend.lower(builds[True]["again"], ctx)
 
 
-def test_int4_head_and_gather_table_stored_once(int4_gather4, small_config, small_tokens, tmp_path):
+def test_int4_head_and_gather_table_stored_once(int4_gather4, small_tokens, tmp_path):
     """share_table (the default with a 4-bit head and the quantized gather): the head's columns swapped in pairs
     make its packed 4-bit bytes the gather table's, and `model.ptd` holds them once. The program computes the
     same logits as the self-contained one, bit for bit; the two files together are smaller by about the table;
@@ -778,6 +785,7 @@ def test_int4_head_and_gather_table_stored_once(int4_gather4, small_config, smal
     from rgexport.backends.executorch.weights import named_data_bytes
 
     shared, alone = int4_gather4(False, True), int4_gather4(False, False)
+    small_config = shared["ctx"].config
     assert list(alone["files"]) == ["model.pte"] and "data_file" not in alone["ctx"].facts
     assert list(shared["files"]) == ["model.pte", "model.ptd"]
     assert type(shared["decode"].model.embedder) is SharedTableEmbedder

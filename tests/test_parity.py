@@ -9,13 +9,11 @@ library functions, so that every backend's runtime is driven the way an app driv
 from __future__ import annotations
 
 import pytest
+from conftest import SHIPPED_TOKENS as TOKENS  # past the window (128): the ring buffer wraps, the mask follows
 
 from rgexport.backends import BACKENDS, get_backend
-from rgexport.build import BuildOptions, build
 from rgexport.validate import load_thresholds
 
-# Past the attention window (128): the ring buffer wraps, and the mask must follow it.
-TOKENS = 256
 # Longer than one prefill chunk (32 tokens), so `run` goes through the prefill graph, then decode.
 PROMPT = ("Python's built-in list type is a mutable sequence. Lists may be constructed in several ways: "
           "using a pair of square brackets to denote the empty list, using square brackets and separating "
@@ -39,20 +37,9 @@ def _cases(every_recipe: bool) -> list:
     return cases
 
 
-_BUILT: dict[tuple[str, str], object] = {}  # each artifact built once per session, for both tests below
-
-
-def _build(name: str, recipe: str, tmp_path_factory):
-    if (name, recipe) not in _BUILT:
-        out = tmp_path_factory.mktemp("parity") / f"{name}-{recipe}"
-        _BUILT[name, recipe] = build(BuildOptions(backend=name, recipe=recipe, out=out, validation_tokens=TOKENS,
-                                                  require_pass=False))
-    return _BUILT[name, recipe]
-
-
 @pytest.mark.parametrize("name, recipe", _cases(every_recipe=False) + _cases(every_recipe=True))
-def test_backend_matches_the_reference(name, recipe, tmp_path_factory):
-    result = _build(name, recipe, tmp_path_factory)
+def test_backend_matches_the_reference(name, recipe, shipped_build):
+    result = shipped_build(name, recipe)
     report, manifest = result.report, result.manifest
     spec = get_backend(name).recipes[recipe]
     bounds = load_thresholds(recipe, spec.quantized, name)
@@ -77,7 +64,7 @@ def test_every_registered_backend_is_in_the_parity_suite():
 
 
 @pytest.mark.parametrize("name, recipe", _cases(every_recipe=False))
-def test_run_and_chat_on_the_backend(name, recipe, tmp_path_factory, shipped):
+def test_run_and_chat_on_the_backend(name, recipe, shipped_build, shipped):
     """`run` (prompt through the prefill graph in chunks, then greedy decode) is the runtime layer's own
     step loop: every generated token is the argmax of the logits that feeding the same tokens in the same
     pattern gives. A float32 artifact generates exactly what the eager model generates. `chat` carries the
@@ -90,7 +77,7 @@ def test_run_and_chat_on_the_backend(name, recipe, tmp_path_factory, shipped):
     from rgexport.runtime import open_artifact
     from rgexport.tokenizer import Tokenizer
 
-    result = _build(name, recipe, tmp_path_factory)
+    result = shipped_build(name, recipe)
     prompt = PROMPT
     with open_artifact(result.out) as art:
         gen = run_prompt(art, prompt, max_tokens=12)

@@ -1,6 +1,6 @@
 """What `rgexport bench` counts as weights read per decode token, on every backend: the decode program's
 weights, without a table it only gathers from (the embedding: one row per token). Artifacts of the shipped
-model, built once per module, not validated (other tests validate them)."""
+model, built once per session (validated where tests/test_parity.py reads them too) or per module."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from rgexport.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    """artifact(backend, recipe, **options) -> (folder, manifest), each built once."""
+def artifact(tmp_path_factory, shipped_build):
+    """artifact(backend, recipe, **options) -> (folder, manifest), each built once: without options, the session's
+    validated build (`shipped_build`, which tests/test_parity.py reads too)."""
     built = {}
 
     def get(backend: str, recipe: str, **options):
@@ -22,8 +23,11 @@ def artifact(tmp_path_factory):
         if key not in built:
             pytest.importorskip({"executorch": "executorch", "tflite": "ai_edge_litert", "coreml": "coremltools",
                                  "onnx": "onnxruntime"}[backend])
-            out = tmp_path_factory.mktemp(f"{backend}-{recipe}") / "artifact"
-            result = build(BuildOptions(backend=backend, recipe=recipe, out=out, validate=False, options=options))
+            if options:
+                out = tmp_path_factory.mktemp(f"{backend}-{recipe}") / "artifact"
+                result = build(BuildOptions(backend=backend, recipe=recipe, out=out, validate=False, options=options))
+            else:
+                result = shipped_build(backend, recipe)
             built[key] = read_manifest(result.out)
         return built[key]
 
