@@ -45,6 +45,13 @@ def small_model() -> Griffin:
 
 
 @pytest.fixture(scope="session")
+def random_model():
+    """random_model(config) -> Griffin: `perturbed_random_model`, for a test that needs another shape than SMALL
+    (test modules cannot import this file by name: tests/fuzz has a conftest too)."""
+    return perturbed_random_model
+
+
+@pytest.fixture(scope="session")
 def small_tokens() -> torch.Tensor:
     """Five windows' worth of tokens (batch 1), so the ring buffer wraps four times."""
     g = torch.Generator().manual_seed(1)
@@ -79,4 +86,5 @@ def shipped_build(tmp_path_factory):
                                                         validation_tokens=SHIPPED_TOKENS, require_pass=False))
         return built[backend, recipe]
 
+    get.tokens = SHIPPED_TOKENS
     return get

@@ -709,17 +709,15 @@ def test_lowering_economies_write_the_same_program(fp32_build, small_model, smal
 
 
 @pytest.fixture(scope="module")
-def int4_gather4(tmp_path_factory):
+def int4_gather4(small_config, random_model, tmp_path_factory):
     """int4 with the 4-bit head and the quantized gather, built once per (disposable_weights, share_table):
     {"files": {name: bytes}, "ctx", "decode" (the quantised module), "again" (its exported programs, for a
     second lowering), "folder", "manifest"}. Of SMALL's first three blocks (recurrent, recurrent, attention):
     lowering's time goes with the graph's length, and three builds are compared byte for byte here."""
-    from conftest import SMALL, perturbed_random_model
-
     from rgexport.backends.executorch import export as executorch_export
 
-    small_config = dataclasses.replace(SMALL, block_types=SMALL.block_types[:3])
-    small_model = perturbed_random_model(small_config)
+    small_config = dataclasses.replace(small_config, block_types=small_config.block_types[:3])
+    small_model = random_model(small_config)
     built = {}
 
     def get(free: bool, share: bool):
