@@ -223,14 +223,12 @@ def test_unknown_cpu_and_backend_are_refused(monkeypatch, tmp_path):
 
 # The real emulated device ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def vocab_checkpoint(tmp_path_factory):
+def vocab_checkpoint(small_config, random_model, tmp_path_factory):
     """SMALL with the shipped tokenizer's vocabulary, so validation's held-out text can be tokenised."""
-    from conftest import SMALL, perturbed_random_model
-
     from rgexport.assets import shipped_model_dir
     from rgexport.checkpoint import save_huggingface
 
-    model = perturbed_random_model(dataclasses.replace(SMALL, vocab_size=4096))
+    model = random_model(dataclasses.replace(small_config, vocab_size=4096))
     return save_huggingface(model, tmp_path_factory.mktemp("ckpt") / "small4096",
                             tokenizer=shipped_model_dir() / "tokenizer.model")
 
