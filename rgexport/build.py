@@ -246,7 +246,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
         backend.runtime_versions()  # fails early if metadata is broken
         source = None if checkpoint is not None else weights_source(opts)
         stream = None if source is None else _weights_stream(source, opts, backend, recipe.name)
-        backend.check_size((source or checkpoint).config, recipe.name, opts.options)
+        backend.check_size((source or checkpoint).config, recipe.name, opts.options, stream is not None)
         if source is not None and stream is None:
             _check_whole_model_fits(source.config, backend, recipe.name)
         if checkpoint is not None:

@@ -230,9 +230,10 @@ class Backend(abc.ABC):
         `options` ask for it, None where the build decides by size (`config.is_small`)."""
         return False
 
-    def check_size(self, config: Any, recipe: str, options: dict[str, Any]) -> None:
+    def check_size(self, config: Any, recipe: str, options: dict[str, Any], streams: bool) -> None:
         """Refuses (RgexportError, one line that says why and what to build instead), before anything is loaded,
-        a build that this backend's toolchain cannot make correctly at `config`'s size. Default: none."""
+        a build that this backend's toolchain cannot make correctly at `config`'s size; `streams`: whether the
+        build reads the weights from a stream (`streams_weights`, as the build decided it). Default: none."""
         return None
 
     def quantise_part(self, part: Any, kind: str, ctx: BuildContext) -> Any:

@@ -65,7 +65,6 @@ from rgexport.backends.tflite.recipes import (
 )
 from rgexport.backends.tflite.runner import DELEGATES, TFLiteRunner
 from rgexport.calibrate import sample_facts
-from rgexport.config import is_small
 from rgexport.errors import RgexportError
 from rgexport.model import Griffin, identifier, state_spec
 
@@ -96,21 +95,19 @@ class TFLiteBackend(Backend):
     quantizes_in = "lower"  # the recipe works on the converted program
     default_recipe = "fp32"
 
-    def check_size(self, config: Any, recipe: str, options: dict[str, Any]) -> None:
+    def check_size(self, config: Any, recipe: str, options: dict[str, Any], streams: bool) -> None:
         """Refuses a model whose converted file would be 4 GiB or more (`export.CONVERTER_FILE_LIMIT`): the
         converter writes such a file wrong. Its weights are converted at the recipe's bits where the build
         streams them (int8, int4), else as the float32 flatbuffer that the recipe then quantises."""
-        name = self.resolve_recipe(recipe, notify=False)
-        streams = self.streams_weights(name, options)
-        bits = RECIPE_BITS[name] if (streams if streams is not None else not is_small(config)) else 32
+        bits = RECIPE_BITS[recipe] if streams else 32
         need = converted_bytes_at_least(config, bits)
         if need >= CONVERTER_FILE_LIMIT:
             raise RgexportError(
-                f"tflite / {name} at {config.num_parameters() / 1e9:.2f} B parameters: the converter's file would "
+                f"tflite / {recipe} at {config.num_parameters() / 1e9:.2f} B parameters: the converter's file would "
                 f"hold at least {need / 1e9:.2f} GB of {bits}-bit weights, and litert-torch's converter writes files "
                 f"of 4 GiB or more wrong (a 9B int4 file came out as 0.23 GB with no model in it). Nothing was "
                 "loaded. Build --target onnx or --target executorch --recipe int4 at this size"
-                + (", or --target tflite --recipe int4" if name != "int4" and converted_bytes_at_least(config, 4)
+                + (", or --target tflite --recipe int4" if recipe != "int4" and converted_bytes_at_least(config, 4)
                    < CONVERTER_FILE_LIMIT else "") + "."
             )
 
