@@ -34,6 +34,7 @@ from rgexport.backends import BuildContext, get_backend
 from rgexport.checkpoint import SHIPPED_SOURCE, Checkpoint, load_checkpoint
 from rgexport.config import is_small
 from rgexport.errors import RgexportError
+from rgexport.graphs import prefill_last_only
 from rgexport.logs import captured
 from rgexport.manifest import file_entries, now, rgexport_version, write_manifest
 from rgexport.memory import forget_last_export, release_freed
@@ -53,6 +54,7 @@ class BuildOptions:
     force: bool = False
     validate: bool = True
     prefill_chunk: int | None = None
+    prefill_logits: str = "all"  # "last": the prefill graph returns the chunk's last logits alone (graphs.PREFILL_LOGITS)
     validation_tokens: int | None = None  # None: 4x the attention window
     validation_text: Path | None = None
     calibration: Path | None = None  # text or JSONL for calibrated recipes (default: calibration corpus)
@@ -128,6 +130,7 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
     backend = get_backend(opts.backend)
     recipe_name = backend.resolve_recipe(opts.recipe) if opts.recipe else backend.default_recipe
     backend.check_options(opts.options)
+    prefill_last_only(opts.prefill_logits)  # a bad value is said before anything loads
     recipe = backend.recipes[recipe_name]
     out = Path(opts.out) if opts.out else default_out(backend.name, recipe_name)
     if out.exists() and not opts.force:
@@ -271,7 +274,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
     if not 1 <= chunk <= config.attention_window_size:
         raise RgexportError(f"--prefill-chunk must be between 1 and the window ({config.attention_window_size})")
     ctx = BuildContext(config=config, recipe=recipe.name, work_dir=work, prefill_chunk=chunk,
-                       options=dict(opts.options), stream=stream)
+                       options=dict(opts.options), stream=stream, prefill_logits=opts.prefill_logits)
     if recipe.calibrated:
         from rgexport.calibrate import calibration_token_sequences
 

@@ -250,6 +250,13 @@ TokensOpt = Annotated[int | None, typer.Option("--tokens", min=1, help=TOKENS_HE
 TextOpt = Annotated[Path | None, typer.Option(help="The held-out text file (default: the shipped held-out corpus).")]
 
 
+class PrefillLogits(enum.StrEnum):
+    """What a built artifact's prefill call returns (`rgexport.graphs.PREFILL_LOGITS`)."""
+
+    all = "all"
+    last = "last"
+
+
 class Device(enum.StrEnum):
     """Where `validate --device` runs an artifact besides this machine."""
 
@@ -495,6 +502,10 @@ def build(
     force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     validate: Annotated[bool, typer.Option(help="Validate in the runtime (default).")] = True,
     prefill_chunk: Annotated[int | None, typer.Option(min=1, help="Tokens per prefill call.")] = None,
+    prefill_logits: Annotated[PrefillLogits, typer.Option(
+        help="What prefill returns: every token's logits (all: scoring, perplexity), or the chunk's last token's "
+        "(last: all that generation reads; the head runs on one row, prefill is faster). With last, `evaluate` "
+        "and validation score every token through decode.")] = PrefillLogits.all,
     tokens: TokensOpt = None,
     text: TextOpt = None,
     calibration: Annotated[Path | None, typer.Option(help="Calibration text or JSONL (calibrated recipes).")]
@@ -530,7 +541,7 @@ def build(
     backend = profile.artifacts[0].backend if profile.source == "backend" else target
     opts = BuildOptions(backend=backend, recipe=recipe, checkpoint=checkpoint, preset=preset, tokenizer=tokenizer,
                         out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
-                        validation_tokens=tokens, validation_text=text, calibration=calibration,
+                        prefill_logits=prefill_logits.value, validation_tokens=tokens, validation_text=text, calibration=calibration,
                         random_weights=random_weights, seed=seed, options=parse_options(option or []),
                         log_output=not (verbose or _verbose), judge_quality=judge_quality)
     if profile.source != "backend":

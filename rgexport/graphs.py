@@ -18,8 +18,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rgexport.errors import RgexportError
 from rgexport.model import Griffin, TensorSpec
 from rgexport.model.blocks import RingBuffer
+
+
+PREFILL_LOGITS = ("all", "last")  # what a prefill call returns: every token's logits, or the last token's
+
+
+def prefill_last_only(prefill_logits: str) -> bool:
+    """Whether a build's prefill graph returns the last token's logits alone (`--prefill-logits`)."""
+    if prefill_logits not in PREFILL_LOGITS:
+        raise RgexportError(f"prefill logits {prefill_logits!r}: expected one of {list(PREFILL_LOGITS)} (all: every "
+                            "token's logits, as scoring needs; last: the last token's, all that generation reads)")
+    return prefill_logits == "last"
 
 
 class RowPutRingBuffer(RingBuffer):
@@ -75,15 +87,17 @@ class DecodeIO(nn.Module):
 
 
 class PrefillIO(DecodeIO):
-    """(tokens [1, chunk] int32, position [1] int32, *state) -> (logits [1, chunk, v], *new_state)."""
+    """(tokens [1, chunk] int32, position [1] int32, *state) -> (logits [1, chunk, v], *new_state); with
+    `last_only`, logits [1, 1, v] for the chunk's last token (`PREFILL_LOGITS`)."""
 
-    def __init__(self, model: Griffin, chunk: int):
+    def __init__(self, model: Griffin, chunk: int, last_only: bool = False):
         super().__init__(model)
         self.chunk = chunk
+        self.last_only = last_only
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, *state: torch.Tensor):
         named = {s.name: t for s, t in zip(self.specs, state)}
-        logits, new = self.model.prefill(tokens.to(torch.long), position, named)
+        logits, new = self.model.prefill(tokens.to(torch.long), position, named, self.last_only)
         return (logits, *[new[s.name] for s in self.specs])
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -97,19 +111,23 @@ class StatefulModel(nn.Module):
     `forward(tokens [1, t] int32, position [1] int32) -> logits [1, t, v]`; export it once with t = 1
     (decode) and once with t = chunk (prefill). Both share the same buffers. `assign_slices` writes
     `buf[:] = new` instead of `buf.copy_(new)`, the form Core ML's TorchScript path recognises.
+    `prefill_last_only`: a chunk (t > 1) returns the last token's logits alone, [1, 1, v].
     """
 
-    def __init__(self, model: Griffin, assign_slices: bool = False, state_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: Griffin, assign_slices: bool = False, state_dtype: torch.dtype = torch.float32,
+                 prefill_last_only: bool = False):
         super().__init__()
         self.model = model
         self.specs = model.state_spec(1)
         self.assign_slices = assign_slices
+        self.prefill_last_only = prefill_last_only
         for s in self.specs:
             self.register_buffer(s.identifier, torch.zeros(s.shape, dtype=state_dtype))
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         state = {s.name: getattr(self, s.identifier).to(torch.float32) for s in self.specs}
-        logits, new = self.model.forward(tokens.to(torch.long), position, state)
+        last_only = self.prefill_last_only and tokens.shape[1] > 1  # static at export: one graph per shape
+        logits, new = self.model.forward(tokens.to(torch.long), position, state, last_only)
         for s in self.specs:
             buf = getattr(self, s.identifier)
             value = new[s.name].to(buf.dtype)

@@ -124,7 +124,7 @@ def generate_reply(
     stop = [s for s in stop if s]
     holdback = max((len(s) for s in stop), default=1) - 1
     t0 = time.perf_counter()
-    logits = art.feed(ids, position)[-1]
+    logits = art.last_logits(ids, position)
     prefill_seconds = time.perf_counter() - t0
     stats = GenerationStats(prompt_tokens=len(ids), prefill_seconds=prefill_seconds, state_bytes=art.state_bytes,
                             start_position=position)

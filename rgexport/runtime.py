@@ -2,7 +2,7 @@
 every backend.
 
     with open_artifact("rgexport-out/onnx-int8") as art:
-        logits = art.feed(tokens, 0)[-1]          # whole chunks through prefill, the rest through decode
+        logits = art.last_logits(tokens, 0)       # whole chunks through prefill, the rest through decode
         logits = art.decode(next_token, len(tokens))
 
 `open_artifact` reads the manifest, checks every file against its sha256 before anything loads, and asks
@@ -99,19 +99,38 @@ class LoadedArtifact:
 
     # Running -----------------------------------------------------------------------------------------
     def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        """Exactly `prefill_chunk` tokens starting at `position` -> logits [chunk, vocab] float32."""
+        """Exactly `prefill_chunk` tokens starting at `position` -> logits [chunk, vocab] float32, or [1, vocab]
+        where the artifact's prefill returns its last token's logits alone (`prefill_logits`)."""
         return self.runner.prefill(list(tokens), position)
 
     def decode(self, token: int, position: int) -> np.ndarray:
         """One token at `position` -> logits [vocab] float32."""
         return self.runner.decode(int(token), position)
 
+    @property
+    def prefill_rows(self) -> int:
+        """Rows of logits a prefill call returns: the chunk's, or 1 (`prefill_logits` "last")."""
+        return int(self.runner.prefill_rows)
+
+    @property
+    def prefill_logits(self) -> str:
+        """"all" where prefill returns every token's logits, "last" where it returns the last token's alone."""
+        return str(self.manifest.get("io", {}).get("prefill_logits", "all"))
+
     def feed(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        """Any number of tokens from `position`: whole chunks through prefill, the rest through decode ->
-        logits for every token [n, vocab]."""
+        """Any number of tokens from `position` -> logits for every token [n, vocab]: whole chunks through
+        prefill, the rest through decode; every token through decode where prefill returns the last logits
+        alone (a prompt that only needs its next token: `last_logits`)."""
         from rgexport.backends.base import feed
 
         return feed(self.runner, list(tokens), position)
+
+    def last_logits(self, tokens: Sequence[int], position: int) -> np.ndarray:
+        """Any number (at least one) of tokens from `position`, whole chunks through prefill, the rest through
+        decode -> the last token's logits [vocab]: what generation reads."""
+        from rgexport.backends.base import last_logits
+
+        return last_logits(self.runner, list(tokens), position)
 
     def state(self) -> dict[str, np.ndarray] | None:
         """The current state by name (float32) where the runtime exposes it; else None."""
@@ -252,9 +271,13 @@ def checked_artifact(path: str | Path) -> tuple[Path, dict[str, Any]]:
 def load_runner(backend: Any, folder: Path, manifest: dict[str, Any], **kwargs: Any) -> Any:
     """`backend.load(...)` with any runtime error reading the files turned into one line naming them."""
     try:
-        return backend.load(folder, manifest, **kwargs)
+        runner = backend.load(folder, manifest, **kwargs)
     except RgexportError:
         raise
     except Exception as e:
         raise RgexportError(f"{backend.name} could not load {Path(folder) / manifest['artifact']['file']}: "
                             f"{type(e).__name__}: {sentence(first_line(e))}; rebuild the artifact") from e
+    if getattr(runner, "prefill_rows", None) is None:  # a runner that does not read it from its graph
+        last = manifest.get("io", {}).get("prefill_logits") == "last"
+        runner.prefill_rows = 1 if last else runner.prefill_chunk
+    return runner

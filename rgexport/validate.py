@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rgexport.backends.base import Runner
+from rgexport.backends.base import Runner, prefill_every_row
 from rgexport.errors import RgexportError
 from rgexport.logits import Logits, compare_logits, logits_buffer, release
 from rgexport.model import Griffin
@@ -70,7 +70,15 @@ def teacher_forced(runner: Runner, tokens: Sequence[int], on_token: Callable[[],
 
     start = 0
     if chunk > 1 and len(tokens) >= chunk:
-        put(0, runner.prefill(tokens[:chunk], 0))
+        if not prefill_every_row(runner):
+            # The prefill graph returns its chunk's last logits alone: the chunk's other rows come from decode
+            # over the same tokens, then prefill runs the chunk from a new sequence, giving the last row and
+            # the state that decode goes on from. Every row is compared, and both graphs are run.
+            for i in range(chunk - 1):
+                put(i, runner.decode(tokens[i], i))
+            runner.reset()
+        rows = np.asarray(runner.prefill(tokens[:chunk], 0))
+        put(chunk - len(rows.reshape(-1, rows.shape[-1])), rows)
         start = chunk
         if on_token:
             for _ in range(chunk):

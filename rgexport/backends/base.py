@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from rgexport.config import GriffinConfig
-from rgexport.errors import MissingDependencyError
-from rgexport.graphs import input_name, output_name
+from rgexport.errors import MissingDependencyError, RgexportError
+from rgexport.graphs import input_name, output_name, prefill_last_only
 from rgexport.model import Griffin, TensorSpec
 
 # The one recipe vocabulary: name -> what it means on every backend that offers it.
@@ -61,6 +61,7 @@ class BuildContext:
     work_dir: Path  # the backend writes its artifact files here
     prefill_chunk: int
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # from the target profile
+    prefill_logits: str = "all"  # what prefill returns: "all" tokens' logits or the "last" token's (graphs.PREFILL_LOGITS)
     calibration_tokens: list[list[int]] | None = None  # tokenised calibration text (calibrated recipes)
     notes: list[str] = dataclasses.field(default_factory=list)  # sentences for the manifest and report
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend-specific manifest fields
@@ -83,11 +84,19 @@ class BuildContext:
                 "`rgexport build` tokenises calibration/corpus/calibration.txt or --calibration FILE)")
         return tokens
 
+    @property
+    def prefill_last_only(self) -> bool:
+        """Whether the prefill graph returns the chunk's last logits alone (`graphs.PrefillIO(last_only=)`)."""
+        return prefill_last_only(self.prefill_logits)
+
 
 class Runner(abc.ABC):
     """Runs one artifact in its runtime. Numpy in, numpy out; one sequence at a time (batch 1)."""
 
     prefill_chunk: int
+    # Rows a prefill call returns: the chunk's, or 1 where the artifact's prefill returns its last token's
+    # logits alone (manifest io.prefill_logits "last"; `rgexport.runtime.load_runner` sets it).
+    prefill_rows: int | None = None
     # Set where the runner is not the artifact's own runtime (Core ML on Linux): reports say so beside speed.
     stand_in: ClassVar[str] = ""
 
@@ -101,7 +110,8 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
-        """Exactly `prefill_chunk` tokens starting at `position` -> logits [chunk, vocab] float32."""
+        """Exactly `prefill_chunk` tokens starting at `position` -> logits [chunk, vocab] float32, or [1, vocab]
+        (the last token's) where the artifact's prefill returns the last logits alone."""
 
     def state(self) -> dict[str, np.ndarray] | None:
         """The current state by name (float32), where the runtime exposes it; else None."""
@@ -112,20 +122,34 @@ class Runner(abc.ABC):
         return {}
 
 
-def feed(runner: Runner, tokens: Sequence[int], position: int = 0) -> np.ndarray:
+def prefill_every_row(runner: Runner) -> bool:
+    """Whether `runner.prefill` returns a row of logits for every token of its chunk."""
+    return runner.prefill_rows in (None, runner.prefill_chunk)
+
+
+def feed(runner: Runner, tokens: Sequence[int], position: int = 0, every_token: bool = True) -> np.ndarray:
     """Runs a prompt of any length: whole chunks through `prefill`, the rest through `decode`.
 
-    Returns the logits for every token [n, vocab].
+    Returns the logits for every token [n, vocab]. Where the artifact's prefill returns its last token's
+    logits alone, every token goes through `decode` instead; `every_token=False` keeps prefill and returns
+    the rows it has, the last token's last (what generation needs: `last_logits`).
     """
     out = []
     i = 0
-    chunk = runner.prefill_chunk
+    chunk = runner.prefill_chunk if every_token is False or prefill_every_row(runner) else 1
     while len(tokens) - i >= chunk > 1:
         out.append(runner.prefill(tokens[i : i + chunk], position + i))
         i += chunk
     for j in range(i, len(tokens)):
         out.append(runner.decode(tokens[j], position + j)[None])
     return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
+
+
+def last_logits(runner: Runner, tokens: Sequence[int], position: int = 0) -> np.ndarray:
+    """Feeds `tokens` from `position` (whole chunks through prefill) -> the last token's logits [vocab]."""
+    if not tokens:
+        raise RgexportError("no tokens to feed")
+    return feed(runner, tokens, position, every_token=False)[-1]
 
 
 class Backend(abc.ABC):
@@ -375,9 +399,10 @@ def state_tensors(specs: list[TensorSpec], placement: str, dtype: str = "float32
 
 def standard_io_contract(
     config: GriffinConfig, chunk: int, specs: list[TensorSpec], placement: str,
-    state_dtype: str = "float32", token_dtype: str = "int32",
+    state_dtype: str = "float32", token_dtype: str = "int32", prefill_logits: str = "all",
 ) -> dict[str, Any]:
     """The I/O contract of a decode/prefill pair built from `rgexport.graphs`."""
+    rows = 1 if prefill_last_only(prefill_logits) else chunk
     v = config.vocab_size
     state_in = [tensor_io(input_name(s), s.shape, state_dtype) for s in specs] if placement == "io" else []
     state_out = [tensor_io(output_name(s), s.shape, state_dtype) for s in specs] if placement == "io" else []
@@ -392,7 +417,7 @@ def standard_io_contract(
             "prefill": {
                 "inputs": [tensor_io("tokens", [1, chunk], token_dtype),
                            tensor_io("position", [1], token_dtype), *state_in],
-                "outputs": [tensor_io("logits", [1, chunk, v], "float32"), *state_out],
+                "outputs": [tensor_io("logits", [1, rows, v], "float32"), *state_out],
             },
         },
         "state": {
@@ -409,4 +434,6 @@ def standard_io_contract(
                " The state lives inside the program and persists between calls of either method.")
         ),
         "prefill_chunk": chunk,
+        # "last": prefill returns the chunk's last token's logits alone ([1, 1, v]); "all": every token's.
+        "prefill_logits": prefill_logits,
     }

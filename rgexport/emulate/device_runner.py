@@ -162,6 +162,9 @@ class ArtifactDriver:
         out, start = [], 0
         t_prefill = t_decode = 0.0
         if self.chunk > 1 and len(tokens) >= self.chunk:
+            if self.io.get("prefill_logits") == "last":  # the chunk's other rows through decode, as validate does
+                out.extend(self.decode(tokens[i], i)[None] for i in range(self.chunk - 1))
+                self.reset()
             t = time.perf_counter()
             out.append(self.prefill(tokens[: self.chunk], 0))
             t_prefill = time.perf_counter() - t

@@ -176,7 +176,8 @@ class CoreMLBackend(Backend):
         model = prepared.eval().requires_grad_(False)
         traced = {}
         with torch.no_grad():
-            for fn, (module, example) in _graphs(model, ctx.prefill_chunk, self.state_dtype(ctx)).items():
+            for fn, (module, example) in _graphs(model, ctx.prefill_chunk, self.state_dtype(ctx),
+                                                      ctx.prefill_last_only).items():
                 traced[fn] = (torch.jit.trace(module, example, check_trace=False), example)
         # A calibrated recipe runs the model itself over the calibration text in `lower`.
         return {"traced": traced, "specs": model.state_spec(1), "model": model, "weights": weights}
@@ -301,7 +302,7 @@ class CoreMLBackend(Backend):
         stateful = self.state_dtype(ctx) == "float16"
         contract = standard_io_contract(
             ctx.config, ctx.prefill_chunk, specs, "internal" if stateful else "io",
-            state_dtype="float16" if stateful else "float32",
+            state_dtype="float16" if stateful else "float32", prefill_logits=ctx.prefill_logits,
         )
         # Core ML feature names cannot hold dots: every name is the `identifier` of the contract's name
         # (new dicts: decode and prefill share their state entries).

@@ -25,8 +25,9 @@ _ELEMENTWISE = frozenset({
 })
 
 # Graphs -----------------------------------------------------------------------------------------
-def _graphs(model: Griffin, chunk: int, state_dtype: str) -> dict[str, tuple[Any, tuple]]:
-    """The torch modules to trace, with example inputs: {function: (module, example inputs)}."""
+def _graphs(model: Griffin, chunk: int, state_dtype: str, last_only: bool = False) -> dict[str, tuple[Any, tuple]]:
+    """The torch modules to trace, with example inputs: {function: (module, example inputs)}. `last_only`:
+    prefill returns the chunk's last logits alone."""
     import torch
     from torch import nn
 
@@ -49,7 +50,8 @@ def _graphs(model: Griffin, chunk: int, state_dtype: str) -> dict[str, tuple[Any
             if self.decode:
                 tokens = tokens[:, None]
             named = {s.name: t for s, t in zip(specs, state)}
-            logits, new = self.model.forward(tokens.to(torch.long), position, named)
+            logits, new = self.model.forward(tokens.to(torch.long), position, named,
+                                             last_only and not self.decode)
             return (logits[:, 0] if self.decode else logits, *[new[s.name] for s in specs])
 
     position = torch.zeros(1, dtype=torch.int32)
@@ -58,7 +60,8 @@ def _graphs(model: Griffin, chunk: int, state_dtype: str) -> dict[str, tuple[Any
         return {
             "decode": (StatefulDecode(model, assign_slices=True, state_dtype=torch.float16).eval(),
                        (token, position)),
-            "prefill": (StatefulModel(model, assign_slices=True, state_dtype=torch.float16).eval(),
+            "prefill": (StatefulModel(model, assign_slices=True, state_dtype=torch.float16,
+                                      prefill_last_only=last_only).eval(),
                         (tokens, position)),
         }
     zeros = tuple(torch.zeros(s.shape) for s in specs)

@@ -159,7 +159,7 @@ class ExecuTorchBackend(Backend):
         if ctx.stream is not None and ctx.recipe != "int4":
             raise RgexportError(f"ExecuTorch streams the weights for int4 only, not {ctx.recipe}; leave "
                                 "stream_weights out or set it false")
-        stateful = StatefulModel(model).eval()
+        stateful = StatefulModel(model, prefill_last_only=ctx.prefill_last_only).eval()
         stateful.requires_grad_(False)
         # Decode writes one row of each K/V cache (`index_put`, made in place by `lower`'s reinplace pass),
         # before any recipe captures a graph: the PT2E recipes' captured graphs get it too.
@@ -521,7 +521,8 @@ class ExecuTorchBackend(Backend):
 
     def io_contract(self, ctx: BuildContext) -> dict[str, Any]:
         specs = self.state_specs(ctx)
-        contract = standard_io_contract(ctx.config, ctx.prefill_chunk, specs, placement="internal")
+        contract = standard_io_contract(ctx.config, ctx.prefill_chunk, specs, placement="internal",
+                                        prefill_logits=ctx.prefill_logits)
         methods = contract["methods"]
         # decode is the prefill graph with a chunk of one: tokens [1, 1] in, logits [1, 1, v] out.
         methods["decode"]["inputs"][0] = tensor_io("tokens", [1, 1], "int32")

@@ -197,7 +197,8 @@ class OnnxBackend(Backend):
             graphs.base_dir = Path(ctx.work_dir) / EXPORT_SCRATCH
             graphs.base_dir.mkdir(parents=True, exist_ok=True)
         seconds, fused = {}, {}
-        modules = {"decode": DecodeIO(prepared), "prefill": PrefillIO(prepared, ctx.prefill_chunk)}
+        modules = {"decode": DecodeIO(prepared),
+                   "prefill": PrefillIO(prepared, ctx.prefill_chunk, ctx.prefill_last_only)}
         programs = {}
         for method, module in modules.items():
             module.eval()
@@ -408,7 +409,8 @@ class OnnxBackend(Backend):
     def io_contract(self, ctx: BuildContext) -> dict[str, Any]:
         from rgexport.model import state_spec
 
-        return standard_io_contract(ctx.config, ctx.prefill_chunk, state_spec(ctx.config, 1), placement="io")
+        return standard_io_contract(ctx.config, ctx.prefill_chunk, state_spec(ctx.config, 1), placement="io",
+                                    prefill_logits=ctx.prefill_logits)
 
     def describe_file(self, path: Path) -> dict[str, Any] | None:
         """A .onnx file's graph summary (`describe_onnx`), read without loading external weights."""

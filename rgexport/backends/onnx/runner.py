@@ -63,8 +63,13 @@ class OnnxRunner(Runner):
         self._states = [[buffer(s, np.float32) for s in self.state_shapes] for _ in range(2)]
         self._token = {"decode": buffer([1], np.int32), "prefill": buffer([1, prefill_chunk], np.int32)}
         self._position = buffer([1], np.int32)
+        # The prefill graph returns [1, chunk, v], or [1, 1, v] where it was built for the last logits alone.
+        self.prefill_rows = int(outputs["prefill"]["logits"].shape[1])
+        if self.prefill_rows not in (1, prefill_chunk):
+            raise RgexportError(f"{self.paths['prefill'].name} returns {self.prefill_rows} rows of logits for a chunk "
+                                f"of {prefill_chunk}")
         self._logits = {"decode": buffer([1, self.vocab_size], np.float32),
-                        "prefill": buffer([1, prefill_chunk, self.vocab_size], np.float32)}
+                        "prefill": buffer([1, self.prefill_rows, self.vocab_size], np.float32)}
         self._bindings = {}
         for method, session in self.sessions.items():
             for parity in (0, 1):

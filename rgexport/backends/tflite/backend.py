@@ -170,7 +170,7 @@ class TFLiteBackend(Backend):
             raise RgexportError(f"prefill_chunk {chunk} must be between 1 and the attention window {window}")
         if any(p.dtype != torch.float32 for p in prepared.parameters()):
             raise RgexportError("The TFLite backend converts a float32 model; recipes quantise afterwards")
-        signatures = _signatures(prepared, chunk)
+        signatures = _signatures(prepared, chunk, ctx.prefill_last_only)
         converter = converter_for(litert_torch, signatures)
         start = time.perf_counter()
         with torch.no_grad():
@@ -198,7 +198,7 @@ class TFLiteBackend(Backend):
 
         litert_torch = self.require("litert_torch")
         self.require("ai_edge_litert.interpreter")
-        signatures = _signatures(prepared, ctx.prefill_chunk)
+        signatures = _signatures(prepared, ctx.prefill_chunk, ctx.prefill_last_only)
         with runtime_activations(prepared):
             probe = eager_probe(signatures, ctx)
         converter = converter_for(litert_torch, signatures)
@@ -372,7 +372,8 @@ class TFLiteBackend(Backend):
     def io_contract(self, ctx: BuildContext) -> dict[str, Any]:
         """The standard functional contract with each tensor's LiteRT signature name added."""
         specs = state_spec(ctx.config, 1)
-        contract = standard_io_contract(ctx.config, ctx.prefill_chunk, specs, placement="io")
+        contract = standard_io_contract(ctx.config, ctx.prefill_chunk, specs, placement="io",
+                                        prefill_logits=ctx.prefill_logits)
         for method_name, method in contract["methods"].items():
             method["signature"] = method_name
             for tensor in (*method["inputs"], *method["outputs"]):

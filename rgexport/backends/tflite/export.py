@@ -64,9 +64,9 @@ class _NamedSignature(nn.Module):
     def example_inputs(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.input_names, self.io.example_inputs()))
 
-def _signatures(model: Griffin, chunk: int) -> dict[str, _NamedSignature]:
+def _signatures(model: Griffin, chunk: int, last_only: bool = False) -> dict[str, _NamedSignature]:
     return {"decode": _NamedSignature(DecodeIO(model)).eval(),
-            "prefill": _NamedSignature(PrefillIO(model, chunk)).eval()}
+            "prefill": _NamedSignature(PrefillIO(model, chunk, last_only)).eval()}
 
 def converter_for(litert_torch: Any, signatures: dict[str, _NamedSignature]) -> Any:
     """litert-torch's converter over every signature, each named and with its example inputs."""
