@@ -333,7 +333,8 @@ def bench_artifacts(paths: list[Path], decode_tokens: int = 256, include_hf: boo
     if include_eager:
         entries.append(("eager (rgexport step model)", "eager", "fp32", 4 * config.num_parameters(),
                         lambda: EagerRunner(ckpt.model, chunk), torch.get_num_threads()))
-    names = [f"{m['backend']} / {m['recipe']['name']}" for _, m in loaded]
+    names = [f"{m['backend']} / {m['recipe']['name']}"
+             + (" (prefill: last logits)" if m["io"].get("prefill_logits") == "last" else "") for _, m in loaded]
     # Two artifacts of one backend and recipe (built with other options) are told apart by their folders.
     names = [f"{n} ({Path(f).name})" if names.count(n) > 1 else n for n, (f, _) in zip(names, loaded)]
     for name, (folder, manifest) in zip(names, loaded):

@@ -181,7 +181,7 @@ class BrowserRunner(Runner):
 
     def prefill(self, tokens: Sequence[int], position: int) -> np.ndarray:
         out = self.page.evaluate("([t, p]) => rg.prefill(t, p)", [[int(t) for t in tokens], int(position)])
-        return np.asarray(out, np.float32).reshape(len(tokens), self.vocab)
+        return np.asarray(out, np.float32).reshape(-1, self.vocab)  # [chunk, v], or [1, v]: prefill_logits "last"
 
 
 @contextlib.contextmanager
@@ -261,6 +261,7 @@ def validate_browser(path: str | Path, *, checkpoint: str | None = None, tokens:
                                         [f"/bundle/{art['folder']}/", f"/bundle/{SAMPLE}"])
                 with stages.stage("validate", f"{n} tokens in the page"), stages.bar("validating", n) as advance:
                     runner = BrowserRunner(page, chunk, manifest["model"]["config"]["vocab_size"])
+                    runner.prefill_rows = 1 if manifest["io"].get("prefill_logits") == "last" else chunk
                     report = run_validation(runner, reference, ids, backend=art["backend"], variant="browser",
                                             recipe=recipe["name"], quantized=recipe["quantized"],
                                             progress=advance)

@@ -54,7 +54,7 @@ class BuildOptions:
     force: bool = False
     validate: bool = True
     prefill_chunk: int | None = None
-    prefill_logits: str = "all"  # "last": the prefill graph returns the chunk's last logits alone (graphs.PREFILL_LOGITS)
+    prefill_logits: str = "all"  # "last": prefill returns the chunk's last logits alone (graphs.PREFILL_LOGITS)
     validation_tokens: int | None = None  # None: 4x the attention window
     validation_text: Path | None = None
     calibration: Path | None = None  # text or JSONL for calibrated recipes (default: calibration corpus)

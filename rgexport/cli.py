@@ -541,7 +541,8 @@ def build(
     backend = profile.artifacts[0].backend if profile.source == "backend" else target
     opts = BuildOptions(backend=backend, recipe=recipe, checkpoint=checkpoint, preset=preset, tokenizer=tokenizer,
                         out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
-                        prefill_logits=prefill_logits.value, validation_tokens=tokens, validation_text=text, calibration=calibration,
+                        prefill_logits=prefill_logits.value, validation_tokens=tokens, validation_text=text,
+                        calibration=calibration,
                         random_weights=random_weights, seed=seed, options=parse_options(option or []),
                         log_output=not (verbose or _verbose), judge_quality=judge_quality)
     if profile.source != "backend":

@@ -22,7 +22,6 @@ from rgexport.errors import RgexportError
 from rgexport.model import Griffin, TensorSpec
 from rgexport.model.blocks import RingBuffer
 
-
 PREFILL_LOGITS = ("all", "last")  # what a prefill call returns: every token's logits, or the last token's
 
 

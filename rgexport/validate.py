@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rgexport.backends.base import Runner, prefill_every_row
+from rgexport.backends.base import Runner, last_logits, prefill_every_row
 from rgexport.errors import RgexportError
 from rgexport.logits import Logits, compare_logits, logits_buffer, release
 from rgexport.model import Griffin
@@ -78,7 +78,11 @@ def teacher_forced(runner: Runner, tokens: Sequence[int], on_token: Callable[[],
                 put(i, runner.decode(tokens[i], i))
             runner.reset()
         rows = np.asarray(runner.prefill(tokens[:chunk], 0))
-        put(chunk - len(rows.reshape(-1, rows.shape[-1])), rows)
+        rows = rows.reshape(-1, rows.shape[-1])
+        if len(rows) != (chunk if prefill_every_row(runner) else 1):
+            raise RgexportError(f"prefill returned {len(rows)} rows of logits for a chunk of {chunk}; its manifest's "
+                                "io.prefill_logits says otherwise")
+        put(chunk - len(rows), rows)
         start = chunk
         if on_token:
             for _ in range(chunk):
@@ -94,7 +98,11 @@ def teacher_forced(runner: Runner, tokens: Sequence[int], on_token: Callable[[],
 
 def greedy(runner: Runner, prompt: Sequence[int], steps: int) -> list[int]:
     """Greedy continuation of `prompt` for `steps` tokens."""
-    logits = teacher_forced(runner, prompt)[-1]
+    if prefill_every_row(runner):
+        logits = teacher_forced(runner, prompt)[-1]
+    else:  # the prompt's last logits alone: no decode of the first chunk's other rows
+        runner.reset()
+        logits = last_logits(runner, prompt)
     out = []
     for i in range(steps):
         token = int(np.argmax(logits))

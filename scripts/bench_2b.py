@@ -87,6 +87,7 @@ def from_manifest(folder: Path) -> dict:
         "ideal_bytes": ideal_bytes(params, m["recipe"]["name"], m["backend_facts"].get("onnx_int4_block_size", 32)),
         "stages_s": sum(b["stages_seconds"].values()), "peak_rss_bytes": b["peak_rss_bytes"], "peak_stage": peak_stage,
         "validation": v.get("status", "not run"),
+        "prefill_logits": m["io"].get("prefill_logits", "all"),
         "own_model": {"mean_kl": own["mean_kl"], "top1": own["top1_agreement"]} if own else None,
     }
 
@@ -141,6 +142,8 @@ def table(rows: list[dict], benches: dict[int, dict]) -> str:
         gbs = " / ".join(f"{res[t]['effective_gbs']:.1f}" for t in threads)
         pre = " / ".join(prefill(res[t]) for t in threads)
         mark = " (stand-in runtime)" if stand_in else ""
+        if r.get("prefill_logits") == "last":
+            mark += ", prefill returns the last logits"
         lines.append(f"| {name}{mark} | {ideal} | {fmt_min(wall)} | {peak} | {val} | "
                      f"{res[threads[0]]['bytes'] / 1e6:,.1f} MB | {dec} | {tps} | {gbs} | {pct} | {pre} |")
     return "\n".join(lines)

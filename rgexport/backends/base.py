@@ -61,7 +61,7 @@ class BuildContext:
     work_dir: Path  # the backend writes its artifact files here
     prefill_chunk: int
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # from the target profile
-    prefill_logits: str = "all"  # what prefill returns: "all" tokens' logits or the "last" token's (graphs.PREFILL_LOGITS)
+    prefill_logits: str = "all"  # prefill returns "all" tokens' logits or the "last" one's (graphs.PREFILL_LOGITS)
     calibration_tokens: list[list[int]] | None = None  # tokenised calibration text (calibrated recipes)
     notes: list[str] = dataclasses.field(default_factory=list)  # sentences for the manifest and report
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend-specific manifest fields

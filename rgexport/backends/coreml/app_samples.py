@@ -88,7 +88,8 @@ final class RecurrentGemmaCoreML: StepModel {{
     var chunk: Int {{ Self.prefillChunk }}
 
     func prefillLast(tokens: [Int32], position: Int32) throws -> [Float] {{
-        row(try prefill(tokens: tokens, position: position), Self.prefillChunk - 1)
+        let logits = try prefill(tokens: tokens, position: position)  // [1, chunk, v], or [1, 1, v]: the last row
+        return row(logits, logits.count / Self.vocabSize - 1)
     }}
 
     func decodeLogits(token: Int32, position: Int32) throws -> [Float] {{

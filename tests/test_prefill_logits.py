@@ -1,0 +1,114 @@
+"""`--prefill-logits last`: the prefill graph returns its chunk's last logits alone (the head runs on one row),
+while the state, decode, validation and every consumer of a loaded artifact stay what they were."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rgexport.build import BuildOptions, build
+from rgexport.errors import RgexportError
+from rgexport.runtime import open_artifact
+from rgexport.validate import EagerRunner, teacher_forced
+
+TOKENS = 72  # two of the shipped model's 32-token chunks and a tail through decode
+
+
+def test_model_last_only_is_the_last_row_with_the_same_state(small_model, small_tokens):
+    tokens, position = small_tokens[:, :16], torch.tensor([0])
+    state = small_model.init_state()
+    with torch.no_grad():
+        every, state_every = small_model.prefill(tokens, position, state)
+        last, state_last = small_model.prefill(tokens, position, state, last_only=True)
+    assert every.shape[1] == 16 and last.shape == (1, 1, every.shape[-1])
+    torch.testing.assert_close(last, every[:, -1:], rtol=1e-5, atol=1e-5)
+    assert state_every.keys() == state_last.keys()
+    for name in state_every:
+        assert torch.equal(state_every[name], state_last[name]), name
+
+
+def test_a_bad_value_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(RgexportError, match="prefill logits 'first'.*all.*last"):
+        build(BuildOptions(backend="onnx", out=tmp_path / "x", prefill_logits="first"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_cli_lists_the_values():
+    from rgexport.cli import app
+
+    result = CliRunner().invoke(app, ["build", "--target", "onnx", "--prefill-logits", "first"])
+    assert result.exit_code == 2
+    assert "all" in result.output and "last" in result.output
+
+
+@pytest.fixture(scope="module", params=[("onnx", "fp32"), ("tflite", "fp32"), ("coreml", "fp16")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def last_build(request, tmp_path_factory):
+    backend, recipe = request.param
+    out = tmp_path_factory.mktemp("last") / f"{backend}-{recipe}"
+    return build(BuildOptions(backend=backend, recipe=recipe, out=out, validation_tokens=TOKENS,
+                              prefill_logits="last"))
+
+
+# How far each artifact's logits may lie from float32 eager: float32 graphs, and Core ML's float16 compute.
+TOLERANCE = {"fp32": 2e-3, "fp16": 0.25}
+SAME = {"fp32": 1e-5, "fp16": 1e-3}  # two builds of one graph but for the head's rows (measured: equal)
+
+
+def test_the_artifact_returns_the_last_row_and_validates(last_build, shipped):
+    manifest = last_build.manifest
+    recipe = manifest["recipe"]["name"]
+    assert manifest["validation"]["status"] == "passed"
+    io = manifest["io"]
+    assert io["prefill_logits"] == "last"
+    vocab = shipped.config.vocab_size
+    logits_out = [t for t in io["methods"]["prefill"]["outputs"] if t["name"] == "logits"]
+    assert logits_out[0]["shape"] == [1, 1, vocab]
+
+    from rgexport.tokenizer import Tokenizer
+    from rgexport.validate import heldout_tokens
+
+    tokens = heldout_tokens(Tokenizer(shipped.tokenizer_path), TOKENS)
+    reference = EagerRunner(shipped.model, 32)
+    want = teacher_forced(reference, tokens)
+    with open_artifact(last_build.out) as art:
+        chunk = art.prefill_chunk
+        assert (art.prefill_logits, art.prefill_rows) == ("last", 1)
+        art.reset()
+        rows = art.prefill(tokens[:chunk], 0)
+        assert rows.shape == (1, vocab)
+        assert np.abs(rows[0] - want[chunk - 1]).max() < TOLERANCE[recipe]
+        # Every token's logits: through decode, as the prefill graph has the last row only.
+        every = art.feed(tokens, 0)
+        assert every.shape == (len(tokens), vocab)
+        assert np.abs(every - want).max() < TOLERANCE[recipe]
+        # What generation reads: whole chunks through prefill, then decode.
+        last = art.last_logits(tokens, 0)
+        assert last.shape == (vocab,)
+        assert np.abs(last - want[-1]).max() < TOLERANCE[recipe]
+        # Validation's teacher forcing gives every row, the chunk's first rows by decode.
+        forced = np.asarray(teacher_forced(art, tokens))
+        assert np.abs(forced - want).max() < TOLERANCE[recipe]
+
+
+def test_the_prefill_row_is_the_all_build_s_last_row(last_build, shipped_build, shipped):
+    """Against the same backend's build with every row (the session's shipped builds): the same graph but
+    for the head's rows, so the same numbers."""
+    manifest = last_build.manifest
+    backend, recipe = manifest["backend"], manifest["recipe"]["name"]
+    every = shipped_build(backend, recipe)  # built for test_parity in the same session
+    from rgexport.tokenizer import Tokenizer
+    from rgexport.validate import heldout_tokens
+
+    tokens = heldout_tokens(Tokenizer(shipped.tokenizer_path), 32)[:32]
+    with open_artifact(every.out) as a, open_artifact(last_build.out) as b:
+        assert a.prefill_logits == "all" and a.prefill_rows == a.prefill_chunk
+        rows_a = a.prefill(tokens, 0)
+        rows_b = b.prefill(tokens, 0)
+        np.testing.assert_allclose(rows_b[0], rows_a[-1], rtol=0, atol=SAME[recipe])
+        state_a, state_b = a.state(), b.state()
+        assert (state_a is None) == (state_b is None)
+        for name, value in (state_a or {}).items():
+            np.testing.assert_allclose(state_b[name], value, rtol=0, atol=SAME[recipe], err_msg=name)
