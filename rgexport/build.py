@@ -54,7 +54,9 @@ class BuildOptions:
     force: bool = False
     validate: bool = True
     prefill_chunk: int | None = None
-    prefill_logits: str = "all"  # "last": prefill returns the chunk's last logits alone (graphs.PREFILL_LOGITS)
+    # "last": prefill returns the chunk's last logits alone (graphs.PREFILL_LOGITS); None: "all", or a bundle's
+    # profile's own
+    prefill_logits: str | None = None
     validation_tokens: int | None = None  # None: 4x the attention window
     validation_text: Path | None = None
     calibration: Path | None = None  # text or JSONL for calibrated recipes (default: calibration corpus)
@@ -130,7 +132,7 @@ def build(opts: BuildOptions, stages: Stages | None = None, checkpoint: Checkpoi
     backend = get_backend(opts.backend)
     recipe_name = backend.resolve_recipe(opts.recipe) if opts.recipe else backend.default_recipe
     backend.check_options(opts.options)
-    prefill_last_only(opts.prefill_logits)  # a bad value is said before anything loads
+    prefill_last_only(opts.prefill_logits or "all")  # a bad value is said before anything loads
     recipe = backend.recipes[recipe_name]
     out = Path(opts.out) if opts.out else default_out(backend.name, recipe_name)
     if out.exists() and not opts.force:
@@ -274,7 +276,7 @@ def _build_into(work, out, opts, backend, recipe, stages, checkpoint) -> BuildRe
     if not 1 <= chunk <= config.attention_window_size:
         raise RgexportError(f"--prefill-chunk must be between 1 and the window ({config.attention_window_size})")
     ctx = BuildContext(config=config, recipe=recipe.name, work_dir=work, prefill_chunk=chunk,
-                       options=dict(opts.options), stream=stream, prefill_logits=opts.prefill_logits)
+                       options=dict(opts.options), stream=stream, prefill_logits=opts.prefill_logits or "all")
     if recipe.calibrated:
         from rgexport.calibrate import calibration_token_sequences
 

@@ -164,7 +164,8 @@ def _build_fitting(profile: TargetProfile, opts: BuildOptions, config: Any, ckpt
             recipe = tries[0]
             folder = work / f"{spec.backend}-{recipe}"
             sub = dataclasses.replace(opts, backend=spec.backend, recipe=recipe, out=folder, force=False,
-                                      options={**spec.options, **opts.options})
+                                      options={**spec.options, **opts.options},
+                                      prefill_logits=opts.prefill_logits or profile.prefill_logits)
             key = folder.name if folder.name not in {c.key for c in cells} else f"{folder.name}#{len(cells) + 1}"
             index[key] = i
             cells.append(Cell(key, build_cell, (sub,), out=folder,

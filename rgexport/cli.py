@@ -502,10 +502,10 @@ def build(
     force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     validate: Annotated[bool, typer.Option(help="Validate in the runtime (default).")] = True,
     prefill_chunk: Annotated[int | None, typer.Option(min=1, help="Tokens per prefill call.")] = None,
-    prefill_logits: Annotated[PrefillLogits, typer.Option(
-        help="What prefill returns: every token's logits (all: scoring, perplexity), or the chunk's last token's "
-        "(last: all that generation reads; the head runs on one row, prefill is faster). With last, `evaluate` "
-        "and validation score every token through decode.")] = PrefillLogits.all,
+    prefill_logits: Annotated[PrefillLogits | None, typer.Option(
+        help="What prefill returns: every token's logits (all: scoring, perplexity; a backend's default), or the "
+        "chunk's last token's (last: all that generation reads; the head runs on one row, prefill is faster; the "
+        "app profiles' default). With last, validation gets a chunk's other rows through decode.")] = None,
     tokens: TokensOpt = None,
     text: TextOpt = None,
     calibration: Annotated[Path | None, typer.Option(help="Calibration text or JSONL (calibrated recipes).")]
@@ -541,8 +541,8 @@ def build(
     backend = profile.artifacts[0].backend if profile.source == "backend" else target
     opts = BuildOptions(backend=backend, recipe=recipe, checkpoint=checkpoint, preset=preset, tokenizer=tokenizer,
                         out=out_dir, force=force, validate=validate, prefill_chunk=prefill_chunk,
-                        prefill_logits=prefill_logits.value, validation_tokens=tokens, validation_text=text,
-                        calibration=calibration,
+                        prefill_logits=prefill_logits.value if prefill_logits else None, validation_tokens=tokens,
+                        validation_text=text, calibration=calibration,
                         random_weights=random_weights, seed=seed, options=parse_options(option or []),
                         log_output=not (verbose or _verbose), judge_quality=judge_quality)
     if profile.source != "backend":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rgexport.errors import RgexportError
+from rgexport.graphs import PREFILL_LOGITS
 
 PLATFORMS = ("ios", "android", "linux", "web")
 
@@ -32,6 +33,8 @@ class TargetProfile:
     memory_budget_mb: float | None
     artifacts: tuple[ArtifactSpec, ...]
     source: str  # file path, or "backend"
+    # What its artifacts' prefill returns ("all", "last": graphs.PREFILL_LOGITS); None: the build's default.
+    prefill_logits: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -67,8 +70,12 @@ def _parse(data: dict[str, Any], source: str) -> TargetProfile:
     budget = data.get("memory_budget_mb")
     if budget is not None and (not isinstance(budget, int | float) or budget <= 0):
         raise RgexportError(f"target profile {source}: memory_budget_mb must be a positive number")
+    prefill_logits = data.get("prefill_logits")
+    if prefill_logits is not None and prefill_logits not in PREFILL_LOGITS:
+        raise RgexportError(f"target profile {source}: prefill_logits {prefill_logits!r}, expected one of "
+                            f"{list(PREFILL_LOGITS)}")
     return TargetProfile(name, str(data.get("description", "")), platform, data.get("min_runtime"), budget,
-                         tuple(specs), source)
+                         tuple(specs), source, prefill_logits)
 
 
 def load_profile(path: str | Path) -> TargetProfile:

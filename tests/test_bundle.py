@@ -3,6 +3,7 @@ files and archive path escapes are caught and named."""
 
 from __future__ import annotations
 
+import json
 import zipfile
 
 import pytest
@@ -20,6 +21,7 @@ description = "one ONNX artifact, for tests"
 platform = "linux"
 min_runtime = "onnxruntime 1.20"
 memory_budget_mb = 4096
+prefill_logits = "last"
 
 [[artifacts]]
 backend = "onnx"
@@ -43,6 +45,8 @@ def test_bundle_layout_and_validation(bundle):
     assert not list(out.parent.glob(".bundle-edge.partial-*"))
     listed = {f["path"] for f in bundle.manifest["files"]}
     assert "onnx-fp32/manifest.json" in listed and "tokenizer.model" in listed
+    # The profile's prefill_logits reaches its artifact's build
+    assert json.loads((out / "onnx-fp32" / "manifest.json").read_text())["io"]["prefill_logits"] == "last"
     result = validate_bundle(out, tokens=128)
     assert result["passed"], result
     assert result["artifacts"][0]["peak_rss_bytes"] > 0

@@ -112,3 +112,14 @@ def test_the_prefill_row_is_the_all_build_s_last_row(last_build, shipped_build, 
         assert (state_a is None) == (state_b is None)
         for name, value in (state_a or {}).items():
             np.testing.assert_allclose(state_b[name], value, rtol=0, atol=SAME[recipe], err_msg=name)
+
+
+def test_a_profile_sets_it_and_refuses_a_bad_value(tmp_path):
+    from rgexport.profiles import load_profile, resolve_target
+
+    assert {resolve_target(name).prefill_logits for name in ("ios", "android", "web", "linux-arm64")} == {"last"}
+    assert resolve_target("onnx").prefill_logits is None  # one backend: the build's default, all
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\nprefill_logits = "first"\n[[artifacts]]\nbackend = "onnx"\n')
+    with pytest.raises(RgexportError, match="prefill_logits 'first'"):
+        load_profile(bad)
