@@ -32,9 +32,8 @@ import torch
 
 from rgexport.backends import BuildContext, get_backend
 from rgexport.checkpoint import SHIPPED_SOURCE, Checkpoint, load_checkpoint
-from rgexport.config import is_small
+from rgexport.config import is_small, prefill_last_only
 from rgexport.errors import RgexportError
-from rgexport.graphs import prefill_last_only
 from rgexport.logs import captured
 from rgexport.manifest import file_entries, now, rgexport_version, write_manifest
 from rgexport.memory import forget_last_export, release_freed
@@ -54,7 +53,7 @@ class BuildOptions:
     force: bool = False
     validate: bool = True
     prefill_chunk: int | None = None
-    # "last": prefill returns the chunk's last logits alone (graphs.PREFILL_LOGITS); None: "all", or a bundle's
+    # "last": prefill returns the chunk's last logits alone (config.PREFILL_LOGITS); None: "all", or a bundle's
     # profile's own
     prefill_logits: str | None = None
     validation_tokens: int | None = None  # None: 4x the attention window

@@ -251,7 +251,7 @@ TextOpt = Annotated[Path | None, typer.Option(help="The held-out text file (defa
 
 
 class PrefillLogits(enum.StrEnum):
-    """What a built artifact's prefill call returns (`rgexport.graphs.PREFILL_LOGITS`)."""
+    """What a built artifact's prefill call returns (`rgexport.config.PREFILL_LOGITS`)."""
 
     all = "all"
     last = "last"

@@ -14,7 +14,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rgexport.errors import ConfigError
+from rgexport.errors import ConfigError, RgexportError
+
+# What a built artifact's prefill call returns: every token's logits, or the last token's (`--prefill-logits`).
+PREFILL_LOGITS = ("all", "last")
+
+
+def prefill_last_only(prefill_logits: str) -> bool:
+    """Whether a build's prefill graph returns the last token's logits alone (`graphs.PrefillIO(last_only=)`)."""
+    if prefill_logits not in PREFILL_LOGITS:
+        raise RgexportError(f"prefill logits {prefill_logits!r}: expected one of {list(PREFILL_LOGITS)} (all: every "
+                            "token's logits, as scoring needs; last: the last token's, all that generation reads)")
+    return prefill_logits == "last"
 
 RECURRENT = "recurrent"
 ATTENTION = "attention"

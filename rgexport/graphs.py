@@ -18,19 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rgexport.errors import RgexportError
 from rgexport.model import Griffin, TensorSpec
 from rgexport.model.blocks import RingBuffer
-
-PREFILL_LOGITS = ("all", "last")  # what a prefill call returns: every token's logits, or the last token's
-
-
-def prefill_last_only(prefill_logits: str) -> bool:
-    """Whether a build's prefill graph returns the last token's logits alone (`--prefill-logits`)."""
-    if prefill_logits not in PREFILL_LOGITS:
-        raise RgexportError(f"prefill logits {prefill_logits!r}: expected one of {list(PREFILL_LOGITS)} (all: every "
-                            "token's logits, as scoring needs; last: the last token's, all that generation reads)")
-    return prefill_logits == "last"
 
 
 class RowPutRingBuffer(RingBuffer):
@@ -87,7 +76,7 @@ class DecodeIO(nn.Module):
 
 class PrefillIO(DecodeIO):
     """(tokens [1, chunk] int32, position [1] int32, *state) -> (logits [1, chunk, v], *new_state); with
-    `last_only`, logits [1, 1, v] for the chunk's last token (`PREFILL_LOGITS`)."""
+    `last_only`, logits [1, 1, v] for the chunk's last token (`config.PREFILL_LOGITS`)."""
 
     def __init__(self, model: Griffin, chunk: int, last_only: bool = False):
         super().__init__(model)

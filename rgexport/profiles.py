@@ -11,8 +11,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from rgexport.config import PREFILL_LOGITS
 from rgexport.errors import RgexportError
-from rgexport.graphs import PREFILL_LOGITS
 
 PLATFORMS = ("ios", "android", "linux", "web")
 
@@ -33,7 +33,7 @@ class TargetProfile:
     memory_budget_mb: float | None
     artifacts: tuple[ArtifactSpec, ...]
     source: str  # file path, or "backend"
-    # What its artifacts' prefill returns ("all", "last": graphs.PREFILL_LOGITS); None: the build's default.
+    # What its artifacts' prefill returns ("all", "last": config.PREFILL_LOGITS); None: the build's default.
     prefill_logits: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from rgexport.config import GriffinConfig
+from rgexport.config import GriffinConfig, prefill_last_only
 from rgexport.errors import MissingDependencyError, RgexportError
-from rgexport.graphs import input_name, output_name, prefill_last_only
+from rgexport.graphs import input_name, output_name
 from rgexport.model import Griffin, TensorSpec
 
 # The one recipe vocabulary: name -> what it means on every backend that offers it.
@@ -61,7 +61,7 @@ class BuildContext:
     work_dir: Path  # the backend writes its artifact files here
     prefill_chunk: int
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # from the target profile
-    prefill_logits: str = "all"  # prefill returns "all" tokens' logits or the "last" one's (graphs.PREFILL_LOGITS)
+    prefill_logits: str = "all"  # prefill returns "all" tokens' logits or the "last" one's (config.PREFILL_LOGITS)
     calibration_tokens: list[list[int]] | None = None  # tokenised calibration text (calibrated recipes)
     notes: list[str] = dataclasses.field(default_factory=list)  # sentences for the manifest and report
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend-specific manifest fields
