@@ -120,3 +120,32 @@ def test_a_profile_sets_it_and_refuses_a_bad_value(tmp_path):
     bad.write_text('name = "bad"\nprefill_logits = "first"\n[[artifacts]]\nbackend = "onnx"\n')
     with pytest.raises(RgexportError, match="prefill_logits 'first'"):
         load_profile(bad)
+
+
+def test_the_device_runner_gets_every_row_from_the_manifest(last_build, shipped, tmp_path):
+    """The emulated-device runner (`rgexport.emulate`'s script: a separate process with only the manifest) reads
+    io.prefill_logits and gets every row as validation does, the first chunk's other rows through decode."""
+    import subprocess
+    import sys
+
+    from rgexport import emulate
+    from rgexport.tokenizer import Tokenizer
+    from rgexport.validate import heldout_tokens
+
+    if last_build.manifest["backend"] not in ("onnx", "tflite"):
+        pytest.skip("the device runner drives ONNX Runtime and LiteRT artifacts")
+    tokens = heldout_tokens(Tokenizer(shipped.tokenizer_path), TOKENS)
+    with open_artifact(last_build.out) as art:
+        want = np.asarray(teacher_forced(art, tokens))
+        want_state = art.state()
+    tok, out = tmp_path / "tokens.npy", tmp_path / "out.npz"
+    np.save(tok, np.asarray(tokens, np.int32))
+    proc = subprocess.run([sys.executable, str(emulate.RUNNER_SCRIPT), str(last_build.out), str(tok), str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(out) as z:
+        got = {k: z[k] for k in z.files}
+    np.testing.assert_array_equal(got["logits"], want)
+    states = emulate.states_of(got)
+    for name, value in want_state.items():
+        np.testing.assert_array_equal(states[name].reshape(value.shape), value)
