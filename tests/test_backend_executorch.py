@@ -744,6 +744,9 @@ def int4_gather4(small_config, random_model, tmp_path_factory):
     return get
 
 
+# Slow: its lowering with the weights freed is the default run's longest test (159-209 s); the freeing runs in every
+# 2B ExecuTorch int4 build, and `-m slow` runs this byte-for-byte check.
+@pytest.mark.slow
 def test_int4_weights_freed_once_serialized_write_the_same_program(int4_gather4):
     """A build that holds the quantised model nowhere else (`disposable_weights`) frees each int8 weight as soon
     as XNNPACK has serialized it, in every program on it (the model's own torchao tensors included), and
