@@ -136,7 +136,7 @@ def feed(runner: Runner, tokens: Sequence[int], position: int = 0, every_token: 
     """
     out = []
     i = 0
-    chunk = runner.prefill_chunk if every_token is False or prefill_every_row(runner) else 1
+    chunk = runner.prefill_chunk if not every_token or prefill_every_row(runner) else 1
     while len(tokens) - i >= chunk > 1:
         out.append(runner.prefill(tokens[i : i + chunk], position + i))
         i += chunk
