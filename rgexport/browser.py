@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rgexport.backends.base import Runner
+from rgexport.backends.base import Runner, manifest_prefill_rows
 from rgexport.errors import RgexportError
 
 ORT_WEB_ENV = "RGEXPORT_ORT_WEB"  # a folder holding onnxruntime-web's dist files (default: web/node_modules)
@@ -261,7 +261,7 @@ def validate_browser(path: str | Path, *, checkpoint: str | None = None, tokens:
                                         [f"/bundle/{art['folder']}/", f"/bundle/{SAMPLE}"])
                 with stages.stage("validate", f"{n} tokens in the page"), stages.bar("validating", n) as advance:
                     runner = BrowserRunner(page, chunk, manifest["model"]["config"]["vocab_size"])
-                    runner.prefill_rows = 1 if manifest["io"].get("prefill_logits") == "last" else chunk
+                    runner.prefill_rows = manifest_prefill_rows(manifest["io"])
                     report = run_validation(runner, reference, ids, backend=art["backend"], variant="browser",
                                             recipe=recipe["name"], quantized=recipe["quantized"],
                                             progress=advance)

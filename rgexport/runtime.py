@@ -278,6 +278,7 @@ def load_runner(backend: Any, folder: Path, manifest: dict[str, Any], **kwargs: 
         raise RgexportError(f"{backend.name} could not load {Path(folder) / manifest['artifact']['file']}: "
                             f"{type(e).__name__}: {sentence(first_line(e))}; rebuild the artifact") from e
     if getattr(runner, "prefill_rows", None) is None:  # a runner that does not read it from its graph
-        last = manifest.get("io", {}).get("prefill_logits") == "last"
-        runner.prefill_rows = 1 if last else runner.prefill_chunk
+        from rgexport.backends.base import manifest_prefill_rows
+
+        runner.prefill_rows = manifest_prefill_rows(manifest["io"])
     return runner

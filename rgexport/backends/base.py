@@ -122,6 +122,12 @@ class Runner(abc.ABC):
         return {}
 
 
+def manifest_prefill_rows(io: dict[str, Any]) -> int:
+    """Rows of logits a prefill call returns, from a manifest's `io`: 1 where `prefill_logits` is "last", else the
+    chunk (a manifest from before the field means every row)."""
+    return 1 if prefill_last_only(io.get("prefill_logits", "all")) else int(io["prefill_chunk"])
+
+
 def prefill_every_row(runner: Runner) -> bool:
     """Whether `runner.prefill` returns a row of logits for every token of its chunk."""
     return runner.prefill_rows in (None, runner.prefill_chunk)
