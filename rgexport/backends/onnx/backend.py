@@ -288,6 +288,10 @@ class OnnxBackend(Backend):
             elif ctx.recipe == "int8":
                 self.require("onnxruntime")
                 proto = q.quantize_int8(proto, large=large)
+                q.int8_head_as_qgemm(proto)
+                if q.dequantised_tied_heads(proto):
+                    raise RgexportError("int8: the tied head was not rewritten as QGemm over the quantised table; "
+                                        "it would transpose and dequantise the whole table on every call")
                 tied = 0
             elif ctx.recipe == "w8a8":
                 self.require("onnxruntime")
@@ -329,7 +333,7 @@ class OnnxBackend(Backend):
                 prop.key, prop.value = key, value
             lowered[method] = proto
             ctx.facts.setdefault("onnx_head", {})[method] = "gemm_transB_tied" if tied else (
-                "quantized_once_for_gather_and_head" if ctx.recipe == "int4" else "transpose_of_embedding")
+                "quantized_once_for_gather_and_head" if ctx.recipe in ("int4", "int8") else "transpose_of_embedding")
         if ctx.recipe == "w8a8":
             ctx.notes.append(W8A8_NOTE.format(method=ctx.facts["onnx_w8a8"]["decode"]["calibration_method"]))
         return lowered

@@ -370,6 +370,98 @@ def quantize_int8(model, large: bool = False, signed_weights: bool = False):
         return onnx.load(out)
 
 
+def dequantised_tied_heads(model) -> list[tuple[Any, Any, list, Any]]:
+    """(Transpose, DequantizeLinear, MatMul users, E_q) for each `MatMul(x, DequantizeLinear(Transpose(E_q)))`:
+    the head `quantize_dynamic` leaves when the embedding Gather shares E (it quantises E once, then the head
+    transposes and dequantises the whole table on every call)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers = _consumers(graph)
+    found = []
+    for node in graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
+            continue
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        users = consumers[node.output[0]]
+        if perm not in ([[1, 0]], []) or len(users) != 1 or users[0].op_type != "DequantizeLinear":
+            continue
+        dq = users[0]
+        if list(dq.input).index(node.output[0]) != 0 or any(i not in inits for i in dq.input[1:]):
+            continue
+        if any(inits[i].dims for i in dq.input[1:]):  # per-axis scales or zero points: not this pattern
+            continue
+        matmuls = consumers[dq.output[0]]
+        if matmuls and all(m.op_type == "MatMul" and list(m.input).index(dq.output[0]) == 1 for m in matmuls):
+            found.append((node, dq, matmuls, inits[node.input[0]]))
+    return found
+
+
+def int8_head_as_qgemm(model) -> int:
+    """Rewrites the int8 head `MatMul(x, DequantizeLinear(Transpose(E_q)))` as an integer Gemm over E_q in
+    place: `DynamicQuantizeLinear(x) -> Reshape -> QGemm(x_q, E_q, transB=1) -> Reshape` (in place).
+
+    `quantize_dynamic` quantises the tied table once (the embedding Gather reads rows of it, then
+    dequantises them), but leaves the head as Transpose + DequantizeLinear of the whole table and a float
+    MatMul: every decode step copies the table twice, as uint8 and as float32 (3.3 GB at RecurrentGemma-2B).
+    ONNX Runtime's `QGemm` (com.microsoft) reads E_q transposed in place and, without an output scale,
+    returns float; the activations are quantised per call (uint8, per tensor) as every other matmul of
+    the int8 recipe already does. Returns the number of heads rewritten.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    taken = _all_names(graph)
+    new_nodes: dict[int, list] = {}
+    dead: set[int] = set()
+    gone: set[str] = set()  # the table's transposed and dequantised copies
+    for transpose, dq, matmuls, emb in dequantised_tied_heads(model):
+        shapes = [(_shape_of(graph, m.input[0]), _shape_of(graph, m.output[0])) for m in matmuls]
+        if any(x is None or y is None for x, y in shapes):
+            continue  # dynamic shapes: leave the head as it is
+        vocab, width = emb.dims
+        scale, zero_point = dq.input[1], dq.input[2] if len(dq.input) > 2 else ""
+        if not zero_point:
+            raise RgexportError(f"{emb.name}: a dequantised head without a zero point; expected uint8 from "
+                                "quantize_dynamic")
+        for matmul, (x_shape, y_shape) in zip(matmuls, shapes):
+            x, y = matmul.input[0], matmul.output[0]
+            rows = int(np.prod(x_shape[:-1]))
+            x_q, x_scale, x_zero = (_unique_name(taken, f"{x}_{s}") for s in ("quantized", "scale", "zero_point"))
+            x2d, y2d = _unique_name(taken, f"{x}_quantized_2d"), _unique_name(taken, f"{y}_2d")
+            shape_in = _unique_name(taken, f"{y}_qgemm_in_shape")
+            shape_out = _unique_name(taken, f"{y}_qgemm_out_shape")
+            graph.initializer.extend([
+                numpy_helper.from_array(np.array([rows, width], np.int64), shape_in),
+                numpy_helper.from_array(np.array(y_shape, np.int64), shape_out),
+            ])
+            graph.value_info.extend([
+                helper.make_tensor_value_info(x2d, TensorProto.UINT8, [rows, width]),
+                helper.make_tensor_value_info(y2d, TensorProto.FLOAT, [rows, vocab]),
+            ])
+            name = matmul.name or y
+            new_nodes[id(matmul)] = [
+                helper.make_node("DynamicQuantizeLinear", [x], [x_q, x_scale, x_zero],
+                                 name=_unique_name(taken, f"{name}_quantize")),
+                helper.make_node("Reshape", [x_q, shape_in], [x2d], name=_unique_name(taken, f"{name}_in")),
+                helper.make_node("QGemm", [x2d, x_scale, x_zero, emb.name, scale, zero_point], [y2d],
+                                 name=_unique_name(taken, f"{name}_qgemm"), domain="com.microsoft", transB=1),
+                helper.make_node("Reshape", [y2d, shape_out], [y], name=_unique_name(taken, f"{name}_out")),
+            ]
+        dead.update((id(transpose), id(dq)))
+        gone.update((transpose.output[0], dq.output[0]))
+    if new_nodes:
+        nodes = [n for node in graph.node if id(node) not in dead for n in new_nodes.get(id(node), [node])]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        kept = [vi for vi in graph.value_info if vi.name not in gone]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(new_nodes)
+
+
 def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, base_dir: str | Path | None = None,
                   accuracy_level: int = 0):
     """4-bit symmetric block quantisation of every 2-D MatMul weight (`MatMulNBits`) and the embedding.
