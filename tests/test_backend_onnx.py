@@ -136,19 +136,32 @@ def test_exported_graphs_restate_no_initializer_shapes(exported):
         assert inits and not inits & {vi.name for vi in proto.graph.value_info}
 
 
+def ort_quantize_dynamic(proto):
+    """ONNX Runtime's own dynamic quantisation with the int8 recipe's settings: the reference that
+    `quantize_int8` (which reads one tensor at a time) is checked against."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(proto, out, weight_type=QuantType.QUInt8, per_channel=False)
+        return onnx.load(out)
+
+
 def test_quantize_dynamic_handles_gemm_once_initializer_value_info_is_dropped(tmp_path):
     """Root cause of '[ShapeInferenceError] ... differ in dimension 0: (128) vs (192)'.
 
     A 2-D Linear exports as Gemm(transB=1); ORT's dynamic quantiser rewrites it as MatMul by transposing
     the weight in place under the same name, so the exporter's value_info for that initializer goes stale.
     """
-    from rgexport.backends.onnx.recipes import drop_initializer_value_info, quantize_int8
+    from rgexport.backends.onnx.recipes import drop_initializer_value_info
 
     mlp = torch.nn.Sequential(torch.nn.Linear(128, 192), torch.nn.Tanh(), torch.nn.Linear(192, 128)).eval()
     proto = torch.onnx.export(mlp, (torch.zeros(1, 128),), dynamo=True, opset_version=21, verbose=False).model_proto
     assert "Gemm" in {n.op_type for n in proto.graph.node}
     drop_initializer_value_info(proto)
-    quantized = quantize_int8(proto)
+    quantized = ort_quantize_dynamic(proto)
     assert "MatMulInteger" in {n.op_type for n in quantized.graph.node}
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32)
@@ -248,7 +261,7 @@ def test_int8_head_rewrite_keeps_the_dequantised_heads_logits(tmp_path):
     the head's input (uint8, per tensor), the same argmax, and the whole-table Transpose/DequantizeLinear gone."""
     import copy
 
-    from rgexport.backends.onnx.recipes import dequantised_tied_heads, int8_head_as_qgemm, quantize_int8
+    from rgexport.backends.onnx.recipes import dequantised_tied_heads, int8_head_as_qgemm
 
     class Tied(torch.nn.Module):
         def __init__(self):
@@ -262,7 +275,7 @@ def test_int8_head_rewrite_keeps_the_dequantised_heads_logits(tmp_path):
     model = Tied().eval()
     ids = torch.arange(0, 512, 37).reshape(1, -1)
     proto = torch.onnx.export(model, (ids,), dynamo=True, opset_version=21, verbose=False).model_proto
-    quantized = quantize_int8(proto)
+    quantized = ort_quantize_dynamic(proto)
     assert len(dequantised_tied_heads(quantized)) == 1
     rewritten = copy.deepcopy(quantized)
     assert int8_head_as_qgemm(rewritten) == 1
@@ -279,6 +292,66 @@ def test_int8_head_rewrite_keeps_the_dequantised_heads_logits(tmp_path):
     scale = np.abs(before).max()
     assert 0 < np.abs(after - before).max() < 0.02 * scale  # the head's input is quantised now
     np.testing.assert_array_equal(before.argmax(-1), after.argmax(-1))
+
+
+@pytest.mark.parametrize("method", ["decode", "prefill"])
+def test_int8_is_quantize_dynamics_weights_and_graph_read_a_tensor_at_a_time(method, exported, tmp_path):
+    """`quantize_int8` against ONNX Runtime's `quantize_dynamic` (then the same head rewrite) on SMALL's
+    exported graphs: every 8-bit weight, scale and zero point byte for byte the same, the same op census
+    after ONNX Runtime's own optimisation, and the same outputs. From a streamed export (weights as external
+    data in a folder), read in slices that split rows, it gives the same model with its 8-bit tensors moved
+    into that folder."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from rgexport.backends.onnx.recipes import int8_head_as_qgemm, quantize_int8
+
+    proto = exported[method]
+    want = ort_quantize_dynamic(proto)
+    assert int8_head_as_qgemm(want) == 1
+    got = quantize_int8(proto)
+
+    def quantized_tensors(model):
+        """Every 8-bit weight with its scale and zero point, as (dtype, shape, bytes), sorted."""
+        return sorted((t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes())
+                      for t in model.graph.initializer
+                      if t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) or t.name.endswith("_scale"))
+
+    got_w, want_w = quantized_tensors(got), quantized_tensors(want)
+    assert len(got_w) >= 3 * (3 * 6 + 1) and got_w == want_w
+
+    def optimised_ops_and_outputs(model):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ops = sorted(n.op_type for n in onnx.load(tmp_path / "optimised.onnx").graph.node)
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for i in session.get_inputs():
+            shape = [d if isinstance(d, int) else 1 for d in i.shape]
+            feeds[i.name] = (rng.integers(0, 500, shape).astype(np.int64) if "int64" in i.type
+                             else rng.integers(0, 5, shape).astype(np.int32) if "int32" in i.type
+                             else rng.standard_normal(shape).astype(np.float32))
+        return ops, session.run(None, feeds)
+
+    got_ops, got_out = optimised_ops_and_outputs(got)
+    want_ops, want_out = optimised_ops_and_outputs(want)
+    assert got_ops == want_ops
+    for a, b in zip(got_out, want_out):
+        np.testing.assert_array_equal(a, b)
+
+    streamed = copy.deepcopy(proto)
+    convert_model_to_external_data(streamed, all_tensors_to_one_file=True, location="float.bin", size_threshold=1024)
+    onnx.save_model(streamed, tmp_path / "float.onnx")
+    streamed = onnx.load(tmp_path / "float.onnx", load_external_data=False)
+    folder_got = quantize_int8(streamed, base_dir=tmp_path, slice_bytes=1000)  # slices that split rows
+    large = [t for t in folder_got.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert large and all(onnx.external_data_helper.ExternalDataInfo(t).location.startswith("lowered-") or
+                         onnx.external_data_helper.ExternalDataInfo(t).location == "float.bin" for t in large)
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(folder_got, str(tmp_path))
+    for a, b in zip(optimised_ops_and_outputs(folder_got)[1], want_out):
+        np.testing.assert_array_equal(a, b)
 
 
 # Recipes ----------------------------------------------------------------------------------------------

@@ -273,9 +273,9 @@ class OnnxBackend(Backend):
         for method, proto in exported.items():
             inputs = [i.name for i in proto.graph.input]
             outputs = [o.name for o in proto.graph.output]
-            if base_dir is not None and ctx.recipe not in ("fp32", "int4"):
-                # These recipes' passes need every weight in memory (int4 reads tensor by tensor, fp32 copies
-                # the files in `write`); a deep copy of the streamed proto is cheap, then it is loaded.
+            if base_dir is not None and ctx.recipe not in ("fp32", "int4", "int8"):
+                # These recipes' passes need every weight in memory (int4 and int8 read tensor by tensor, fp32
+                # copies the files in `write`); a deep copy of the streamed proto is cheap, then it is loaded.
                 from onnx.external_data_helper import load_external_data_for_model
 
                 proto = copy.deepcopy(proto)
@@ -287,8 +287,9 @@ class OnnxBackend(Backend):
                     proto = q.to_fp16(proto)
             elif ctx.recipe == "int8":
                 self.require("onnxruntime")
-                proto = q.quantize_int8(proto, large=large)
-                q.int8_head_as_qgemm(proto)
+                proto = q.quantize_int8(proto, base_dir=base_dir)
+                if base_dir is not None:
+                    release_freed()  # as int4: its tensors are in the scratch folder now
                 if q.dequantised_tied_heads(proto):
                     raise RgexportError("int8: the tied head was not rewritten as QGemm over the quantised table; "
                                         "it would transpose and dequantise the whole table on every call")

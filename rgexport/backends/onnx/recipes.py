@@ -6,7 +6,8 @@ both are imported inside the functions. What `OnnxBackend.lower` does per recipe
 - fp32: `tie_head_as_gemm`: the output head reads the tied embedding through `Gemm(transB=1)`.
 - fp16: the same, then `to_fp16`: weights and activations in float16 except the RG-LRU, the RMSNorms and
   the position arithmetic; graph inputs and outputs stay float32, so the I/O contract does not change.
-- int8: `quantize_int8`: ONNX Runtime's dynamic quantisation (uint8 weights, uint8 activations per call).
+- int8: `quantize_int8`: dynamic int8 as ONNX Runtime's `quantize_dynamic` writes it (uint8 weights per tensor,
+  uint8 activations per call), a tensor at a time, with the tied head as `QGemm` over the 8-bit table.
 - int4: `quantize_int4`: `MatMulNBits` (4-bit, block 32, symmetric) for every 2-D MatMul, the head
   included, and `GatherBlockQuantized` for the embedding.
 - w8a8: `quantize_w8a8`: static QDQ int8 (calibrated activations) on the MatMul/Gemm of the groups in
@@ -349,25 +350,161 @@ def _quiet_quantizer_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def quantize_int8(model, large: bool = False, signed_weights: bool = False):
-    """ONNX Runtime dynamic quantisation: uint8 weights (per tensor), uint8 activations quantised per call.
+def _float_slices(t, base_dir: str | Path | None, slice_bytes: int) -> Iterator[Any]:
+    """A float32 initializer's values, flat, in order, `slice_bytes` at a time (read alone from its external
+    file when it has one, so a 2.6 GB table is never whole in memory)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
 
-    Unsigned weights by default: with int8 weights and uint8 activations ONNX Runtime's x86 kernels use
+    count = int(np.prod(t.dims)) if t.dims else 1
+    step = max(1, slice_bytes // 4)
+    if t.data_location != TensorProto.EXTERNAL:
+        flat = np.frombuffer(t.raw_data, np.float32) if t.raw_data else numpy_helper.to_array(t).reshape(-1)
+        for start in range(0, count, step):
+            yield flat[start:start + step]
+        return
+    if base_dir is None:
+        raise RgexportError(f"{t.name} is external data and no folder was given to read it from")
+    info = _external_info(t)
+    with open(Path(base_dir) / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        for start in range(0, count, step):
+            yield np.frombuffer(f.read(4 * min(step, count - start)), np.float32)
+
+
+def _quantized_8bit(t, name: str, base_dir: str | Path | None, signed: bool, slice_bytes: int = 64 << 20):
+    """`t` (float32) in 8 bits, per tensor, as ONNX Runtime's `quantize_dynamic` quantises a weight (its own
+    `compute_data_quant_params` and `quantize_nparray`: uint8 asymmetric by default, int8 symmetric with
+    `signed`), computed a slice at a time -> (data, scale, zero point) initializers named after `name`."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
+
+    qtype = TensorProto.INT8 if signed else TensorProto.UINT8
+    rmin, rmax = np.float32(np.inf), np.float32(-np.inf)
+    for part in _float_slices(t, base_dir, slice_bytes):
+        rmin, rmax = min(rmin, part.min()), max(rmax, part.max())
+    zero_point, scale = compute_data_quant_params(np.zeros(1, np.float32), qtype, signed,
+                                                  rmin_override=rmin, rmax_override=rmax)
+    data = np.empty(int(np.prod(t.dims)), np.int8 if signed else np.uint8)
+    at = 0
+    for part in _float_slices(t, base_dir, slice_bytes):
+        data[at:at + part.size] = quantize_nparray(qtype, part, scale, zero_point)
+        at += part.size
+    return (numpy_helper.from_array(data.reshape(tuple(t.dims)), f"{name}_quantized"),
+            helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], scale.reshape(-1).tolist()),
+            helper.make_tensor(f"{name}_zero_point", qtype, [], zero_point.reshape(-1).tolist()))
+
+
+def quantize_int8(model, base_dir: str | Path | None = None, signed_weights: bool = False, slice_bytes: int = 64 << 20):
+    """Dynamic int8: every MatMul weight and the embedding table in 8 bits (per tensor), activations quantised
+    per call; returns a new model (`model` is left as it was).
+
+    The graph is what ONNX Runtime's `quantize_dynamic` writes, and the weights are byte for byte its own
+    (tested against it): `DynamicQuantizeLinear` of each MatMul input (once per input), then `MatMulInteger`,
+    `Cast` and `Mul` by the product of the two scales, which ONNX Runtime fuses at load into
+    `DynamicQuantizeMatMul` / `MatMulIntegerToFloat`; an embedding `Gather` reads the 8-bit table and
+    dequantises its rows. Two differences: the tied head reads the 8-bit table in place through `QGemm`
+    (`int8_head_as_qgemm`; `quantize_dynamic` transposes and dequantises the whole table on every call),
+    and a Gather at a fixed index (a Conv1D tap too large to fold, 2B and up) stays float, as in int4.
+
+    Done here rather than by `quantize_dynamic` because that loads every float weight and holds its
+    quantised copies beside them: at RecurrentGemma-2B the build passed 21 GiB and was stopped. This reads
+    one tensor at a time, `slice_bytes` of it at a time (from `base_dir` when the weights are external data:
+    a streamed export) and, with `base_dir`, moves the 8-bit tensors into a file there (`offload_initializers`).
+
+    uint8 weights by default: with int8 weights and uint8 activations ONNX Runtime's x86 kernels use
     VPMADDUBSW, whose 16-bit pair sums saturate on CPUs without VNNI (AVX2): a random 128-192-128 MLP
-    came out 0.19 off (of 0.65) instead of 0.007 with uint8 weights. This is likely why ORT's int8 errors
-    on x86 were about three times those on Arm in FINDINGS.md (0.194 vs 0.059). Per tensor, not per
-    channel: per-channel zero points fail at run time on the RG-LRU gates' 3-D weights ("b zero point is
-    not valid"). The tied embedding is quantised once and shared by the embedding Gather and the head's
-    Transpose (the head then multiplies dequantised weights in float).
+    came out 0.19 off (of 0.65) instead of 0.007 with uint8 weights (FINDINGS.md: x86 int8 errors three
+    times Arm's). Per tensor, not per channel: per-channel zero points fail at run time on the RG-LRU
+    gates' 3-D weights ("b zero point is not valid").
     """
-    onnx = _onnx()
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnx import TensorProto, helper
 
-    with tempfile.TemporaryDirectory(prefix="rgexport-int8-") as tmp, _quiet_quantizer_logs():
-        out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(model, out, weight_type=QuantType.QInt8 if signed_weights else QuantType.QUInt8,
-                         per_channel=False, use_external_data_format=large)
-        return onnx.load(out)
+    model = copy.deepcopy(model)  # with external weights: the graph only
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    floats = {n for n, t in inits.items() if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2}
+    fixed = set(_fixed_index_gathers(model))
+    consumers = _consumers(graph)
+    for node in graph.node:
+        if node.op_type in ("Gemm", "Conv") and any(i in floats for i in node.input[1:2]):
+            raise RgexportError(f"int8: {node.op_type} node {node.name or node.output[0]} has a float weight; this "
+                                "recipe quantises MatMul and Gather weights (the exporter writes linears as MatMul)")
+    taken = _all_names(graph)
+    quantized: dict[str, tuple[Any, Any, Any]] = {}
+
+    def weight(name: str) -> tuple[Any, Any, Any]:
+        if name not in quantized:
+            q, scale, zero = _quantized_8bit(inits[name], name, base_dir, signed_weights, slice_bytes)
+            for t in (q, scale, zero):
+                t.name = _unique_name(taken, t.name)
+            graph.initializer.extend([q, scale, zero])
+            quantized[name] = (q, scale, zero)
+        return quantized[name]
+
+    activations: dict[str, tuple[str, str, str]] = {}
+    out_nodes: list = []
+
+    def quantize_input(name: str) -> tuple[str, str, str]:
+        if name not in activations:
+            names = tuple(_unique_name(taken, f"{name}_{s}") for s in ("quantized", "scale", "zero_point"))
+            out_nodes.append(helper.make_node("DynamicQuantizeLinear", [name], list(names),
+                                              name=_unique_name(taken, f"{name}_QuantizeLinear")))
+            activations[name] = names
+        return activations[name]
+
+    for node in list(graph.node):
+        op, ins, before = node.op_type, list(node.input), len(out_nodes)
+        if op == "MatMul" and len(ins) == 2 and ins[1] in floats and ins[0] not in inits:
+            q, scale, zero = weight(ins[1])
+            a_q, a_scale, a_zero = quantize_input(ins[0])
+            base = node.name or node.output[0]
+            scales, product, cast = (_unique_name(taken, f"{base}_{s}") for s in ("scales", "integer", "float"))
+            out_nodes += [
+                helper.make_node("Mul", [a_scale, scale.name], [scales], name=_unique_name(taken, f"{base}_scales")),
+                helper.make_node("MatMulInteger", [a_q, q.name, a_zero, zero.name], [product],
+                                 name=_unique_name(taken, f"{base}_MatMulInteger")),
+                helper.make_node("Cast", [product], [cast], name=_unique_name(taken, f"{base}_Cast"),
+                                 to=TensorProto.FLOAT),
+                helper.make_node("Mul", [cast, scales], list(node.output), name=_unique_name(taken, f"{base}_Mul")),
+            ]
+        elif op == "Gather" and ins[0] in floats and node.name not in fixed:
+            q, scale, zero = weight(ins[0])
+            rows = _unique_name(taken, f"{node.output[0]}_quantized")
+            out_nodes += [
+                helper.make_node("Gather", [q.name, ins[1]], [rows], name=node.name, axis=next(
+                    (helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)),
+                helper.make_node("DequantizeLinear", [rows, scale.name, zero.name], list(node.output),
+                                 name=_unique_name(taken, f"{node.output[0]}_DequantizeLinear")),
+            ]
+        elif (op == "Transpose" and ins[0] in floats and consumers[node.output[0]]
+              and all(u.op_type == "MatMul" and list(u.input).index(node.output[0]) == 1
+                      for u in consumers[node.output[0]])):
+            # The tied head; int8_head_as_qgemm below replaces this whole-table form.
+            q, scale, zero = weight(ins[0])
+            moved = _unique_name(taken, f"{node.output[0]}_quantized")
+            out_nodes += [
+                helper.make_node("Transpose", [q.name], [moved], name=node.name, perm=[1, 0]),
+                helper.make_node("DequantizeLinear", [moved, scale.name, zero.name], list(node.output),
+                                 name=_unique_name(taken, f"{node.output[0]}_DequantizeLinear")),
+            ]
+        else:
+            out_nodes.append(node)
+            continue
+        for new in out_nodes[before:]:  # keep the provenance on every node that replaces it
+            if not new.metadata_props:
+                new.metadata_props.extend(node.metadata_props)
+    del graph.node[:]
+    graph.node.extend(out_nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used or t.name not in quantized]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    int8_head_as_qgemm(model)
+    if base_dir is not None:
+        offload_initializers(model, base_dir)
+    return model
 
 
 def dequantised_tied_heads(model) -> list[tuple[Any, Any, list, Any]]:
