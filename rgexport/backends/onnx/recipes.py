@@ -478,8 +478,9 @@ def quantize_int8(model, base_dir: str | Path | None = None, signed_weights: boo
                 helper.make_node("DequantizeLinear", [rows, scale.name, zero.name], list(node.output),
                                  name=_unique_name(taken, f"{node.output[0]}_DequantizeLinear")),
             ]
-        elif (op == "Transpose" and ins[0] in floats and consumers[node.output[0]]
-              and all(u.op_type == "MatMul" and list(u.input).index(node.output[0]) == 1
+        elif (op == "Transpose" and ins[0] in floats and len(inits[ins[0]].dims) == 2
+              and [list(a.ints) for a in node.attribute if a.name == "perm"] in ([[1, 0]], [])
+              and consumers[node.output[0]] and all(u.op_type == "MatMul" and list(u.input).index(node.output[0]) == 1
                       for u in consumers[node.output[0]])):
             # The tied head; int8_head_as_qgemm below replaces this whole-table form.
             q, scale, zero = weight(ins[0])
