@@ -344,6 +344,7 @@ def test_int8_is_quantize_dynamics_weights_and_graph_read_a_tensor_at_a_time(met
     onnx.save_model(streamed, tmp_path / "float.onnx")
     streamed = onnx.load(tmp_path / "float.onnx", load_external_data=False)
     folder_got = quantize_int8(streamed, base_dir=tmp_path, slice_bytes=1000)  # slices that split rows
+    assert all(len(t.raw_data) < 1024 for t in folder_got.graph.initializer)  # every large tensor in a file
     large = [t for t in folder_got.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert large and all(onnx.external_data_helper.ExternalDataInfo(t).location.startswith("lowered-") or
                          onnx.external_data_helper.ExternalDataInfo(t).location == "float.bin" for t in large)

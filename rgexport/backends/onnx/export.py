@@ -33,7 +33,7 @@ PROTOBUF_LIMIT = (1 << 31) - (64 << 20)
 
 EXPORT_SCRATCH = "_export"  # streamed exports' graphs and float weights, inside the work folder until `write`
 
-_EXTERNAL_MIN_BYTES = 1024  # tensors smaller than this stay inside the .onnx files
+EXTERNAL_MIN_BYTES = 1024  # tensors smaller than this stay inside the .onnx files
 
 _ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map them
 
@@ -98,7 +98,7 @@ def _typed_bytes(t: Any) -> int:
     return numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data)
 
 # Writing --------------------------------------------------------------------------------------------
-def _append_aligned(f: Any, raw: Any) -> int:
+def append_aligned(f: Any, raw: Any) -> int:
     """Writes `raw` to the open file `f` at its next `_ALIGN` boundary; returns the offset."""
     offset = -f.tell() % _ALIGN + f.tell()
     f.seek(offset)
@@ -106,7 +106,7 @@ def _append_aligned(f: Any, raw: Any) -> int:
     return offset
 
 
-def _point_external(t: Any, location: str, offset: int, length: int) -> None:
+def point_external(t: Any, location: str, offset: int, length: int) -> None:
     """Makes initializer `t` refer to `length` bytes at `offset` of `location` (its own data cleared)."""
     from onnx import TensorProto
 
@@ -119,7 +119,7 @@ def _point_external(t: Any, location: str, offset: int, length: int) -> None:
         entry.key, entry.value = key, value
 
 
-def offload_initializers(model: Any, base_dir: str | Path, min_bytes: int = _EXTERNAL_MIN_BYTES) -> int:
+def offload_initializers(model: Any, base_dir: str | Path, min_bytes: int = EXTERNAL_MIN_BYTES) -> int:
     """Moves every in-memory initializer of at least `min_bytes` into a new file of `base_dir` (in place),
     leaving an external-data reference that `write` reads from there; returns the bytes moved."""
     from onnx import TensorProto
@@ -130,7 +130,7 @@ def offload_initializers(model: Any, base_dir: str | Path, min_bytes: int = _EXT
             if t.data_location == TensorProto.EXTERNAL or len(t.raw_data) < min_bytes:
                 continue
             length = len(t.raw_data)
-            _point_external(t, Path(f.name).name, _append_aligned(f, t.raw_data), length)
+            point_external(t, Path(f.name).name, append_aligned(f, t.raw_data), length)
             moved += length
     return moved
 
@@ -155,7 +155,7 @@ def _save_with_shared_weights(protos: Sequence[Any], paths: Sequence[Path], data
                 if t.data_location == TensorProto.EXTERNAL and base_dir is None:
                     raise RgexportError(f"Tensor {t.name} is already external; write expects weights in memory")
                 raw = _tensor_raw(t, base_dir)
-                if len(raw) < _EXTERNAL_MIN_BYTES:
+                if len(raw) < EXTERNAL_MIN_BYTES:
                     if t.data_location == TensorProto.EXTERNAL:  # small, from a streamed export: inline it
                         del t.external_data[:]
                         t.data_location = TensorProto.DEFAULT
@@ -163,8 +163,8 @@ def _save_with_shared_weights(protos: Sequence[Any], paths: Sequence[Path], data
                     continue
                 key = (t.data_type, len(raw), hashlib.sha256(raw).digest())
                 if key not in where:
-                    where[key] = (_append_aligned(f, raw), len(raw))
-                _point_external(t, data_path.name, *where[key])
+                    where[key] = (append_aligned(f, raw), len(raw))
+                point_external(t, data_path.name, *where[key])
             save_model(proto, str(path))
 
 def convert_to_ort(onnx_paths: Sequence[Path], out_dir: Path, target_platform: str = "arm") -> list[Path]:
@@ -281,7 +281,7 @@ def fill_from_stream(programs: dict[str, Any], stream: Any, base_dir: Path) -> d
                         small[(fqn, transposed)] = t.numpy().copy()
                         continue
                     raw = memoryview(t.numpy()).cast("B")  # the tensor's own bytes: no copy of a 2.6 GB table
-                    where[(fqn, transposed)] = (_append_aligned(f, raw), raw.nbytes, tuple(t.shape))
+                    where[(fqn, transposed)] = (append_aligned(f, raw), raw.nbytes, tuple(t.shape))
                     del raw
 
         take("embedder.", stream.embedder())

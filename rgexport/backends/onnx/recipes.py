@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from rgexport.backends.base import Recipe
-from rgexport.backends.onnx.export import _external_info, offload_initializers
+from rgexport.backends.onnx.export import (
+    EXTERNAL_MIN_BYTES,
+    _external_info,
+    append_aligned,
+    offload_initializers,
+    point_external,
+)
 from rgexport.errors import RgexportError
 
 # Node metadata the torch exporter writes: which nn.Module classes a node came from.
@@ -372,10 +378,13 @@ def _float_slices(t, base_dir: str | Path | None, slice_bytes: int) -> Iterator[
             yield np.frombuffer(f.read(4 * min(step, count - start)), np.float32)
 
 
-def _quantized_8bit(t, name: str, base_dir: str | Path | None, signed: bool, slice_bytes: int = 64 << 20):
+def _quantized_8bit(t, name: str, base_dir: str | Path | None, signed: bool, slice_bytes: int = 64 << 20,
+                    sink: Any = None):
     """`t` (float32) in 8 bits, per tensor, as ONNX Runtime's `quantize_dynamic` quantises a weight (its own
     `compute_data_quant_params` and `quantize_nparray`: uint8 asymmetric by default, int8 symmetric with
-    `signed`), computed a slice at a time -> (data, scale, zero point) initializers named after `name`."""
+    `signed`), computed a slice at a time -> (data, scale, zero point) initializers named after `name`.
+    With `sink` (a file open for writing in `base_dir`) each quantised slice is appended to it as it is made
+    and the data initializer refers to it: neither the float nor the 8-bit tensor is ever whole in memory."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
@@ -386,12 +395,25 @@ def _quantized_8bit(t, name: str, base_dir: str | Path | None, signed: bool, sli
         rmin, rmax = min(rmin, part.min()), max(rmax, part.max())
     zero_point, scale = compute_data_quant_params(np.zeros(1, np.float32), qtype, signed,
                                                   rmin_override=rmin, rmax_override=rmax)
-    data = np.empty(int(np.prod(t.dims)), np.int8 if signed else np.uint8)
-    at = 0
-    for part in _float_slices(t, base_dir, slice_bytes):
-        data[at:at + part.size] = quantize_nparray(qtype, part, scale, zero_point)
-        at += part.size
-    return (numpy_helper.from_array(data.reshape(tuple(t.dims)), f"{name}_quantized"),
+    count = int(np.prod(t.dims))
+    if sink is not None:
+        data = TensorProto(name=f"{name}_quantized", data_type=qtype, dims=list(t.dims))
+        offset = None
+        for part in _float_slices(t, base_dir, slice_bytes):
+            raw = quantize_nparray(qtype, part, scale, zero_point).tobytes()
+            if offset is None:
+                offset = append_aligned(sink, raw)
+            else:
+                sink.write(raw)
+        point_external(data, Path(sink.name).name, offset, count)
+    else:
+        values = np.empty(count, np.int8 if signed else np.uint8)
+        at = 0
+        for part in _float_slices(t, base_dir, slice_bytes):
+            values[at:at + part.size] = quantize_nparray(qtype, part, scale, zero_point)
+            at += part.size
+        data = numpy_helper.from_array(values.reshape(tuple(t.dims)), f"{name}_quantized")
+    return (data,
             helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], scale.reshape(-1).tolist()),
             helper.make_tensor(f"{name}_zero_point", qtype, [], zero_point.reshape(-1).tolist()))
 
@@ -419,6 +441,7 @@ def quantize_int8(model, base_dir: str | Path | None = None, signed_weights: boo
     times Arm's). Per tensor, not per channel: per-channel zero points fail at run time on the RG-LRU
     gates' 3-D weights ("b zero point is not valid").
     """
+    import numpy as np
     from onnx import TensorProto, helper
 
     model = copy.deepcopy(model)  # with external weights: the graph only
@@ -432,18 +455,23 @@ def quantize_int8(model, base_dir: str | Path | None = None, signed_weights: boo
             raise RgexportError(f"int8: {node.op_type} node {node.name or node.output[0]} has a float weight; this "
                                 "recipe quantises MatMul and Gather weights (the exporter writes linears as MatMul)")
     taken = _all_names(graph)
-    quantized: dict[str, tuple[Any, Any, Any]] = {}
+    quantized: dict[str, tuple[str, str, str]] = {}  # float weight -> its 8-bit data, scale, zero point
+    # With a folder, each 8-bit tensor goes into a file there as it is made (what offload_initializers does).
+    sink = (tempfile.NamedTemporaryFile(dir=base_dir, prefix="lowered-", suffix=".bin", delete=False)
+            if base_dir is not None else None)
 
-    def weight(name: str) -> tuple[Any, Any, Any]:
+    def weight(name: str) -> tuple[str, str, str]:
         if name not in quantized:
-            q, scale, zero = _quantized_8bit(inits[name], name, base_dir, signed_weights, slice_bytes)
-            for t in (q, scale, zero):
-                t.name = _unique_name(taken, t.name)
-            graph.initializer.extend([q, scale, zero])
-            quantized[name] = (q, scale, zero)
+            t = inits[name]
+            outside = sink is not None and int(np.prod(t.dims)) >= EXTERNAL_MIN_BYTES
+            tensors = _quantized_8bit(t, name, base_dir, signed_weights, slice_bytes, sink if outside else None)
+            for tensor in tensors:
+                tensor.name = _unique_name(taken, tensor.name)
+            graph.initializer.extend(tensors)
+            quantized[name] = tuple(tensor.name for tensor in tensors)
         return quantized[name]
 
-    activations: dict[str, tuple[str, str, str]] = {}
+    activations: dict[str, tuple[str, str, str]] = {}  # MatMul input -> its DynamicQuantizeLinear outputs
     out_nodes: list = []
 
     def quantize_input(name: str) -> tuple[str, str, str]:
@@ -454,48 +482,51 @@ def quantize_int8(model, base_dir: str | Path | None = None, signed_weights: boo
             activations[name] = names
         return activations[name]
 
-    for node in list(graph.node):
-        op, ins, before = node.op_type, list(node.input), len(out_nodes)
+    def dequantized(node, op: str, inputs: list[str], scale: str, zero: str, **attrs) -> list:
+        """`op` on the 8-bit table, then DequantizeLinear into `node`'s output (a Gather, the head's Transpose)."""
+        moved = _unique_name(taken, f"{node.output[0]}_quantized")
+        return [helper.make_node(op, inputs, [moved], name=node.name, **attrs),
+                helper.make_node("DequantizeLinear", [moved, scale, zero], list(node.output),
+                                 name=_unique_name(taken, f"{node.output[0]}_DequantizeLinear"))]
+
+    def replacement(node) -> list | None:
+        op, ins = node.op_type, list(node.input)
         if op == "MatMul" and len(ins) == 2 and ins[1] in floats and ins[0] not in inits:
             q, scale, zero = weight(ins[1])
             a_q, a_scale, a_zero = quantize_input(ins[0])
             base = node.name or node.output[0]
             scales, product, cast = (_unique_name(taken, f"{base}_{s}") for s in ("scales", "integer", "float"))
-            out_nodes += [
-                helper.make_node("Mul", [a_scale, scale.name], [scales], name=_unique_name(taken, f"{base}_scales")),
-                helper.make_node("MatMulInteger", [a_q, q.name, a_zero, zero.name], [product],
+            return [
+                helper.make_node("Mul", [a_scale, scale], [scales], name=_unique_name(taken, f"{base}_scales")),
+                helper.make_node("MatMulInteger", [a_q, q, a_zero, zero], [product],
                                  name=_unique_name(taken, f"{base}_MatMulInteger")),
                 helper.make_node("Cast", [product], [cast], name=_unique_name(taken, f"{base}_Cast"),
                                  to=TensorProto.FLOAT),
                 helper.make_node("Mul", [cast, scales], list(node.output), name=_unique_name(taken, f"{base}_Mul")),
             ]
-        elif op == "Gather" and ins[0] in floats and node.name not in fixed:
+        if op == "Gather" and ins[0] in floats and node.name not in fixed:
             q, scale, zero = weight(ins[0])
-            rows = _unique_name(taken, f"{node.output[0]}_quantized")
-            out_nodes += [
-                helper.make_node("Gather", [q.name, ins[1]], [rows], name=node.name, axis=next(
-                    (helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)),
-                helper.make_node("DequantizeLinear", [rows, scale.name, zero.name], list(node.output),
-                                 name=_unique_name(taken, f"{node.output[0]}_DequantizeLinear")),
-            ]
-        elif (op == "Transpose" and ins[0] in floats and len(inits[ins[0]].dims) == 2
-              and [list(a.ints) for a in node.attribute if a.name == "perm"] in ([[1, 0]], [])
-              and consumers[node.output[0]] and all(u.op_type == "MatMul" and list(u.input).index(node.output[0]) == 1
-                      for u in consumers[node.output[0]])):
-            # The tied head; int8_head_as_qgemm below replaces this whole-table form.
-            q, scale, zero = weight(ins[0])
-            moved = _unique_name(taken, f"{node.output[0]}_quantized")
-            out_nodes += [
-                helper.make_node("Transpose", [q.name], [moved], name=node.name, perm=[1, 0]),
-                helper.make_node("DequantizeLinear", [moved, scale.name, zero.name], list(node.output),
-                                 name=_unique_name(taken, f"{node.output[0]}_DequantizeLinear")),
-            ]
-        else:
-            out_nodes.append(node)
-            continue
-        for new in out_nodes[before:]:  # keep the provenance on every node that replaces it
-            if not new.metadata_props:
-                new.metadata_props.extend(node.metadata_props)
+            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+            return dequantized(node, "Gather", [q, ins[1]], scale, zero, axis=axis)
+        users = consumers[node.output[0]]
+        if (op == "Transpose" and ins[0] in floats and len(inits[ins[0]].dims) == 2 and users
+                and [list(a.ints) for a in node.attribute if a.name == "perm"] in ([[1, 0]], [])
+                and all(u.op_type == "MatMul" and list(u.input).index(node.output[0]) == 1 for u in users)):
+            q, scale, zero = weight(ins[0])  # the tied head: int8_head_as_qgemm below replaces this form
+            return dequantized(node, "Transpose", [q], scale, zero, perm=[1, 0])
+        return None
+
+    with sink if sink is not None else contextlib.nullcontext():
+        for node in list(graph.node):
+            before = len(out_nodes)  # quantize_input may add a DynamicQuantizeLinear first
+            new = replacement(node)
+            if new is None:
+                out_nodes.append(node)
+                continue
+            out_nodes += new
+            for added in out_nodes[before:]:  # the provenance of the node each replaces
+                if not added.metadata_props:
+                    added.metadata_props.extend(node.metadata_props)
     del graph.node[:]
     graph.node.extend(out_nodes)
     used = {i for n in graph.node for i in n.input}
