@@ -1077,7 +1077,8 @@ RECIPES = {
     "fp32": Recipe("fp32", "float32 weights and compute; the tied head read through Gemm(transB=1)"),
     "fp16": Recipe("fp16", "float16 weights and activations; RG-LRU, RMSNorm, positions and I/O in float32",
                    quantized=True),
-    "int8": Recipe("int8", "ONNX Runtime dynamic quantisation: 8-bit (uint8) weights, uint8 activations per call",
+    "int8": Recipe("int8", "ONNX Runtime dynamic quantisation: 8-bit (uint8) weights per tensor, uint8 activations "
+                   "per call; the tied table stored once, read by the embedding Gather and the head's QGemm",
                    quantized=True),
     "int4": Recipe("int4", "4-bit weights (MatMulNBits / GatherBlockQuantized, block 32 (option int4_block_size: "
                    "16, 64, 128), symmetric); the matmuls quantise activations to int8 per block (accuracy_level 4; "
