@@ -141,6 +141,28 @@ def _tied_heads(model) -> list[tuple[Any, list, Any]]:
     return found
 
 
+def _flattened_matmul(graph, taken: set[str], source: str, source_type: int, y: str, y_shape: list[int],
+                      width: int, vocab: int, name: str, tag: str) -> tuple[str, str, list]:
+    """The Reshapes around a 2-D op standing for the head `y = x @ W` (x [..., width], y [..., vocab]):
+    `source` (x or x quantised) flattened to [rows, width] and the op's [rows, vocab] result given `y`'s
+    shape back. Adds the shape initializers and value_info -> (2-D input, 2-D output, [Reshape in, Reshape out])."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows = int(np.prod(y_shape[:-1]))
+    shape_in = _unique_name(taken, f"{y}_{tag}_in_shape")
+    shape_out = _unique_name(taken, f"{y}_{tag}_out_shape")
+    x2d, y2d = _unique_name(taken, f"{source}_2d"), _unique_name(taken, f"{y}_2d")
+    graph.initializer.extend([numpy_helper.from_array(np.array([rows, width], np.int64), shape_in),
+                              numpy_helper.from_array(np.array(y_shape, np.int64), shape_out)])
+    graph.value_info.extend([helper.make_tensor_value_info(x2d, source_type, [rows, width]),
+                             helper.make_tensor_value_info(y2d, TensorProto.FLOAT, [rows, vocab])])
+    return x2d, y2d, [
+        helper.make_node("Reshape", [source, shape_in], [x2d], name=_unique_name(taken, f"{name}_in")),
+        helper.make_node("Reshape", [y2d, shape_out], [y], name=_unique_name(taken, f"{name}_out")),
+    ]
+
+
 def tie_head_as_gemm(model) -> int:
     """Rewrites `MatMul(x, Transpose(E))` as `Reshape -> Gemm(x2d, E, transB=1) -> Reshape` (in place).
 
@@ -150,8 +172,7 @@ def tie_head_as_gemm(model) -> int:
     Not for the int8 recipe: the dynamic quantiser turns Gemm(transB=1) back into MatMul by transposing
     E in place, which would break the embedding Gather that shares it.
     """
-    import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     taken = _all_names(graph)
@@ -162,26 +183,12 @@ def tie_head_as_gemm(model) -> int:
         if any(x is None or y is None for x, y in shapes):
             continue  # dynamic shapes: leave the MatMuls
         vocab, width = emb.dims
-        for matmul, (x_shape, y_shape) in zip(matmuls, shapes):
-            x, y = matmul.input[0], matmul.output[0]
-            rows = int(np.prod(x_shape[:-1]))
-            shape_in = _unique_name(taken, f"{y}_gemm_in_shape")
-            shape_out = _unique_name(taken, f"{y}_gemm_out_shape")
-            x2d, y2d = _unique_name(taken, f"{x}_2d"), _unique_name(taken, f"{y}_2d")
-            graph.initializer.extend([
-                numpy_helper.from_array(np.array([rows, width], np.int64), shape_in),
-                numpy_helper.from_array(np.array(y_shape, np.int64), shape_out),
-            ])
-            graph.value_info.extend([
-                helper.make_tensor_value_info(x2d, emb.data_type, [rows, width]),
-                helper.make_tensor_value_info(y2d, emb.data_type, [rows, vocab]),
-            ])
-            replacement = [
-                helper.make_node("Reshape", [x, shape_in], [x2d], name=_unique_name(taken, f"{matmul.name}_in")),
-                helper.make_node("Gemm", [x2d, emb.name], [y2d], name=_unique_name(taken, f"{matmul.name}_gemm"),
-                                 transB=1),
-                helper.make_node("Reshape", [y2d, shape_out], [y], name=_unique_name(taken, f"{matmul.name}_out")),
-            ]
+        for matmul, (_, y_shape) in zip(matmuls, shapes):
+            x2d, y2d, (into, out) = _flattened_matmul(graph, taken, matmul.input[0], emb.data_type,
+                                                      matmul.output[0], y_shape, width, vocab, matmul.name, "gemm")
+            gemm = helper.make_node("Gemm", [x2d, emb.name], [y2d], name=_unique_name(taken, f"{matmul.name}_gemm"),
+                                    transB=1)
+            replacement = [into, gemm, out]
             for node in replacement:  # keep the provenance that the fp16 pass reads
                 node.metadata_props.extend(matmul.metadata_props)
             new_nodes[id(matmul)] = replacement
@@ -576,8 +583,7 @@ def int8_head_as_qgemm(model) -> int:
     returns float; the activations are quantised per call (uint8, per tensor) as every other matmul of
     the int8 recipe already does. Returns the number of heads rewritten.
     """
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     graph = model.graph
     taken = _all_names(graph)
@@ -593,29 +599,19 @@ def int8_head_as_qgemm(model) -> int:
         if not zero_point:
             raise RgexportError(f"{emb.name}: a dequantised head without a zero point; expected uint8 from "
                                 "quantize_dynamic")
-        for matmul, (x_shape, y_shape) in zip(matmuls, shapes):
+        for matmul, (_, y_shape) in zip(matmuls, shapes):
             x, y = matmul.input[0], matmul.output[0]
-            rows = int(np.prod(x_shape[:-1]))
-            x_q, x_scale, x_zero = (_unique_name(taken, f"{x}_{s}") for s in ("quantized", "scale", "zero_point"))
-            x2d, y2d = _unique_name(taken, f"{x}_quantized_2d"), _unique_name(taken, f"{y}_2d")
-            shape_in = _unique_name(taken, f"{y}_qgemm_in_shape")
-            shape_out = _unique_name(taken, f"{y}_qgemm_out_shape")
-            graph.initializer.extend([
-                numpy_helper.from_array(np.array([rows, width], np.int64), shape_in),
-                numpy_helper.from_array(np.array(y_shape, np.int64), shape_out),
-            ])
-            graph.value_info.extend([
-                helper.make_tensor_value_info(x2d, TensorProto.UINT8, [rows, width]),
-                helper.make_tensor_value_info(y2d, TensorProto.FLOAT, [rows, vocab]),
-            ])
             name = matmul.name or y
+            x_q, x_scale, x_zero = (_unique_name(taken, f"{x}_{s}") for s in ("quantized", "scale", "zero_point"))
+            x2d, y2d, (into, out) = _flattened_matmul(graph, taken, x_q, TensorProto.UINT8, y, y_shape, width, vocab,
+                                                      name, "qgemm")
             new_nodes[id(matmul)] = [
                 helper.make_node("DynamicQuantizeLinear", [x], [x_q, x_scale, x_zero],
                                  name=_unique_name(taken, f"{name}_quantize")),
-                helper.make_node("Reshape", [x_q, shape_in], [x2d], name=_unique_name(taken, f"{name}_in")),
+                into,
                 helper.make_node("QGemm", [x2d, x_scale, x_zero, emb.name, scale, zero_point], [y2d],
                                  name=_unique_name(taken, f"{name}_qgemm"), domain="com.microsoft", transB=1),
-                helper.make_node("Reshape", [y2d, shape_out], [y], name=_unique_name(taken, f"{name}_out")),
+                out,
             ]
         dead.update((id(transpose), id(dq)))
         gone.update((transpose.output[0], dq.output[0]))
