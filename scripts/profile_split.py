@@ -79,7 +79,7 @@ COMPONENTS = [
 ]
 STATE_COPY_OPS = {"Slice", "Identity", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand", "Copy"}
 LINEAR_OPS = {"MatMulNBits", "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-              "QLinearMatMul", "FusedMatMul"}
+              "QLinearMatMul", "QGemm", "FusedMatMul"}
 NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
             "RMSNormalization", "SkipLayerNormalization"}
 
