@@ -155,7 +155,10 @@ def test_a_budget_given_for_the_bundle_replaces_the_profiles(tmp_path):
     from rgexport.bundle import validate_bundle
 
     profile = _profile(tmp_path, 1)
-    opts = BuildOptions(backend="onnx", out=tmp_path / "b", validation_tokens=32)
+    # 128 validation tokens: the int8 head quantises its input per call (QGemm), which flips one more near-tie in
+    # the first 32 held-out tokens (top-1 30/32 against 31/32, mean KL 0.00225 against 0.00224), and at 32 tokens
+    # [int8]'s 0.95 allows one miss; at 128: 125/128 (97.7 %).
+    opts = BuildOptions(backend="onnx", out=tmp_path / "b", validation_tokens=128)
     with pytest.raises(RgexportError, match="no onnx recipe fits the 1 MB memory budget"):
         build_bundle(profile, opts)
     for bad in (0, -5, True, "500"):
@@ -168,7 +171,7 @@ def test_a_budget_given_for_the_bundle_replaces_the_profiles(tmp_path):
     assert manifest["memory_budget_from"] == "--memory-budget (the profile's: 1 MB)"
     assert [a["recipe"] for a in manifest["artifacts"]] == ["int8"]  # the profile's recipe: nothing passed over
     assert "500 MB peak" in (tmp_path / "b" / "INTEGRATION.md").read_text()
-    result = validate_bundle(tmp_path / "b", tokens=32)
+    result = validate_bundle(tmp_path / "b", tokens=128)
     assert result["passed"] and result["memory_budget_from"].startswith("--memory-budget")
     assert [a["memory_budget_mb"] for a in result["artifacts"]] == [500]
     assert all(a["within_budget"] and a["peak_rss_bytes"] < 500e6 for a in result["artifacts"])
