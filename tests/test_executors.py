@@ -27,7 +27,7 @@ pytestmark = pytest.mark.isolated
 ray = pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENS = 64
+TOKENS = 128  # over 64 the shipped ONNX int8 sits one near-tie from [int8]'s top-1 bound (61 of 64, notes/onnx.md)
 
 
 # Cells: module-level, so that Ray workers import them by name.
