@@ -290,9 +290,6 @@ class OnnxBackend(Backend):
                 proto = q.quantize_int8(proto, base_dir=base_dir)
                 if base_dir is not None:
                     release_freed()  # as int4: its tensors are in the scratch folder now
-                if q.dequantised_tied_heads(proto):
-                    raise RgexportError("int8: the tied head was not rewritten as QGemm over the quantised table; "
-                                        "it would transpose and dequantise the whole table on every call")
                 tied = 0
             elif ctx.recipe == "w8a8":
                 self.require("onnxruntime")

@@ -123,22 +123,24 @@ def node_classes(node) -> str:
 
 
 # The tied output head -----------------------------------------------------------------------------
+def _transposes_a_table(node, inits: dict[str, Any]) -> bool:
+    """Whether `node` is a Transpose of a 2-D initializer (no perm, or [1, 0])."""
+    return (node.op_type == "Transpose" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2
+            and [list(a.ints) for a in node.attribute if a.name == "perm"] in ([[1, 0]], []))
+
+
+def _only_matmul_weight(users: list, name: str) -> bool:
+    """Whether `users` (every reader of tensor `name`) are MatMuls that take it as their right-hand side."""
+    return bool(users) and all(u.op_type == "MatMul" and list(u.input).index(name) == 1 for u in users)
+
+
 def _tied_heads(model) -> list[tuple[Any, list, Any]]:
     """(Transpose, its MatMul users, E) for each `MatMul(x, Transpose(E))` with E a 2-D initializer."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     consumers = _consumers(graph)
-    found = []
-    for node in graph.node:
-        if node.op_type != "Transpose" or node.input[0] not in inits:
-            continue
-        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
-        if len(inits[node.input[0]].dims) != 2 or perm not in ([[1, 0]], []):
-            continue
-        users = consumers[node.output[0]]
-        if users and all(u.op_type == "MatMul" and list(u.input).index(node.output[0]) == 1 for u in users):
-            found.append((node, users, inits[node.input[0]]))
-    return found
+    return [(node, consumers[node.output[0]], inits[node.input[0]]) for node in graph.node
+            if _transposes_a_table(node, inits) and _only_matmul_weight(consumers[node.output[0]], node.output[0])]
 
 
 def _flattened_matmul(graph, taken: set[str], source: str, source_type: int, y: str, y_shape: list[int],
@@ -440,7 +442,8 @@ def quantize_int8(model, base_dir: str | Path | None = None, signed_weights: boo
     Done here rather than by `quantize_dynamic` because that loads every float weight and holds its
     quantised copies beside them: at RecurrentGemma-2B the build passed 21 GiB and was stopped. This reads
     one tensor at a time, `slice_bytes` of it at a time (from `base_dir` when the weights are external data:
-    a streamed export) and, with `base_dir`, moves the 8-bit tensors into a file there (`offload_initializers`).
+    a streamed export) and, with `base_dir`, appends each 8-bit tensor to a file there as its slices are made.
+    Raises if a whole-table dequantised head is left (a head whose shapes are not static).
 
     uint8 weights by default: with int8 weights and uint8 activations ONNX Runtime's x86 kernels use
     VPMADDUBSW, whose 16-bit pair sums saturate on CPUs without VNNI (AVX2): a random 128-192-128 MLP
@@ -463,7 +466,8 @@ def quantize_int8(model, base_dir: str | Path | None = None, signed_weights: boo
                                 "recipe quantises MatMul and Gather weights (the exporter writes linears as MatMul)")
     taken = _all_names(graph)
     quantized: dict[str, tuple[str, str, str]] = {}  # float weight -> its 8-bit data, scale, zero point
-    # With a folder, each 8-bit tensor goes into a file there as it is made (what offload_initializers does).
+    # With a folder, each 8-bit tensor of at least EXTERNAL_MIN_BYTES goes into a file there as it is made (what
+    # offload_initializers would do afterwards), so nothing large is left in memory to offload.
     sink = (tempfile.NamedTemporaryFile(dir=base_dir, prefix="lowered-", suffix=".bin", delete=False)
             if base_dir is not None else None)
 
@@ -515,10 +519,8 @@ def quantize_int8(model, base_dir: str | Path | None = None, signed_weights: boo
             q, scale, zero = weight(ins[0])
             axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
             return dequantized(node, "Gather", [q, ins[1]], scale, zero, axis=axis)
-        users = consumers[node.output[0]]
-        if (op == "Transpose" and ins[0] in floats and len(inits[ins[0]].dims) == 2 and users
-                and [list(a.ints) for a in node.attribute if a.name == "perm"] in ([[1, 0]], [])
-                and all(u.op_type == "MatMul" and list(u.input).index(node.output[0]) == 1 for u in users)):
+        if (ins and ins[0] in floats and _transposes_a_table(node, inits)
+                and _only_matmul_weight(consumers[node.output[0]], node.output[0])):
             q, scale, zero = weight(ins[0])  # the tied head: int8_head_as_qgemm below replaces this form
             return dequantized(node, "Transpose", [q], scale, zero, perm=[1, 0])
         return None
@@ -541,8 +543,9 @@ def quantize_int8(model, base_dir: str | Path | None = None, signed_weights: boo
     del graph.initializer[:]
     graph.initializer.extend(kept)
     int8_head_as_qgemm(model)
-    if base_dir is not None:
-        offload_initializers(model, base_dir)
+    if dequantised_tied_heads(model):
+        raise RgexportError("int8: the tied head was not rewritten as QGemm over the quantised table; "
+                            "it would transpose and dequantise the whole table on every call")
     return model
 
 
@@ -555,20 +558,16 @@ def dequantised_tied_heads(model) -> list[tuple[Any, Any, list, Any]]:
     consumers = _consumers(graph)
     found = []
     for node in graph.node:
-        if node.op_type != "Transpose" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
-            continue
-        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
         users = consumers[node.output[0]]
-        if perm not in ([[1, 0]], []) or len(users) != 1 or users[0].op_type != "DequantizeLinear":
+        if not _transposes_a_table(node, inits) or len(users) != 1 or users[0].op_type != "DequantizeLinear":
             continue
         dq = users[0]
         if list(dq.input).index(node.output[0]) != 0 or any(i not in inits for i in dq.input[1:]):
             continue
         if any(inits[i].dims for i in dq.input[1:]):  # per-axis scales or zero points: not this pattern
             continue
-        matmuls = consumers[dq.output[0]]
-        if matmuls and all(m.op_type == "MatMul" and list(m.input).index(dq.output[0]) == 1 for m in matmuls):
-            found.append((node, dq, matmuls, inits[node.input[0]]))
+        if _only_matmul_weight(consumers[dq.output[0]], dq.output[0]):
+            found.append((node, dq, consumers[dq.output[0]], inits[node.input[0]]))
     return found
 
 
