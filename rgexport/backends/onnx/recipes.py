@@ -762,25 +762,6 @@ def _quantize_rows_4bit(rows, block_size: int, packed, scales) -> None:
     quantize_matmul_4bits(packed, b, scales, zero_points, block_size, n, blocks * block_size, True)
 
 
-def _table_rows(table, base_dir: str | Path | None, start: int, stop: int):
-    """Rows `start:stop` of a 2-D float32 initializer, read alone from its external file when it has one."""
-    import numpy as np
-    from onnx import TensorProto, numpy_helper
-
-    width = table.dims[1]
-    if table.data_location != TensorProto.EXTERNAL:
-        if table.raw_data:
-            rows = np.frombuffer(table.raw_data, np.float32, (stop - start) * width, 4 * width * start)
-            return rows.reshape(-1, width)
-        return numpy_helper.to_array(table)[start:stop]
-    if base_dir is None:
-        raise RgexportError(f"{table.name} is external data and no folder was given to read it from")
-    info = _external_info(table)
-    with open(Path(base_dir) / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)) + 4 * width * start)
-        return np.frombuffer(f.read(4 * width * (stop - start)), np.float32).reshape(-1, width)
-
-
 def quantize_tied_tables(model, base_dir: str | Path | None = None, block_size: int = INT4_BLOCK_SIZE,
                          accuracy_level: int = 0, slice_bytes: int = 64 << 20) -> int:
     """Quantises each tied table E [vocab, width] once for both of its uses (in place); returns how many.
@@ -811,11 +792,10 @@ def quantize_tied_tables(model, base_dir: str | Path | None = None, block_size: 
         blocks = -(-width // block_size)
         packed = np.zeros((vocab, blocks, block_size // 2), np.uint8)
         scales = np.zeros((vocab, blocks), np.float32)
-        step = max(1, slice_bytes // (4 * width))
-        for start in range(0, vocab, step):
-            stop = min(vocab, start + step)
-            _quantize_rows_4bit(_table_rows(emb, base_dir, start, stop), block_size, packed[start:stop],
-                                scales[start:stop])
+        step = max(1, slice_bytes // (4 * width))  # rows per slice
+        for start, rows in zip(range(0, vocab, step), _float_slices(emb, base_dir, 4 * width * step)):
+            stop = start + len(rows) // width
+            _quantize_rows_4bit(rows.reshape(-1, width), block_size, packed[start:stop], scales[start:stop])
         weight_name = _unique_name(taken, f"{emb.name}_Q4")
         data_name = _unique_name(taken, f"{emb.name}_Q4_rows")
         scales_name = _unique_name(taken, f"{emb.name}_scales")
