@@ -673,10 +673,12 @@ def test_lowering_economies_write_the_same_program(fp32_build, small_model, smal
     `.pte` with and without `preprocess_shares_weights` (XNNPACK preprocesses a copy of each partition that
     shares its weights, instead of ExecuTorch's deep copy), `serialized_weights_shared` (one serialized copy
     of a weight for every partition), `xnnpack_passes_that_apply` (XNNPACK's passes for ops the graph has not
-    are skipped) and `release_delegated_weights` (the delegated weights' tensors go once XNNPACK has
-    serialized them)."""
+    are skipped), `release_delegated_weights` (the delegated weights' tensors go once XNNPACK has
+    serialized them), `provenance_shared` (a node's history is shared, not deep-copied, by every pass) and
+    `edge_checked_once` (the edge-dialect check once after lowering, not after every pass)."""
     import contextlib
 
+    from executorch.exir import EdgeCompileConfig
     from executorch.exir.backend.utils import is_same_node
 
     from rgexport.backends.executorch import backend as executorch_backend
@@ -686,6 +688,9 @@ def test_lowering_economies_write_the_same_program(fp32_build, small_model, smal
     monkeypatch.setattr(executorch_backend, "serialized_weights_shared", lambda: contextlib.nullcontext({"bytes": 0}))
     monkeypatch.setattr(executorch_backend, "xnnpack_passes_that_apply", lambda: contextlib.nullcontext({}))
     monkeypatch.setattr(executorch_backend, "release_delegated_weights", lambda edge, exported: 0)
+    monkeypatch.setattr(executorch_backend, "provenance_shared", lambda: contextlib.nullcontext({"nodes": 0}))
+    # ExecuTorch's own checks after every pass, as without `edge_checked_once`.
+    monkeypatch.setattr(executorch_backend, "edge_checked_once", EdgeCompileConfig)
     manifest, kept_ctx, _ = build(small_model, small_config, "fp32", tmp_path)
     # What ExecuTorch keeps of the lowered graphs (and through them the weights) is let go after lowering.
     assert is_same_node.cache_info().currsize == 0
@@ -704,8 +709,31 @@ def test_lowering_economies_write_the_same_program(fp32_build, small_model, smal
     skipped = shared_ctx.facts["xnnpack_passes_skipped"]
     assert set(skipped) == set(_PASS_NEEDS) and min(skipped.values()) >= 2
     assert kept_ctx.facts["xnnpack_passes_skipped"] == {}
+    # Every pass's new nodes took their history by reference (thousands of records in SMALL's programs).
+    assert shared_ctx.facts["provenance_records_shared"] > 1000
+    assert kept_ctx.facts["provenance_records_shared"] == 0
     deep_copied = (tmp_path / manifest["artifact"]["file"]).read_bytes()
     assert deep_copied == (work_dir / shared_manifest["artifact"]["file"]).read_bytes()
+
+
+def test_the_edge_dialect_is_checked_once_after_lowering():
+    """`check_edge_dialect` is the check lowering no longer runs after every pass: it passes a program in the
+    edge dialect and refuses one where an op outside a delegate is a plain ATen op."""
+    from executorch.exir import to_edge
+    from executorch.exir.verification.verifier import SpecViolationError
+
+    from rgexport.backends.executorch.export import check_edge_dialect
+
+    class AddOne(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + 1
+
+    edge = to_edge(torch.export.export(AddOne(), (torch.ones(2),)))
+    check_edge_dialect(edge)
+    (add,) = [n for n in edge.exported_program().graph.nodes if "add.Tensor" in str(n.target)]
+    add.target = torch.ops.aten.add.Tensor  # the ATen op the edge op wraps
+    with pytest.raises(SpecViolationError, match="not an Edge operator"):
+        check_edge_dialect(edge)
 
 
 @pytest.fixture(scope="module")

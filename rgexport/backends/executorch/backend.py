@@ -52,10 +52,13 @@ from rgexport.backends.executorch.export import (
     _StateMethods,
     _zero_buffers_,
     cache_writes,
+    check_edge_dialect,
+    edge_checked_once,
     forget_lowered_graphs,
     head_data_external,
     planned_memory,
     preprocess_shares_weights,
+    provenance_shared,
     quantised_weights_serialized_once,
     release_delegated_weights,
     serialized_weights_shared,
@@ -429,18 +432,22 @@ class ExecuTorchBackend(Backend):
         # head_data_external last: its tag is set before the serialize-once patch keys a weight by it.
         with preprocess_shares_weights(), serialized_weights_shared() as shared, \
                 quantised_weights_serialized_once(ctx.disposable_weights) as once, \
-                xnnpack_passes_that_apply() as skipped, head_data_external(shares_table) as tagged:
+                xnnpack_passes_that_apply() as skipped, head_data_external(shares_table) as tagged, \
+                provenance_shared() as provenance:
             edge = to_edge_transform_and_lower(
                 exported,
                 partitioner={m: [XnnpackPartitioner()] for m in ("decode", "prefill")},
                 transform_passes={m: [*executorch_rewrites.edge_passes(rewrites), InitializedMutableBufferPass(names)]
                                   for m in _INITIALISED_METHODS},
+                compile_config=edge_checked_once(),
             )
+        check_edge_dialect(edge)
         forget_lowered_graphs()  # ExecuTorch's memos would keep both graphs and their weights alive
         ctx.facts["serialized_duplicates_shared_bytes"] = shared["bytes"]
         ctx.facts["quantised_weights_serialized_again"] = once["reused"]
         ctx.facts["quantised_weights_freed_once_serialized_bytes"] = once["freed_bytes"]
         ctx.facts["xnnpack_passes_skipped"] = dict(sorted(skipped.items()))
+        ctx.facts["provenance_records_shared"] = provenance["nodes"]
         # XNNPACK holds the delegated weights serialized now; their tensors go before the program is emitted.
         ctx.facts["weights_released_after_lowering_bytes"] = release_delegated_weights(edge, exported)
         release_freed()

@@ -244,6 +244,67 @@ def xnnpack_passes_that_apply() -> Iterator[dict[str, int]]:
         XNNPACKPassManager.__init__ = init
 
 
+@contextlib.contextmanager
+def provenance_shared() -> Iterator[dict[str, int]]:
+    """Node provenance recorded by reference while lowering (torch 2.13's `torch.fx.traceback.NodeSource`).
+
+    Every pass that re-traces a graph (some forty of ExecuTorch's and XNNPACK's over decode and prefill)
+    records where each node it makes came from, and `NodeSource(node)` deep-copies the node's whole
+    `from_node` history for that: a history that grows by a level with every pass, copied once per node per
+    pass. Here the new record gets the same history (a new list of the same `NodeSource` objects, which
+    nothing changes once made: torch and ExecuTorch build new lists wherever they rewrite one). ExecuTorch
+    derives the program's debug handles from these histories; the `.pte` is byte-identical
+    (tests/test_backend_executorch.py). Yields {"nodes": the records so made}."""
+    from torch.fx.traceback import NodeSource
+
+    made = {"nodes": 0}
+    init = NodeSource.__init__
+
+    def init_sharing(self: Any, node: Any, *args: Any, **kwargs: Any) -> None:
+        history = node.meta.get("from_node") if node is not None else None
+        if history is None:
+            init(self, node, *args, **kwargs)
+            return
+        node.meta["from_node"] = []  # what `init` deep-copies
+        try:
+            init(self, node, *args, **kwargs)
+        finally:
+            node.meta["from_node"] = history
+        self.from_node = list(history)
+        made["nodes"] += 1
+
+    NodeSource.__init__ = init_sharing
+    try:
+        yield made
+    finally:
+        NodeSource.__init__ = init
+
+
+def edge_checked_once() -> Any:
+    """The `EdgeCompileConfig` for lowering: ExecuTorch's IR checks off during it, `check_edge_dialect` after.
+
+    With `_check_ir_validity` on (the default), every program a pass returns is verified against the edge
+    dialect (each op an edge op over a core ATen op, its tensors' dtypes allowed for it, tensors contiguous):
+    a walk of the whole graph after each of some forty passes, a quarter of lowering's time at 9 blocks of
+    2B width (149.6 -> 110.9 s, notes/perf.md). The same check once, on the lowered methods, is
+    `check_edge_dialect`. Everything else in the config is ExecuTorch's default."""
+    from executorch.exir import EdgeCompileConfig
+
+    return EdgeCompileConfig(_check_ir_validity=False)
+
+
+def check_edge_dialect(edge: Any) -> None:
+    """ExecuTorch's edge-dialect verifier (as `_check_ir_validity` runs it) over each lowered method's graph:
+    what XNNPACK did not take must be edge ops over core ATen ops with the dtypes they allow. Raises
+    ExecuTorch's `SpecViolationError` where not."""
+    from executorch.exir import EdgeCompileConfig
+    from executorch.exir.verification.verifier import EXIREdgeDialectVerifier
+
+    verify = EXIREdgeDialectVerifier(edge_compile_config=EdgeCompileConfig(), class_only=True)()
+    for method in edge.methods:
+        verify(edge.exported_program(method).graph_module)
+
+
 def forget_lowered_graphs() -> None:
     """Drops what ExecuTorch keeps of the graphs it lowered, once lowering is done (executorch 1.5.1).
 
