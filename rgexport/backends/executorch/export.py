@@ -193,15 +193,28 @@ def serialized_weights_shared() -> Iterator[dict[str, int]]:
         first.clear()
 
 
-# XNNPACK preprocess passes that rewrite only ops Griffin's graphs do not have, by the words that name those ops
-# (in a node's target or the function it was traced from).
+def _names(node: torch.fx.Node) -> set[str]:
+    """A node's target and the functions it was traced from, lower case."""
+    return {str(node.target).lower(), *(str(fn).lower() for _, fn in node.meta.get("source_fn_stack", []))}
+
+
+def _named(*words: str) -> Any:
+    return lambda node: any(w in name for name in _names(node) for w in words)
+
+
+# XNNPACK preprocess passes that rewrite only what Griffin's graphs do not have, each with what it could
+# rewrite: ops named by these words (in a node's target or the function it was traced from), or a
+# concatenation of more than the five inputs XNNPACK takes at once (executorch 1.5.1's passes).
 _PASS_NEEDS = {
-    "ConvertToUpsampleBilinear2d": ("upsample", "interpolate"),
-    "ConvertToSDPAPass": ("scaled_dot_product",),
-    "FuseBatchNormPass": ("batch_norm",),
-    "DecomposeBatchNorm": ("batch_norm",),
-    "Conv1dUnsqueezePass": ("convolution", "conv1d"),
-    "PReLUReshapePass": ("prelu",),
+    "ConvertToUpsampleBilinear2d": _named("upsample", "interpolate"),
+    "ConvertToSDPAPass": _named("scaled_dot_product"),
+    "FuseBatchNormPass": _named("batch_norm"),
+    "DecomposeBatchNorm": _named("batch_norm"),
+    "Conv1dUnsqueezePass": _named("convolution", "conv1d"),
+    "PReLUReshapePass": _named("prelu"),
+    "FuseActivationPass": _named("relu", "hardtanh"),
+    "RemoveGetItemPass": _named("max_pool2d_with_indices", "max.dim"),
+    "DecomposeConcatenate": lambda node: "aten.cat" in str(node.target) and len(node.args[0]) > 5,
 }
 
 
@@ -209,10 +222,11 @@ _PASS_NEEDS = {
 def xnnpack_passes_that_apply() -> Iterator[dict[str, int]]:
     """XNNPACK's preprocess without the passes that find nothing to rewrite in the partition (executorch 1.5.1).
 
-    Each partition goes through XNNPACK's 17 passes, every one a walk (several a re-trace) of the graph and
+    Each partition goes through XNNPACK's 17 passes, every one a walk (most a re-trace) of the graph and
     a re-verification of the program: graph work that grows with the blocks, and most of lowering's time.
-    Six of them rewrite only upsampling, SDPA, batch norm, conv1d or PReLU, which a partition without such
-    ops never has (`_PASS_NEEDS`); they are skipped where none of their ops is in the partition. Yields {pass
+    Nine of them rewrite only upsampling, SDPA, batch norm, conv1d, PReLU, a ReLU or hardtanh after the op it
+    fuses into, max with indices, or a concatenation of more than five inputs (`_PASS_NEEDS`); each is
+    skipped where the partition has nothing it could rewrite. Yields {pass
     name: partitions it was skipped in}. The `.pte` is byte-identical (tests/test_backend_executorch.py)."""
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
 
@@ -223,15 +237,11 @@ def xnnpack_passes_that_apply() -> Iterator[dict[str, int]]:
         init(self, exported_program, passes)
         if passes:
             return
-        names = set()
-        for node in exported_program.graph.nodes:
-            if node.op == "call_function":
-                names.add(str(node.target).lower())
-                names.update(str(fn).lower() for _, fn in node.meta.get("source_fn_stack", []))
+        nodes = [n for n in exported_program.graph.nodes if n.op == "call_function"]
         kept = []
         for p in self.passes:
-            words = _PASS_NEEDS.get(p.__name__)
-            if words is not None and not any(w in name for name in names for w in words):
+            needs = _PASS_NEEDS.get(p.__name__)
+            if needs is not None and not any(needs(n) for n in nodes):
                 skipped[p.__name__] = skipped.get(p.__name__, 0) + 1
                 continue
             kept.append(p)
