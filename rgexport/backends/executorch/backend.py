@@ -430,6 +430,8 @@ class ExecuTorchBackend(Backend):
         # One set of pass objects per compute method, as for InitializedMutableBufferPass.
         shares_table = "data_file" in ctx.facts  # quantize made the head's bytes the table's
         # head_data_external last: its tag is set before the serialize-once patch keys a weight by it.
+        # The ops XNNPACK keeps whole (linear, ...): the edge check allows them, as ExecuTorch's own does.
+        kept_whole = XnnpackPartitioner().ops_to_not_decompose(exported["decode"])[0]
         with preprocess_shares_weights(), serialized_weights_shared() as shared, \
                 quantised_weights_serialized_once(ctx.disposable_weights) as once, \
                 xnnpack_passes_that_apply() as skipped, head_data_external(shares_table) as tagged, \
@@ -441,7 +443,7 @@ class ExecuTorchBackend(Backend):
                                   for m in _INITIALISED_METHODS},
                 compile_config=edge_checked_once(),
             )
-        check_edge_dialect(edge)
+        check_edge_dialect(edge, kept_whole)
         forget_lowered_graphs()  # ExecuTorch's memos would keep both graphs and their weights alive
         ctx.facts["serialized_duplicates_shared_bytes"] = shared["bytes"]
         ctx.facts["quantised_weights_serialized_again"] = once["reused"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -303,14 +303,16 @@ def edge_checked_once() -> Any:
     return EdgeCompileConfig(_check_ir_validity=False)
 
 
-def check_edge_dialect(edge: Any) -> None:
+def check_edge_dialect(edge: Any, preserve_ops: Sequence[Any] = ()) -> None:
     """ExecuTorch's edge-dialect verifier (as `_check_ir_validity` runs it) over each lowered method's graph:
-    what XNNPACK did not take must be edge ops over core ATen ops with the dtypes they allow. Raises
+    what XNNPACK did not take must be edge ops over core ATen ops (or over `preserve_ops`, the ops the
+    partitioner asked to keep whole, as ExecuTorch allows them) with the dtypes they allow. Raises
     ExecuTorch's `SpecViolationError` where not."""
     from executorch.exir import EdgeCompileConfig
     from executorch.exir.verification.verifier import EXIREdgeDialectVerifier
 
-    verify = EXIREdgeDialectVerifier(edge_compile_config=EdgeCompileConfig(), class_only=True)()
+    verify = EXIREdgeDialectVerifier(edge_compile_config=EdgeCompileConfig(), class_only=True,
+                                     preserve_ops=list(preserve_ops))()
     for method in edge.methods:
         verify(edge.exported_program(method).graph_module)
 
