@@ -54,7 +54,7 @@ def last_build(request, tmp_path_factory):
 
 # How far each artifact's logits may lie from float32 eager: float32 graphs, and Core ML's float16 compute.
 TOLERANCE = {"fp32": 2e-3, "fp16": 0.25}
-SAME = {"fp32": 1e-5, "fp16": 1e-3}  # two builds of one graph but for the head's rows (measured: equal)
+SAME = {"fp32": 1e-5, "fp16": 1e-3}  # two builds of one graph but for the head's rows (the state: equal)
 
 
 def test_the_artifact_returns_the_last_row_and_validates(last_build, shipped):
@@ -90,6 +90,15 @@ def test_the_artifact_returns_the_last_row_and_validates(last_build, shipped):
         assert np.abs(last - want[-1]).max() < TOLERANCE[recipe]
 
 
+def _float16_steps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How many float16 values lie between a and b, elementwise (float16 values held as float32)."""
+    def ordered(x: np.ndarray) -> np.ndarray:
+        bits = x.astype(np.float16).view(np.uint16).astype(np.int32)
+        return np.where(bits & 0x8000, -(bits & 0x7FFF), bits)
+
+    return np.abs(ordered(a) - ordered(b))
+
+
 def test_the_prefill_row_is_the_all_build_s_last_row(last_build, shipped_build, shipped):
     """Against the same backend's build with every row (the session's shipped builds): the same graph but
     for the head's rows, so the same numbers."""
@@ -104,7 +113,17 @@ def test_the_prefill_row_is_the_all_build_s_last_row(last_build, shipped_build, 
         assert a.prefill_logits == "all" and a.prefill_rows == a.prefill_chunk
         rows_a = a.prefill(tokens, 0)
         rows_b = b.prefill(tokens, 0)
-        np.testing.assert_allclose(rows_b[0], rows_a[-1], rtol=0, atol=SAME[recipe])
+        if recipe == "fp16":
+            # The head's float32 sums over one row and over 32 rows need not be summed in the same order (on
+            # this AMD EPYC, numpy's and torch's one-row and 32-row matmuls of a random [32, 192] x [192, 4096]
+            # differ by up to 2.7e-5); a sum on a float16 rounding boundary then lands one float16 value
+            # away, and the soft cap's divide, tanh and multiply, each rounded to float16, can carry that one
+            # value to two (measured here: 2 of 4096 logits, 2 values away). A wrong row lies thousands away.
+            steps = _float16_steps(rows_b[0], rows_a[-1])
+            assert steps.max() <= 2 and (steps > 0).mean() < 0.01, (steps.max(), (steps > 0).sum())
+            assert _float16_steps(rows_b[0], rows_a[-2]).max() > 1000
+        else:
+            np.testing.assert_allclose(rows_b[0], rows_a[-1], rtol=0, atol=SAME[recipe])
         state_a, state_b = a.state(), b.state()
         assert (state_a is None) == (state_b is None)
         for name, value in (state_a or {}).items():
