@@ -226,8 +226,8 @@ def xnnpack_passes_that_apply() -> Iterator[dict[str, int]]:
     a re-verification of the program: graph work that grows with the blocks, and most of lowering's time.
     Nine of them rewrite only upsampling, SDPA, batch norm, conv1d, PReLU, a ReLU or hardtanh after the op it
     fuses into, max with indices, or a concatenation of more than five inputs (`_PASS_NEEDS`); each is
-    skipped where the partition has nothing it could rewrite. Yields {pass
-    name: partitions it was skipped in}. The `.pte` is byte-identical (tests/test_backend_executorch.py)."""
+    skipped where the partition has nothing it could rewrite. Yields {pass name: partitions it was skipped
+    in}. The `.pte` is byte-identical (tests/test_backend_executorch.py)."""
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
 
     skipped: dict[str, int] = {}
