@@ -54,7 +54,8 @@ def last_build(request, tmp_path_factory):
 
 # How far each artifact's logits may lie from float32 eager: float32 graphs, and Core ML's float16 compute.
 TOLERANCE = {"fp32": 2e-3, "fp16": 0.25}
-SAME = {"fp32": 1e-5, "fp16": 1e-3}  # two builds of one graph but for the head's rows (the state: equal)
+# Two builds of one graph but for the head's rows: how far their state (and fp32's last row) may differ.
+SAME = {"fp32": 1e-5, "fp16": 1e-3}
 
 
 def test_the_artifact_returns_the_last_row_and_validates(last_build, shipped):
