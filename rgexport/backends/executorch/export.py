@@ -199,12 +199,12 @@ def _names(node: torch.fx.Node) -> set[str]:
 
 
 def _named(*words: str) -> Any:
-    return lambda node: any(w in name for name in _names(node) for w in words)
+    return lambda node, names: any(w in name for name in names for w in words)
 
 
 # XNNPACK preprocess passes that rewrite only what Griffin's graphs do not have, each with what it could
-# rewrite: ops named by these words (in a node's target or the function it was traced from), or a
-# concatenation of more than the five inputs XNNPACK takes at once (executorch 1.5.1's passes).
+# rewrite, a test of (node, its `_names`): ops named by these words (in a node's target or the function it was
+# traced from), or a concatenation of more than the five inputs XNNPACK takes at once (executorch 1.5.1).
 _PASS_NEEDS = {
     "ConvertToUpsampleBilinear2d": _named("upsample", "interpolate"),
     "ConvertToSDPAPass": _named("scaled_dot_product"),
@@ -214,7 +214,7 @@ _PASS_NEEDS = {
     "PReLUReshapePass": _named("prelu"),
     "FuseActivationPass": _named("relu", "hardtanh"),
     "RemoveGetItemPass": _named("max_pool2d_with_indices", "max.dim"),
-    "DecomposeConcatenate": lambda node: "aten.cat" in str(node.target) and len(node.args[0]) > 5,
+    "DecomposeConcatenate": lambda node, names: "aten.cat" in str(node.target) and len(node.args[0]) > 5,
 }
 
 
@@ -237,11 +237,11 @@ def xnnpack_passes_that_apply() -> Iterator[dict[str, int]]:
         init(self, exported_program, passes)
         if passes:
             return
-        nodes = [n for n in exported_program.graph.nodes if n.op == "call_function"]
+        nodes = [(n, _names(n)) for n in exported_program.graph.nodes if n.op == "call_function"]
         kept = []
         for p in self.passes:
             needs = _PASS_NEEDS.get(p.__name__)
-            if needs is not None and not any(needs(n) for n in nodes):
+            if needs is not None and not any(needs(n, names) for n, names in nodes):
                 skipped[p.__name__] = skipped.get(p.__name__, 0) + 1
                 continue
             kept.append(p)
