@@ -505,21 +505,24 @@ def test_compressed_weights_stay_compressed_in_the_interpreter(shipped_w4_whole_
 
 def test_compressed_linear_is_the_dense_linear_rounded_once():
     """One `linear` on a compressed weight against the dense path on the same values: the fp16 result of
-    float32 sums, so equal but for a rare last-bit difference from the order of the sums."""
+    float32 sums, so equal but for a rare last-bit difference from the order of the sums; in PyTorch's fp16
+    GEMM (5 rows, one token) and in its float32 GEMM on the fp16 values (a 32-token prefill's rows)."""
     from rgexport.backends.coreml import mil_interpreter as mil
 
     rng = np.random.default_rng(0)
     data = rng.integers(-8, 8, (300, 256)).astype(np.int8)
     scale = (rng.random((300, 8)) * 0.02).astype(np.float16).astype(np.float32)
     weight = mil.CompressedWeight(data, scale, None, np.float16)
-    x = rng.standard_normal((5, 256)).astype(np.float16).astype(np.float32)
     bias = rng.standard_normal(300).astype(np.float16).astype(np.float32)
     dense = np.asarray(weight)
     assert np.array_equal(dense, mil._round(mil._blockwise_shift_scale(data, scale), mil.TensorType(np.float16, ())))
-    ref = mil._round(x @ dense.T + bias, mil.TensorType(np.float16, ()))
-    got = mil._linear(x, weight, bias)
-    assert (got == ref).mean() > 0.99
-    assert np.abs(got - ref).max() <= 2 * U16 * np.abs(ref).max()
+    assert mil._FLOAT32_GEMM_ROWS <= 32
+    for shape in ((5, 256), (1, 1, 256), (1, 32, 256)):  # and as decode and prefill give x
+        x = rng.standard_normal(shape).astype(np.float16).astype(np.float32)
+        ref = mil._round(x @ dense.T + bias, mil.TensorType(np.float16, ()))
+        got = mil._linear(x, weight, bias)
+        assert got.shape == ref.shape and (got == ref).mean() > 0.99
+        assert np.abs(got - ref).max() <= 2 * U16 * np.abs(ref).max()
     rows = np.array([[3, 299], [0, 3]])
     assert np.array_equal(mil._gather(weight, rows), dense[rows])
 

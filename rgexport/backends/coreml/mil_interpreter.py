@@ -128,7 +128,15 @@ def _tensor_type(value_type: Any) -> TensorType:
 
 
 COMPRESSED_MIN_ELEMENTS = 1 << 22  # 4M elements: 16 MiB of float32, more than any shipped-model weight
-_ROWS_PER_SLICE = 1 << 22  # elements dequantised at once by CompressedWeight
+# Elements dequantised at once by CompressedWeight.linear. Its three passes over a slice (int to float32, times
+# the scale, to fp16) and the GEMM each read the last one's output: at 1M elements (a 4 MB float32 + 2 MB fp16
+# pair) that stays in cache, at 4M (24 MB) it went to memory and back between passes. 2B-width weights
+# streamed once, 2 threads: 2.2 Gw/s at 4M, 4.8-5.8 at 1M and 2M, 3.5-4.5 at 256K-512K (per-call overhead).
+_ROWS_PER_SLICE = 1 << 20
+# From this many rows of x on, linear multiplies in float32 on the fp16 weights' values rather than in PyTorch's
+# fp16 GEMM, which has no fast CPU kernel for more than a row or two: a [410, 2560] slice at 32 rows, 1254 us
+# in fp16 against 517 us for the copy to float32 and a float32 GEMM; at 8 rows 348 / 261, at 4 156 / 213.
+_FLOAT32_GEMM_ROWS = 8
 
 
 _SCRATCH: dict[Any, Any] = {}
@@ -180,18 +188,21 @@ class CompressedWeight:
         return out.reshape(*idx.shape, *self.shape[1:])
 
     def linear(self, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-        """`linear(x, self, bias)` of an fp16 program in PyTorch's fp16 GEMM, a slice of output channels at
-        a time: the weight rows dequantised in fp16 (int data times fp16 scale is exact in float32, so one
-        rounding, as `rows`), products summed in float32 and the result rounded once to fp16, as the dense
-        path computes it up to the order of the sums (numpy's float32 dequantisation and GEMM would take
-        about 40 s per token for a 2B model here; this takes about 2 s)."""
+        """`linear(x, self, bias)` of an fp16 program in PyTorch's fp16 GEMM (from `_FLOAT32_GEMM_ROWS` rows
+        of x on, its float32 GEMM on the same fp16 values), a slice of output channels at a time: the weight
+        rows dequantised in fp16 (int data times fp16 scale is exact in float32, so one rounding, as `rows`),
+        products summed in float32 and the result rounded once to fp16, as the dense path computes it up to
+        the order of the sums (numpy's float32 dequantisation and GEMM would take about 40 s per token for a
+        2B model here; this takes about 1 s)."""
         import torch
 
         if self.out_dtype != np.float16 or self.ndim != 2 or self.offset is not None:
             return _linear(x, np.asarray(self), bias)
         half = torch.float16
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(half)
-        b = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)).to(half)
+        wide = x.size // max(1, self.shape[1]) >= _FLOAT32_GEMM_ROWS
+        gemm = torch.float32 if wide else half  # the operands' values are fp16's either way
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(half).to(gemm)
+        b = None if bias is None else torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)).to(half).to(gemm)
         rb, cb = self.row_block, self.shape[1] // self.scale.shape[1]
         out = []
         # Two buffers shared by every call (`_scratch`), not temporaries: glibc keeps freed blocks of this size
@@ -211,8 +222,11 @@ class CompressedWeight:
                 w.copy_(torch.from_numpy(self.data[start:stop]))  # int -> float32
                 w.view(n, -1, cb).mul_(s[:, :, None])  # the product is exact in float32 ...
                 w16[:n].copy_(w)  # ... and rounded once to fp16
-                out.append(torch.nn.functional.linear(xt, w16[:n], None if b is None else b[start:stop]))
-        return torch.cat(out, -1).float().numpy()
+                if wide:
+                    w.copy_(w16[:n])  # the fp16 values, exact in float32
+                out.append(torch.nn.functional.linear(xt, w if wide else w16[:n],
+                                                      None if b is None else b[start:stop]))
+        return torch.cat(out, -1).to(half).float().numpy()  # one rounding of each float32 sum
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         dense = np.concatenate([self.rows(a, b) for a, b in self.slices()]) if self.shape[0] else self.rows(0, 0)

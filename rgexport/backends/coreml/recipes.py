@@ -215,7 +215,8 @@ def blockwise_compress(value: np.ndarray, dtype: Any, mode: str, block_sizes: li
 
     if isinstance(dtype, str):
         dtype = types.string_to_builtin(dtype)
-    value = np.asarray(value, dtype=np.float16)
+    # Rounded to fp16 by PyTorch's conversion: numpy's rounding (round to nearest even), about 10x faster.
+    value = torch.from_numpy(np.ascontiguousarray(value)).to(torch.float16).numpy()
     if mode != "LINEAR_SYMMETRIC" or not types.is_int(dtype) or dtype.is_unsigned():
         params = linear_quantize_weights.blockwise_compress_by_dtype(value, dtype, mode, block_sizes)
     else:
@@ -233,7 +234,10 @@ def blockwise_compress(value: np.ndarray, dtype: Any, mode: str, block_sizes: li
         axes = tuple(a for a in range(len(new_shape)) if a not in keep)
         q_min, q_max = cto_utils.get_quant_range_by_dtype(dtype, mode)
         w = torch.from_numpy(value.reshape(new_shape))
-        max_abs = torch.maximum(w.amin(dim=axes, keepdim=True).abs(), w.amax(dim=axes, keepdim=True).abs())
+        # The extremes of the fp16 values found in float32 (exact; PyTorch's fp16 min and max are 10x slower).
+        wf = w.float()
+        max_abs = torch.maximum(wf.amin(dim=axes, keepdim=True).abs(), wf.amax(dim=axes, keepdim=True).abs()).half()
+        del wf
         scale = (max_abs - (-max_abs)) / (q_max - q_min)
         data = torch.clamp(torch.round(w / scale), q_min, q_max)
         np_dtype = types.nptype_from_builtin(dtype)
