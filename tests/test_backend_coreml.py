@@ -475,6 +475,32 @@ def test_streamed_w4_holds_one_part_of_the_model_at_a_time(shipped_w4_whole_and_
     assert parts_read == (blocks + 2) + (blocks + 1)
 
 
+def test_conversion_checked_once_writes_the_same_package(small_model, small_config, tmp_path, monkeypatch):
+    """`validated_once` (coremltools' program check once per pass pipeline instead of after every pass) changes
+    nothing in the package: SMALL's streamed w4 with and without it has the same program and the same weight
+    bytes. It did replace the per-pass checks."""
+    import contextlib
+
+    from rgexport.backends.coreml import backend as coreml_backend
+    from rgexport.streaming import stream_model
+
+    packages, checks = {}, {}
+    for label in ("once", "every pass"):
+        if label == "every pass":
+            monkeypatch.setattr(coreml_backend, "validated_once", contextlib.contextmanager(lambda: iter([{}])))
+        (tmp_path / label).mkdir()
+        _, path, ctx, _ = build(None, small_config, tmp_path / label, recipe="w4", stream=stream_model(small_model))
+        packages[label], checks[label] = path, ctx.facts["coreml"]["program_checks"]
+    assert ct.utils.load_spec(str(packages["once"])) == ct.utils.load_spec(str(packages["every pass"]))
+    weights = [sorted((f.name, f.read_bytes()) for f in (p / "Data" / "com.apple.CoreML" / "weights").iterdir())
+               for p in packages.values()]
+    assert weights[0] == weights[1] and len(weights[0][0][1]) > 100_000
+    for fn in ("decode", "prefill"):
+        once = checks["once"][fn]
+        assert once["checks"] == 3 and once["deferred"] > 50, once  # three pipelines: frontend, main, backend
+    assert checks["every pass"] == {"decode": {}, "prefill": {}}
+
+
 def test_compressed_weights_stay_compressed_in_the_interpreter(shipped_w4_whole_and_streamed, monkeypatch):
     """The interpreter keeps a large blockwise-quantised weight as its int data and scales (a 2B model's int4
     weights would take 10.7 GB as float32), one object for decode and prefill; `gather` dequantises the rows

@@ -72,6 +72,7 @@ from rgexport.backends.coreml.export import (
     _IslandSelector,
     placeholder_model,
     save_multifunction_in_memory,
+    validated_once,
 )
 from rgexport.backends.coreml.recipes import (
     RECIPES,
@@ -191,7 +192,7 @@ class CoreMLBackend(Backend):
         if weights is not None:
             map_large_allocations()  # each weight's temporaries go back when freed (rgexport.memory)
         stateful = self.state_dtype(ctx) == "float16"
-        lowered, seconds, islands = {}, {}, {}
+        lowered, seconds, islands, checks = {}, {}, {}, {}
         samples = None
         if ctx.recipe == "w8a8":
             from rgexport.backends.coreml import calibration as cal
@@ -225,7 +226,7 @@ class CoreMLBackend(Backend):
             pipeline, active = ct.PassPipeline.DEFAULT, contextlib.nullcontext()
             if weights is not None:
                 pipeline, active = streamed_pipeline(weights, ctx.recipe)
-            with active:
+            with active, validated_once() as once:
                 mlmodel = ct.convert(
                     traced,
                     inputs=inputs,
@@ -247,6 +248,7 @@ class CoreMLBackend(Backend):
             else:
                 mlmodel = _compress(mlmodel, ctx.recipe)
             seconds[fn] = round(time.perf_counter() - start, 2)
+            checks[fn] = once
             islands[fn] = selector.counts
             norms = 2 * len(ctx.config.block_types) + 1  # two per residual block, and the final norm
             if not selector.counts.get("position") or (
@@ -264,6 +266,7 @@ class CoreMLBackend(Backend):
             "compute_precision": "float16 with float32 islands",
             "fp32_island_ops": islands,
             "conversion_seconds": seconds,
+            "program_checks": checks,  # validated_once: checks made, the per-pass checks they stand for
         }
         if weights is not None:
             ctx.facts["coreml"]["streamed_weights"] = {

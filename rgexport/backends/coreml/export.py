@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from rgexport.graphs import StatefulModel
@@ -154,6 +155,48 @@ def deduplication_in_slices() -> Any:
         yield
     finally:
         module.np = np
+
+@contextlib.contextmanager
+def validated_once() -> Iterator[dict[str, int]]:
+    """coremltools' conversion with its program check once per pass pipeline, not after every pass (9.0).
+
+    `PassPipelineManager.apply_pipeline` walks the whole program with `Program.validate` before a pipeline and
+    after each of its passes (some ninety in the default one): at RecurrentGemma-2B, 25 s of a 156 s lowering
+    (py-spy, notes/perf.md). Here the check before a pipeline runs as before and the checks after its passes
+    become one after the last pass (with the essential-scope check if any pass asked for it, as the ones after
+    `dead_code_elimination` do). The package is the same (tests/test_backend_coreml.py). Yields {"checks": the
+    checks made after a pipeline, "deferred": the per-pass checks they stand for}."""
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
+    from coremltools.converters.mil.mil.program import Program
+
+    counts = {"checks": 0, "deferred": 0}
+    apply, validate = PassPipelineManager.apply_pipeline, Program.validate
+
+    def apply_checking_once(prog: Any, pass_pipeline: Any) -> None:
+        validate(prog)  # what the pipeline gets, checked before it as coremltools does
+        asked: list[bool] = []
+
+        def deferred(self: Any, check_essential_scope: Any = False) -> None:
+            if self is not prog:
+                validate(self, check_essential_scope=check_essential_scope)
+            else:
+                asked.append(bool(check_essential_scope))
+
+        Program.validate = deferred
+        try:
+            apply(prog, pass_pipeline)
+        finally:
+            Program.validate = validate
+        validate(prog, check_essential_scope=any(asked))
+        counts["checks"] += 1
+        counts["deferred"] += max(0, len(asked) - 1)  # less the check before the pipeline, made above
+
+    PassPipelineManager.apply_pipeline = staticmethod(apply_checking_once)
+    try:
+        yield counts
+    finally:
+        PassPipelineManager.apply_pipeline = staticmethod(apply)
+
 
 def save_multifunction_in_memory(models: dict[str, Any], out: Any, default: str) -> None:
     """`coremltools.utils.save_multifunction` without the round trip through disk: the converted programs
