@@ -22,7 +22,8 @@ Numerics, chosen to model a device that stores tensors in the program's dtypes:
 - Large compressed weights (`constexpr_blockwise_shift_scale` above `COMPRESSED_MIN_ELEMENTS`, e.g. every
   int4 weight of a 2B model) stay compressed (`CompressedWeight`): `gather` dequantises the rows it takes,
   `linear` a slice of rows at a time, to the same fp16 values the dense path holds, and multiplies in
-  PyTorch's fp16 GEMM (float32 sums, one rounding: the same result up to the order of the sums); any other
+  PyTorch's fp16 GEMM, or its float32 GEMM from 8 rows of x on (float32 sums of exact products, one rounding:
+  the same result up to the order of the sums); any other
   op gets the dense array. Weights stored once in weight.bin are read once for all functions.
 
 Usage: `program = Program.load(path)`; `state = program.new_state("decode")`;
