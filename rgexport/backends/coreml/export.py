@@ -156,6 +156,7 @@ def deduplication_in_slices() -> Any:
     finally:
         module.np = np
 
+
 @contextlib.contextmanager
 def validated_once() -> Iterator[dict[str, int]]:
     """coremltools' conversion with its program check once per pass pipeline, not after every pass (9.0).
