@@ -496,7 +496,7 @@ def test_conversion_checked_once_writes_the_same_package(small_model, small_conf
     packages, checks = {}, {}
     for label in ("once", "every pass"):
         if label == "every pass":
-            monkeypatch.setattr(coreml_backend, "validated_once", contextlib.contextmanager(lambda: iter([{}])))
+            monkeypatch.setattr(coreml_backend, "validated_once", lambda: contextlib.nullcontext({}))
         (tmp_path / label).mkdir()
         _, path, ctx, _ = build(None, small_config, tmp_path / label, recipe="w4", stream=stream_model(small_model))
         packages[label], checks[label] = path, ctx.facts["coreml"]["program_checks"]
